@@ -1,0 +1,306 @@
+"""`mistral-chat bench`: speed of the engine on random weights of a real model shape, next to the floor.
+
+Run as `mistral-chat bench --shape mistral-7b` or `python -m mistral_chat.bench --shape mistral-7b`.
+It measures the device's copy bandwidth, builds random weights of the shape on the device (no download),
+times prefill and decode at batch 1 and 8, and reports tokens/s next to the bandwidth floor
+(weight bytes read per token / copy bandwidth) and, with --vs-hf, next to HF transformers on the same shape in
+the same process (eager, and static cache + torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.decode import DecodeStep, Prefill
+from mistral_chat.engine.model import Transformer
+from mistral_chat.engine.weights import plain_convert
+
+SHAPES: dict[str, ModelConfig] = {
+    "mistral-7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                              vocab_size=32768, rope_theta=1e6, max_seq_len=32768),
+    "mistral-7b-v0.1": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                                   vocab_size=32000, sliding_window=4096, max_seq_len=32768),
+    "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                                vocab_size=32000, rope_theta=1e6, num_experts=8, num_experts_per_tok=2),
+    "mixtral-8x22b": ModelConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                                 vocab_size=32768, rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+                                 max_seq_len=65536),
+    "nemo-12b": ModelConfig(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                            vocab_size=131072, rope_theta=1e6, max_seq_len=131072),
+    "small-22b": ModelConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                             vocab_size=32768, rope_theta=1e6),
+    "tiny": ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=512,
+                        sliding_window=64, max_seq_len=4096),
+}
+
+
+@dataclass
+class BenchResult:
+    shape: str
+    device: str
+    dtype: str
+    quantize: str | None
+    layers: int
+    copy_bandwidth_gbs: float = 0.0
+    weight_bytes_per_token: int = 0
+    floor_ms_per_token: float = 0.0
+    floor_tokens_per_s: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds, with the device synchronised around each run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, repeat=20, warmup=3)
+    del src, dst
+    return 2 * n * 2 / seconds
+
+
+def weight_bytes_per_token(model: torch.nn.Module, config: ModelConfig) -> int:
+    """Bytes of weights one decode step reads: all but the embedding table (one row), and for MoE only the
+    chosen experts."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith("tok_embeddings") or ".cache." in name or name.startswith("slots") or name == "rope":
+            continue
+        nbytes = t.numel() * t.element_size()
+        if config.is_moe and (name.endswith("feed_forward.w13") or name.endswith("feed_forward.w2")
+                              or name.endswith("_scale")):
+            nbytes = nbytes * config.num_experts_per_tok // config.num_experts
+        total += nbytes
+    return total
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, quantize: str | None) -> Transformer:
+    """A model of `config`'s shape with random weights made on the device, tensor by tensor."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    convert = plain_convert(device, dtype)
+    if quantize:
+        from mistral_chat.engine.quant import int8_convert, prepare_int8
+
+        with torch.device("meta"):
+            prepare_int8(model, dtype)
+        convert = int8_convert(device, dtype)
+    state: dict[str, torch.Tensor] = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, shape in shapes.items():
+        if "norm" in name:
+            t = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(shape, device=device, dtype=dtype, generator=gen) * 0.02
+        state.update(convert(name, t))
+        del t
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, prompt: int, steps: int,
+               batches: list[int], compile: bool, prefill_lengths: list[int]) -> list[dict]:
+    rows = []
+    vocab = config.vocab_size
+    label = "mistral-chat" + (" compiled" if compile else " eager")
+    max_len = max(prefill_lengths, default=0)
+    model.setup_cache(max_len + 8, batch=1, prefill_chunk=max_len)
+    prefill = Prefill(model, compile=compile)
+    for length in prefill_lengths:
+        tokens = torch.randint(0, vocab, (1, length), device=device)
+
+        def run_prefill() -> None:
+            assert model.slots is not None
+            model.slots.reset()
+            prefill(tokens, 0)
+
+        started = time.perf_counter()
+        run_prefill()
+        warm_seconds = time.perf_counter() - started
+        seconds = timed(run_prefill, device, repeat=10, warmup=2)
+        rows.append({"engine": label, "what": f"prefill {length}", "batch": 1,
+                     "ms": seconds * 1000, "tokens_per_s": length / seconds, "warmup_s": warm_seconds})
+    for batch in batches:
+        model.setup_cache(prompt + steps + 16, batch=batch, prefill_chunk=prompt)
+        step = DecodeStep(model, compile=compile)
+        tokens = torch.randint(0, vocab, (batch, prompt), device=device)
+        with torch.no_grad():
+            logits = model(tokens, 0)[:, -1]
+        started = time.perf_counter()
+        pos = prompt
+        for _ in range(3):  # warm-up, compiles the graph(s)
+            nxt = logits.argmax(-1)
+            logits = step(nxt.view(batch, 1), pos)
+            pos += 1
+        warm_seconds = time.perf_counter() - started
+
+        def decode_run() -> None:
+            nonlocal logits
+            p = pos
+            for _ in range(steps):
+                nxt = logits.argmax(-1)
+                int(nxt[0])  # the host learns each token, as the chat loop does
+                logits = step(nxt.view(batch, 1), p)
+                p += 1
+
+        seconds = timed(decode_run, device, repeat=3, warmup=1)
+        rows.append({"engine": label, "what": f"decode after {prompt}", "batch": batch, "ms": seconds / steps * 1000,
+                     "tokens_per_s": batch * steps / seconds, "warmup_s": warm_seconds})
+    return rows
+
+
+def hf_model(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                  num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                  num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
+                  max_position_embeddings=config.max_seq_len, sliding_window=config.sliding_window,
+                  rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False)
+    with torch.device(device):
+        if config.is_moe:
+            cfg = MixtralConfig(num_local_experts=config.num_experts,
+                                num_experts_per_tok=config.num_experts_per_tok, **common)
+            model = MixtralForCausalLM(cfg)
+        else:
+            model = MistralForCausalLM(MistralConfig(**common))
+    return model.to(dtype).eval()
+
+
+def bench_hf(config: ModelConfig, device: torch.device, dtype: torch.dtype, prompt: int, steps: int,
+             prefill_lengths: list[int]) -> list[dict]:
+    model = hf_model(config, device, dtype)
+    rows = []
+    for length in prefill_lengths:
+        tokens = torch.randint(0, config.vocab_size, (1, length), device=device)
+        with torch.no_grad():
+            seconds = timed(lambda: model(tokens, use_cache=False), device, repeat=5, warmup=2)
+        rows.append({"engine": "transformers eager", "what": f"prefill {length}", "batch": 1,
+                     "ms": seconds * 1000, "tokens_per_s": length / seconds})
+    ids = torch.randint(0, config.vocab_size, (1, prompt), device=device)
+    mask = torch.ones_like(ids)
+    for label, cache in (("transformers eager", None), ("transformers static+compile", "static")):
+        model.generation_config.cache_implementation = cache
+
+        def gen(n: int) -> None:
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+
+        started = time.perf_counter()
+        gen(steps + 1)
+        gen(steps + 1)
+        warm = time.perf_counter() - started
+        one = timed(lambda: gen(1), device, repeat=3, warmup=1)
+        full = timed(lambda: gen(steps + 1), device, repeat=3, warmup=0)
+        per_token = (full - one) / steps
+        rows.append({"engine": label, "what": f"decode after {prompt}", "batch": 1, "ms": per_token * 1000,
+                     "tokens_per_s": 1 / per_token, "warmup_s": warm})
+    del model
+    return rows
+
+
+def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers: int | None = None,
+              prompt: int = 512, steps: int = 128, batches: list[int] | None = None, compile: bool = True,
+              quantize: str | None = None, vs_hf: bool = False, prefill_lengths: list[int] | None = None,
+              window: int | None = None) -> BenchResult:
+    from mistral_chat.engine.loader import DTYPES, resolve_device
+
+    config = SHAPES[shape]
+    if layers:
+        config = config.with_(n_layers=layers)
+    if window:
+        config = config.with_(sliding_window=window)
+    dev = resolve_device(device)
+    torch_dtype = DTYPES[dtype]
+    batches = batches or [1, 8]
+    prefill_lengths = prefill_lengths if prefill_lengths is not None else [prompt, 2048]
+    result = BenchResult(shape=shape, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                         dtype=dtype, quantize=quantize, layers=config.n_layers)
+    result.copy_bandwidth_gbs = copy_bandwidth(dev, 1.0 if dev.type == "cuda" else 0.05) / 1e9
+    model = random_model(config, dev, torch_dtype, quantize)
+    result.weight_bytes_per_token = weight_bytes_per_token(model, config)
+    result.floor_ms_per_token = result.weight_bytes_per_token / (result.copy_bandwidth_gbs * 1e9) * 1000
+    result.floor_tokens_per_s = 1000 / result.floor_ms_per_token
+    result.rows += bench_ours(model, config, dev, prompt, steps, batches, compile, prefill_lengths)
+    del model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if vs_hf:
+        result.rows += bench_hf(config, dev, torch_dtype, prompt, steps, prefill_lengths)
+    for row in result.rows:
+        if row["what"].startswith("decode") and row["batch"] == 1:
+            row["floor_pct"] = 100 * result.floor_ms_per_token / row["ms"]
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    lines = [f"{result.shape} ({result.layers} layers, {result.dtype}"
+             f"{', ' + result.quantize if result.quantize else ''}) on {result.device}",
+             f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s; weights read per token "
+             f"{result.weight_bytes_per_token / 1e9:.2f} GB; floor {result.floor_ms_per_token:.2f} ms/token "
+             f"({result.floor_tokens_per_s:.0f} tokens/s)",
+             f"{'engine':30} {'what':20} {'batch':>5} {'ms':>9} {'tokens/s':>10} {'% floor':>8}"]
+    for r in result.rows:
+        pct = f"{r['floor_pct']:.0f}%" if "floor_pct" in r else ""
+        lines.append(f"{r['engine']:30} {r['what']:20} {r['batch']:>5} {r['ms']:>9.2f} "
+                     f"{r['tokens_per_s']:>10.1f} {pct:>8}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mistral-chat bench", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, help="keep only this many layers (e.g. 16 for Mixtral-8x7B on one H100)")
+    p.add_argument("--window", type=int, help="override the sliding window")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens before decoding")
+    p.add_argument("--steps", type=int, default=128, help="decode steps timed")
+    p.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")
+    p.add_argument("--prefill", default=None, help="comma-separated prefill lengths (default: prompt,2048)")
+    p.add_argument("--no-compile", action="store_true", help="time eager decode")
+    p.add_argument("--vs-hf", action="store_true", help="also time HF transformers on the same shape")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps,
+                       [int(b) for b in a.batch.split(",")], not a.no_compile, a.quantize, a.vs_hf,
+                       [int(x) for x in a.prefill.split(",") if x] if a.prefill is not None else None, a.window)
+    print(json.dumps(asdict(result), indent=2) if a.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Conversations on disk: one SQLite database (WAL), safe to write while an answer streams in.
+
+Every write commits at once, so killing the process loses at most what was not yet handed to the store.
+One connection per store; the TUI uses it from its event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, GenerationSettings, Message
+from mistral_chat.errors import MistralChatError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    settings TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+CREATE TABLE IF NOT EXISTS preferences (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StoreError(MistralChatError):
+    """The conversation database cannot be opened or written."""
+
+
+class ChatStore:
+    """Conversations, their messages and the UI's preferences in one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the conversation database {self.path}: {exc}; check that the folder "
+                             "is writable, or set MISTRAL_CHAT_HOME to another folder") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---- conversations -----------------------------------------------------------------------------------
+
+    def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "",
+                            settings: GenerationSettings | None = None) -> Conversation:
+        now = time.time()
+        settings = settings or GenerationSettings()
+        cur = self._db.execute(
+            "INSERT INTO conversations (title, system_prompt, settings, created_at, updated_at) VALUES (?,?,?,?,?)",
+            (title, system_prompt, json.dumps(asdict(settings)), now, now))
+        return Conversation(id=int(cur.lastrowid or 0), title=title, system_prompt=system_prompt,
+                            settings=settings, created_at=now, updated_at=now)
+
+    def list_conversations(self, search: str = "") -> list[Conversation]:
+        """Most recently updated first, without messages; `search` matches titles and message text."""
+        sql = "SELECT id, title, system_prompt, settings, created_at, updated_at FROM conversations"
+        args: tuple[str, ...] = ()
+        if search.strip():
+            pattern = f"%{_escape_like(search.strip())}%"
+            sql += (" WHERE title LIKE ? ESCAPE '\\' OR id IN "
+                    "(SELECT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\')")
+            args = (pattern, pattern)
+        sql += " ORDER BY updated_at DESC, id DESC"
+        return [_conversation(row) for row in self._db.execute(sql, args)]
+
+    def load(self, conversation_id: int) -> Conversation | None:
+        row = self._db.execute("SELECT id, title, system_prompt, settings, created_at, updated_at "
+                               "FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            return None
+        conv = _conversation(row)
+        conv.messages = [Message(role=r[1], content=r[2], id=r[0], created_at=r[3]) for r in self._db.execute(
+            "SELECT id, role, content, created_at FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,))]
+        return conv
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        self._db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def update_settings(self, conversation_id: int, system_prompt: str, settings: GenerationSettings) -> None:
+        self._db.execute("UPDATE conversations SET system_prompt = ?, settings = ? WHERE id = ?",
+                         (system_prompt, json.dumps(asdict(settings)), conversation_id))
+
+    def _touch(self, db: sqlite3.Connection, conversation_id: int) -> None:
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
+
+    # ---- messages ----------------------------------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, role: str, content: str) -> Message:
+        now = time.time()
+        with self._transaction() as db:
+            cur = db.execute("INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?,?,?,?)",
+                             (conversation_id, role, content, now))
+            self._touch(db, conversation_id)
+        return Message(role=role, content=content, id=int(cur.lastrowid or 0), created_at=now)  # type: ignore[arg-type]
+
+    def update_message(self, message_id: int, content: str) -> None:
+        self._db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+
+    def delete_messages_from(self, conversation_id: int, message_id: int) -> None:
+        """Delete `message_id` and every later message of the conversation."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id))
+            self._touch(db, conversation_id)
+
+    # ---- preferences -------------------------------------------------------------------------------------
+
+    def get_preference(self, key: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM preferences WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_preference(self, key: str, value: str) -> None:
+        self._db.execute("INSERT INTO preferences (key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _conversation(row: tuple) -> Conversation:
+    try:
+        settings = GenerationSettings.from_json(json.loads(row[3]))
+    except (ValueError, TypeError):
+        log.warning("conversation %s has unreadable settings; using the defaults", row[0])
+        settings = GenerationSettings()
+    return Conversation(id=row[0], title=row[1], system_prompt=row[2], settings=settings,
+                        created_at=row[4], updated_at=row[5])

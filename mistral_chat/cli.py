@@ -1,0 +1,139 @@
+"""The `mistral-chat` command: the chat TUI, one-shot prompts for scripts, and model management."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from mistral_chat import __version__
+from mistral_chat.errors import MistralChatError
+
+log = logging.getLogger("mistral_chat")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Chat with Mistral-family models on your own GPU or CPU.\n\n"
+         "With no command: opens the chat TUI on a terminal, or answers --prompt / piped stdin once and exits.",
+)
+
+
+@dataclass
+class RunOptions:
+    """What the top-level options ask for, passed to the one-shot runner and the TUI."""
+
+    model: Optional[str]
+    prompt: Optional[str]
+    system: Optional[str]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: Optional[int]
+    device: str
+    dtype: str
+    context: Optional[int]
+    tp: int
+    verbose: bool
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mistral-chat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model folder, alias or repo id (default: the last used)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+                                         help="Answer this once and exit (piped stdin is appended)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+    context: Optional[int] = typer.Option(None, "--context", min=16,
+                                          help="Context length in tokens (default: the model's, at most 32768)."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Statistics and progress on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    opts = RunOptions(model=model, prompt=prompt, system=system, max_tokens=max_tokens, temperature=temperature,
+                      top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, context=context, tp=tp,
+                      verbose=verbose)
+    if prompt is None and sys.stdin.isatty():
+        from mistral_chat.tui.app import run_tui
+
+        run_tui(opts)
+        return
+    from mistral_chat.oneshot import run_one_shot
+
+    run_one_shot(opts)
+
+
+def _register_commands() -> None:
+    from mistral_chat.models.commands import register
+
+    register(app)
+
+
+def _configure_logging(debug: bool, verbose: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: turns every error a user can cause into one line on stderr and a non-zero exit."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("MISTRAL_CHAT_DEBUG") == "1"
+    _configure_logging(debug, "--verbose" in args or "-v" in args)
+    _register_commands()
+    try:
+        result = app(args=args, prog_name="mistral-chat", standalone_mode=False)
+        return int(result) if isinstance(result, int) else 0
+    except MistralChatError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"mistral-chat: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("\nmistral-chat: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"mistral-chat: internal error: {type(exc).__name__}: {exc} (run with --debug for details, "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

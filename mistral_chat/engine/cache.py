@@ -1,0 +1,78 @@
+"""A static, rotating key/value cache.
+
+Every layer keeps `capacity` slots. Position p lives in slot p % capacity, so with a sliding window the buffer
+wraps around and memory stays bounded by the window (plus one prefill chunk), not by the conversation length.
+`slot_positions` records which absolute position each slot holds (-1: empty); the attention mask is built from it,
+so attending over the whole buffer equals full attention restricted to the window, before and after a wrap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerKVCache(nn.Module):
+    """The keys and values of one layer: [batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([batch, kv_heads, T, head_dim]) into `slots` and return the whole buffers."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class SlotPositions(nn.Module):
+    """Which absolute position each cache slot holds, shared by all layers; builds the attention mask."""
+
+    def __init__(self, capacity: int, sliding_window: int | None, device: torch.device, wraps: bool = False) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.sliding_window = sliding_window
+        self.wraps = wraps  # positions may run past the capacity (only with a sliding window)
+        self.register_buffer("positions", torch.full((capacity,), -1, dtype=torch.long, device=device),
+                             persistent=False)
+
+    @property
+    def max_chunk(self) -> int:
+        """The most tokens one forward pass may write without overwriting keys its own queries still need."""
+        if not self.wraps or self.sliding_window is None:
+            return self.capacity
+        return self.capacity - self.sliding_window + 1
+
+    def record(self, positions: torch.Tensor) -> torch.Tensor:
+        """Store `positions` ([T]) in their slots; return the slots."""
+        slots = positions % self.capacity
+        self.positions.index_copy_(0, slots, positions)
+        return slots
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Boolean [T, capacity]: query at positions[t] may attend to the key in slot s."""
+        key_pos = self.positions[None, :]
+        query_pos = positions[:, None]
+        allowed = (key_pos >= 0) & (key_pos <= query_pos)
+        if self.sliding_window is not None:
+            allowed &= query_pos - key_pos < self.sliding_window
+        return allowed
+
+    def reset(self) -> None:
+        self.positions.fill_(-1)
+
+    def can_rewind(self, position: int) -> bool:
+        """Whether the keys a query at `position` needs (the window before it) are all still in the buffer."""
+        first = 0 if self.sliding_window is None else max(0, position - self.sliding_window + 1)
+        if position - first > self.capacity:
+            return False
+        needed = torch.arange(first, position, device=self.positions.device)
+        return bool((self.positions[needed % self.capacity] == needed).all())
+
+    def rewind(self, position: int) -> None:
+        """Forget every position >= `position` (the next forward pass writes from there)."""
+        self.positions.masked_fill_(self.positions >= position, -1)

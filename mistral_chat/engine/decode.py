@@ -1,0 +1,97 @@
+"""One decode step, optionally compiled into a CUDA graph.
+
+Batch-1 decode is bound by reading the weights once per token; in eager mode the CPU cannot launch the
+~10 kernels per layer fast enough to keep the GPU busy. `torch.compile(mode="reduce-overhead")` fuses the small
+operations and replays the whole step as one CUDA graph. The graph needs fixed shapes, so the position goes in
+as a tensor and attention reads the cache up to a power-of-two bucket of the position (a few graphs in all,
+instead of one per position, and no reading of empty cache slots far beyond the conversation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from mistral_chat.engine.model import Transformer
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 256
+
+
+def key_bucket(position: int, capacity: int) -> int:
+    """Cache slots a query at `position` must read, rounded up to a power of two (at most the capacity)."""
+    needed = position + 1
+    if needed >= capacity:
+        return capacity
+    bucket = MIN_BUCKET
+    while bucket < needed:
+        bucket *= 2
+    return min(bucket, capacity)
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Keep inductor's compiled kernels between runs, so that later start-ups skip most compilation."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def _decode(model: Transformer, tokens: torch.Tensor, position: torch.Tensor, key_len: int) -> torch.Tensor:
+    return model(tokens, position, key_len=key_len)
+
+
+def _prefill(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    return model(tokens, start_pos)
+
+
+class Prefill:
+    """Logits of the last position of a prompt chunk. On CUDA, compiled with dynamic shapes: eager prefill of
+    a few hundred tokens is bound by launching ~1000 small kernels from Python, not by the GPU."""
+
+    def __init__(self, model: Transformer, compile: bool = True) -> None:
+        self.model = model
+        self._run = _prefill
+        if compile and model.device.type == "cuda":
+            self._run = torch.compile(_prefill, dynamic=True)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self._run(self.model, tokens, start_pos)[:, -1]
+
+
+class DecodeStep:
+    """Logits for one new token per sequence, given its position; compiled on CUDA unless told otherwise."""
+
+    def __init__(self, model: Transformer, compile: bool = True) -> None:
+        self.model = model
+        self.compiled = compile
+        self.cuda_graphs = model.device.type == "cuda"
+        self._position = torch.zeros(1, dtype=torch.long, device=model.device)
+        self._step = model.forward
+        if self.compiled:
+            import torch._inductor.config as inductor_config
+
+            import torch._dynamo.config as dynamo_config
+
+            # one graph per (cache bucket, batch size), and a new set for each model loaded in this process
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            if self.cuda_graphs and os.environ.get("MISTRAL_CHAT_TUNE", "1") == "1":
+                inductor_config.coordinate_descent_tuning = True
+            mode = "reduce-overhead" if self.cuda_graphs else "default"
+            self._step = torch.compile(_decode, mode=mode, fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """tokens: [B, 1] on the model's device; returns float32 logits [B, vocab] (a fresh tensor)."""
+        assert self.model.slots is not None
+        if not self.compiled:
+            return self.model(tokens, position)[:, -1]
+        self._position.fill_(position)
+        key_len = key_bucket(position, self.model.slots.capacity)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step(self.model, tokens, self._position, key_len)[:, -1].clone()

@@ -1,0 +1,157 @@
+"""Streaming generation with a KV cache that lives across the turns of a conversation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mistral_chat.engine.decode import DecodeStep, Prefill
+from mistral_chat.engine.loader import LoadedModel
+from mistral_chat.engine.sampling import SamplingParams, make_generator, sample
+from mistral_chat.errors import ContextLengthError, DeviceError
+from mistral_chat.text.tokenizer import StreamDecoder
+
+DEFAULT_CONTEXT = 32768
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass
+class GenerationStats:
+    """What one answer cost."""
+
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens run through the model; the rest came from the cache
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = "stop"  # stop (EOS) | length (max tokens or context) | cancelled
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first, over the time since the first."""
+        if self.generated_tokens < 2 or self.decode_seconds <= 0:
+            return 0.0
+        return (self.generated_tokens - 1) / self.decode_seconds
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Session:
+    """One conversation's view of a model: its KV cache and the token ids the cache holds.
+
+    `generate(ids)` reuses the cache for the longest prefix `ids` shares with what was fed before, so a follow-up
+    turn prefills only its new tokens. Not thread-safe: one thread (the engine's worker) drives a session.
+    """
+
+    def __init__(self, loaded: LoadedModel, context_length: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compile: bool = False) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        limit = loaded.config.max_seq_len
+        self.context_length = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
+        self.model.setup_cache(self.context_length, batch=1, prefill_chunk=prefill_chunk)
+        assert self.model.slots is not None
+        self.prefill_chunk = min(prefill_chunk, self.model.slots.max_chunk)
+        self.decode = DecodeStep(self.model, compile=compile)
+        self.prefill = Prefill(self.model, compile=compile)
+        self.tokens: list[int] = []
+        self.stats = GenerationStats()
+
+    def reset(self) -> None:
+        """Forget the cache (the next call prefills everything)."""
+        self.tokens = []
+        assert self.model.slots is not None
+        self.model.slots.reset()
+
+    def _reuse(self, prompt: Sequence[int]) -> int:
+        """Keep the cached prefix shared with `prompt` where the cache still allows; return its length."""
+        assert self.model.slots is not None
+        keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)  # at least one token must run
+        if keep < len(self.tokens):
+            if keep > 0 and self.model.slots.can_rewind(keep):
+                self.model.slots.rewind(keep)
+            else:
+                self.model.slots.reset()
+                keep = 0
+            self.tokens = self.tokens[:keep]
+        return keep
+
+    @torch.no_grad()
+    def _feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Run `ids` after the cached tokens, in chunks; return the last position's logits ([1, vocab])."""
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[start:start + self.prefill_chunk])
+            tokens = torch.tensor([chunk], dtype=torch.long, device=self.loaded.device)
+            logits = self.prefill(tokens, len(self.tokens))
+            self.tokens.extend(chunk)
+        assert logits is not None
+        return logits
+
+    def check_fits(self, prompt_ids: Sequence[int]) -> None:
+        if len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens but the context holds {self.context_length}: "
+                "shorten the prompt, or raise --context if the model allows")
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is produced; `self.stats` describes it once the iterator ends."""
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty: give some text to answer")
+        self.check_fits(prompt_ids)
+        tokenizer = self.loaded.tokenizer
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.stats = stats
+        started = time.perf_counter()
+        first_at = 0.0
+        try:
+            keep = self._reuse(prompt_ids)
+            stats.prefilled_tokens = len(prompt_ids) - keep
+            logits = self._feed(prompt_ids[keep:])
+            generator = make_generator(params, self.loaded.device)
+            decoder = StreamDecoder(tokenizer)
+            stats.finish_reason = "length"
+            for i in range(params.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                next_token = sample(logits, params, generator)
+                token = int(next_token[0])
+                if i == 0:
+                    first_at = time.perf_counter()
+                    stats.time_to_first_token = first_at - started
+                if token == tokenizer.eos_id:
+                    stats.finish_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                stats.decode_seconds = time.perf_counter() - first_at
+                delta = decoder.push(token)
+                if delta:
+                    yield delta
+                if i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length:
+                    break
+                logits = self.decode(next_token.view(1, 1), len(self.tokens))
+                self.tokens.append(token)
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        except torch.OutOfMemoryError as exc:
+            self.reset()
+            raise DeviceError(f"out of memory on {self.loaded.device} while generating: shorten the conversation, "
+                              "lower --context, or try --quantize int8") from exc
+        finally:
+            if stats.generated_tokens:
+                stats.decode_seconds = time.perf_counter() - first_at if first_at else 0.0

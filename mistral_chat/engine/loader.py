@@ -1,0 +1,126 @@
+"""Load a model folder: config, tokenizer and weights, on the chosen device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mistral_chat.engine.config import ModelConfig, load_config
+from mistral_chat.engine.model import Transformer
+from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
+from mistral_chat.errors import DeviceError, MistralChatError, TokenizerError
+from mistral_chat.text.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights on their device, its tokenizer and its shape."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    quantize: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{device}' asked for, but no CUDA GPU is usable here: use --device cpu, "
+                              "or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} "
+                              "GPU(s), numbered from 0")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device '{device}' is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that have it (float16 on older ones); on CPU, the checkpoint's own dtype."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise DeviceError(f"unknown dtype '{dtype}': use auto, bfloat16, float16 or float32")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
+def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", parallel: Parallel | None = None,
+               progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> LoadedModel:
+    """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix."""
+    started = time.perf_counter()
+    path = Path(path).expanduser()
+    config = load_config(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                             f"{config.vocab_size}: the tokenizer file belongs to another model")
+    parallel = parallel or Parallel()
+    _check_parallel(config, parallel)
+    dev = resolve_device(device)
+    reader = CheckpointReader(path, config.checkpoint_format)
+    target = resolve_dtype(dtype, dev, reader.stored_dtype())
+    log.info("loading %s (%s, %s) on %s as %s", path, config.architecture, config.checkpoint_format, dev, target)
+    try:
+        convert = plain_convert(dev, target)
+        with torch.device("meta"):
+            model = Transformer(config, parallel)
+            if quantize is not None:
+                convert = _prepare_quantized(model, quantize, dev, target)
+        state = checkpoint_state(reader, config, parallel, convert, progress)
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
+        model.eval().requires_grad_(False)
+    except torch.OutOfMemoryError as exc:
+        gb = config.parameter_count() * torch.finfo(target).bits / 8 / parallel.world / 1e9
+        raise DeviceError(f"out of memory on {dev} loading {path.name} (~{gb:.1f} GB of weights): "
+                          "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, device=dev, dtype=target,
+                       load_seconds=time.perf_counter() - started, quantize=quantize)
+
+
+def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:
+    from mistral_chat.engine.quant import QUANT_MODES, int8_convert, prepare_int8
+
+    if mode not in QUANT_MODES:
+        raise MistralChatError(f"unknown --quantize '{mode}': use one of {', '.join(QUANT_MODES)}")
+    prepare_int8(model, dtype)
+    return int8_convert(device, dtype)
+
+
+def _check_parallel(config: ModelConfig, parallel: Parallel) -> None:
+    w = parallel.world
+    for what, size in (("attention heads", config.n_heads), ("hidden units", config.hidden_dim),
+                       ("vocabulary entries", config.vocab_size)):
+        if size % w:
+            raise MistralChatError(f"--tp {w} does not divide the model's {size} {what}: choose a --tp that does")
+    if config.n_kv_heads % w and (config.n_heads // w) > (config.n_heads // config.n_kv_heads):
+        raise MistralChatError(f"--tp {w} does not fit the model's {config.n_kv_heads} KV heads: "
+                               "choose a --tp that divides them")

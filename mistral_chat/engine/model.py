@@ -1,0 +1,226 @@
+"""The Mistral / Mixtral transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU or MoE feed-forward.
+
+Weights use mistral-inference's layout (interleaved RoPE pairs), with q/k/v and gate/up projections fused:
+`attention.wqkv` is [wq; wk; wv] and `feed_forward.w13` is [w1; w3] (see weights.py).
+With tensor parallelism each rank holds its slice of heads and hidden units, and `group` names the process
+group whose sum completes the row-parallel projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_chat.engine.cache import LayerKVCache, SlotPositions
+from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.moe import MoEFeedForward
+from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
+
+
+@dataclass(frozen=True)
+class LocalShape:
+    """The sizes one rank holds."""
+
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, config: ModelConfig, parallel: Parallel) -> "LocalShape":
+        return cls(
+            n_heads=config.n_heads // parallel.world,
+            n_kv_heads=parallel.local_kv_heads(config.n_kv_heads),
+            hidden_dim=config.hidden_dim // parallel.world,
+            vocab_size=config.vocab_size // parallel.world,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.device) -> torch.Tensor:
+    """[max_positions, head_dim // 2, 2] float32 table of (cos, sin)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x ([B, T, H, D]) by rope ([T, D/2, 2])."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# Up to this many query tokens, attention runs as two batched products per KV head (decode); beyond, SDPA.
+GROUPED_ATTENTION_MAX_QUERIES = 16
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q ([B, H, T, D]) over k, v ([B, Hkv, S, D]) under mask ([T, S]); each KV head serves its
+    group of query heads directly instead of being copied for each of them. Softmax in float32."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * t, d), k.transpose(-1, -2)) * d ** -0.5
+    scores = scores.view(b, hkv, g, t, s).float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * t, s)
+    return torch.matmul(probs, v).view(b, h, t, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.n_heads = local.n_heads
+        self.n_kv_heads = local.n_kv_heads
+        self.parallel = parallel
+        qkv_rows = (local.n_heads + 2 * local.n_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_rows, bias=False)
+        self.wo = nn.Linear(local.n_heads * config.head_dim, config.dim, bias=False)
+        self.cache: LayerKVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+                key_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        assert self.cache is not None, "call Transformer.setup_cache first"
+        keys, values = self.cache.update(slots, k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:  # a first chunk within the window: plain causal attention (flash kernels)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif t <= GROUPED_ATTENTION_MAX_QUERIES:  # decode: no copy of K/V per query head
+            out = grouped_attention(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len])
+        else:
+            group = self.n_heads // self.n_kv_heads
+            keys = keys[:, :, :key_len].repeat_interleave(group, dim=1)
+            values = values[:, :, :key_len].repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
+        out = self.wo(out.transpose(1, 2).reshape(b, t, q_size))
+        return all_reduce(out, self.parallel)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into w13."""
+
+    def __init__(self, dim: int, hidden_dim: int, parallel: Parallel) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return all_reduce(self.w2(F.silu(gate) * up), self.parallel)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, local, parallel)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward: nn.Module
+        if config.is_moe:
+            self.feed_forward = MoEFeedForward(config.dim, local.hidden_dim, config.num_experts,
+                                               config.num_experts_per_tok, parallel)
+        else:
+            self.feed_forward = FeedForward(config.dim, local.hidden_dim, parallel)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+                key_len: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, slots, mask, key_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.parallel = parallel or Parallel()
+        local = LocalShape.of(config, self.parallel)
+        self.tok_embeddings = nn.Embedding(local.vocab_size, config.dim)  # this rank's rows of the vocabulary
+        self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, local.vocab_size, bias=False)
+        self.slots: SlotPositions | None = None
+        self.rope: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def cache_capacity(self) -> int:
+        return 0 if self.slots is None else self.slots.capacity
+
+    def setup_cache(self, max_positions: int, batch: int = 1, prefill_chunk: int = 2048) -> None:
+        """Allocate the KV cache for sequences of up to `max_positions` tokens.
+
+        With a sliding window shorter than that, the buffer holds only window + one prefill chunk, and wraps.
+        """
+        window = self.config.sliding_window
+        capacity = max_positions
+        wraps = window is not None and window + prefill_chunk - 1 < max_positions
+        if wraps:
+            capacity = window + prefill_chunk - 1
+        local_kv = self.layers[0].attention.n_kv_heads
+        for layer in self.layers:
+            layer.attention.cache = LayerKVCache(batch, local_kv, capacity, self.config.head_dim,
+                                                 self.dtype, self.device)
+        self.slots = SlotPositions(capacity, window, self.device, wraps=wraps)
+        self.rope = rope_tables(self.config.head_dim, max_positions, self.config.rope_theta, self.device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, all_logits: bool = False,
+                key_len: int | None = None) -> torch.Tensor:
+        """Logits ([B, T or 1, vocab], float32) for `tokens` ([B, T]) placed at positions start_pos...
+
+        `start_pos` may be a 1-element tensor (compiled decode, so that the graph does not change with the
+        position); then `key_len`, how many cache slots attention reads, must be given.
+        """
+        assert self.slots is not None and self.rope is not None, "call setup_cache first"
+        t = tokens.shape[1]
+        if t > self.slots.max_chunk:
+            raise ValueError(f"chunk of {t} tokens exceeds the cache's {self.slots.max_chunk}")
+        if isinstance(start_pos, int):
+            positions = torch.arange(start_pos, start_pos + t, device=tokens.device)
+            key_len = key_len or min(self.slots.capacity, start_pos + t)  # before a wrap, later slots are empty
+        else:
+            positions = start_pos + torch.arange(t, device=tokens.device)
+            assert key_len is not None, "key_len is needed with a tensor start_pos"
+        slots = self.slots.record(positions)
+        window = self.config.sliding_window
+        causal_only = isinstance(start_pos, int) and start_pos == 0 and (window is None or t <= window)
+        mask = None if causal_only else self.slots.mask(positions)
+        rope = self.rope[positions]
+        h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
+            embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
+        for layer in self.layers:
+            h = layer(h, rope, slots, mask, key_len)
+        if not all_logits:
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()
+        return self.parallel.gather_vocab(logits)

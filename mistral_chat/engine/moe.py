@@ -1,0 +1,85 @@
+"""Mixture-of-experts feed-forward (Mixtral): a top-k gate and SwiGLU experts stacked in two tensors.
+
+`w13` is [experts, 2 * hidden, dim] (w1 and w3 of each expert) and `w2` is [experts, dim, hidden]. The gate
+keeps the k largest logits per token and weighs the chosen experts by a softmax over those k logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_chat.engine.parallel import Parallel, all_reduce
+
+# At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
+# above it, run each expert once on all of its tokens (prefill).
+GATHER_MAX_PAIRS = 8
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, parallel: Parallel) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.parallel = parallel
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py)
+        self.w2_scale: torch.Tensor | None = None
+
+    def quantize_int8(self, dtype: torch.dtype) -> None:
+        """Hold int8 expert weights with per-row scales (filled by the loader)."""
+        for name in ("w13", "w2"):
+            shape = getattr(self, name).shape
+            del self._parameters[name]
+            delattr(self, f"{name}_scale")
+            self.register_buffer(name, torch.empty(shape, dtype=torch.int8))
+            self.register_buffer(f"{name}_scale", torch.empty(shape[:2], dtype=dtype))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen experts ([N, k]) and their weights ([N, k], x's dtype) for tokens x ([N, dim])."""
+        logits = self.gate(x)
+        top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
+        return experts, F.softmax(top_logits.float(), dim=-1).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        experts, weights = self.route(x)
+        if experts.numel() <= GATHER_MAX_PAIRS:
+            out = self._gathered(x, experts, weights)
+        else:
+            out = self._grouped(x, experts, weights)
+        return all_reduce(out.reshape(shape), self.parallel)
+
+    def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Read only the chosen experts' weights: best for a handful of tokens."""
+        w13 = self.w13[experts].to(x.dtype)  # [N, k, 2H, D]
+        w2 = self.w2[experts].to(x.dtype)  # [N, k, D, H]
+        h = torch.einsum("nd,nkhd->nkh", x, w13)
+        if self.w13_scale is not None:
+            h = h * self.w13_scale[experts]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("nkh,nkdh->nkd", F.silu(gate) * up, w2)
+        if self.w2_scale is not None:
+            y = y * self.w2_scale[experts]
+        return torch.einsum("nkd,nk->nd", y, weights)
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Run each expert once on the tokens routed to it: best for prefill."""
+        out = torch.zeros_like(x)
+        for e in range(self.w13.shape[0]):
+            token_idx, slot = torch.where(experts == e)
+            if token_idx.numel() == 0:
+                continue
+            h = F.linear(x[token_idx], self.w13[e].to(x.dtype))
+            if self.w13_scale is not None:
+                h = h * self.w13_scale[e]
+            gate, up = h.chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e].to(x.dtype))
+            if self.w2_scale is not None:
+                y = y * self.w2_scale[e]
+            y = y * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out

@@ -1,0 +1,67 @@
+"""int8 weight-only quantization, applied while loading (`--quantize int8`).
+
+Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The matrix product
+runs in the activations' dtype on the dequantized weight; torch.compile fuses the dequantization into the
+product, so decode reads half the bytes of bf16. Norms, the gate and the embedding stay in the model dtype.
+Weights are quantized one tensor at a time as they are read, so a model whose bf16 weights do not fit the
+device (full Mixtral-8x7B on one 80 GB GPU) still loads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_chat.engine.moe import MoEFeedForward
+from mistral_chat.engine.weights import Convert
+
+QUANT_MODES = ("int8",)
+_QUANTIZED_SUFFIXES = (".wqkv.weight", ".wo.weight", ".w13.weight", ".w2.weight", "output.weight",
+                       "feed_forward.w13", "feed_forward.w2")
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and per-row scales (w's dtype) of w ([..., out, in]), computed in float32."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    q = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(w.dtype)
+
+
+def int8_convert(device: torch.device, dtype: torch.dtype) -> Convert:
+    """Load-time conversion: projections become int8 + scales on `device`, the rest plain `dtype`."""
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = t.to(device=device, dtype=dtype)
+        if not name.endswith(_QUANTIZED_SUFFIXES):
+            return {name: t}
+        q, scale = quantize_rows(t)
+        if name.endswith(".weight"):
+            return {name: q, name.removesuffix("weight") + "scale": scale}
+        return {name: q, name + "_scale": scale}  # stacked MoE experts
+
+    return convert
+
+
+def prepare_int8(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap the projections of a (meta-device) model for int8 ones before its weights are loaded."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "gate":
+                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, dtype))
+        if isinstance(module, MoEFeedForward):
+            module.quantize_int8(dtype)

@@ -1,0 +1,277 @@
+"""The engine's worker: one thread owns the model and its session; commands go in by a queue, events come out.
+
+It knows nothing of the UI. A front end gives it an `emit` callback (called from the worker thread; the TUI turns
+each event into a Textual message with `post_message`, which is thread-safe) and runs `EngineWorker.run` in a
+thread of its own (a Textual thread worker, or `start_thread()`).
+
+Commands: `load` a model, `generate` an answer for a conversation, `cancel` the answer being produced (its
+partial text stays with the caller), `shutdown`. One session serves every conversation: it reuses its KV cache
+for the longest prefix a prompt shares with the previous one, so a follow-up turn prefills only its new tokens,
+and a switch to another conversation (or an edited history) re-prefills from where the prompts differ.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+from mistral_chat.chat.templates import ChatMessage, encode_conversation
+from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
+from mistral_chat.engine.generate import GenerationStats
+from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.errors import MistralChatError
+
+log = logging.getLogger(__name__)
+
+
+class GenerationSession(Protocol):
+    """What the worker needs of a session: engine.generate.Session, or a tensor-parallel one."""
+
+    context_length: int
+    stats: GenerationStats
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[str]: ...
+
+    def reset(self) -> None: ...
+
+
+# ---- commands ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    path: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: int
+    conversation_id: int
+    messages: tuple[ChatMessage, ...]
+    params: SamplingParams
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    pass
+
+
+Command = Union[LoadRequest, GenerateRequest, _Shutdown]
+
+
+# ---- events -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ModelReady:
+    name: str
+    path: Path
+    device: str
+    dtype: str
+    context_length: int
+    architecture: str
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationStarted:
+    request_id: int
+    conversation_id: int
+    prompt_tokens: int
+    dropped_messages: int  # oldest messages left out of the prompt to fit the context
+    context_length: int
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    request_id: int
+    conversation_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    request_id: int
+    conversation_id: int
+    text: str
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    """A load or a generation that failed; `message` says what to do. The worker keeps running."""
+
+    message: str
+    during: str  # "load" | "generate"
+    request_id: int | None = None
+    conversation_id: int | None = None
+
+
+EngineEvent = Union[LoadProgress, ModelReady, GenerationStarted, TokenDelta, GenerationDone, EngineFailed]
+Loader = Callable[[LoadRequest, Callable[[int, int], None]], Any]
+SessionFactory = Callable[[Any, Union[int, None]], GenerationSession]
+
+
+def default_loader(request: LoadRequest, progress: Callable[[int, int], None]) -> Any:
+    from mistral_chat.engine.loader import load_model
+
+    return load_model(request.path, device=request.device, dtype=request.dtype, progress=progress)
+
+
+def default_session(loaded: Any, context_length: int | None) -> GenerationSession:
+    from mistral_chat.engine.generate import Session
+
+    return Session(loaded, context_length=context_length)
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, MistralChatError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory: close other programs, use a smaller model or lower --context"
+    return f"internal error: {type(exc).__name__}: {exc} (run with --debug for details, and please report it)"
+
+
+class EngineWorker:
+    """Runs commands one at a time in the thread that calls `run()`; `emit` receives every event."""
+
+    def __init__(self, emit: Callable[[EngineEvent], None], loader: Loader = default_loader,
+                 session_factory: SessionFactory = default_session) -> None:
+        self._emit = emit
+        self._loader = loader
+        self._session_factory = session_factory
+        self._commands: queue.Queue[Command] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.loaded: Any = None
+        self.session: GenerationSession | None = None
+        self.stopped = threading.Event()
+
+    # ---- called from any thread ------------------------------------------------------------------------------
+
+    def load(self, path: Path | str, device: str = "auto", dtype: str = "auto",
+             context_length: int | None = None) -> None:
+        self._commands.put(LoadRequest(Path(path), device, dtype, context_length))
+
+    def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
+        """Queue an answer for `messages` (ending with the user's); returns the request id its events carry."""
+        request = GenerateRequest(next(self._ids), conversation_id, tuple(messages), params)
+        with self._lock:
+            self._pending[request.request_id] = request.cancel
+        self._commands.put(request)
+        return request.request_id
+
+    def cancel(self, request_id: int | None = None) -> None:
+        """Stop one answer (or all queued and running ones); each still ends with a GenerationDone."""
+        with self._lock:
+            events = [self._pending[request_id]] if request_id in self._pending else \
+                list(self._pending.values()) if request_id is None else []
+        for event in events:
+            event.set()
+
+    def shutdown(self) -> None:
+        self.cancel()
+        self._commands.put(_Shutdown())
+
+    def start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="mistral-chat-engine", daemon=True)
+        thread.start()
+        return thread
+
+    # ---- the worker thread -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                command = self._commands.get()
+                if isinstance(command, _Shutdown):
+                    break
+                if isinstance(command, LoadRequest):
+                    self._load(command)
+                else:
+                    self._generate(command)
+        finally:
+            self._unload()
+            self.stopped.set()
+
+    def _unload(self) -> None:
+        self.session = None
+        self.loaded = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - freeing memory is best effort
+            pass
+
+    def _load(self, request: LoadRequest) -> None:
+        self._unload()
+        try:
+            loaded = self._loader(request, lambda done, total: self._emit(LoadProgress(done, total)))
+            session = self._session_factory(loaded, request.context_length)
+        except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
+            log.debug("load failed", exc_info=True)
+            self._emit(EngineFailed(describe_error(exc), "load"))
+            return
+        self.loaded, self.session = loaded, session
+        config = getattr(loaded, "config", None)
+        self._emit(ModelReady(
+            name=getattr(loaded, "name", request.path.name), path=request.path,
+            device=str(getattr(loaded, "device", request.device)),
+            dtype=str(getattr(loaded, "dtype", request.dtype)).removeprefix("torch."),
+            context_length=session.context_length, architecture=str(getattr(config, "architecture", "")),
+            load_seconds=float(getattr(loaded, "load_seconds", 0.0))))
+
+    def _prompt(self, request: GenerateRequest) -> TrimmedPrompt:
+        assert self.loaded is not None and self.session is not None
+        tokenizer = self.loaded.tokenizer
+        context = self.session.context_length
+        budget = context - answer_reserve(context, request.params.max_tokens)
+        return trim_history(list(request.messages), lambda ms: encode_conversation(tokenizer, ms), budget)
+
+    def _generate(self, request: GenerateRequest) -> None:
+        pieces: list[str] = []
+        stats = GenerationStats(finish_reason="cancelled")
+        try:
+            if request.cancel.is_set():
+                return
+            if self.session is None:
+                raise MistralChatError("no model is loaded: pick one with the model picker (Ctrl+O), or run "
+                                       "`mistral-chat pull mistral-7b-instruct` first")
+            prompt = self._prompt(request)
+            self._emit(GenerationStarted(request.request_id, request.conversation_id, len(prompt.ids),
+                                         prompt.dropped_messages, self.session.context_length))
+            for delta in self.session.generate(prompt.ids, request.params, request.cancel):
+                pieces.append(delta)
+                self._emit(TokenDelta(request.request_id, request.conversation_id, delta))
+            stats = self.session.stats
+        except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
+            log.debug("generation failed", exc_info=True)
+            self._emit(EngineFailed(describe_error(exc), "generate", request.request_id, request.conversation_id))
+            stats = getattr(self.session, "stats", stats)
+            stats.finish_reason = "error"
+        finally:
+            with self._lock:
+                self._pending.pop(request.request_id, None)
+            self._emit(GenerationDone(request.request_id, request.conversation_id, "".join(pieces), stats))

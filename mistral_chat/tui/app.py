@@ -1,0 +1,226 @@
+"""The chat TUI: the Textual application, its engine thread and `run_tui`, which the CLI calls.
+
+Threads: the event loop runs the UI and the SQLite store; the engine's worker (`EngineWorker.run`, started as
+a Textual thread worker) owns the model. UI -> engine: `engine.load/generate/cancel` (a queue and events).
+Engine -> UI: every event is posted as an `EngineMessage` (`post_message` is thread-safe) and handled by the
+chat screen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.screen import Screen
+
+from mistral_chat.chat.conversation import GenerationSettings
+from mistral_chat.chat.store import ChatStore
+from mistral_chat.engine.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
+from mistral_chat.errors import MistralChatError
+from mistral_chat.paths import database_path
+from mistral_chat.tui.engine_messages import EngineMessage
+from mistral_chat.tui.model_choices import remember_model, start_model
+from mistral_chat.tui.screens.chat import ChatScreen
+from mistral_chat.tui.screens.help import HelpScreen
+from mistral_chat.tui.screens.welcome import WelcomeScreen
+from mistral_chat.tui.themes import DEFAULT_THEME, load_themes
+
+if TYPE_CHECKING:
+    from mistral_chat.cli import RunOptions
+
+log = logging.getLogger(__name__)
+
+THEME_PREFERENCE = "theme"
+
+
+@dataclass
+class AppOptions:
+    """What the TUI starts with: the model to open, where to run it, and defaults for new chats."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    context: int | None = None
+    system_prompt: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 1024
+    seed: int | None = None
+    theme_dirs: list[Path] | None = None  # None: the shipped and the user's theme folders
+
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                  max_tokens=self.max_tokens, seed=self.seed)
+
+    @classmethod
+    def from_run_options(cls, opts: "RunOptions") -> "AppOptions":
+        return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
+                   system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
+                   top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed)
+
+
+ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
+
+
+class MistralChatApp(App[None]):
+    """Chat with a local Mistral-family model."""
+
+    TITLE = "mistral-chat"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [Binding("f1", "help", "Help")]
+
+    def __init__(self, options: AppOptions | None = None, store: ChatStore | None = None,
+                 loader: Loader = default_loader, session_factory: SessionFactory = default_session,
+                 resolve_model: ModelResolver = start_model) -> None:
+        super().__init__()
+        self.options = options or AppOptions()
+        self.store = store or ChatStore(database_path())
+        self.engine = EngineWorker(self._post_engine_event, loader=loader, session_factory=session_factory)
+        self._resolve_model = resolve_model
+        self.model_state = "none"  # none | loading | ready | failed
+        self.model_name = ""
+        self.theme_problems: list[str] = []
+
+    # ---- start and stop --------------------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen:
+        return ChatScreen()
+
+    @property
+    def chat(self) -> ChatScreen:
+        for screen in self.screen_stack:
+            if isinstance(screen, ChatScreen):
+                return screen
+        raise LookupError("the chat screen is not running")
+
+    def on_mount(self) -> None:
+        self._install_themes()
+        self.run_worker(self.engine.run, thread=True, name="engine", group="engine", exit_on_error=False)
+        try:
+            found = self._resolve_model(self.options.model)
+        except MistralChatError as exc:
+            self.push_screen(WelcomeScreen(str(exc)), self._after_welcome)
+            return
+        if found is None:
+            self.push_screen(WelcomeScreen(), self._after_welcome)
+            return
+        path, name = found
+        self.load_model(path, name)
+
+    def _after_welcome(self, choice: str | None) -> None:
+        if choice == "pick":
+            self.chat.action_pick_model()
+
+    def load_model(self, path: Path, name: str) -> None:
+        """Queue a model load (the chat stays usable meanwhile; answers asked for wait for it)."""
+        self.model_state = "loading"
+        self.model_name = name
+        try:
+            self.chat.status.update_info(model=name, device="", dtype="", loading="loading…")
+        except (LookupError, NoMatches):  # the chat screen shows it when it mounts
+            pass
+        self.engine.load(path, device=self.options.device, dtype=self.options.dtype,
+                         context_length=self.options.context)
+        remember_model(name)
+
+    def _post_engine_event(self, event: object) -> None:
+        """Called in the engine's thread."""
+        self.post_message(EngineMessage(event))  # type: ignore[arg-type]
+
+    async def on_engine_message(self, message: EngineMessage) -> None:
+        from mistral_chat.engine.worker import EngineFailed, ModelReady
+
+        event = message.event
+        if isinstance(event, ModelReady):
+            self.model_state = "ready"
+        elif isinstance(event, EngineFailed) and event.during == "load":
+            self.model_state = "failed"
+        await self.chat.handle_engine_event(event)
+
+    async def action_quit(self) -> None:
+        self.shutdown_engine()
+        self.exit()
+
+    def shutdown_engine(self) -> None:
+        try:
+            self.chat.save_now()
+        except LookupError:
+            pass
+        self.engine.shutdown()
+
+    def on_unmount(self) -> None:
+        self.engine.shutdown()
+
+    # ---- themes ----------------------------------------------------------------------------------------------
+
+    def _install_themes(self) -> None:
+        themes, self.theme_problems = load_themes(self.options.theme_dirs)
+        for theme in themes:
+            self.register_theme(theme)
+        wanted = self.store.get_preference(THEME_PREFERENCE) or DEFAULT_THEME
+        if wanted in self.available_themes:
+            self.theme = wanted
+        self.theme_changed_signal.subscribe(self, lambda theme: self.store.set_preference(THEME_PREFERENCE,
+                                                                                           theme.name))
+        for problem in self.theme_problems:
+            self.notify(f"Theme skipped: {problem}", severity="warning", markup=False)
+
+    # ---- the command palette ---------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        try:
+            chat = self.chat
+        except LookupError:
+            return
+        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", chat.action_new_chat)
+        yield SystemCommand("Rename chat", "Give this conversation a title (F2)", chat.action_rename_chat)
+        yield SystemCommand("Delete chat", "Delete this conversation (F8)", chat.action_delete_chat)
+        yield SystemCommand("Search chats", "Find a conversation by title or text (Ctrl+F)", chat.action_search)
+        yield SystemCommand("Toggle chat list", "Show or hide the sidebar (Ctrl+B)", chat.action_toggle_sidebar)
+        yield SystemCommand("Stop", "Stop the answer being generated (Escape)", chat.action_stop)
+        yield SystemCommand("Regenerate", "Answer the last message again (Ctrl+R)", chat.action_regenerate)
+        yield SystemCommand("Edit last message", "Edit your last message and resend it (Ctrl+L)",
+                            chat.action_edit_last)
+        yield SystemCommand("Copy last answer", "Copy the last answer to the clipboard (F3)",
+                            chat.action_copy_last_answer)
+        from mistral_chat.tui.widgets.message_view import code_blocks
+
+        for index, block in enumerate(code_blocks(chat.last_answer() or "")):
+            first = next((line for line in block.splitlines() if line.strip()), "")[:40]
+            yield SystemCommand(f"Copy code block {index + 1}", f"From the last answer: {first}",
+                                partial(chat.copy_code_block, index))
+        yield SystemCommand("Settings", "System prompt and generation settings of this chat (Ctrl+S)",
+                            chat.action_settings)
+        yield SystemCommand("Pick model", "Load another local model (Ctrl+O)", chat.action_pick_model)
+        yield SystemCommand("Export chat to Markdown", "Write this conversation to a .md file",
+                            partial(chat.export, "markdown"))
+        yield SystemCommand("Export chat to JSON", "Write this conversation to a .json file",
+                            partial(chat.export, "json"))
+        yield SystemCommand("Help", "All key bindings (F1)", self.action_help)
+
+
+def run_tui(opts: "RunOptions") -> None:
+    """Open the chat TUI (the CLI's default on a terminal)."""
+    if opts.tp > 1:
+        raise MistralChatError("--tp is not available in the chat TUI yet: use it with --prompt, "
+                               "or run the TUI on one GPU")
+    store = ChatStore(database_path())
+    app = MistralChatApp(AppOptions.from_run_options(opts), store)
+    try:
+        app.run()
+    finally:
+        app.engine.shutdown()
+        store.close()

@@ -1,0 +1,100 @@
+"""One message of the conversation: a role label and its text as Markdown (model text is data, never markup)."""
+
+from __future__ import annotations
+
+import re
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.content import Content
+from textual.widgets import Label, Markdown
+from textual.widgets.markdown import MarkdownStream
+
+from mistral_chat.chat.templates import Role
+
+FENCE_OPEN = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
+ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+
+
+def code_blocks(markdown: str) -> list[str]:
+    """The contents of the fenced code blocks of `markdown`, in order (an unclosed last fence counts)."""
+    blocks: list[str] = []
+    fence: str | None = None
+    lines: list[str] = []
+    for line in markdown.splitlines():
+        match = FENCE_OPEN.match(line)
+        if fence is None:
+            if match:
+                fence, lines = match.group(1), []
+        elif match and match.group(1).startswith(fence) and not line.strip().strip(fence[0]):
+            blocks.append("\n".join(lines))
+            fence = None
+        else:
+            lines.append(line)
+    if fence is not None:
+        blocks.append("\n".join(lines))
+    return blocks
+
+
+class MessageView(Vertical, can_focus=True):
+    """A message. Focus it (Tab / click) to copy it (c) or its code blocks (y)."""
+
+    BINDINGS = [
+        Binding("c", "copy_message", "Copy message"),
+        Binding("y", "copy_code", "Copy code block"),
+    ]
+
+    def __init__(self, role: Role, text: str, message_id: int = 0, note: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.text = text
+        self.message_id = message_id
+        self.note = note
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._label(), classes="role")
+        yield Markdown(self.text, classes="body")
+
+    def _label(self) -> Content:
+        label = ROLE_LABELS.get(self.role, self.role)
+        return Content(f"{label}  {self.note}" if self.note else label)
+
+    def set_note(self, note: str) -> None:
+        self.note = note
+        if self.is_mounted:
+            self.query_one(".role", Label).update(self._label())
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    async def append(self, fragment: str) -> None:
+        """Stream more text in (the Markdown widget parses only the new tail)."""
+        self.text += fragment
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.markdown)
+        await self._stream.write(fragment)
+
+    async def finish(self, text: str | None = None) -> None:
+        """End the stream; with `text`, show exactly that."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        if text is not None and text != self.text:
+            self.text = text
+            await self.markdown.update(text)
+
+    def action_copy_message(self) -> None:
+        self.app.copy_to_clipboard(self.text)
+        self.notify("Message copied to the clipboard")
+
+    def action_copy_code(self) -> None:
+        blocks = code_blocks(self.text)
+        if not blocks:
+            self.notify("This message has no code block", severity="warning")
+            return
+        self.app.copy_to_clipboard(blocks[-1])
+        self.notify("Code block copied to the clipboard" if len(blocks) == 1 else
+                    f"Last of {len(blocks)} code blocks copied (the command palette copies the others)")

@@ -1,0 +1,83 @@
+"""The multi-line prompt editor: Enter sends, Ctrl+J inserts a newline, Up/Down walk the input history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import TextArea
+
+NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+
+
+class PromptInput(TextArea):
+    """A TextArea that sends on Enter and remembers what was sent."""
+
+    BINDINGS = [
+        Binding("enter", "submit", "Send", show=True, priority=True),
+        Binding("ctrl+j", "newline", "Newline", show=True),
+    ]
+
+    @dataclass
+    class Submitted(Message):
+        input: "PromptInput"
+        text: str
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, soft_wrap=True, show_line_numbers=False, tab_behavior="focus")
+        self.sent: list[str] = []
+        self._history_index: int | None = None
+        self._draft = ""
+        self.placeholder = "Message (Enter to send, Ctrl+J for a new line)"
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key in NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+            return
+        await super()._on_key(event)
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+    def action_submit(self) -> None:
+        text = self.text.strip()
+        if not text:
+            return
+        self.remember(text)
+        self.post_message(self.Submitted(self, text))
+
+    def remember(self, text: str) -> None:
+        if not self.sent or self.sent[-1] != text:
+            self.sent.append(text)
+        self._history_index = None
+
+    def set_text(self, text: str) -> None:
+        self.load_text(text)
+        self.move_cursor(self.document.end)
+
+    def action_cursor_up(self, select: bool = False) -> None:
+        if select or self.cursor_location[0] > 0 or not self.sent:
+            super().action_cursor_up(select)
+            return
+        if self._history_index is None:
+            self._draft = self.text
+            self._history_index = len(self.sent)
+        if self._history_index > 0:
+            self._history_index -= 1
+            self.set_text(self.sent[self._history_index])
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        last_row = self.document.line_count - 1
+        if select or self.cursor_location[0] < last_row or self._history_index is None:
+            super().action_cursor_down(select)
+            return
+        self._history_index += 1
+        if self._history_index >= len(self.sent):
+            self._history_index = None
+            self.set_text(self._draft)
+        else:
+            self.set_text(self.sent[self._history_index])

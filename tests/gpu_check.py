@@ -1,0 +1,83 @@
+"""GPU check (run by hand on the GPU machine, not by pytest): the CUDA paths agree with the CPU on tiny models.
+
+python tests/gpu_check.py   prints one line per check and exits non-zero if any fails.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mistral_chat.engine.config import load_config  # noqa: E402
+from mistral_chat.engine.decode import DecodeStep  # noqa: E402
+from mistral_chat.engine.model import Transformer  # noqa: E402
+from mistral_chat.engine.parallel import Parallel  # noqa: E402
+from mistral_chat.engine.quant import int8_convert, prepare_int8  # noqa: E402
+from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert  # noqa: E402
+from tiny_models import write_tiny_model  # noqa: E402
+
+
+def load(path: Path, device: str, dtype: torch.dtype, quantize: bool = False) -> Transformer:
+    config = load_config(path)
+    dev = torch.device(device)
+    convert = plain_convert(dev, dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+        if quantize:
+            prepare_int8(model, dtype)
+            convert = int8_convert(dev, dtype)
+    model.load_state_dict(checkpoint_state(CheckpointReader(path, config.checkpoint_format), config, Parallel(),
+                                           convert), assign=True)
+    model.eval().setup_cache(256, prefill_chunk=8)
+    return model
+
+
+def greedy(model: Transformer, ids: list[int], steps: int, compile: bool) -> tuple[list[int], torch.Tensor]:
+    step = DecodeStep(model, compile=compile)
+    dev = model.device
+    with torch.no_grad():
+        logits = None
+        for start in range(0, len(ids), 8):
+            logits = model(torch.tensor([ids[start:start + 8]], device=dev), start)[:, -1]
+        first = logits.float().cpu()
+        out = []
+        pos = len(ids)
+        for _ in range(steps):
+            nxt = logits.argmax(-1)
+            out.append(int(nxt[0]))
+            logits = step(nxt.view(1, 1), pos)
+            pos += 1
+    return out, first
+
+
+def main() -> int:
+    failures = 0
+    root = Path(tempfile.mkdtemp())
+    ids = torch.randint(3, 32000, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    for kind in ("mistral", "mixtral", "nemo"):
+        path = write_tiny_model(root / kind, kind)["native"]
+        cpu, cpu_logits = greedy(load(path, "cpu", torch.float32), ids, 40, compile=False)
+        cuda, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=False)
+        cuda_c, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=True)
+        bf16_model = load(path, "cuda", torch.bfloat16)
+        bf16, bf16_logits = greedy(bf16_model, ids, 40, compile=True)
+        rel = ((bf16_logits - cpu_logits).norm() / cpu_logits.norm()).item()
+        int8, _ = greedy(load(path, "cuda", torch.bfloat16, quantize=True), ids, 40, compile=True)
+        agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)
+        agree_int8 = sum(a == b for a, b in zip(int8, bf16)) / len(bf16)
+        ok = cpu == cuda == cuda_c and rel < 2e-2
+        failures += not ok
+        print(f"{kind:8} fp32 cpu==cuda eager: {cpu == cuda}  ==cuda compiled: {cpu == cuda_c}  "
+              f"bf16 logits rel err {rel:.4f}  bf16 greedy agree {agree_bf16:.0%}  int8 vs bf16 agree "
+              f"{agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Tensor parallelism on CPU: 2 ranks over gloo give the single-process engine's logits and tokens.
+
+Rank 0 runs in the test process (as it does under the UI); rank 1 is a real follower process spawned by
+`engine.launch`. Models are float32 so the sharded sums agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistral_chat.engine.generate import Session
+from mistral_chat.engine.launch import (ParallelModelLoader, ParallelRunError, RankOptions, check_launch,
+                                        check_model_splits, start_parallel_session)
+from mistral_chat.engine.loader import load_model
+from mistral_chat.engine.parallel import check_tensor_parallel
+from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.errors import DeviceError, MistralChatError
+from tiny_models import write_tiny_model
+
+CONTEXT, CHUNK = 128, 8  # with the window of 16, the mistral cache holds 16 + 8 slots and wraps often
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "mistral": write_tiny_model(root / "mistral", "mistral")["native"],
+        "mixtral": write_tiny_model(root / "mixtral", "mixtral", shard_hf=True)["hf"],
+        # one KV head for 4 query heads: each of the 2 ranks keeps a copy of it
+        "mistral-kv1": write_tiny_model(root / "kv1", "mistral", n_kv_heads=1)["hf"],
+    }
+
+
+def start(path: Path, **kw):
+    options = RankOptions(path=str(path), device="cpu", dtype="float32", context_length=CONTEXT,
+                          prefill_chunk=CHUNK)
+    started = start_parallel_session(options, 2, **kw)
+    assert started is not None
+    return started
+
+
+def single_session(path: Path) -> Session:
+    return Session(load_model(path, device="cpu", dtype="float32"), context_length=CONTEXT, prefill_chunk=CHUNK)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mixtral", "mistral-kv1"])
+def test_logits_and_greedy_tokens_match_single_process(tiny, kind):
+    loaded, parallel = start(tiny[kind])
+    with parallel:
+        single = single_session(tiny[kind])
+        assert parallel.world == 2 and loaded.model.output.weight.shape[0] == loaded.config.vocab_size // 2
+        ids = prompt(30, seed=1)
+        with torch.no_grad():
+            got, expected = parallel._feed(ids), single._feed(ids)  # chunked prefill
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            tokens_p, tokens_s = [], []
+            for _ in range(40):  # greedy decode, one token at a time; the mistral buffer wraps
+                tp, ts = int(got.argmax()), int(expected.argmax())
+                tokens_p.append(tp)
+                tokens_s.append(ts)
+                got = parallel.decode(torch.tensor([[tp]]), len(parallel.tokens))
+                parallel.tokens.append(tp)
+                expected = single.decode(torch.tensor([[ts]]), len(single.tokens))
+                single.tokens.append(ts)
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert tokens_p == tokens_s
+        if kind == "mistral":
+            assert parallel.model.cache_capacity < len(parallel.tokens)  # the rotating cache wrapped
+
+        # the whole Session interface: a turn, a follow-up that reuses the cache, a cancelled answer, a reset
+        params = SamplingParams(max_tokens=24)
+        first = prompt(20, seed=2)
+        for session in (parallel, single):
+            session.reset()
+        assert "".join(parallel.generate(first, params)) == "".join(single.generate(first, params))
+        assert parallel.tokens == single.tokens
+        follow_up = parallel.tokens + prompt(6, seed=3)
+        assert "".join(parallel.generate(follow_up, params)) == "".join(single.generate(follow_up, params))
+        assert parallel.stats.prefilled_tokens == single.stats.prefilled_tokens < len(follow_up)
+        for session in (parallel, single):
+            cancel = threading.Event()
+            for _ in session.generate(prompt(12, seed=4), params, cancel):
+                cancel.set()
+            assert session.stats.finish_reason == "cancelled"
+        assert parallel.tokens == single.tokens
+        sampled = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=16)
+        again = prompt(9, seed=5)
+        assert "".join(parallel.generate(again, sampled)) == "".join(single.generate(again, sampled))
+        assert parallel.tokens == single.tokens
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_dead_follower_ends_the_run_within_seconds(tiny):
+    """Started through the hooks the engine worker takes (loader, session_factory), as the TUI does."""
+    from mistral_chat.engine.worker import LoadRequest
+
+    hooks = ParallelModelLoader(2)
+    progress: list[tuple[int, int]] = []
+    loaded = hooks.load(LoadRequest(tiny["mistral"], device="cpu", dtype="float32", context_length=CONTEXT),
+                        lambda done, total: progress.append((done, total)))
+    try:
+        parallel = hooks.session_factory(loaded, CONTEXT)
+        assert progress  # rank 0's loading progress reaches the worker
+        follower = parallel.followers.pids[1]
+        killed_at = 0.0
+        with pytest.raises(ParallelRunError, match="rank 1 was killed by SIGKILL"):
+            for i, _ in enumerate(parallel.generate(prompt(20, seed=6), SamplingParams(max_tokens=100))):
+                if i == 2:
+                    os.kill(follower, signal.SIGKILL)
+                    killed_at = time.monotonic()
+        assert time.monotonic() - killed_at < 5
+        with pytest.raises(ParallelRunError, match="rank 1"):  # and every later use says so at once
+            list(parallel.generate(prompt(5, seed=7)))
+    finally:
+        hooks.close()
+
+
+def test_rank_0_stuck_with_a_dead_follower_is_told_within_seconds(tiny):
+    """Where a collective would never return (NCCL), the watcher calls on_stuck instead of hanging."""
+    told: list[str] = []
+    loaded, parallel = start(tiny["mistral"], on_stuck=told.append)
+    with parallel:
+        parallel.followers.busy = True  # as if blocked in an all-reduce
+        os.kill(parallel.followers.pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 8
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parallel.followers.busy = False
+        assert told and "rank 1 was killed" in told[0]
+
+
+RANK0_THEN_DIE = """
+import os, signal, sys
+from mistral_chat.engine.launch import RankOptions, start_parallel_session
+loaded, session = start_parallel_session(RankOptions(path=sys.argv[1], device="cpu", dtype="float32"), 2)
+print(session.followers.pids[1], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_followers_exit_when_rank_0_dies(tiny):
+    proc = subprocess.run([sys.executable, "-c", RANK0_THEN_DIE, str(tiny["mistral"])], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    follower = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while _alive(follower) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(follower)
+
+
+def test_one_shot_cli_with_tp_2_equals_without(tiny, tmp_path):
+    env = dict(os.environ, MISTRAL_CHAT_HOME=str(tmp_path / "home"))
+    base = [sys.executable, "-m", "mistral_chat.cli", "--model", str(tiny["mistral"]), "--device", "cpu",
+            "--prompt", "hi", "--max-tokens", "8"]
+    plain = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    parallel = subprocess.run(base + ["--tp", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert parallel.returncode == 0, parallel.stderr
+    assert plain.stdout.strip() and parallel.stdout == plain.stdout
+
+
+def test_a_tp_that_does_not_split_the_model_fails_before_spawning(tiny):
+    with pytest.raises(ParallelRunError, match="--tp 3 does not divide the model's 4 attention heads"):
+        start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu"), 3)
+    check_model_splits(tiny["mistral-kv1"], 2)  # 1 KV head: replicated
+
+
+def test_kv_head_rule():
+    check_tensor_parallel(2, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768)  # split
+    check_tensor_parallel(16, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768)  # 2 copies each
+    with pytest.raises(MistralChatError, match="KV heads"):  # ranks would straddle two KV groups
+        check_tensor_parallel(6, n_heads=12, n_kv_heads=4, hidden_dim=600, vocab_size=600)
+    with pytest.raises(MistralChatError, match="vocabulary"):
+        check_tensor_parallel(4, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32002)
+
+
+def test_gpu_checks(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    check_launch(2, "cuda")
+    with pytest.raises(DeviceError, match="--tp 4 needs 4 GPUs on this machine but 2 are visible"):
+        check_launch(4, "cuda")
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    with pytest.raises(DeviceError, match="no NCCL"):
+        check_launch(2, "cuda")

@@ -1,0 +1,100 @@
+"""The engine worker with a tiny real checkpoint: load, stream, cancel, reuse the cache, trim, survive errors."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+from tiny_models import write_tiny_model
+
+from mistral_chat.chat.templates import ChatMessage
+from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.engine.worker import (EngineFailed, EngineWorker, GenerationDone, GenerationStarted, LoadProgress,
+                                        ModelReady, TokenDelta)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "mistral")["native"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event: object) -> None:
+        self.events.put(event)
+
+    def until(self, kind: type, timeout: float = 60.0) -> list:
+        seen = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            seen.append(event)
+            if isinstance(event, kind):
+                return seen
+
+
+@pytest.fixture
+def worker(tiny_model: Path):
+    recorder = Recorder()
+    engine = EngineWorker(recorder)
+    engine.start_thread()
+    engine.load(tiny_model, device="cpu", context_length=128)
+    events = recorder.until(ModelReady)
+    assert any(isinstance(e, LoadProgress) for e in events)
+    yield engine, recorder
+    engine.shutdown()
+    assert engine.stopped.wait(30)
+
+
+def test_streams_an_answer_then_reuses_the_cache(worker) -> None:
+    engine, rec = worker
+    first = [ChatMessage("user", "Hello there")]
+    engine.generate(1, first, SamplingParams(max_tokens=8))
+    events = rec.until(GenerationDone)
+    done = events[-1]
+    deltas = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    assert deltas == done.text and done.text
+    assert done.stats.generated_tokens == 8 and done.stats.finish_reason == "length"
+    started = next(e for e in events if isinstance(e, GenerationStarted))
+    assert started.prompt_tokens == done.stats.prompt_tokens == done.stats.prefilled_tokens
+
+    follow = first + [ChatMessage("assistant", done.text), ChatMessage("user", "And then?")]
+    engine.generate(1, follow, SamplingParams(max_tokens=4))
+    again = rec.until(GenerationDone)[-1]
+    assert again.stats.prefilled_tokens < again.stats.prompt_tokens  # the first turn came from the cache
+
+
+def test_cancel_keeps_what_was_streamed(worker) -> None:
+    engine, rec = worker
+    request = engine.generate(2, [ChatMessage("user", "Tell me a long story")], SamplingParams(max_tokens=100))
+    rec.until(TokenDelta)
+    engine.cancel(request)
+    done = rec.until(GenerationDone)[-1]
+    assert done.stats.finish_reason in ("cancelled", "length")
+    assert done.stats.generated_tokens < 100 or done.stats.finish_reason == "length"
+
+
+def test_long_history_is_trimmed_but_the_system_prompt_stays(worker) -> None:
+    engine, rec = worker
+    history = [ChatMessage("system", "Be brief.")]
+    for i in range(12):
+        history += [ChatMessage("user", f"question number {i} " * 3), ChatMessage("assistant", f"answer {i} " * 3)]
+    history.append(ChatMessage("user", "last question"))
+    engine.generate(3, history, SamplingParams(max_tokens=4))
+    events = rec.until(GenerationDone)
+    started = next(e for e in events if isinstance(e, GenerationStarted))
+    assert started.dropped_messages > 0 and started.dropped_messages % 2 == 0
+    assert started.prompt_tokens <= 128 - 4
+    assert events[-1].stats.finish_reason in ("length", "stop")
+
+
+def test_errors_become_events_and_the_worker_lives_on(worker, tmp_path: Path) -> None:
+    engine, rec = worker
+    engine.load(tmp_path / "nothing-here", device="cpu")
+    failed = rec.until(EngineFailed)[-1]
+    assert failed.during == "load" and "nothing-here" in failed.message
+    engine.generate(4, [ChatMessage("user", "hi")], SamplingParams(max_tokens=2))
+    events = rec.until(GenerationDone)
+    assert any(isinstance(e, EngineFailed) and "no model" in e.message for e in events)

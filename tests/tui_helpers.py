@@ -1,0 +1,75 @@
+"""Shared pieces of the TUI tests: a tiny model, an app on a temporary database, waiting for the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from textual.pilot import Pilot
+
+from mistral_chat.chat.store import ChatStore
+from mistral_chat.tui.app import AppOptions, MistralChatApp
+
+REPO_THEMES = Path(__file__).resolve().parent.parent / "themes"
+
+
+def make_app(db: Path, model: Path | None, *, context: int | None = 256, max_tokens: int = 12,
+             system_prompt: str = "", session_factory=None) -> MistralChatApp:
+    options = AppOptions(model=str(model) if model else None, device="cpu", context=context, max_tokens=max_tokens,
+                         system_prompt=system_prompt, theme_dirs=[REPO_THEMES])
+
+    def resolve(name: str | None) -> tuple[Path, str] | None:
+        return (Path(name), Path(name).name) if name else None
+
+    extra = {"session_factory": session_factory} if session_factory else {}
+    return MistralChatApp(options, ChatStore(db), resolve_model=resolve, **extra)
+
+
+async def wait_for(pilot: Pilot, condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if not pilot.app.is_running:
+            raise AssertionError(f"the app stopped while waiting for {what or condition}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await pilot.pause(0.05)
+
+
+class SlowSession:
+    """A stand-in session that streams "word0 word1 ..." slowly, for stop and save-while-streaming tests."""
+
+    def __init__(self, loaded: object, context_length: int | None, delay: float = 0.05, words: int = 200) -> None:
+        from mistral_chat.engine.generate import GenerationStats
+
+        self.context_length = context_length or 512
+        self.stats = GenerationStats()
+        self.delay = delay
+        self.words = words
+
+    def generate(self, prompt_ids, params=None, cancel=None):
+        from mistral_chat.engine.generate import GenerationStats
+
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids),
+                                     finish_reason="length")
+        for i in range(self.words):
+            if cancel is not None and cancel.is_set():
+                self.stats.finish_reason = "cancelled"
+                return
+            time.sleep(self.delay)
+            self.stats.generated_tokens += 1
+            yield f"word{i} "
+
+    def reset(self) -> None:
+        pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the model registry, exports and user themes of the tests out of the real user folders."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MISTRAL_CHAT_HOME", str(home))
+    return home
