@@ -44,6 +44,8 @@ class RunOptions:
     context: Optional[int]
     tp: int
     verbose: bool
+    quantize: Optional[str] = None
+    compile: bool = True
 
 
 def _version(value: bool) -> None:
@@ -70,6 +72,10 @@ def run(
     context: Optional[int] = typer.Option(None, "--context", min=16,
                                           help="Context length in tokens (default: the model's, at most 32768)."),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
+                                           help="int8: weight-only int8 at load time (half the memory)."),
+    no_compile: bool = typer.Option(False, "--no-compile",
+                                    help="Run eager on GPU instead of compiling decode into CUDA graphs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Statistics and progress on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Full tracebacks and debug logs."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
@@ -78,7 +84,7 @@ def run(
         return
     opts = RunOptions(model=model, prompt=prompt, system=system, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, context=context, tp=tp,
-                      verbose=verbose)
+                      verbose=verbose, quantize=quantize, compile=not no_compile)
     if prompt is None and sys.stdin.isatty():
         from mistral_chat.tui.app import run_tui
 
@@ -87,6 +93,15 @@ def run(
     from mistral_chat.oneshot import run_one_shot
 
     run_one_shot(opts)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Time prefill and decode on random weights of a real model shape (see `mistral-chat bench --help`)."""
+    from mistral_chat.bench import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
 
 
 def _register_commands() -> None:

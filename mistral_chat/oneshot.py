@@ -60,7 +60,8 @@ def run_one_shot(opts: "RunOptions") -> None:
     from mistral_chat.engine.loader import load_model
 
     path = resolve_model_path(opts.model)
-    loaded = load_model(path, device=opts.device, dtype=opts.dtype)
+    loaded = load_model(path, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+                        compile=compile_wanted(opts))
     if opts.verbose:
         print(f"loaded {loaded.name} on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')} "
               f"in {loaded.load_seconds:.1f} s", file=sys.stderr)
@@ -70,6 +71,21 @@ def run_one_shot(opts: "RunOptions") -> None:
     stream_answer(session, ids, sampling_params(opts), sys.stdout)
     if opts.verbose:
         print(format_stats(session.stats), file=sys.stderr)
+
+
+def compile_wanted(opts: "RunOptions") -> bool:
+    """Compile decode on CUDA unless --no-compile; say so, since the first run on a machine takes minutes."""
+    import torch
+
+    if not opts.compile or opts.device == "cpu" or not torch.cuda.is_available():
+        return False
+    from mistral_chat.engine.decode import use_compile_cache
+    from mistral_chat.paths import app_home
+
+    use_compile_cache(app_home() / "compile-cache")
+    print("mistral-chat: compiling the model for this GPU (a few minutes the first time, cached afterwards; "
+          "--no-compile skips it)", file=sys.stderr)
+    return True
 
 
 def stream_answer(session: Session, ids: list[int], params: SamplingParams, out: TextIO) -> str:

@@ -55,7 +55,7 @@ class Session:
     """
 
     def __init__(self, loaded: LoadedModel, context_length: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compile: bool = False) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compile: bool | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         limit = loaded.config.max_seq_len
@@ -63,6 +63,8 @@ class Session:
         self.model.setup_cache(self.context_length, batch=1, prefill_chunk=prefill_chunk)
         assert self.model.slots is not None
         self.prefill_chunk = min(prefill_chunk, self.model.slots.max_chunk)
+        if compile is None:
+            compile = loaded.compile
         self.decode = DecodeStep(self.model, compile=compile)
         self.prefill = Prefill(self.model, compile=compile)
         self.tokens: list[int] = []

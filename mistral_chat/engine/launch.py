@@ -279,6 +279,16 @@ class FollowerProcesses:
         return (f"tensor-parallel rank {rank} exited with code {code}" + (f" ({last})" if last else "")
                 + ", so the run stopped: fix that and start mistral-chat again")
 
+    def check(self) -> str | None:
+        """The failure, looking at the processes now (for callers that hold the GIL in a wait loop)."""
+        if self.failure is None:
+            for rank, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None:
+                    self.failure = self._describe(rank, code)
+                    break
+        return self.failure
+
     def wait_for_failure(self, seconds: float) -> str | None:
         """The failure the watcher found, waiting up to `seconds` for it (a collective error arrives first)."""
         deadline = time.monotonic() + seconds
@@ -384,7 +394,27 @@ class ParallelSession(Session):
     def _feed(self, ids: Sequence[int]) -> torch.Tensor:
         with self._collective():
             self.channel.send(_FEED, ids, len(self.tokens))
-            return super()._feed(ids)
+            return self._settle(super()._feed(ids))
+
+    def _settle(self, out: torch.Tensor) -> torch.Tensor:
+        """On GPUs, wait for the step's kernels while watching the followers.
+
+        A later `.item()` would block holding the GIL inside an NCCL collective that a dead rank never joins,
+        so no thread could notice; this loop checks the processes between polls of a CUDA event instead.
+        """
+        if self.followers is None or out.device.type != "cuda":
+            return out
+        done = torch.cuda.Event()
+        done.record()
+        next_check = 0.0
+        while not done.query():
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.002
+                failure = self.followers.check()
+                if failure is not None:
+                    raise ParallelRunError(failure)
+        return out
 
     def close(self) -> None:
         """Tell the followers to exit, wait for them, and leave the process group. Safe to call twice."""
@@ -398,7 +428,10 @@ class ParallelSession(Session):
                 log.debug("shutdown broadcast failed", exc_info=True)
         if self.followers is not None:
             self.followers.close()
-        _leave_process_group()
+        if self.failure is not None and self.loaded.device.type == "cuda":
+            _abort_nccl()  # a collective with the dead rank may still be pending on the GPU
+        else:
+            _leave_process_group()
         if self.restore_threads is not None:
             torch.set_num_threads(self.restore_threads)
 
@@ -407,6 +440,21 @@ class ParallelSession(Session):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _abort_nccl() -> None:
+    """Abort the NCCL communicators (pending collectives end) without waiting more than a few seconds."""
+    from torch.distributed.distributed_c10d import _abort_process_group
+
+    def abort() -> None:
+        try:
+            _abort_process_group()
+        except Exception:  # noqa: BLE001 - best effort: the process is about to report the failure and exit
+            log.debug("NCCL abort failed", exc_info=True)
+
+    thread = threading.Thread(target=abort, name="tp-nccl-abort", daemon=True)
+    thread.start()
+    thread.join(5.0)
 
 
 def _leave_process_group() -> None:
@@ -427,7 +475,7 @@ class _MirroredDecode:
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         with self.session._collective():
             self.session.channel.send(_DECODE, [int(tokens.reshape(-1)[0])], position)
-            return self.step(tokens, position)
+            return self.session._settle(self.step(tokens, position))
 
     def __getattr__(self, name: str) -> Any:  # compiled, cuda_graphs, ... of the wrapped step
         return getattr(self.step, name)

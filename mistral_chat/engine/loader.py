@@ -35,6 +35,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     quantize: str | None = None
+    compile: bool = False  # sessions compile decode into CUDA graphs (see decode.py)
 
     @property
     def name(self) -> str:
@@ -73,7 +74,8 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
 
 
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", parallel: Parallel | None = None,
-               progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> LoadedModel:
+               progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
+               compile: bool = False) -> LoadedModel:
     """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix."""
     started = time.perf_counter()
     path = Path(path).expanduser()
@@ -103,7 +105,8 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
         raise DeviceError(f"out of memory on {dev} loading {path.name} (~{gb:.1f} GB of weights): "
                           "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, device=dev, dtype=target,
-                       load_seconds=time.perf_counter() - started, quantize=quantize)
+                       load_seconds=time.perf_counter() - started, quantize=quantize,
+                       compile=compile and dev.type == "cuda")
 
 
 def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:

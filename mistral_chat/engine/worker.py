@@ -52,6 +52,8 @@ class LoadRequest:
     device: str = "auto"
     dtype: str = "auto"
     context_length: int | None = None
+    quantize: str | None = None
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ SessionFactory = Callable[[Any, Union[int, None]], GenerationSession]
 def default_loader(request: LoadRequest, progress: Callable[[int, int], None]) -> Any:
     from mistral_chat.engine.loader import load_model
 
-    return load_model(request.path, device=request.device, dtype=request.dtype, progress=progress)
+    return load_model(request.path, device=request.device, dtype=request.dtype, progress=progress,
+                      quantize=request.quantize, compile=request.compile)
 
 
 def default_session(loaded: Any, context_length: int | None) -> GenerationSession:
@@ -169,8 +172,8 @@ class EngineWorker:
     # ---- called from any thread ------------------------------------------------------------------------------
 
     def load(self, path: Path | str, device: str = "auto", dtype: str = "auto",
-             context_length: int | None = None) -> None:
-        self._commands.put(LoadRequest(Path(path), device, dtype, context_length))
+             context_length: int | None = None, quantize: str | None = None, compile: bool = False) -> None:
+        self._commands.put(LoadRequest(Path(path), device, dtype, context_length, quantize, compile))
 
     def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
         """Queue an answer for `messages` (ending with the user's); returns the request id its events carry."""

@@ -24,7 +24,7 @@ from mistral_chat.chat.conversation import GenerationSettings
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.engine.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
 from mistral_chat.errors import MistralChatError
-from mistral_chat.paths import database_path
+from mistral_chat.paths import app_home, database_path
 from mistral_chat.tui.engine_messages import EngineMessage
 from mistral_chat.tui.model_choices import remember_model, start_model
 from mistral_chat.tui.screens.chat import ChatScreen
@@ -54,6 +54,8 @@ class AppOptions:
     top_k: int = 0
     max_tokens: int = 1024
     seed: int | None = None
+    quantize: str | None = None
+    compile: bool = True  # on CUDA: decode as CUDA graphs (compiled once, cached on disk)
     theme_dirs: list[Path] | None = None  # None: the shipped and the user's theme folders
 
     def generation_settings(self) -> GenerationSettings:
@@ -64,7 +66,8 @@ class AppOptions:
     def from_run_options(cls, opts: "RunOptions") -> "AppOptions":
         return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
                    system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
-                   top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed)
+                   top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
+                   compile=opts.compile)
 
 
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
@@ -127,8 +130,13 @@ class MistralChatApp(App[None]):
             self.chat.status.update_info(model=name, device="", dtype="", loading="loading…")
         except (LookupError, NoMatches):  # the chat screen shows it when it mounts
             pass
+        if self.options.compile:
+            from mistral_chat.engine.decode import use_compile_cache
+
+            use_compile_cache(app_home() / "compile-cache")
         self.engine.load(path, device=self.options.device, dtype=self.options.dtype,
-                         context_length=self.options.context)
+                         context_length=self.options.context, quantize=self.options.quantize,
+                         compile=self.options.compile)
         remember_model(name)
 
     def _post_engine_event(self, event: object) -> None:
@@ -141,6 +149,9 @@ class MistralChatApp(App[None]):
         event = message.event
         if isinstance(event, ModelReady):
             self.model_state = "ready"
+            if self.options.compile and event.device.startswith("cuda"):
+                self.notify("Compiling the model for this GPU: the first answer takes a few minutes the first "
+                            "time, seconds once cached (--no-compile skips it).", title="Compiling", timeout=15)
         elif isinstance(event, EngineFailed) and event.during == "load":
             self.model_state = "failed"
         await self.chat.handle_engine_event(event)
