@@ -82,10 +82,17 @@ def run(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: one rank of a TP run
+        tp = int(os.environ["WORLD_SIZE"])
     opts = RunOptions(model=model, prompt=prompt, system=system, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, context=context, tp=tp,
                       verbose=verbose, quantize=quantize, compile=not no_compile)
     if prompt is None and sys.stdin.isatty():
+        if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0
+            from mistral_chat.engine.launch import start_parallel
+
+            start_parallel(opts)
+            return
         from mistral_chat.tui.app import run_tui
 
         run_tui(opts)

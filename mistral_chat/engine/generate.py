@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral_chat.engine.decode import DecodeStep, Prefill
-from mistral_chat.engine.loader import LoadedModel
+from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.sampling import SamplingParams, make_generator, sample
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
@@ -60,7 +60,13 @@ class Session:
         self.model = loaded.model
         limit = loaded.config.max_seq_len
         self.context_length = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
-        self.model.setup_cache(self.context_length, batch=1, prefill_chunk=prefill_chunk)
+        try:
+            self.model.setup_cache(self.context_length, batch=1, prefill_chunk=prefill_chunk)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise DeviceError(f"out of memory on {loaded.device} allocating the cache for a "
+                              f"{self.context_length}-token context: lower --context") from exc
         assert self.model.slots is not None
         self.prefill_chunk = min(prefill_chunk, self.model.slots.max_chunk)
         if compile is None:
@@ -150,7 +156,9 @@ class Session:
             tail = decoder.flush()
             if tail:
                 yield tail
-        except torch.OutOfMemoryError as exc:
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
             self.reset()
             raise DeviceError(f"out of memory on {self.loaded.device} while generating: shorten the conversation, "
                               "lower --context, or try --quantize int8") from exc

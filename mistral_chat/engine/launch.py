@@ -18,7 +18,6 @@ rank 0 goes away (their stdin, a pipe from rank 0, closes).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal

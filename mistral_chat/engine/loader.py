@@ -12,7 +12,7 @@ import torch
 
 from mistral_chat.engine.config import ModelConfig, load_config
 from mistral_chat.engine.model import Transformer
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
 from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
 from mistral_chat.errors import DeviceError, MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import Tokenizer, load_tokenizer
@@ -40,6 +40,13 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: torch.OutOfMemoryError on GPUs, a RuntimeError from the CPU allocator, MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -100,7 +107,9 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.eval().requires_grad_(False)
-    except torch.OutOfMemoryError as exc:
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         gb = config.parameter_count() * torch.finfo(target).bits / 8 / parallel.world / 1e9
         raise DeviceError(f"out of memory on {dev} loading {path.name} (~{gb:.1f} GB of weights): "
                           "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
@@ -119,11 +128,6 @@ def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtyp
 
 
 def _check_parallel(config: ModelConfig, parallel: Parallel) -> None:
-    w = parallel.world
-    for what, size in (("attention heads", config.n_heads), ("hidden units", config.hidden_dim),
-                       ("vocabulary entries", config.vocab_size)):
-        if size % w:
-            raise MistralChatError(f"--tp {w} does not divide the model's {size} {what}: choose a --tp that does")
-    if config.n_kv_heads % w and (config.n_heads // w) > (config.n_heads // config.n_kv_heads):
-        raise MistralChatError(f"--tp {w} does not fit the model's {config.n_kv_heads} KV heads: "
-                               "choose a --tp that divides them")
+    if parallel.enabled:
+        check_tensor_parallel(parallel.world, config.n_heads, config.n_kv_heads, config.hidden_dim,
+                              config.vocab_size)

@@ -94,8 +94,9 @@ class CheckpointReader:
         view = self._open(path).get_slice(name)
         found = tuple(view.get_shape())
         if found != tuple(shape):
-            raise ModelFilesError(f"tensor '{name}' in {path.name} has shape {list(found)}, the config says "
-                                  f"{list(shape)}: params/config and weights do not match, re-download the model")
+            config = "params.json" if self.format == "native" else "config.json"
+            raise ModelFilesError(f"tensor '{name}' in {path} has shape {list(found)}, but {config} says "
+                                  f"{list(shape)}: the config and weights do not match, re-download the model")
         try:
             if rows is not None and cols is not None:
                 return view[rows, cols]
@@ -171,7 +172,7 @@ def checkpoint_state(reader: CheckpointReader, config: ModelConfig, parallel: Pa
         kv_head = (parallel.rank * (c.n_heads // parallel.world)) // (c.n_heads // c.n_kv_heads)
         kv_rows = slice(kv_head * hd, (kv_head + 1) * hd)
     hidden_rows = _span(c.hidden_dim, parallel)
-    total = 3 + c.n_layers * (4 + (1 + c.num_experts if c.is_moe else 1))
+    total = 3 + c.n_layers * (3 + (1 + c.num_experts if c.is_moe else 1))
     done = 0
 
     def tick() -> None:

@@ -217,6 +217,9 @@ class EngineWorker:
             self.stopped.set()
 
     def _unload(self) -> None:
+        close = getattr(self.session, "close", None)  # a tensor-parallel session ends its follower processes
+        if close is not None:
+            close()
         self.session = None
         self.loaded = None
         gc.collect()

@@ -225,13 +225,19 @@ class MistralChatApp(App[None]):
 
 def run_tui(opts: "RunOptions") -> None:
     """Open the chat TUI (the CLI's default on a terminal)."""
-    if opts.tp > 1:
-        raise MistralChatError("--tp is not available in the chat TUI yet: use it with --prompt, "
-                               "or run the TUI on one GPU")
+    hooks = None
+    engine_hooks: dict = {}
+    if opts.tp > 1:  # rank 0 of a tensor-parallel run: the followers load and decode alongside
+        from mistral_chat.engine.launch import ParallelModelLoader
+
+        hooks = ParallelModelLoader(opts.tp)
+        engine_hooks = {"loader": hooks.load, "session_factory": hooks.session_factory}
     store = ChatStore(database_path())
-    app = MistralChatApp(AppOptions.from_run_options(opts), store)
+    app = MistralChatApp(AppOptions.from_run_options(opts), store, **engine_hooks)
     try:
         app.run()
     finally:
         app.engine.shutdown()
+        if hooks is not None:
+            hooks.close()
         store.close()

@@ -1,0 +1,99 @@
+"""encode_fim gives exactly mistral-common's MistralTokenizer.encode_fim ids for every tokenizer with FIM tokens."""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import pytest
+
+from mistral_chat.chat.fim import encode_fim, supports_fim
+from mistral_chat.errors import MistralChatError, TokenizerError
+from mistral_chat.text.tokenizer import load_tokenizer
+from tiny_models import mistral_common_data
+
+FIM_FILES = {
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    "v7m1": "mistral_instruct_tokenizer_241114.model.v7m1",
+    "tekken-240718": "tekken_240718.json",
+    "tekken-240911": "tekken_240911.json",
+}
+NO_FIM_FILES = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2"}
+
+PAIRS = {
+    "code": ("def add(a, b):\n    ", "\n    return c\n\nprint(add(1, 2))\n"),
+    "empty_suffix": ("import numpy as np\n\ndef mean(xs):\n", ""),
+    "empty_prefix": ("", "    return x\n"),
+    "both_empty": ("", ""),
+    "unicode": ("# Grüße 🌍 你好\ns = \"", "\"  # ñ 👩‍👩‍👧‍👦\n"),
+    "suffix_space": ("x = ", " + 1"),
+    "suffix_punct": ("xs = [1, 2", "]\n"),
+    "suffix_newline": ("if a:", "\n    pass"),
+    "suffix_smiley": ("say(", "☺)"),
+    "control_text": ("[PREFIX] <s>", "[SUFFIX] </s>"),
+    "indent": ("class A:\n\tdef f(self):\n\t\t", "\n\t\treturn 1"),
+}
+
+
+def make_tekken_v13(path: pathlib.Path) -> None:
+    data = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
+    data["vocab"] = data["vocab"][:20000]
+    data["config"].update(version="v13", default_vocab_size=21000, num_vocab_tokens=20000)
+    data.pop("image", None)
+    names = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+             "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+             "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]", "[ARGS]", "[CALL_ID]"]  # fmt: skip
+    data["special_tokens"] = [{"rank": r, "token_str": n, "is_control": True} for r, n in enumerate(names)]
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """(ours, mistral-common's) per tokenizer name, each loaded once."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    files = {name: mistral_common_data() / file for name, file in {**FIM_FILES, **NO_FIM_FILES}.items()}
+    files["tekken-v13"] = tmp_path_factory.mktemp("tekken") / "tekken_v13.json"
+    make_tekken_v13(files["tekken-v13"])
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = (load_tokenizer(files[name]), MistralTokenizer.from_file(str(files[name])))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("tokenizer_name", list(FIM_FILES) + ["tekken-v13"])
+def test_ids_match_mistral_common(loaded, tokenizer_name, pair):
+    from mistral_common.protocol.fim.request import FIMRequest
+
+    ours, reference = loaded(tokenizer_name)
+    prefix, suffix = PAIRS[pair]
+    assert supports_fim(ours)
+    expected = reference.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
+    assert encode_fim(ours, prefix, suffix) == expected
+
+
+@pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-240911"])
+def test_layout(loaded, tokenizer_name):
+    ours, _ = loaded(tokenizer_name)
+    ids = encode_fim(ours, "a = ", "\nb = 2")
+    assert ids[:2] == [ours.bos_id, ours.special_id("[SUFFIX]")]
+    at_prefix = ids.index(ours.special_id("[PREFIX]"))
+    assert ours.decode(ids[2:at_prefix]) == "\nb = 2"
+    assert ids[at_prefix + 1:] == ours.encode("a = ")
+
+
+@pytest.mark.parametrize("tokenizer_name", list(NO_FIM_FILES))
+def test_unsupported_tokenizer_is_a_user_error(loaded, tokenizer_name):
+    ours, _ = loaded(tokenizer_name)
+    assert not supports_fim(ours)
+    with pytest.raises(TokenizerError, match="does not support fill-in-the-middle") as info:
+        encode_fim(ours, "def f(", ")")
+    assert isinstance(info.value, MistralChatError)
+    assert "\n" not in str(info.value)
