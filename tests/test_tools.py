@@ -44,7 +44,8 @@ WEATHER = Tool(
     name="get_weather",
     description="Current weather in a city",
     parameters={"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"]},
 )
 TIME = Tool(name="get-time", description="Heure locale — 現地時間", parameters={"type": "object", "properties": {}})
 NO_ARGS = Tool(name="ping", description="", parameters={})
@@ -71,8 +72,9 @@ CONVERSATIONS = {
     "tools_system": (TOOLS, [ChatMessage(S, "Use tools when useful."), ChatMessage(U, "Weather in Paris?")]),
     "tools_multi_turn": (TOOLS, [ChatMessage(U, "hi"), ChatMessage(A, "Hello!"), ChatMessage(U, "Weather?")]),
     "call_result_follow_up": (TOOLS, [
-        ChatMessage(U, "Weather in Paris?"), call_turn(PARIS), result(PARIS, '{"temperature": 21, "sky": "clear"}'),
-        ChatMessage(A, "It is 21 °C and clear."), ChatMessage(U, "And tomorrow?")]),
+        ChatMessage(U, "Weather in Paris?"), call_turn(PARIS),
+        result(PARIS, '{"temperature": 21, "sky": "clear"}'), ChatMessage(A, "It is 21 °C and clear."),
+        ChatMessage(U, "And tomorrow?")]),
     "ends_with_result": (TOOLS, [ChatMessage(U, "Weather in Paris?"), call_turn(PARIS), result(PARIS, "21 C, clear")]),
     "multiple_calls_answered": (TOOLS, [
         ChatMessage(S, "Be brief."), ChatMessage(U, "Weather in Paris and Zürich, and the time?"),
@@ -218,9 +220,7 @@ def test_available_tools_placement(loaded, tokenizer_name):
         (insts[0] if ours.version == "v13" else insts[-1])
 
 
-def test_v1_has_no_tools(loaded):
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: F401
-
+def test_v1_has_no_tools():
     ours = load_tokenizer(mistral_common_data() / "tokenizer.model.v1")
     with pytest.raises(TokenizerError, match="no function calling"):
         encode_conversation(ours, [ChatMessage(U, "hi")], TOOLS)

@@ -166,13 +166,18 @@ def tool_format(tokenizer: Tokenizer) -> ToolFormat:
             f"the model's tokenizer ({tokenizer.version}, {tokenizer.path}) has no function calling; "
             "use a model made for tools (e.g. Mistral-7B-Instruct-v0.3 or later) or drop --tools"
         )
+    if number == 2:
+        result_layout = "name-list"
+    elif number < 7:
+        result_layout = "call-id-json"
+    else:
+        result_layout = "tool-content" if number < 13 else "plain"
     return ToolFormat(
         version=number,
         call_ids="none" if number == 2 else ("short" if number < 13 else "any"),
         calls_with_args_token=number >= 11,
         call_id_token=11 <= number < 13,
-        result_layout="name-list" if number == 2 else "call-id-json" if number < 7 else
-        "tool-content" if number < 13 else "plain",
+        result_layout=result_layout,
         tools_before_first_user=number >= 13,
         drops_old_turns=number == 2,
         text_with_calls=number >= 7,
