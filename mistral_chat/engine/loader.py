@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from mistral_chat.engine.config import ModelConfig, load_config
+from mistral_chat.engine.memory import DEFAULT_CONTEXT, check_fits, estimate_memory, free_memory
 from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
 from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
@@ -82,7 +83,7 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
 
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", parallel: Parallel | None = None,
                progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
-               compile: bool = False) -> LoadedModel:
+               compile: bool = False, context_length: int | None = None) -> LoadedModel:
     """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix."""
     started = time.perf_counter()
     path = Path(path).expanduser()
@@ -96,6 +97,9 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     dev = resolve_device(device)
     reader = CheckpointReader(path, config.checkpoint_format)
     target = resolve_dtype(dtype, dev, reader.stored_dtype())
+    context = min(context_length or config.max_seq_len, config.max_seq_len, DEFAULT_CONTEXT)
+    estimate = estimate_memory(config, target, context, quantize=quantize, world=parallel.world)
+    check_fits(estimate, free_memory(dev), dev, path.name, quantize, parallel.world, context)
     log.info("loading %s (%s, %s) on %s as %s", path, config.architecture, config.checkpoint_format, dev, target)
     try:
         convert = plain_convert(dev, target)
