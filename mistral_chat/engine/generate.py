@@ -11,11 +11,11 @@ import torch
 
 from mistral_chat.engine.decode import DecodeStep, Prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
-from mistral_chat.engine.sampling import SamplingParams, make_generator, sample
+from mistral_chat.engine.memory import DEFAULT_CONTEXT
+from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
 
-DEFAULT_CONTEXT = 32768
 DEFAULT_PREFILL_CHUNK = 2048
 
 
@@ -75,6 +75,7 @@ class Session:
         self.prefill = Prefill(self.model, compile=compile)
         self.tokens: list[int] = []
         self.stats = GenerationStats()
+        self.generated_ids: list[int] = []  # the last answer's token ids (EOS excluded)
 
     def reset(self) -> None:
         """Forget the cache (the next call prefills everything)."""
@@ -123,6 +124,7 @@ class Session:
         tokenizer = self.loaded.tokenizer
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.stats = stats
+        self.generated_ids = []
         started = time.perf_counter()
         first_at = 0.0
         try:
@@ -131,12 +133,19 @@ class Session:
             logits = self._feed(prompt_ids[keep:])
             generator = make_generator(params, self.loaded.device)
             decoder = StreamDecoder(tokenizer)
+            stops = StopStrings(params.stop)
+            penalties = (Penalties(params, prompt_ids, logits.shape[-1], logits.device)
+                         if params.penalised else None)
             stats.finish_reason = "length"
             for i in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
+                if penalties is not None:
+                    logits = penalties.apply(logits)
                 next_token = sample(logits, params, generator)
+                if penalties is not None:
+                    penalties.observe(next_token)
                 token = int(next_token[0])
                 if i == 0:
                     first_at = time.perf_counter()
@@ -145,15 +154,19 @@ class Session:
                     stats.finish_reason = "stop"
                     break
                 stats.generated_tokens += 1
+                self.generated_ids.append(token)
                 stats.decode_seconds = time.perf_counter() - first_at
-                delta = decoder.push(token)
+                delta = stops.push(decoder.push(token))
                 if delta:
                     yield delta
+                if stops.stopped:
+                    stats.finish_reason = "stop"
+                    break
                 if i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length:
                     break
                 logits = self.decode(next_token.view(1, 1), len(self.tokens))
                 self.tokens.append(token)
-            tail = decoder.flush()
+            tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
             if tail:
                 yield tail
         except (RuntimeError, MemoryError) as exc:

@@ -1,8 +1,10 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded."""
+"""Choosing the next token from logits (greedy, temperature, top-k, top-p, min-p, penalties, seeded) and
+spotting stop strings in the streamed text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,8 +18,21 @@ class SamplingParams:
     top_k: int = 0
     max_tokens: int = 1024
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one
+    repetition_penalty: float = 1.0  # > 1 discourages any token of the prompt or the answer so far
+    presence_penalty: float = 0.0  # subtracted from the logit of tokens already in the answer
+    stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these strings
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        self.stop = tuple(s for s in self.stop if s)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -44,6 +59,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
+    if params.min_p > 0:
+        logits = logits.masked_fill(torch.softmax(logits, dim=-1) < params.min_p * torch.softmax(
+            logits, dim=-1).amax(dim=-1, keepdim=True), float("-inf"))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,3 +72,57 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Penalties:
+    """Repetition penalty over the prompt and answer, presence penalty over the answer (as vLLM does), kept as
+    masks on the device so that sampling needs no host round trip."""
+
+    def __init__(self, params: SamplingParams, prompt: Sequence[int], vocab_size: int, device: torch.device) -> None:
+        self.params = params
+        self.in_context = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.in_answer = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if prompt:
+            self.in_context[torch.tensor(list(prompt), device=device)] = True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.in_context, penalised, logits)
+        if p.presence_penalty != 0.0:
+            logits = logits - p.presence_penalty * self.in_answer.to(logits.dtype)
+        return logits
+
+    def observe(self, token: torch.Tensor) -> None:
+        self.in_context[token] = True
+        self.in_answer[token] = True
+
+
+class StopStrings:
+    """Holds back streamed text that could be the start of a stop string; cuts the answer at the first one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        """The text that is safe to show now."""
+        if not self.stops:
+            return delta
+        self.pending += delta
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:n])), default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
