@@ -46,6 +46,23 @@ class RunOptions:
     verbose: bool
     quantize: Optional[str] = None
     compile: bool = True
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    json_output: bool = False
+    tools: Optional[Path] = None
+    fim_prefix: Optional[str] = None
+    fim_suffix: Optional[str] = None
+    fim_prefix_file: Optional[Path] = None
+    fim_suffix_file: Optional[Path] = None
+    lora: Optional[Path] = None
+    lora_scale: float = 1.0
+
+    @property
+    def fim(self) -> bool:
+        return any(x is not None for x in (self.fim_prefix, self.fim_suffix, self.fim_prefix_file,
+                                            self.fim_suffix_file))
 
 
 def _version(value: bool) -> None:
@@ -67,6 +84,25 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=0.99,
+                                help="Drop tokens less likely than this fraction of the likeliest."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01,
+                                             help="> 1 discourages tokens already in the prompt or answer."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
+                                           help="Subtracted from the logits of tokens already in the answer."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop",
+                                             help="End the answer before this text (repeat for several)."),
+    json_output: bool = typer.Option(False, "--json",
+                                     help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
+    tools: Optional[Path] = typer.Option(None, "--tools",
+                                         help="JSON file of functions the model may call; one-shot prints calls as JSON."),
+    fim_prefix: Optional[str] = typer.Option(None, "--fim-prefix", help="Fill in the middle: code before the cursor."),
+    fim_suffix: Optional[str] = typer.Option(None, "--fim-suffix", help="Fill in the middle: code after the cursor."),
+    fim_prefix_file: Optional[Path] = typer.Option(None, "--fim-prefix-file", help="Read the code before the cursor."),
+    fim_suffix_file: Optional[Path] = typer.Option(None, "--fim-suffix-file", help="Read the code after the cursor."),
+    lora: Optional[Path] = typer.Option(None, "--lora",
+                                        help="Merge a LoRA adapter (lora.safetensors or its folder) at load time."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies the adapter's own scaling."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
     context: Optional[int] = typer.Option(None, "--context", min=16,
@@ -86,8 +122,12 @@ def run(
         tp = int(os.environ["WORLD_SIZE"])
     opts = RunOptions(model=model, prompt=prompt, system=system, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, context=context, tp=tp,
-                      verbose=verbose, quantize=quantize, compile=not no_compile)
-    if prompt is None and sys.stdin.isatty():
+                      verbose=verbose, quantize=quantize, compile=not no_compile, min_p=min_p,
+                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                      stop=tuple(stop or ()), json_output=json_output, tools=tools, fim_prefix=fim_prefix,
+                      fim_suffix=fim_suffix, fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file,
+                      lora=lora, lora_scale=lora_scale)
+    if prompt is None and not opts.fim and sys.stdin.isatty():
         if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0
             from mistral_chat.engine.launch import start_parallel
 
@@ -99,7 +139,10 @@ def run(
         return
     from mistral_chat.oneshot import run_one_shot
 
-    run_one_shot(opts)
+    try:
+        run_one_shot(opts)
+    except BrokenPipeError:  # caught here: click would turn it into exit status 1
+        _stdout_closed()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -109,6 +152,12 @@ def bench(ctx: typer.Context) -> None:
     from mistral_chat.bench import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))
+
+
+def _stdout_closed() -> None:
+    """The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _register_commands() -> None:
@@ -145,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmistral-chat: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_closed()
         return 0
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:

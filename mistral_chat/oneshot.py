@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import TYPE_CHECKING, TextIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
+from mistral_chat.chat.fim import encode_fim
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
+from mistral_chat.chat.tools import Tool, ToolCall, ToolCallParseError, load_tools, parse_tool_calls
 from mistral_chat.engine.generate import GenerationStats, Session
 from mistral_chat.engine.sampling import SamplingParams
 from mistral_chat.errors import MistralChatError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from mistral_chat.cli import RunOptions
+    from mistral_chat.engine.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class OneShotRequest:
+    """What to answer: a prompt (with optional tools), or code to fill in the middle of."""
+
+    text: str | None = None
+    tools: tuple[Tool, ...] = ()
+    fim: tuple[str, str] | None = None  # (prefix, suffix)
 
 
 def read_prompt(prompt: str | None, stdin: TextIO) -> str:
@@ -24,6 +39,37 @@ def read_prompt(prompt: str | None, stdin: TextIO) -> str:
     if piped:
         return f"{prompt}\n\n{piped}"
     return prompt
+
+
+def _text_option(text: str | None, path: Path | None) -> str | None:
+    if path is None:
+        return text
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MistralChatError(f"cannot read {path} ({exc}): check the path") from exc
+
+
+def read_fim(opts: "RunOptions", stdin: TextIO) -> tuple[str, str]:
+    """Code before the cursor (--fim-prefix[-file] or piped stdin) and after it (--fim-suffix[-file], may be empty)."""
+    prefix = _text_option(opts.fim_prefix, opts.fim_prefix_file)
+    suffix = _text_option(opts.fim_suffix, opts.fim_suffix_file) or ""
+    if prefix is None:
+        if stdin.isatty():
+            raise MistralChatError("fill-in-the-middle needs the code before the cursor: pass --fim-prefix TEXT, "
+                                   "--fim-prefix-file FILE or pipe it in")
+        prefix = stdin.read()
+    return prefix, suffix
+
+
+def read_request(opts: "RunOptions", stdin: TextIO) -> OneShotRequest:
+    """Everything the answer needs from the command line and stdin, read before the model loads."""
+    if opts.fim:
+        if opts.tools is not None:
+            raise MistralChatError("--tools and --fim-prefix/--fim-suffix do not go together: use one of them")
+        return OneShotRequest(fim=read_fim(opts, stdin))
+    tools = tuple(load_tools(opts.tools)) if opts.tools is not None else ()
+    return OneShotRequest(text=read_prompt(opts.prompt, stdin), tools=tools)
 
 
 def resolve_model_path(name: str | None) -> "str":
@@ -41,7 +87,9 @@ def resolve_model_path(name: str | None) -> "str":
 
 def sampling_params(opts: "RunOptions") -> SamplingParams:
     return SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-                          max_tokens=opts.max_tokens, seed=opts.seed)
+                          max_tokens=opts.max_tokens, seed=opts.seed, min_p=opts.min_p,
+                          repetition_penalty=opts.repetition_penalty, presence_penalty=opts.presence_penalty,
+                          stop=opts.stop)
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -51,26 +99,71 @@ def format_stats(stats: GenerationStats) -> str:
 
 
 def run_one_shot(opts: "RunOptions") -> None:
-    text = read_prompt(opts.prompt, sys.stdin)
+    request = read_request(opts, sys.stdin)
     if opts.tp > 1:
         from mistral_chat.engine.launch import run_parallel_one_shot
 
-        run_parallel_one_shot(opts, text)
+        run_parallel_one_shot(opts, request)
         return
     from mistral_chat.engine.loader import load_model
 
     path = resolve_model_path(opts.model)
     loaded = load_model(path, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
-                        compile=compile_wanted(opts))
+                        compile=compile_wanted(opts), lora=opts.lora, lora_scale=opts.lora_scale,
+                        context_length=opts.context)
     if opts.verbose:
         print(f"loaded {loaded.name} on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')} "
               f"in {loaded.load_seconds:.1f} s", file=sys.stderr)
-    messages = ([ChatMessage("system", opts.system)] if opts.system else []) + [ChatMessage("user", text)]
-    ids = encode_conversation(loaded.tokenizer, messages)
     session = Session(loaded, context_length=opts.context)
-    stream_answer(session, ids, sampling_params(opts), sys.stdout)
+    answer_once(opts, loaded, session, request)
+
+
+def answer_once(opts: "RunOptions", loaded: "LoadedModel", session: Session, request: OneShotRequest) -> None:
+    """Encode the request, generate, and print: streamed text, tool calls as JSON, or one JSON object."""
+    tokenizer = loaded.tokenizer
+    if request.fim is not None:
+        ids = encode_fim(tokenizer, *request.fim)
+    else:
+        messages = ([ChatMessage("system", opts.system)] if opts.system else [])
+        messages.append(ChatMessage("user", request.text or ""))
+        ids = encode_conversation(tokenizer, messages, list(request.tools) or None)
+    params = sampling_params(opts)
+    if opts.json_output or request.tools:
+        text = "".join(session.generate(ids, params))
+        calls = _tool_calls(session) if request.tools else None
+        if opts.json_output:
+            print(json.dumps(answer_json(loaded.name, text, calls, session.stats), ensure_ascii=False))
+        elif calls is not None:
+            print(json.dumps([c.to_json() for c in calls], ensure_ascii=False, indent=2))
+        else:
+            print(text if not text.endswith("\n") else text[:-1])
+        sys.stdout.flush()
+    else:
+        stream_answer(session, ids, params, sys.stdout)
     if opts.verbose:
         print(format_stats(session.stats), file=sys.stderr)
+
+
+def _tool_calls(session: Session) -> list[ToolCall] | None:
+    try:
+        return parse_tool_calls(session.loaded.tokenizer, session.generated_ids)
+    except ToolCallParseError as exc:  # malformed calls: say so, and show the raw text as the answer
+        print(f"mistral-chat: {exc}", file=sys.stderr)
+        return None
+
+
+def answer_json(model: str, text: str, calls: list[ToolCall] | None, stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "model": model,
+        "text": text,
+        "tool_calls": [c.to_json() for c in calls] if calls is not None else None,
+        "finish_reason": "tool_calls" if calls else stats.finish_reason,
+        "prompt_tokens": stats.prompt_tokens,
+        "prefilled_tokens": stats.prefilled_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "time_to_first_token_s": round(stats.time_to_first_token, 4),
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+    }
 
 
 def compile_wanted(opts: "RunOptions") -> bool:

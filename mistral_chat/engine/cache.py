@@ -8,6 +8,8 @@ so attending over the whole buffer equals full attention restricted to the windo
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -30,7 +32,11 @@ class LayerKVCache(nn.Module):
 
 
 class SlotPositions(nn.Module):
-    """Which absolute position each cache slot holds, shared by all layers; builds the attention mask."""
+    """Which absolute position each cache slot holds, shared by all layers; builds the attention mask.
+
+    `sliding_window` is the longest window of any layer (None if one attends to everything): it decides what
+    the buffer must keep. Layers with shorter windows (Ministral) ask `mask` for their own.
+    """
 
     def __init__(self, capacity: int, sliding_window: int | None, device: torch.device, wraps: bool = False) -> None:
         super().__init__()
@@ -53,13 +59,18 @@ class SlotPositions(nn.Module):
         self.positions.index_copy_(0, slots, positions)
         return slots
 
-    def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Boolean [T, capacity]: query at positions[t] may attend to the key in slot s."""
+    def mask(self, positions: torch.Tensor, window: int | None | Literal["cache"] = "cache") -> torch.Tensor:
+        """Boolean [T, capacity]: query at positions[t] may attend to the key in slot s.
+
+        `window`: a layer's own sliding window (None: no window); by default the cache's `sliding_window`.
+        """
+        if window == "cache":
+            window = self.sliding_window
         key_pos = self.positions[None, :]
         query_pos = positions[:, None]
         allowed = (key_pos >= 0) & (key_pos <= query_pos)
-        if self.sliding_window is not None:
-            allowed &= query_pos - key_pos < self.sliding_window
+        if window is not None:
+            allowed &= query_pos - key_pos < window
         return allowed
 
     def reset(self) -> None:

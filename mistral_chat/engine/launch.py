@@ -43,6 +43,7 @@ from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
     from mistral_chat.cli import RunOptions
+    from mistral_chat.oneshot import OneShotRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class RankOptions:
     context_length: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     quantize: str | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
 
 
 # ---- where this process stands ------------------------------------------------------------------------------
@@ -520,7 +523,8 @@ def _load_rank(options: RankOptions, dev_type: str, rank: int, world: int, local
                progress: Callable[[int, int], None] | None = None) -> LoadedModel:
     """Load this rank's shard (the one place all ranks load: --quantize composes here, per shard)."""
     return load_model(options.path, device=_rank_device(dev_type, local_rank), dtype=options.dtype,
-                      parallel=Parallel(rank=rank, world=world), progress=progress, quantize=options.quantize)
+                      parallel=Parallel(rank=rank, world=world), progress=progress, quantize=options.quantize,
+                      lora=options.lora, lora_scale=options.lora_scale, context_length=options.context_length)
 
 
 def _describe(exc: BaseException) -> str:
@@ -690,8 +694,10 @@ def _start_rank0(options: RankOptions, world: int, dev_type: str, local_rank: in
 
 
 def rank_options(opts: "RunOptions", path: str | Path) -> RankOptions:
+    lora = getattr(opts, "lora", None)
     return RankOptions(path=str(path), device=opts.device, dtype=opts.dtype, context_length=opts.context,
-                       quantize=getattr(opts, "quantize", None))
+                       quantize=getattr(opts, "quantize", None), lora=str(lora) if lora else None,
+                       lora_scale=getattr(opts, "lora_scale", 1.0))
 
 
 def start_parallel(opts: "RunOptions", progress: Callable[[int, int], None] | None = None,
@@ -705,10 +711,9 @@ def start_parallel(opts: "RunOptions", progress: Callable[[int, int], None] | No
     return start_parallel_session(rank_options(opts, resolve_model_path(opts.model)), opts.tp, progress, on_stuck)
 
 
-def run_parallel_one_shot(opts: "RunOptions", text: str) -> None:
+def run_parallel_one_shot(opts: "RunOptions", request: "OneShotRequest") -> None:
     """`--prompt` with `--tp N`: rank 0 prints the answer, the followers print nothing."""
-    from mistral_chat.chat.templates import ChatMessage, encode_conversation
-    from mistral_chat.oneshot import format_stats, sampling_params, stream_answer
+    from mistral_chat.oneshot import answer_once
 
     started = start_parallel(opts)
     if started is None:
@@ -718,11 +723,7 @@ def run_parallel_one_shot(opts: "RunOptions", text: str) -> None:
         if opts.verbose:
             sys.stderr.write(f"loaded {loaded.name} on {session.world} ranks ({loaded.device.type}) as "
                              f"{str(loaded.dtype).removeprefix('torch.')} in {loaded.load_seconds:.1f} s\n")
-        messages = ([ChatMessage("system", opts.system)] if opts.system else []) + [ChatMessage("user", text)]
-        ids = encode_conversation(loaded.tokenizer, messages)
-        stream_answer(session, ids, sampling_params(opts), sys.stdout)
-        if opts.verbose:
-            sys.stderr.write(format_stats(session.stats) + "\n")
+        answer_once(opts, loaded, session, request)
 
 
 class ParallelModelLoader:
@@ -741,7 +742,9 @@ class ParallelModelLoader:
         self.close()
         options = RankOptions(path=str(request.path), device=request.device, dtype=request.dtype,
                               context_length=request.context_length,
-                              quantize=getattr(request, "quantize", None))
+                              quantize=getattr(request, "quantize", None),
+                              lora=str(request.lora) if getattr(request, "lora", None) else None,
+                              lora_scale=getattr(request, "lora_scale", 1.0))
         started = start_parallel_session(options, self.world, progress, self.on_stuck)
         if started is None:
             raise ParallelRunError("this process is a tensor-parallel follower and hosts no UI")

@@ -37,6 +37,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     quantize: str | None = None
     compile: bool = False  # sessions compile decode into CUDA graphs (see decode.py)
+    lora: Path | None = None  # the LoRA adapter merged into the weights, if any
 
     @property
     def name(self) -> str:
@@ -83,8 +84,13 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
 
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", parallel: Parallel | None = None,
                progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
-               compile: bool = False, context_length: int | None = None) -> LoadedModel:
-    """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix."""
+               compile: bool = False, context_length: int | None = None, lora: Path | str | None = None,
+               lora_scale: float = 1.0) -> LoadedModel:
+    """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix.
+
+    `lora`: a mistral-finetune adapter (lora.safetensors, or its folder) merged into the weights while they load,
+    its update multiplied by the adapter's own scaling times `lora_scale` (see lora.py).
+    """
     started = time.perf_counter()
     path = Path(path).expanduser()
     config = load_config(path)
@@ -101,13 +107,18 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     estimate = estimate_memory(config, target, context, quantize=quantize, world=parallel.world)
     check_fits(estimate, free_memory(dev), dev, path.name, quantize, parallel.world, context)
     log.info("loading %s (%s, %s) on %s as %s", path, config.architecture, config.checkpoint_format, dev, target)
+    adapter = None
+    if lora is not None:
+        from mistral_chat.engine.lora import load_adapter
+
+        adapter = load_adapter(Path(lora), config, scale=lora_scale, device=dev)
     try:
         convert = plain_convert(dev, target)
         with torch.device("meta"):
             model = Transformer(config, parallel)
             if quantize is not None:
                 convert = _prepare_quantized(model, quantize, dev, target)
-        state = checkpoint_state(reader, config, parallel, convert, progress)
+        state = checkpoint_state(reader, config, parallel, convert, progress, adapter=adapter)
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.eval().requires_grad_(False)
@@ -119,7 +130,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
                           "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, device=dev, dtype=target,
                        load_seconds=time.perf_counter() - started, quantize=quantize,
-                       compile=compile and dev.type == "cuda")
+                       compile=compile and dev.type == "cuda", lora=None if adapter is None else adapter.path)
 
 
 def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:

@@ -180,7 +180,8 @@ class Transformer(nn.Module):
     def setup_cache(self, max_positions: int, batch: int = 1, prefill_chunk: int = 2048) -> None:
         """Allocate the KV cache for sequences of up to `max_positions` tokens.
 
-        With a sliding window shorter than that, the buffer holds only window + one prefill chunk, and wraps.
+        With a sliding window shorter than that, the buffer holds only window + one prefill chunk, and wraps;
+        with per-layer windows the longest decides, and a full-attention layer means no wrap.
         """
         window = self.config.sliding_window
         capacity = max_positions
@@ -212,14 +213,17 @@ class Transformer(nn.Module):
             positions = start_pos + torch.arange(t, device=tokens.device)
             assert key_len is not None, "key_len is needed with a tensor start_pos"
         slots = self.slots.record(positions)
-        window = self.config.sliding_window
-        causal_only = isinstance(start_pos, int) and start_pos == 0 and (window is None or t <= window)
-        mask = None if causal_only else self.slots.mask(positions)
+        first_chunk = isinstance(start_pos, int) and start_pos == 0
+        windows = self.config.attention_windows
+        masks = {  # one mask per distinct window; None: a first chunk within it, plain causal attention
+            w: None if first_chunk and (w is None or t <= w) else self.slots.mask(positions, window=w)
+            for w in dict.fromkeys(windows)
+        }
         rope = self.rope[positions]
         h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
             embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
-        for layer in self.layers:
-            h = layer(h, rope, slots, mask, key_len)
+        for layer, window in zip(self.layers, windows):
+            h = layer(h, rope, slots, masks[window], key_len)
         if not all_logits:
             h = h[:, -1:]
         logits = self.output(self.norm(h)).float()

@@ -1,6 +1,7 @@
 """Read checkpoints (native or Hugging Face, single file or sharded) straight into a model on its device.
 
-Tensors come from memory-mapped safetensors one at a time, are sliced to this rank's shard while still mapped,
+Tensors come from memory-mapped safetensors (or, for older native releases, a weights-only `consolidated.00.pth`)
+one at a time, are sliced to this rank's shard while still mapped,
 and are converted to the target dtype on the target device: host memory never holds a float32 copy of a
 bf16 model, and a tensor-parallel rank never reads another rank's shard.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,9 +21,13 @@ from mistral_chat.engine.config import CheckpointFormat, ModelConfig
 from mistral_chat.engine.parallel import Parallel
 from mistral_chat.errors import ModelFilesError
 
+if TYPE_CHECKING:
+    from mistral_chat.engine.lora import LoraAdapter
+
 log = logging.getLogger(__name__)
 
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPE_NAMES = {dtype: name for name, dtype in _STORED_DTYPES.items()}
 Progress = Callable[[int, int], None]  # (tensors done, tensors in all)
 # Turns one checkpoint tensor, named as in `Transformer`, into the tensors to store (on device, in dtype; or an
 # int8 weight and its scales, see quant.py).
@@ -30,6 +36,53 @@ Convert = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 def plain_convert(device: torch.device, dtype: torch.dtype) -> Convert:
     return lambda name, t: {name: t.to(device=device, dtype=dtype)}
+
+
+class _PthTensor:
+    """One tensor of a .pth checkpoint behind the part of safetensors' slice API the reader uses."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def get_dtype(self) -> str:
+        return _DTYPE_NAMES.get(self.tensor.dtype, str(self.tensor.dtype))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.tensor[index].clone()  # a tensor of its own, as safetensors gives, not a view of the map
+
+
+class PthCheckpoint:
+    """A `consolidated.NN.pth` state dict, loaded weights-only and memory-mapped: never unpickles objects."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # files of torch < 1.6 (legacy format) cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ModelFilesError(f"{path} holds Python objects besides tensors, which mistral-chat will not "
+                                  "unpickle: use the model's safetensors release (or convert the file)") from exc
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise ModelFilesError(f"{path} is truncated or not a PyTorch checkpoint ({exc}): "
+                                  "delete it and download it again") from exc
+        if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ModelFilesError(f"{path} is not a state dict of named tensors: use the model's safetensors "
+                                  "release")
+        self.state: dict[str, torch.Tensor] = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_slice(self, name: str) -> _PthTensor:
+        return _PthTensor(self.state[name])
 
 
 class CheckpointReader:
@@ -43,6 +96,10 @@ class CheckpointReader:
         self.index: dict[str, Path] = {}
         for path in self.files:
             for name in self._open(path).keys():
+                if path.suffix == ".pth" and name in self.index:
+                    raise ModelFilesError(f"'{name}' is in both {self.index[name].name} and {path.name}: "
+                                          "model-parallel .pth shards are not supported, use the safetensors "
+                                          "release of the model")
                 self.index[name] = path
 
     def _weight_files(self) -> list[Path]:
@@ -60,6 +117,8 @@ class CheckpointReader:
                                       "finish the download with `mistral-chat pull`")
             return files
         files = sorted(self.model_dir.glob(f"{stem}*.safetensors"))
+        if not files and self.format == "native":  # older native releases: consolidated.00.pth
+            files = sorted(self.model_dir.glob("consolidated*.pth"))
         if not files:
             if any(self.model_dir.glob("*.pth")) or any(self.model_dir.glob("*.bin")):
                 raise ModelFilesError(f"{self.model_dir} holds only .pth/.bin weights; mistral-chat reads "
@@ -69,6 +128,8 @@ class CheckpointReader:
         return files
 
     def _open(self, path: Path):
+        if path not in self._handles and path.suffix == ".pth":
+            self._handles[path] = PthCheckpoint(path)
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
@@ -157,9 +218,12 @@ def _span(size: int, parallel: Parallel) -> slice:
 
 
 def checkpoint_state(reader: CheckpointReader, config: ModelConfig, parallel: Parallel,
-                     convert: Convert, progress: Progress | None = None
+                     convert: Convert, progress: Progress | None = None, adapter: LoraAdapter | None = None
                      ) -> dict[str, torch.Tensor]:
-    """This rank's tensors, named as in `Transformer`, each passed through `convert` as soon as it is read."""
+    """This rank's tensors, named as in `Transformer`, each passed through `convert` as soon as it is read.
+
+    With `adapter`, LoRA updates are merged into the projections as read (native layout, before fusing and
+    converting; see lora.py)."""
     names = _Names(reader.format)
     c = config
     hd = c.head_dim
@@ -191,6 +255,11 @@ def checkpoint_state(reader: CheckpointReader, config: ModelConfig, parallel: Pa
         w = read(name, (n_heads * hd, c.dim), rows)
         return _unpermute(w, local_heads) if reader.format == "hf" else w
 
+    def lora(module: str, w: torch.Tensor, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        if adapter is None:
+            return w
+        return adapter.merge(module, w, rows if parallel.enabled else None, cols if parallel.enabled else None)
+
     put("tok_embeddings.weight", read(names.top("embed"), (c.vocab_size, c.dim), _span(c.vocab_size, parallel)))
     tick()
     put("norm.weight", reader.read(names.top("norm"), (c.dim,)))
@@ -205,35 +274,47 @@ def checkpoint_state(reader: CheckpointReader, config: ModelConfig, parallel: Pa
         for ours in ("attention_norm", "ffn_norm"):
             put(f"{p}.{ours}.weight", reader.read(names.layer(i, ours), (c.dim,)))
         tick()
-        q = qk(names.layer(i, "wq"), c.n_heads, head_rows, c.n_heads // parallel.world)
-        k = qk(names.layer(i, "wk"), c.n_kv_heads, kv_rows, local_kv)
-        v = read(names.layer(i, "wv"), (c.n_kv_heads * hd, c.dim), kv_rows)
-        put(f"{p}.attention.wqkv.weight", torch.cat([q, k, v]))
+        q = lora(f"{p}.attention.wq", qk(names.layer(i, "wq"), c.n_heads, head_rows, c.n_heads // parallel.world),
+                 head_rows)
+        k = lora(f"{p}.attention.wk", qk(names.layer(i, "wk"), c.n_kv_heads, kv_rows, local_kv), kv_rows)
+        v = lora(f"{p}.attention.wv", read(names.layer(i, "wv"), (c.n_kv_heads * hd, c.dim), kv_rows), kv_rows)
+        put(f"{p}.attention.wqkv.weight", _cat([q, k, v]))
         del q, k, v
         tick()
-        put(f"{p}.attention.wo.weight",
-            read(names.layer(i, "wo"), (c.dim, c.n_heads * hd), None, head_rows))
+        put(f"{p}.attention.wo.weight", lora(f"{p}.attention.wo",
+            read(names.layer(i, "wo"), (c.dim, c.n_heads * hd), None, head_rows), None, head_rows))
         tick()
         if not c.is_moe:
-            w1 = read(names.layer(i, "w1"), (c.hidden_dim, c.dim), hidden_rows)
-            w3 = read(names.layer(i, "w3"), (c.hidden_dim, c.dim), hidden_rows)
-            put(f"{p}.feed_forward.w13.weight", torch.cat([w1, w3]))
-            put(f"{p}.feed_forward.w2.weight",
-                read(names.layer(i, "w2"), (c.dim, c.hidden_dim), None, hidden_rows))
+            w1 = lora(f"{p}.feed_forward.w1", read(names.layer(i, "w1"), (c.hidden_dim, c.dim), hidden_rows),
+                      hidden_rows)
+            w3 = lora(f"{p}.feed_forward.w3", read(names.layer(i, "w3"), (c.hidden_dim, c.dim), hidden_rows),
+                      hidden_rows)
+            put(f"{p}.feed_forward.w13.weight", _cat([w1, w3]))
+            put(f"{p}.feed_forward.w2.weight", lora(f"{p}.feed_forward.w2",
+                read(names.layer(i, "w2"), (c.dim, c.hidden_dim), None, hidden_rows), None, hidden_rows))
             tick()
             continue
         put(f"{p}.feed_forward.gate.weight", reader.read(names.layer(i, "gate"), (c.num_experts, c.dim)))
         tick()
         for e in range(c.num_experts):  # copied into stacked tensors one expert at a time
-            w1 = read(names.expert(i, e, "w1"), (c.hidden_dim, c.dim), hidden_rows)
-            w3 = read(names.expert(i, e, "w3"), (c.hidden_dim, c.dim), hidden_rows)
-            for key, t in convert(f"{p}.feed_forward.w13", torch.cat([w1, w3])).items():
+            ex = f"{p}.feed_forward.experts.{e}"
+            w1 = lora(f"{ex}.w1", read(names.expert(i, e, "w1"), (c.hidden_dim, c.dim), hidden_rows), hidden_rows)
+            w3 = lora(f"{ex}.w3", read(names.expert(i, e, "w3"), (c.hidden_dim, c.dim), hidden_rows), hidden_rows)
+            for key, t in convert(f"{p}.feed_forward.w13", _cat([w1, w3])).items():
                 _stack_into(state, key, e, c.num_experts, t)
-            w2 = read(names.expert(i, e, "w2"), (c.dim, c.hidden_dim), None, hidden_rows)
+            w2 = lora(f"{ex}.w2", read(names.expert(i, e, "w2"), (c.dim, c.hidden_dim), None, hidden_rows),
+                      None, hidden_rows)
             for key, t in convert(f"{p}.feed_forward.w2", w2).items():
                 _stack_into(state, key, e, c.num_experts, t)
             tick()
     return state
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate rows; a merged LoRA part is float32 on the load device, so the others join it there."""
+    device = parts[0].device if all(t.device == parts[0].device for t in parts) else \
+        next(t.device for t in parts if t.device.type != "cpu")
+    return torch.cat([t.to(device) for t in parts])
 
 
 def _stack_into(state: dict[str, torch.Tensor], name: str, index: int, count: int, t: torch.Tensor) -> None:

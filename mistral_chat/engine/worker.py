@@ -54,6 +54,8 @@ class LoadRequest:
     context_length: int | None = None
     quantize: str | None = None
     compile: bool = False
+    lora: Path | None = None
+    lora_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ def default_loader(request: LoadRequest, progress: Callable[[int, int], None]) -
     from mistral_chat.engine.loader import load_model
 
     return load_model(request.path, device=request.device, dtype=request.dtype, progress=progress,
-                      quantize=request.quantize, compile=request.compile)
+                      quantize=request.quantize, compile=request.compile, lora=request.lora,
+                      lora_scale=request.lora_scale, context_length=request.context_length)
 
 
 def default_session(loaded: Any, context_length: int | None) -> GenerationSession:
@@ -172,8 +175,10 @@ class EngineWorker:
     # ---- called from any thread ------------------------------------------------------------------------------
 
     def load(self, path: Path | str, device: str = "auto", dtype: str = "auto",
-             context_length: int | None = None, quantize: str | None = None, compile: bool = False) -> None:
-        self._commands.put(LoadRequest(Path(path), device, dtype, context_length, quantize, compile))
+             context_length: int | None = None, quantize: str | None = None, compile: bool = False,
+             lora: Path | None = None, lora_scale: float = 1.0) -> None:
+        self._commands.put(LoadRequest(Path(path), device, dtype, context_length, quantize, compile, lora,
+                                       lora_scale))
 
     def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
         """Queue an answer for `messages` (ending with the user's); returns the request id its events carry."""

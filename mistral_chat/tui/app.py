@@ -55,6 +55,8 @@ class AppOptions:
     max_tokens: int = 1024
     seed: int | None = None
     quantize: str | None = None
+    lora: Path | None = None
+    lora_scale: float = 1.0
     compile: bool = True  # on CUDA: decode as CUDA graphs (compiled once, cached on disk)
     theme_dirs: list[Path] | None = None  # None: the shipped and the user's theme folders
 
@@ -67,7 +69,7 @@ class AppOptions:
         return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
                    system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
                    top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
-                   compile=opts.compile)
+                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile)
 
 
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
@@ -136,7 +138,8 @@ class MistralChatApp(App[None]):
             use_compile_cache(app_home() / "compile-cache")
         self.engine.load(path, device=self.options.device, dtype=self.options.dtype,
                          context_length=self.options.context, quantize=self.options.quantize,
-                         compile=self.options.compile)
+                         compile=self.options.compile, lora=self.options.lora,
+                         lora_scale=self.options.lora_scale)
         remember_model(name)
 
     def _post_engine_event(self, event: object) -> None:
