@@ -41,18 +41,35 @@ class Tokenizer(ABC):
     vocab_size: int
     bos_id: int
     eos_id: int
+    _specials: dict[str, int]  # special token name -> id
+    _file_hint: str  # which tokenizer file the user should use, for error messages
 
     @property
     def version_number(self) -> int:
         return version_number(self.version)
 
     @abstractmethod
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text; special tokens are never produced from text."""
 
-    @abstractmethod
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """encode_text, optionally with the BOS token before and the EOS token after."""
+        ids = self.encode_text(text)
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
     def special_id(self, name: str) -> int:
         """The id of a special token such as "[INST]"; TokenizerError if this tokenizer lacks it."""
+        try:
+            return self._specials[name]
+        except KeyError:
+            raise TokenizerError(
+                f"the tokenizer {self.path} ({self.version}) has no special token {name!r}; "
+                f"use {self._file_hint}"
+            ) from None
 
     @abstractmethod
     def is_special(self, token_id: int) -> bool:

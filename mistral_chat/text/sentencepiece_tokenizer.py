@@ -166,22 +166,10 @@ class SentencePieceTokenizer(Tokenizer):
             byte_values.append(byte)
         return PieceTable(kinds, texts, byte_values)
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids: list[int] = self._model.encode(text)
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    _file_hint = "the tokenizer file that came with the model (a newer tokenizer.model.vN)"
 
-    def special_id(self, name: str) -> int:
-        try:
-            return self._specials[name]
-        except KeyError:
-            raise TokenizerError(
-                f"the tokenizer {self.path} ({self.version}) has no special token {name!r}; "
-                "use the tokenizer file that came with the model (a newer tokenizer.model.vN)"
-            ) from None
+    def encode_text(self, text: str) -> list[int]:
+        return list(self._model.encode(text))
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.vocab_size and self.table.kinds[token_id] == _CONTROL

@@ -109,23 +109,11 @@ class TekkenTokenizer(Tokenizer):
             raise ValueError(f"{len(names)} special tokens for {self.num_special} special ids, or duplicates")
         return names + [f"<SPECIAL_{i}>" for i in range(len(names), self.num_special)]
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        offset = self.num_special
-        ids = [token + offset for token in self._model.encode_ordinary(text)]
-        if bos:
-            ids.insert(0, self.bos_id)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    _file_hint = "the tekken.json that came with the model"
 
-    def special_id(self, name: str) -> int:
-        try:
-            return self._specials[name]
-        except KeyError:
-            raise TokenizerError(
-                f"the tokenizer {self.path} ({self.version}) has no special token {name!r}; "
-                "use the tekken.json that came with the model"
-            ) from None
+    def encode_text(self, text: str) -> list[int]:
+        offset = self.num_special
+        return [token + offset for token in self._model.encode_ordinary(text)]
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.num_special
