@@ -256,3 +256,16 @@ def test_stats(loaded):
     assert stats.decode_seconds > 0
     assert stats.tokens_per_second > 0
     assert stats.tokens_per_second == pytest.approx((stats.generated_tokens - 1) / stats.decode_seconds)
+
+
+def test_two_sessions_on_one_model_do_not_read_each_others_cache(loaded):
+    """The model holds one KV cache; a session whose cache another took starts over instead of reading it."""
+    ids_a = loaded.tokenizer.encode("first conversation about cats", bos=True)
+    ids_b = loaded.tokenizer.encode("second one, about ships and the sea", bos=True)
+    params = SamplingParams(max_tokens=12)
+    a, b = Session(loaded, context_length=256), Session(loaded, context_length=256)
+    answer_a = "".join(a.generate(ids_a, params))
+    "".join(b.generate(ids_b, params))
+    again = "".join(a.generate(ids_a, params))
+    assert again == answer_a
+    assert a.stats.prefilled_tokens == len(ids_a)  # started over: b had taken the cache

@@ -60,22 +60,32 @@ class Session:
         self.model = loaded.model
         limit = loaded.config.max_seq_len
         self.context_length = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
-        try:
-            self.model.setup_cache(self.context_length, batch=1, prefill_chunk=prefill_chunk)
-        except (RuntimeError, MemoryError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            raise DeviceError(f"out of memory on {loaded.device} allocating the cache for a "
-                              f"{self.context_length}-token context: lower --context") from exc
+        self._requested_chunk = prefill_chunk
+        self.tokens: list[int] = []
+        self._claim_cache()
         assert self.model.slots is not None
         self.prefill_chunk = min(prefill_chunk, self.model.slots.max_chunk)
         if compile is None:
             compile = loaded.compile
         self.decode = DecodeStep(self.model, compile=compile)
         self.prefill = Prefill(self.model, compile=compile)
-        self.tokens: list[int] = []
         self.stats = GenerationStats()
         self.generated_ids: list[int] = []  # the last answer's token ids (EOS excluded)
+
+    def _claim_cache(self) -> None:
+        """Give the model a KV cache for this session. The model holds one cache: when another session on the
+        same model took it since, this session starts over on a fresh one instead of reading the other's."""
+        if getattr(self.model, "cache_owner", None) is self:
+            return
+        try:
+            self.model.setup_cache(self.context_length, batch=1, prefill_chunk=self._requested_chunk)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise DeviceError(f"out of memory on {self.loaded.device} allocating the cache for a "
+                              f"{self.context_length}-token context: lower --context") from exc
+        self.model.cache_owner = self
+        self.tokens = []
 
     def reset(self) -> None:
         """Forget the cache (the next call prefills everything)."""
@@ -121,6 +131,7 @@ class Session:
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty: give some text to answer")
         self.check_fits(prompt_ids)
+        self._claim_cache()
         tokenizer = self.loaded.tokenizer
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.stats = stats
