@@ -52,3 +52,68 @@ def test_trim_keeps_system_and_last_turn() -> None:
     assert trimmed.messages[1].role == "user"
     tiny = trim_history(history, encode, 2)  # not even the last turn fits: it is kept, the engine says so
     assert [m.content for m in tiny.messages] == ["s s", "last"]
+
+
+OLD_SCHEMA = """
+CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '', settings TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE, role TEXT NOT NULL,
+    content TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE preferences (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO conversations VALUES (1, 'Old chat', 'sys', '{"temperature": 0.3, "seed": 5}', 1.0, 2.0);
+INSERT INTO messages VALUES (1, 1, 'user', 'hello', 1.0);
+INSERT INTO messages VALUES (2, 1, 'assistant', 'hi there', 1.5);
+"""
+
+
+def test_an_old_database_is_migrated_and_keeps_its_chats(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    store = ChatStore(tmp_path / "old.db")
+    old = store.load(1)
+    assert [(m.role, m.content, m.tool_calls) for m in old.messages] == [("user", "hello", ()),
+                                                                         ("assistant", "hi there", ())]
+    assert old.tools_path == "" and old.settings.temperature == 0.3 and old.settings.stop == ()
+    assert old.settings.sampling_params().min_p == 0.0
+    store.close()
+    store = ChatStore(tmp_path / "old.db")  # a second open finds every column there
+    assert store.load(1).title == "Old chat"
+
+
+def test_tool_calls_results_tools_file_and_new_settings_round_trip(tmp_path: Path) -> None:
+    from mistral_chat.chat.tools import ToolCall
+
+    store = ChatStore(tmp_path / "c.db")
+    settings = GenerationSettings(min_p=0.05, repetition_penalty=1.1, presence_penalty=0.4, stop=("###", "\nUser:"))
+    conversation = store.create_conversation("Tools", settings=settings, tools_path="/x/tools.json")
+    call = ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}')
+    store.add_message(conversation.id, "user", "Weather?")
+    streamed = store.add_message(conversation.id, "assistant", '[{"name": "get_weather"')
+    store.update_message(streamed.id, "", (call,))
+    store.add_message(conversation.id, "tool", '{"temperature": 21}', tool_call_id=call.id, name=call.name)
+    store.update_settings(conversation.id, "", settings, "/y/tools.json")
+    store.close()
+
+    store = ChatStore(tmp_path / "c.db")
+    loaded = store.load(conversation.id)
+    assert loaded.tools_path == "/y/tools.json"
+    assert loaded.settings == settings
+    params = loaded.settings.sampling_params()
+    assert (params.min_p, params.repetition_penalty, params.presence_penalty, params.stop) == \
+        (0.05, 1.1, 0.4, ("###", "\nUser:"))
+    assert loaded.messages[1].tool_calls == (call,) and loaded.messages[1].content == ""
+    assert (loaded.messages[2].role, loaded.messages[2].tool_call_id, loaded.messages[2].name) == \
+        ("tool", call.id, "get_weather")
+    assert loaded.pending_tool_calls() == []
+    chat = loaded.chat_messages()
+    assert chat[1] == ChatMessage("assistant", "", tool_calls=(call,))
+    assert chat[2] == ChatMessage("tool", '{"temperature": 21}', tool_call_id=call.id, name="get_weather")
+    store.delete_messages_from(conversation.id, loaded.messages[2].id)
+    assert store.load(conversation.id).pending_tool_calls() == [call]
+    assert "get_weather" in loaded.to_markdown() and '"city": "Paris"' in loaded.to_markdown()
+    store.close()

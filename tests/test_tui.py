@@ -292,3 +292,182 @@ async def test_export_markdown_and_json(tmp_path: Path, isolated_home: Path) -> 
     assert "**User:**\n\nhi" in md.read_text() and "Be kind." in md.read_text()
     data = json.loads(js.read_text())
     assert [m["content"] for m in data["messages"]] == ["hi", "hello"]
+
+
+def test_settings_validation_of_sampling_fields_stop_strings_and_tools_file(tmp_path: Path) -> None:
+    import json
+
+    from mistral_chat.tui.screens.settings import format_stop_strings, parse_settings, parse_stop_strings
+
+    base = {"temperature": "0", "top_p": "1", "top_k": "0", "max_tokens": "16", "seed": "", "min_p": "0",
+            "repetition_penalty": "1", "presence_penalty": "0", "stop": "", "tools": ""}
+    for field, value, message in [("min_p", "1.5", "min-p"), ("min_p", "x", "min-p must be a number"),
+                                  ("repetition_penalty", "0", "repetition penalty"),
+                                  ("presence_penalty", "lots", "presence penalty must be a number"),
+                                  ("tools", str(tmp_path / "missing.json"), "cannot read tools file")]:
+        with pytest.raises(ValueError, match=message):
+            parse_settings("", {**base, field: value})
+    (tmp_path / "bad.json").write_text("[{\"name\": \"has space\"}]")
+    with pytest.raises(ValueError, match="function name"):
+        parse_settings("", {**base, "tools": str(tmp_path / "bad.json")})
+    (tmp_path / "tools.json").write_text(json.dumps([{"name": "get_weather", "parameters": {}}]))
+    settings = parse_settings("", {**base, "min_p": "0.1", "repetition_penalty": "1.2", "presence_penalty": "0.5",
+                                   "stop": "###, \\n\\nUser:,a\\,b\nEND", "tools": str(tmp_path / "tools.json")})
+    g = settings.generation
+    assert (g.min_p, g.repetition_penalty, g.presence_penalty) == (0.1, 1.2, 0.5)
+    assert g.stop == ("###", "\n\nUser:", "a,b", "END")
+    assert parse_stop_strings(format_stop_strings(g.stop)) == g.stop
+    assert settings.tools_path == str((tmp_path / "tools.json").resolve())
+
+
+# ---- function calling -------------------------------------------------------------------------------------------
+
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def scripted_session_class():
+    from mistral_chat.engine.generate import GenerationStats, Session
+
+    class ScriptedSession(Session):
+        """The real session, except that its first answers are given token ids (a random model never calls a
+        tool): they go through the worker's real reading of calls. Every prompt and its parameters are kept."""
+
+        def __init__(self, loaded, context_length, script: list[list[int]]) -> None:
+            super().__init__(loaded, context_length=context_length)
+            self.script = script
+            self.prompts: list[tuple[list[int], object]] = []
+
+        def generate(self, prompt_ids, params=None, cancel=None):
+            self.prompts.append((list(prompt_ids), params))
+            if not self.script:
+                yield from super().generate(prompt_ids, params, cancel)
+                return
+            ids = self.script.pop(0)
+            self.stats = GenerationStats(prompt_tokens=len(prompt_ids), generated_tokens=len(ids),
+                                         finish_reason="stop")
+            self.generated_ids = list(ids)
+            yield self.loaded.tokenizer.decode(ids)
+
+    return ScriptedSession
+
+
+async def test_tool_call_then_pasted_result_then_the_model_goes_on(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+
+    from textual.widgets import Input
+
+    from mistral_chat.chat.conversation import Conversation
+    from mistral_chat.chat.templates import encode_conversation
+    from mistral_chat.chat.tools import ToolCall, encode_tool_calls, load_tools, tool_format
+    from mistral_chat.text.tokenizer import load_tokenizer
+    from mistral_chat.tui.widgets.tool_call_view import ToolCallView
+    from mistral_chat.tui.widgets.tool_result_view import ToolResultView
+
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(WEATHER_TOOLS))
+    tokenizer = load_tokenizer(tiny_model)
+    call = ToolCall("abcDEF123", "get_weather", '{"city": "[bold]Paris[/bold]"}')
+    script = [[tokenizer.special_id("[TOOL_CALLS]"), *tokenizer.encode('[{"name": "get_weather", "arguments": {')],
+              encode_tool_calls(tokenizer, tool_format(tokenizer), [call])]
+    sessions = []
+
+    def factory(loaded, context_length):
+        sessions.append(scripted_session_class()(loaded, context_length, script))
+        return sessions[-1]
+
+    db = tmp_path / "chats.db"
+    app = make_app(db, tiny_model, session_factory=factory)
+    async with app.run_test(size=(100, 34)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        screen = chat(app)
+        # the tools file and the new sampling fields, through the settings screen
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        settings = app.screen
+        settings.query_one("#tools", Input).value = str(tmp_path / "nope.json")
+        settings.query_one("#min_p", Input).value = "0.05"
+        settings.query_one("#stop", Input).value = "###, \\nUser:"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen is settings and "cannot read tools file" in str(settings.query_one("#error").render())
+        settings.query_one("#tools", Input).value = str(tools_file)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen is screen
+        conversation_id = screen.conversation.id
+        stored = app.store.load(conversation_id)
+        assert stored.tools_path == str(tools_file.resolve())
+        assert (stored.settings.min_p, stored.settings.stop) == (0.05, ("###", "\nUser:"))
+
+        # a malformed call: its raw text is the answer, and a notification says why
+        await type_and_send(pilot, "Hi")
+        await answered(pilot)
+        view = screen.chat_log.last_view()
+        assert not isinstance(view, ToolCallView) and view.text.startswith('[{"name": "get_weather"')
+        assert any("not valid JSON" in n.message for n in app._notifications)
+        assert app.store.load(conversation_id).messages[-1].tool_calls == ()
+        params = sessions[0].prompts[0][1]
+        assert (params.min_p, params.stop) == (0.05, ("###", "\nUser:"))
+
+        # a call: shown as data (name and indented JSON), saved with the answer; the prompt asks for its result
+        await type_and_send(pilot, "Weather in Paris?")
+        await answered(pilot)
+        view = screen.chat_log.last_view()
+        assert isinstance(view, ToolCallView) and view.calls == (call,)
+        assert '"city": "[bold]Paris[/bold]"' in str(view.query_one(".call-arguments").render())
+        assert "get_weather" in str(view.query_one(".call-name").render())
+        assert app.store.load(conversation_id).messages[-1].tool_calls == (call,)
+        assert screen.answering_call == call
+        await pilot.press("escape")  # leave the result for later ...
+        assert screen.answering_call is None
+        await type_and_send(pilot, "Never mind")  # ... but a plain message waits for it
+        await pilot.pause()
+        assert len(app.store.load(conversation_id).messages) == 4
+        assert any("waits for the result of get_weather" in n.message for n in app._notifications)
+        view.focus()
+        await pilot.press("r")  # r on the call asks for its result again
+        assert screen.answering_call == call and screen.prompt.has_focus
+        await type_and_send(pilot, '{"temperature": 21}')
+        await answered(pilot)
+
+        messages = app.store.load(conversation_id).messages
+        assert [m.role for m in messages] == ["user", "assistant", "user", "assistant", "tool", "assistant"]
+        assert (messages[4].tool_call_id, messages[4].name, messages[4].content) == \
+            (call.id, "get_weather", '{"temperature": 21}')
+        # the model went on from the result, with the tools in its prompt
+        prompt_ids, _ = sessions[0].prompts[-1]
+        answered_from = Conversation(conversation_id, messages=messages[:5]).chat_messages()
+        assert prompt_ids == encode_conversation(tokenizer, answered_from, load_tools(tools_file))
+        assert screen.status.info.trimmed_messages == 0
+        assert sessions[0].stats.generated_tokens > 0 or sessions[0].stats.finish_reason == "stop"
+        await pilot.press("ctrl+q")
+
+    app = make_app(db, None)  # the next run shows the calls and results as they were
+    async with app.run_test(size=(100, 34)) as pilot:
+        await pilot.press("escape")
+        await pilot.pause()
+        views = chat(app).chat_log.views
+        assert [type(v).__name__ for v in views] == ["MessageView", "MessageView", "MessageView", "ToolCallView",
+                                                     "ToolResultView", "MessageView"]
+        assert views[3].calls == (call,) and isinstance(views[4], ToolResultView)
+        assert chat(app).conversation.tools_path == str(tools_file.resolve())
+
+
+async def test_tools_with_a_model_without_function_calling(tmp_path: Path) -> None:
+    import json
+
+    model = write_tiny_model(tmp_path / "v1", "mistral", tokenizer="v1")["native"]
+    (tmp_path / "tools.json").write_text(json.dumps(WEATHER_TOOLS))
+    db = tmp_path / "chats.db"
+    store = ChatStore(db)
+    store.create_conversation("With tools", tools_path=str(tmp_path / "tools.json"))
+    store.close()
+    app = make_app(db, model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        await type_and_send(pilot, "Weather?")
+        await answered(pilot)
+        assert any("no function calling" in n.message for n in app._notifications)
+        assert [m.role for m in app.store.load(chat(app).conversation.id).messages] == ["user", "assistant"]

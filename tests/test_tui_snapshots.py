@@ -88,3 +88,25 @@ def test_help_screen(snap_compare, tmp_path: Path) -> None:
         await pilot.pause()
 
     assert snap_compare(seeded_app(tmp_path), terminal_size=SIZE, run_before=run_before)
+
+
+def test_tool_call_screen(snap_compare, tmp_path: Path) -> None:
+    """An answer that calls a tool (name and indented arguments), the pasted result, the prompt asking for more."""
+    from mistral_chat.chat.tools import ToolCall
+
+    store = ChatStore(tmp_path / "chats.db")
+    conversation = store.create_conversation("Weather in Paris")
+    first = ToolCall("abcDEF123", "get_weather", '{"city": "Paris", "unit": "[bold]celsius[/bold]"}')
+    second = ToolCall("xyz987QWE", "get_time", '{"timezone": "Europe/Paris"}')
+    store.add_message(conversation.id, "user", "What's the weather and the time in Paris?")
+    store.add_message(conversation.id, "assistant", "", tool_calls=(first, second))
+    store.add_message(conversation.id, "tool", '{"temperature": 21, "sky": "clear"}', tool_call_id=first.id,
+                      name=first.name)
+    store.close()
+
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+
+    assert snap_compare(make_app(tmp_path / "chats.db", None), terminal_size=SIZE, run_before=run_before)

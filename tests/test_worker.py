@@ -98,3 +98,62 @@ def test_errors_become_events_and_the_worker_lives_on(worker, tmp_path: Path) ->
     engine.generate(4, [ChatMessage("user", "hi")], SamplingParams(max_tokens=2))
     events = rec.until(GenerationDone)
     assert any(isinstance(e, EngineFailed) and "no model" in e.message for e in events)
+
+
+# ---- function calling -------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_calls_are_read_from_real_token_ids(tiny_model: Path, tmp_path: Path) -> None:
+    """The worker's reading of an answer: real ids of calls as the tokenizer encodes them, by [TOOL_CALLS] id."""
+    from tiny_models import copy_tokenizer
+
+    from mistral_chat.chat.tools import ToolCall, encode_tool_calls, tool_format
+    from mistral_chat.engine.worker import read_tool_calls
+    from mistral_chat.text.tokenizer import load_tokenizer
+
+    calls = (ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}'), ToolCall("xyz987QWE", "get_time", "{}"))
+    for version in ("v3", "v7"):
+        folder = tmp_path / version
+        copy_tokenizer(folder, version)
+        tokenizer = load_tokenizer(folder)
+        ids = tokenizer.encode("Let me check.") + encode_tool_calls(tokenizer, tool_format(tokenizer), calls)
+        read = read_tool_calls(tokenizer, ids + [tokenizer.eos_id], tokenizer.decode(ids))
+        assert read.calls == calls and not read.error
+        assert read.text == ("Let me check." if version == "v7" else "")  # v3 has no text with calls
+
+        plain = tokenizer.encode("[TOOL_CALLS] is just text here")  # the text, not the token: no call
+        assert read_tool_calls(tokenizer, plain, "streamed").calls == ()
+        assert read_tool_calls(tokenizer, plain, "streamed").text == "streamed"
+
+        broken = [tokenizer.special_id("[TOOL_CALLS]"), *tokenizer.encode('[{"name": "get_weather", "arguments": {')]
+        read = read_tool_calls(tokenizer, broken, "ignored")
+        assert read.calls == () and "not valid JSON" in read.error
+        assert read.text == tokenizer.decode(broken) and read.text.startswith('[{"name"')
+
+
+def test_tool_results_are_encoded_with_the_tools_and_answered(worker, tmp_path: Path) -> None:
+    """A conversation ending in a tool result: the prompt is encode_conversation(..., tools) and the model answers."""
+    import json
+
+    from mistral_chat.chat.templates import encode_conversation
+    from mistral_chat.chat.tools import ToolCall, load_tools
+
+    engine, rec = worker
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER_TOOL]))
+    tools = load_tools(tmp_path / "tools.json")
+    call = ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}')
+    messages = [ChatMessage("user", "Weather in Paris?"), ChatMessage("assistant", "", tool_calls=[call]),
+                ChatMessage("tool", '{"temperature": 21}', tool_call_id=call.id, name=call.name)]
+    engine.generate(7, messages, SamplingParams(max_tokens=5), tools)
+    events = rec.until(GenerationDone)
+    started = next(e for e in events if isinstance(e, GenerationStarted))
+    expected = encode_conversation(engine.loaded.tokenizer, messages, tools)
+    assert started.tools_used and started.prompt_tokens == len(expected)
+    assert engine.session.tokens[:len(expected)] == expected
+    done = events[-1]
+    assert done.stats.generated_tokens > 0 or done.stats.finish_reason == "stop"
+    assert done.tool_calls == () and not done.tool_call_error

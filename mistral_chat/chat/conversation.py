@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mistral_chat.chat.templates import ChatMessage, Role
+from mistral_chat.chat.tools import ToolCall
 from mistral_chat.engine.sampling import SamplingParams
 
 DEFAULT_TITLE = "New chat"
@@ -22,29 +23,43 @@ class GenerationSettings:
     top_k: int = 0
     max_tokens: int = 1024
     seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
 
     def sampling_params(self) -> SamplingParams:
         """The engine's parameters; ValueError when a value is out of range."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=self.seed)
+                              max_tokens=self.max_tokens, seed=self.seed, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              stop=tuple(self.stop))
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "GenerationSettings":
         known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
+        if "stop" in known:
+            stop = known["stop"]
+            known["stop"] = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop or ())
         return cls(**known)
 
 
 @dataclass
 class Message:
-    """One stored message. `id` is the database row (0 until saved)."""
+    """One stored message. `id` is the database row (0 until saved). An assistant message may hold tool calls;
+    a "tool" message is the result of the call `tool_call_id` to the function `name`."""
 
     role: Role
     content: str
     id: int = 0
     created_at: float = field(default_factory=time.time)
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def chat_message(self) -> ChatMessage:
-        return ChatMessage(self.role, self.content)
+        return ChatMessage(self.role, self.content, tool_calls=self.tool_calls, tool_call_id=self.tool_call_id,
+                           name=self.name)
 
 
 @dataclass
@@ -56,13 +71,34 @@ class Conversation:
     system_prompt: str = ""
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     messages: list[Message] = field(default_factory=list)
+    tools_path: str = ""  # a JSON file of functions the model may call ("" = none)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
     def chat_messages(self) -> list[ChatMessage]:
         """What the model sees: the system prompt (when set) and every non-empty turn."""
         head = [ChatMessage("system", self.system_prompt)] if self.system_prompt.strip() else []
-        return head + [m.chat_message() for m in self.messages if m.content or m.role == "user"]
+        return head + [m.chat_message() for m in self.messages
+                       if m.content or m.tool_calls or m.role in ("user", "tool")]
+
+    def pending_tool_calls(self) -> list[ToolCall]:
+        """The calls of the last answer that still wait for a result (only while nothing but results follow it)."""
+        answered: set[str] = set()
+        for message in reversed(self.messages):
+            if message.role == "tool":
+                answered.add(message.tool_call_id or "")
+            elif message.role == "assistant" and message.tool_calls:
+                return [call for call in message.tool_calls if call.id not in answered]
+            else:
+                return []
+        return []
+
+    def tool_call(self, call_id: str | None) -> ToolCall | None:
+        for message in self.messages:
+            for call in message.tool_calls:
+                if call.id == call_id:
+                    return call
+        return None
 
     def last(self, role: Role) -> Message | None:
         for message in reversed(self.messages):
@@ -75,12 +111,26 @@ class Conversation:
         if self.system_prompt.strip():
             lines += ["**System:**", "", self.system_prompt, ""]
         for message in self.messages:
-            lines += [f"**{message.role.capitalize()}:**", "", message.content, ""]
+            if message.role == "tool":
+                lines += [f"**Tool result ({message.name or message.tool_call_id}):**", "", message.content, ""]
+                continue
+            lines += [f"**{message.role.capitalize()}:**", ""]
+            lines += [message.content, ""] if message.content else []
+            for call in message.tool_calls:
+                lines += [f"Calls `{call.name}`:", "", "```json", format_arguments(call.arguments), "```", ""]
         return "\n".join(lines).rstrip() + "\n"
 
     def to_json(self) -> str:
         data = asdict(self)
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def format_arguments(arguments: str) -> str:
+    """A call's JSON arguments, indented for reading (as given when they are not JSON)."""
+    try:
+        return json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except (ValueError, TypeError):
+        return arguments
 
 
 def title_from(text: str, limit: int = 40) -> str:

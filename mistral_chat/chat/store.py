@@ -2,6 +2,9 @@
 
 Every write commits at once, so killing the process loses at most what was not yet handed to the store.
 One connection per store; the TUI uses it from its event-loop thread only.
+
+Databases of earlier versions are migrated when opened: missing columns are added (`MIGRATIONS`), nothing is
+dropped. Tool calls are kept as OpenAI-style JSON ([{"id", "type", "function": {"name", "arguments"}}]).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, GenerationSettings, Message
+from mistral_chat.chat.tools import ToolCall
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,16 @@ CREATE TABLE IF NOT EXISTS preferences (
 );
 """
 
+# columns added after the first release: (table, column, declaration); added when missing, in order
+MIGRATIONS: list[tuple[str, str, str]] = [
+    ("conversations", "tools_path", "TEXT NOT NULL DEFAULT ''"),
+    ("messages", "tool_calls", "TEXT NOT NULL DEFAULT ''"),
+    ("messages", "tool_call_id", "TEXT"),
+    ("messages", "name", "TEXT"),
+]
+CONVERSATION_COLUMNS = "id, title, system_prompt, settings, created_at, updated_at, tools_path"
+MESSAGE_COLUMNS = "id, role, content, created_at, tool_calls, tool_call_id, name"
+
 
 class StoreError(MistralChatError):
     """The conversation database cannot be opened or written."""
@@ -60,12 +74,20 @@ class ChatStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the conversation database {self.path}: {exc}; check that the folder "
                              "is writable, or set MISTRAL_CHAT_HOME to another folder") from exc
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        for table, column, declaration in MIGRATIONS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                log.info("adding column %s.%s to %s", table, column, self.path)
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -80,18 +102,18 @@ class ChatStore:
     # ---- conversations -----------------------------------------------------------------------------------
 
     def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "",
-                            settings: GenerationSettings | None = None) -> Conversation:
+                            settings: GenerationSettings | None = None, tools_path: str = "") -> Conversation:
         now = time.time()
         settings = settings or GenerationSettings()
         cur = self._db.execute(
-            "INSERT INTO conversations (title, system_prompt, settings, created_at, updated_at) VALUES (?,?,?,?,?)",
-            (title, system_prompt, json.dumps(asdict(settings)), now, now))
+            "INSERT INTO conversations (title, system_prompt, settings, created_at, updated_at, tools_path) "
+            "VALUES (?,?,?,?,?,?)", (title, system_prompt, json.dumps(asdict(settings)), now, now, tools_path))
         return Conversation(id=int(cur.lastrowid or 0), title=title, system_prompt=system_prompt,
-                            settings=settings, created_at=now, updated_at=now)
+                            settings=settings, created_at=now, updated_at=now, tools_path=tools_path)
 
     def list_conversations(self, search: str = "") -> list[Conversation]:
         """Most recently updated first, without messages; `search` matches titles and message text."""
-        sql = "SELECT id, title, system_prompt, settings, created_at, updated_at FROM conversations"
+        sql = f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
         args: tuple[str, ...] = ()
         if search.strip():
             pattern = f"%{_escape_like(search.strip())}%"
@@ -102,14 +124,13 @@ class ChatStore:
         return [_conversation(row) for row in self._db.execute(sql, args)]
 
     def load(self, conversation_id: int) -> Conversation | None:
-        row = self._db.execute("SELECT id, title, system_prompt, settings, created_at, updated_at "
-                               "FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        row = self._db.execute(f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+                               (conversation_id,)).fetchone()
         if row is None:
             return None
         conv = _conversation(row)
-        conv.messages = [Message(role=r[1], content=r[2], id=r[0], created_at=r[3]) for r in self._db.execute(
-            "SELECT id, role, content, created_at FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,))]
+        conv.messages = [_message(r) for r in self._db.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
         return conv
 
     def rename(self, conversation_id: int, title: str) -> None:
@@ -120,25 +141,37 @@ class ChatStore:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
-    def update_settings(self, conversation_id: int, system_prompt: str, settings: GenerationSettings) -> None:
+    def update_settings(self, conversation_id: int, system_prompt: str, settings: GenerationSettings,
+                        tools_path: str | None = None) -> None:
+        """Save a conversation's system prompt and settings (and its tools file, unless None)."""
         self._db.execute("UPDATE conversations SET system_prompt = ?, settings = ? WHERE id = ?",
                          (system_prompt, json.dumps(asdict(settings)), conversation_id))
+        if tools_path is not None:
+            self._db.execute("UPDATE conversations SET tools_path = ? WHERE id = ?", (tools_path, conversation_id))
 
     def _touch(self, db: sqlite3.Connection, conversation_id: int) -> None:
         db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
 
     # ---- messages ----------------------------------------------------------------------------------------
 
-    def add_message(self, conversation_id: int, role: str, content: str) -> Message:
+    def add_message(self, conversation_id: int, role: str, content: str, *, tool_calls: tuple[ToolCall, ...] = (),
+                    tool_call_id: str | None = None, name: str | None = None) -> Message:
         now = time.time()
         with self._transaction() as db:
-            cur = db.execute("INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?,?,?,?)",
-                             (conversation_id, role, content, now))
+            cur = db.execute("INSERT INTO messages (conversation_id, role, content, created_at, tool_calls, "
+                             "tool_call_id, name) VALUES (?,?,?,?,?,?,?)",
+                             (conversation_id, role, content, now, _calls_json(tool_calls), tool_call_id, name))
             self._touch(db, conversation_id)
-        return Message(role=role, content=content, id=int(cur.lastrowid or 0), created_at=now)  # type: ignore[arg-type]
+        return Message(role=role, content=content, id=int(cur.lastrowid or 0), created_at=now,  # type: ignore[arg-type]
+                       tool_calls=tuple(tool_calls), tool_call_id=tool_call_id, name=name)
 
-    def update_message(self, message_id: int, content: str) -> None:
-        self._db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+    def update_message(self, message_id: int, content: str, tool_calls: tuple[ToolCall, ...] | None = None) -> None:
+        """Replace a message's text (and its tool calls, unless None)."""
+        if tool_calls is None:
+            self._db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+        else:
+            self._db.execute("UPDATE messages SET content = ?, tool_calls = ? WHERE id = ?",
+                             (content, _calls_json(tool_calls), message_id))
 
     def delete_messages_from(self, conversation_id: int, message_id: int) -> None:
         """Delete `message_id` and every later message of the conversation."""
@@ -168,4 +201,23 @@ def _conversation(row: tuple) -> Conversation:
         log.warning("conversation %s has unreadable settings; using the defaults", row[0])
         settings = GenerationSettings()
     return Conversation(id=row[0], title=row[1], system_prompt=row[2], settings=settings,
-                        created_at=row[4], updated_at=row[5])
+                        created_at=row[4], updated_at=row[5], tools_path=row[6] or "")
+
+
+def _calls_json(calls: tuple[ToolCall, ...]) -> str:
+    return json.dumps([call.to_json() for call in calls], ensure_ascii=False) if calls else ""
+
+
+def _calls(text: str, message_id: int) -> tuple[ToolCall, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in json.loads(text))
+    except (ValueError, TypeError, KeyError):
+        log.warning("message %s has unreadable tool calls; showing it without them", message_id)
+        return ()
+
+
+def _message(row: tuple) -> Message:
+    return Message(role=row[1], content=row[2], id=row[0], created_at=row[3], tool_calls=_calls(row[4], row[0]),
+                   tool_call_id=row[5], name=row[6])

@@ -8,6 +8,11 @@ Commands: `load` a model, `generate` an answer for a conversation, `cancel` the 
 partial text stays with the caller), `shutdown`. One session serves every conversation: it reuses its KV cache
 for the longest prefix a prompt shares with the previous one, so a follow-up turn prefills only its new tokens,
 and a switch to another conversation (or an edited history) re-prefills from where the prompts differ.
+
+Function calling: a request may carry tools. The prompt is then encoded with them (a conversation may end with
+tool results instead of a user message), and once the answer ends its generated ids are read for calls by the
+[TOOL_CALLS] token (`read_tool_calls`, never by text). A tokenizer without function calling (v1) answers
+without the tools and says so in `GenerationStarted.tools_used`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol, Union
 
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
+from mistral_chat.chat.tools import (Tool, ToolCall, ToolCallParseError, find_tool_calls, parse_tool_calls,
+                                     supports_tools, tool_format)
 from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
 from mistral_chat.engine.generate import GenerationStats
 from mistral_chat.engine.sampling import SamplingParams
@@ -65,6 +72,7 @@ class GenerateRequest:
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+    tools: tuple[Tool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class ModelReady:
     context_length: int
     architecture: str
     load_seconds: float
+    supports_tools: bool = False  # the tokenizer has function calling (v2 and later)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class GenerationStarted:
     prompt_tokens: int
     dropped_messages: int  # oldest messages left out of the prompt to fit the context
     context_length: int
+    tools_used: bool = False  # the prompt offers the request's tools (False too when the model has none)
 
 
 @dataclass(frozen=True)
@@ -113,10 +123,42 @@ class TokenDelta:
 
 @dataclass(frozen=True)
 class GenerationDone:
+    """The answer's end. With tool calls, `text` is only what the model wrote before them (often "");
+    `tool_call_error` says why calls that could not be read are shown as plain text."""
+
     request_id: int
     conversation_id: int
     text: str
     stats: GenerationStats
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_error: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCallsRead:
+    """What an answer's ids hold: its text (before the calls, or all of it), the calls, or why they are unreadable."""
+
+    text: str
+    calls: tuple[ToolCall, ...] = ()
+    error: str = ""
+
+
+def read_tool_calls(tokenizer: Any, ids: Sequence[int], streamed_text: str) -> ToolCallsRead:
+    """The tool calls in an answer's generated ids, found by the [TOOL_CALLS] token id (`parse_tool_calls`).
+
+    No calls: the streamed text as it is. Unreadable calls: the raw text, and the error. Calls: the text the
+    model wrote before them (kept only where the format allows text with calls, v7+).
+    """
+    try:
+        calls = parse_tool_calls(tokenizer, ids)
+    except ToolCallParseError as exc:
+        log.info("unreadable tool calls: %s", exc)
+        return ToolCallsRead(exc.text, error=str(exc))
+    if not calls:
+        return ToolCallsRead(streamed_text)
+    start = find_tool_calls(tokenizer, ids) or 0
+    before = tokenizer.decode(list(ids[:start])).strip() if tool_format(tokenizer).text_with_calls else ""
+    return ToolCallsRead(before, tuple(calls))
 
 
 @dataclass(frozen=True)
@@ -180,9 +222,11 @@ class EngineWorker:
         self._commands.put(LoadRequest(Path(path), device, dtype, context_length, quantize, compile, lora,
                                        lora_scale))
 
-    def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
-        """Queue an answer for `messages` (ending with the user's); returns the request id its events carry."""
-        request = GenerateRequest(next(self._ids), conversation_id, tuple(messages), params)
+    def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams,
+                 tools: Sequence[Tool] = ()) -> int:
+        """Queue an answer for `messages` (ending with the user's or tool results); returns the request id its
+        events carry. With `tools`, the model may call them (see `GenerationDone.tool_calls`)."""
+        request = GenerateRequest(next(self._ids), conversation_id, tuple(messages), params, tools=tuple(tools))
         with self._lock:
             self._pending[request.request_id] = request.cancel
         self._commands.put(request)
@@ -252,31 +296,50 @@ class EngineWorker:
             device=str(getattr(loaded, "device", request.device)),
             dtype=str(getattr(loaded, "dtype", request.dtype)).removeprefix("torch."),
             context_length=session.context_length, architecture=str(getattr(config, "architecture", "")),
-            load_seconds=float(getattr(loaded, "load_seconds", 0.0))))
+            load_seconds=float(getattr(loaded, "load_seconds", 0.0)),
+            supports_tools=_tokenizer_supports_tools(getattr(loaded, "tokenizer", None))))
 
-    def _prompt(self, request: GenerateRequest) -> TrimmedPrompt:
+    def _tools(self, request: GenerateRequest) -> tuple[Tool, ...]:
+        """The request's tools, or none when the tokenizer has no function calling (then a chat that already
+        holds calls or results cannot be encoded: say what to do)."""
+        assert self.loaded is not None
+        if _tokenizer_supports_tools(self.loaded.tokenizer):
+            return request.tools
+        if any(m.role == "tool" or m.tool_calls for m in request.messages):
+            raise MistralChatError("this chat holds tool calls, but the model's tokenizer has no function calling: "
+                                   "pick a model made for tools (e.g. Mistral-7B-Instruct-v0.3 or later)")
+        return ()
+
+    def _prompt(self, request: GenerateRequest, tools: Sequence[Tool] = ()) -> TrimmedPrompt:
         assert self.loaded is not None and self.session is not None
         tokenizer = self.loaded.tokenizer
         context = self.session.context_length
         budget = context - answer_reserve(context, request.params.max_tokens)
-        return trim_history(list(request.messages), lambda ms: encode_conversation(tokenizer, ms), budget)
+        return trim_history(list(request.messages),
+                            lambda ms: encode_conversation(tokenizer, ms, list(tools) or None), budget)
 
     def _generate(self, request: GenerateRequest) -> None:
         pieces: list[str] = []
         stats = GenerationStats(finish_reason="cancelled")
+        read = ToolCallsRead("")
+        tools: tuple[Tool, ...] = ()
         try:
             if request.cancel.is_set():
                 return
             if self.session is None:
                 raise MistralChatError("no model is loaded: pick one with the model picker (Ctrl+O), or run "
                                        "`mistral-chat pull mistral-7b-instruct` first")
-            prompt = self._prompt(request)
+            tools = self._tools(request)
+            prompt = self._prompt(request, tools)
             self._emit(GenerationStarted(request.request_id, request.conversation_id, len(prompt.ids),
-                                         prompt.dropped_messages, self.session.context_length))
+                                         prompt.dropped_messages, self.session.context_length, bool(tools)))
             for delta in self.session.generate(prompt.ids, request.params, request.cancel):
                 pieces.append(delta)
                 self._emit(TokenDelta(request.request_id, request.conversation_id, delta))
             stats = self.session.stats
+            generated = getattr(self.session, "generated_ids", None)
+            if tools and generated is not None and stats.finish_reason != "cancelled":
+                read = read_tool_calls(self.loaded.tokenizer, generated, "".join(pieces))
         except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
             log.debug("generation failed", exc_info=True)
             self._emit(EngineFailed(describe_error(exc), "generate", request.request_id, request.conversation_id))
@@ -285,4 +348,15 @@ class EngineWorker:
         finally:
             with self._lock:
                 self._pending.pop(request.request_id, None)
-            self._emit(GenerationDone(request.request_id, request.conversation_id, "".join(pieces), stats))
+            if read.calls or read.error:
+                self._emit(GenerationDone(request.request_id, request.conversation_id, read.text, stats,
+                                          read.calls, read.error))
+            else:
+                self._emit(GenerationDone(request.request_id, request.conversation_id, "".join(pieces), stats))
+
+
+def _tokenizer_supports_tools(tokenizer: Any) -> bool:
+    try:
+        return tokenizer is not None and supports_tools(tokenizer)
+    except (AttributeError, TypeError):  # a stand-in without a version
+        return False

@@ -54,6 +54,11 @@ class AppOptions:
     top_k: int = 0
     max_tokens: int = 1024
     seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    tools_path: str = ""  # a tools JSON file new chats offer to the model ("" = none)
     quantize: str | None = None
     lora: Path | None = None
     lora_scale: float = 1.0
@@ -62,14 +67,19 @@ class AppOptions:
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                  max_tokens=self.max_tokens, seed=self.seed)
+                                  max_tokens=self.max_tokens, seed=self.seed, min_p=self.min_p,
+                                  repetition_penalty=self.repetition_penalty,
+                                  presence_penalty=self.presence_penalty, stop=tuple(self.stop))
 
     @classmethod
     def from_run_options(cls, opts: "RunOptions") -> "AppOptions":
         return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
                    system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
                    top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
-                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile)
+                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile,
+                   min_p=getattr(opts, "min_p", 0.0), repetition_penalty=getattr(opts, "repetition_penalty", 1.0),
+                   presence_penalty=getattr(opts, "presence_penalty", 0.0), stop=tuple(getattr(opts, "stop", ())),
+                   tools_path=str(Path(opts.tools).expanduser().resolve()) if getattr(opts, "tools", None) else "")
 
 
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
@@ -216,7 +226,9 @@ class MistralChatApp(App[None]):
             first = next((line for line in block.splitlines() if line.strip()), "")[:40]
             yield SystemCommand(f"Copy code block {index + 1}", f"From the last answer: {first}",
                                 partial(chat.copy_code_block, index))
-        yield SystemCommand("Settings", "System prompt and generation settings of this chat (Ctrl+S)",
+        yield SystemCommand("Paste tool result", "Give the model the result of its tool call (Ctrl+T)",
+                            chat.action_tool_result)
+        yield SystemCommand("Settings", "System prompt, generation settings and tools of this chat (Ctrl+S)",
                             chat.action_settings)
         yield SystemCommand("Pick model", "Load another local model (Ctrl+O)", chat.action_pick_model)
         yield SystemCommand("Export chat to Markdown", "Write this conversation to a .md file",

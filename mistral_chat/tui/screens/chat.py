@@ -2,6 +2,10 @@
 
 Streaming: tokens arrive as engine messages and are only buffered; a 50 ms timer appends the buffer to the
 answer's Markdown widget (which parses just the new tail) and, at least once a second, saves the answer so far.
+
+Tools: a chat with a tools file offers its functions to the model. An answer that calls some is shown as a
+ToolCallView and saved with its calls; the prompt then asks for each call's result (Ctrl+T, or r on the call,
+starts that again after Escape), saves it as a "tool" message, and once every call has one the model goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, title_from
+from mistral_chat.chat.tools import Tool, ToolCall, ToolsFileError, load_tools
 from mistral_chat.engine.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
 from mistral_chat.paths import app_home
@@ -32,6 +37,8 @@ from mistral_chat.tui.widgets.chat_log import ChatLog
 from mistral_chat.tui.widgets.message_view import MessageView, code_blocks
 from mistral_chat.tui.widgets.prompt_input import PromptInput
 from mistral_chat.tui.widgets.sidebar import Sidebar
+from mistral_chat.tui.widgets.tool_call_view import ToolCallView
+from mistral_chat.tui.widgets.tool_result_view import ToolResultView
 from mistral_chat.tui.widgets.status_bar import StatusBar
 
 if TYPE_CHECKING:
@@ -56,6 +63,7 @@ class Streaming:
     message_id: int = 0  # its row once saved
     saved_text: str = ""
     saved_at: float = field(default_factory=time.monotonic)
+    tools: bool = False  # the request offered tools
 
 
 class ChatScreen(Screen[None]):
@@ -71,6 +79,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+o", "pick_model", "Model"),
         Binding("ctrl+b", "toggle_sidebar", "Chats", show=False),
         Binding("ctrl+f", "search", "Search", show=False),
+        Binding("ctrl+t", "tool_result", "Tool result", show=False),
     ]
 
     def __init__(self) -> None:
@@ -78,6 +87,7 @@ class ChatScreen(Screen[None]):
         self.conversation: Conversation | None = None
         self.streaming: Streaming | None = None
         self.editing_message_id: int | None = None
+        self.answering_call: ToolCall | None = None  # the prompt takes this call's result
         self._trim_warned: set[int] = set()
 
     @property
@@ -122,7 +132,8 @@ class ChatScreen(Screen[None]):
     def _new_conversation(self) -> Conversation:
         options = self.chat_app.options
         return self.chat_app.store.create_conversation(system_prompt=options.system_prompt,
-                                                       settings=options.generation_settings())
+                                                       settings=options.generation_settings(),
+                                                       tools_path=options.tools_path)
 
     async def open_conversation(self, conversation_id: int | None) -> None:
         store = self.chat_app.store
@@ -131,6 +142,7 @@ class ChatScreen(Screen[None]):
             conversation = self._new_conversation()
         self.conversation = conversation
         self.editing_message_id = None
+        self._end_tool_result()
         live = self.streaming if self.streaming and self.streaming.conversation_id == conversation.id else None
         await self.chat_log.show(conversation, skip_message_id=live.message_id if live else 0)
         if self.streaming is not None:
@@ -223,10 +235,12 @@ class ChatScreen(Screen[None]):
             if result is None:
                 return
             conversation.system_prompt, conversation.settings = result.system_prompt, result.generation
-            self.chat_app.store.update_settings(conversation.id, result.system_prompt, result.generation)
+            conversation.tools_path = result.tools_path
+            self.chat_app.store.update_settings(conversation.id, result.system_prompt, result.generation,
+                                                result.tools_path)
             self.notify("Settings saved for this chat")
 
-        current = ChatSettings(conversation.system_prompt, conversation.settings)
+        current = ChatSettings(conversation.system_prompt, conversation.settings, conversation.tools_path)
         self.app.push_screen(SettingsScreen(conversation.title, current), save)
 
     def action_pick_model(self) -> None:
@@ -239,7 +253,10 @@ class ChatScreen(Screen[None]):
     # ---- sending and answers ---------------------------------------------------------------------------------
 
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
-        await self.send(event.text)
+        if self.answering_call is not None:
+            await self.send_tool_result(event.text)
+        else:
+            await self.send(event.text)
 
     async def send(self, text: str) -> None:
         if self.streaming is not None:
@@ -249,6 +266,11 @@ class ChatScreen(Screen[None]):
         if self.conversation is None:
             self.conversation = self._new_conversation()
         conversation = self.conversation
+        pending = conversation.pending_tool_calls()
+        if pending and self.editing_message_id is None:
+            self.notify(f"The model waits for the result of {pending[0].name}: press Ctrl+T to paste it, or Ctrl+R "
+                        "for another answer", severity="warning", markup=False)
+            return
         if self.editing_message_id is not None:
             store.delete_messages_from(conversation.id, self.editing_message_id)
             self.editing_message_id = None
@@ -266,9 +288,78 @@ class ChatScreen(Screen[None]):
         await self.refresh_sidebar()
         await self.start_answer()
 
+    # ---- tool calls and their results -------------------------------------------------------------------------
+
+    def action_tool_result(self) -> None:
+        """Paste the result of the first call of the last answer that has none yet."""
+        pending = self.conversation.pending_tool_calls() if self.conversation else []
+        if not pending:
+            self.notify("No tool call waits for a result", severity="warning")
+            return
+        self._begin_tool_result(pending[0])
+
+    def on_tool_call_view_answer_requested(self, event: ToolCallView.AnswerRequested) -> None:
+        pending = self.conversation.pending_tool_calls() if self.conversation else []
+        waiting = [call for call in pending if call in event.view.calls]
+        if not waiting:
+            self.notify("Every call of this answer has its result already", severity="warning")
+            return
+        self._begin_tool_result(waiting[0])
+
+    def _begin_tool_result(self, call: ToolCall) -> None:
+        if self.editing_message_id is not None:
+            self._end_edit()
+        self.answering_call = call
+        self.prompt.border_title = Content(f"Tool result for {call.name} (Enter sends, Escape cancels)")
+        self.prompt.placeholder = f"Paste what {call.name} returned"
+        self.prompt.add_class("tool-result")
+        self.prompt.focus()
+
+    def _end_tool_result(self) -> None:
+        if self.answering_call is None:
+            return
+        self.answering_call = None
+        self.prompt.border_title = None
+        self.prompt.placeholder = PromptInput.PLACEHOLDER
+        self.prompt.remove_class("tool-result")
+
+    async def send_tool_result(self, text: str) -> None:
+        """Save `text` as the result of the call being answered; the model goes on once every call has one."""
+        call, conversation = self.answering_call, self.conversation
+        if self.streaming is not None:
+            self.notify("An answer is still coming: press Escape to stop it first", severity="warning")
+            return
+        if call is None or conversation is None or call not in conversation.pending_tool_calls():
+            self._end_tool_result()
+            return
+        message = self.chat_app.store.add_message(conversation.id, "tool", text, tool_call_id=call.id,
+                                                  name=call.name)
+        conversation.messages.append(message)
+        self._end_tool_result()
+        self.prompt.clear()
+        await self.chat_log.add_view(ToolResultView(text, call.name, call.id, message.id))
+        pending = conversation.pending_tool_calls()
+        if pending:
+            self._begin_tool_result(pending[0])
+        else:
+            await self.start_answer()
+
+    def _tools(self, conversation: Conversation) -> list[Tool] | None:
+        """The chat's tools (none without a tools file); None, after saying why, when the file cannot be read."""
+        if not conversation.tools_path:
+            return []
+        try:
+            return load_tools(conversation.tools_path)
+        except ToolsFileError as exc:
+            self.notify(f"{exc}: fix it in the settings (Ctrl+S)", title="Tools", severity="error", markup=False)
+            return None
+
     async def start_answer(self) -> None:
         conversation = self.conversation
-        if conversation is None or not conversation.messages or conversation.messages[-1].role != "user":
+        if conversation is None or not conversation.messages or conversation.messages[-1].role not in ("user", "tool"):
+            return
+        if conversation.pending_tool_calls():
+            self.action_tool_result()
             return
         if self.chat_app.model_state in ("none", "failed"):
             self.notify("No model is loaded: press Ctrl+O to pick one, then Ctrl+R to get the answer",
@@ -279,9 +370,12 @@ class ChatScreen(Screen[None]):
         except ValueError as exc:
             self.notify(f"{exc}: fix it in the settings (Ctrl+S)", severity="error", markup=False)
             return
+        tools = self._tools(conversation)
+        if tools is None:
+            return
         view = await self.chat_log.add("assistant", "", note="…")  # before any event of the answer can arrive
-        request_id = self.chat_app.engine.generate(conversation.id, conversation.chat_messages(), params)
-        self.streaming = Streaming(request_id, conversation.id, view)
+        request_id = self.chat_app.engine.generate(conversation.id, conversation.chat_messages(), params, tools)
+        self.streaming = Streaming(request_id, conversation.id, view, tools=bool(tools))
         self.status.update_info(generating=True)
         self._flush_timer.resume()
 
@@ -327,6 +421,9 @@ class ChatScreen(Screen[None]):
             if streaming is not None and event.request_id == streaming.request_id:
                 self.status.update_info(context_used=event.prompt_tokens, context_length=event.context_length,
                                         trimmed_messages=event.dropped_messages)
+                if streaming.tools and not event.tools_used:
+                    self.notify("This model has no function calling (its tokenizer has no tool tokens): it answers "
+                                "without the chat's tools.", title="Tools", severity="warning")
                 if event.dropped_messages and event.conversation_id not in self._trim_warned:
                     self._trim_warned.add(event.conversation_id)
                     self.notify(f"The chat is longer than the model's context: the {event.dropped_messages} oldest "
@@ -350,10 +447,15 @@ class ChatScreen(Screen[None]):
         self.streaming = None
         streaming.text = event.text
         reason = event.stats.finish_reason
-        if streaming.text or reason == "stop":
+        if event.tool_call_error:
+            self.notify(f"{event.tool_call_error}; it is shown as a plain answer", title="Unreadable tool call",
+                        severity="warning", timeout=10, markup=False)
+        if event.tool_calls:
+            await self._finish_with_calls(streaming, event)
+        elif streaming.text or reason == "stop":
             self.save_answer(streaming, keep_empty=True)
         view = streaming.view
-        if view is not None and view.is_mounted:
+        if not event.tool_calls and view is not None and view.is_mounted:
             if not streaming.text and reason in ("cancelled", "error"):
                 await view.remove()
             else:
@@ -369,10 +471,33 @@ class ChatScreen(Screen[None]):
             if reloaded is not None:
                 self.conversation = reloaded
                 self.conversation.title = reloaded.title
+                pending = reloaded.pending_tool_calls()
+                if event.tool_calls and pending:
+                    self._begin_tool_result(pending[0])
+
+    async def _finish_with_calls(self, streaming: Streaming, event: GenerationDone) -> None:
+        """Save the answer with its calls, and show them in place of the streamed text."""
+        store = self.chat_app.store
+        if streaming.message_id:
+            store.update_message(streaming.message_id, event.text, event.tool_calls)
+        elif store.load(streaming.conversation_id) is not None:
+            streaming.message_id = store.add_message(streaming.conversation_id, "assistant", event.text,
+                                                     tool_calls=event.tool_calls).id
+        streaming.saved_text = event.text
+        names = ", ".join(dict.fromkeys(call.name for call in event.tool_calls))
+        if streaming.view is not None and streaming.view.is_mounted:
+            await streaming.view.finish()
+            await streaming.view.remove()
+            await self.chat_log.add_view(ToolCallView(event.text, event.tool_calls, streaming.message_id))
+        self.notify(f"The model calls {names}: paste each result in the prompt (Enter sends it)", title="Tool call",
+                    markup=False)
 
     def action_stop(self) -> None:
         if self.streaming is not None:
             self.chat_app.engine.cancel(self.streaming.request_id)
+        elif self.answering_call is not None:
+            self._end_tool_result()
+            self.notify("Tool result cancelled: Ctrl+T pastes it later")
         elif self.editing_message_id is not None:
             self._end_edit()
             self.prompt.clear()
@@ -394,6 +519,7 @@ class ChatScreen(Screen[None]):
             return
         last = conversation.messages[-1]
         if last.role == "assistant":
+            self._end_tool_result()
             self.chat_app.store.delete_messages_from(conversation.id, last.id)
             conversation.messages.pop()
             view = self.chat_log.last_view()
@@ -410,6 +536,7 @@ class ChatScreen(Screen[None]):
         if last_user is None:
             self.notify("No message of yours to edit yet", severity="warning")
             return
+        self._end_tool_result()
         self.editing_message_id = last_user.id
         for view in self.chat_log.views:
             if view.message_id == last_user.id:

@@ -14,7 +14,7 @@ from textual.widgets.markdown import MarkdownStream
 from mistral_chat.chat.templates import Role
 
 FENCE_OPEN = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
-ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System", "tool": "Tool result"}
 
 
 def code_blocks(markdown: str) -> list[str]:

@@ -25,12 +25,14 @@ class PromptInput(TextArea):
         input: "PromptInput"
         text: str
 
+    PLACEHOLDER = "Message (Enter to send, Ctrl+J for a new line)"
+
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, soft_wrap=True, show_line_numbers=False, tab_behavior="focus")
         self.sent: list[str] = []
         self._history_index: int | None = None
         self._draft = ""
-        self.placeholder = "Message (Enter to send, Ctrl+J for a new line)"
+        self.placeholder = self.PLACEHOLDER
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key in NEWLINE_KEYS:
