@@ -77,9 +77,9 @@ class AppOptions:
                    system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
                    top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
                    lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile,
-                   min_p=getattr(opts, "min_p", 0.0), repetition_penalty=getattr(opts, "repetition_penalty", 1.0),
-                   presence_penalty=getattr(opts, "presence_penalty", 0.0), stop=tuple(getattr(opts, "stop", ())),
-                   tools_path=str(Path(opts.tools).expanduser().resolve()) if getattr(opts, "tools", None) else "")
+                   min_p=opts.min_p, repetition_penalty=opts.repetition_penalty,
+                   presence_penalty=opts.presence_penalty, stop=tuple(opts.stop),
+                   tools_path=str(Path(opts.tools).expanduser().resolve()) if opts.tools else "")
 
 
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
