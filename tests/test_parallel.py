@@ -163,7 +163,7 @@ def test_followers_exit_when_rank_0_dies(tiny):
                           text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     follower = int(proc.stdout.split()[0])
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10  # typically well under a second; room for a loaded 2-core CI machine
     while _alive(follower) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(follower)
