@@ -486,3 +486,24 @@ async def test_tools_with_a_model_without_function_calling(tmp_path: Path) -> No
         await answered(pilot)
         assert any("no function calling" in n for n in notes), notes
         assert [m.role for m in app.store.load(chat(app).conversation.id).messages] == ["user", "assistant"]
+
+
+async def test_view_follows_the_stream_unless_scrolled_up(tiny_model: Path, tmp_path: Path) -> None:
+    from tui_helpers import SlowSession
+
+    app = make_app(tmp_path / "chats.db", tiny_model,
+                   session_factory=lambda loaded, ctx: SlowSession(loaded, ctx, delay=0.02, words=400))
+    async with app.run_test(size=(80, 20)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        await type_and_send(pilot, "Count")
+        log = chat(app).chat_log
+        await wait_for(pilot, lambda: log.max_scroll_y > 10, timeout=20, what="an answer taller than the view")
+        await pilot.pause(0.3)
+        assert log.at_end  # following the stream
+        log.scroll_to(y=0, animate=False)
+        await pilot.pause(0.1)
+        grown = log.max_scroll_y
+        await wait_for(pilot, lambda: log.max_scroll_y > grown + 5, timeout=20, what="more of the answer")
+        assert log.scroll_y == 0  # the user scrolled up: the view stays where they put it
+        await pilot.press("escape")
+        await answered(pilot)
