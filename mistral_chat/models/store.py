@@ -259,7 +259,9 @@ def describe_model(name: str) -> ModelDetails:
             config_fields = {
                 "dim": config.dim, "layers": config.n_layers, "heads": config.n_heads, "kv heads": config.n_kv_heads,
                 "head dim": config.head_dim, "hidden dim": config.hidden_dim, "vocab": config.vocab_size,
-                "context": config.max_seq_len, "sliding window": config.sliding_window,
+                "context": config.max_seq_len,
+                "sliding window": (", ".join("full" if w is None else str(w) for w in config.layer_windows)
+                                   if config.layer_windows else config.sliding_window),
                 "rope theta": config.rope_theta,
             }
             if config.is_moe:
