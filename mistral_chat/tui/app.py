@@ -164,7 +164,7 @@ class MistralChatApp(App[None]):
             self.model_state = "ready"
             if self.options.compile and event.device.startswith("cuda"):
                 self.notify("Compiling the model for this GPU: the first answer takes a few minutes the first "
-                            "time, seconds once cached (--no-compile skips it).", title="Compiling", timeout=15)
+                            "time, less once cached (--no-compile skips it).", title="Compiling", timeout=15)
         elif isinstance(event, EngineFailed) and event.during == "load":
             self.model_state = "failed"
         await self.chat.handle_engine_event(event)
