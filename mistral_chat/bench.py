@@ -290,15 +290,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="time eager decode")
     p.add_argument("--vs-hf", action="store_true", help="also time HF transformers on the same shape")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json-file", help="also write the JSON to this file")
+    p.add_argument("--tp", help="comma-separated world sizes, e.g. 1,2,4: write one random checkpoint and compare "
+                                "greedy tokens and decode speed of single-GPU and tensor-parallel runs "
+                                "(uses --shape --layers --window --dtype --quantize --prompt --steps --device)")
+    p.add_argument("--tp-checkpoint", help="with --tp: keep the random checkpoint in this folder (reused by a later "
+                                           "run of the same shape) instead of a temporary one")
     return p.parse_args(argv)
+
+
+def parse_worlds(text: str) -> tuple[int, ...]:
+    try:
+        worlds = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise SystemExit(f"mistral-chat bench: error: --tp {text}: give world sizes like 1,2,4") from None
+    if not worlds or min(worlds) < 1:
+        raise SystemExit(f"mistral-chat bench: error: --tp {text}: give world sizes like 1,2,4")
+    return worlds
+
+
+def main_parallel(a: argparse.Namespace) -> int:
+    from mistral_chat.bench_parallel import format_parallel_table, result_json, run_parallel_bench
+
+    result = run_parallel_bench(a.shape, parse_worlds(a.tp), a.dtype, a.quantize, a.layers, a.prompt, a.steps,
+                                a.device, checkpoint_dir=a.tp_checkpoint, window=a.window)
+    text = result_json(result)
+    if a.json_file:
+        with open(a.json_file, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text if a.json else format_parallel_table(result))
+    return 0 if any(r.status == "ok" for r in result.runs) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.tp is not None and parse_worlds(a.tp) != (1,):
+        return main_parallel(a)
     result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps,
                        [int(b) for b in a.batch.split(",")], not a.no_compile, a.quantize, a.vs_hf,
                        [int(x) for x in a.prefill.split(",") if x] if a.prefill is not None else None, a.window)
-    print(json.dumps(asdict(result), indent=2) if a.json else format_table(result))
+    text = json.dumps(asdict(result), indent=2)
+    if a.json_file:
+        with open(a.json_file, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text if a.json else format_table(result))
     return 0
 
 

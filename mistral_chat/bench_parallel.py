@@ -1,0 +1,500 @@
+"""`mistral-chat bench --tp 1,2,4`: greedy agreement and batch-1 decode speed of tensor-parallel runs.
+
+A random checkpoint of a real model shape is written once to disk in the native layout (params.json, safetensors
+shards, and a synthetic tekken.json whose vocabulary covers every id the model can produce), then loaded as a
+plain one-process run (world 1) and as tensor-parallel runs of 2, 4, ... ranks (`start_parallel_session`, the
+path `mistral-chat --tp N` takes). Each run decodes the same random prompt greedily; the table shows tokens/s,
+time to first token, the per-GPU bandwidth floor (weight bytes rank 0 reads per token / copy bandwidth of
+cuda:0), and how far each world's tokens agree with the reference run (world 1 when it ran).
+
+The output rows of the special tokens are zero, so EOS (logit 0 among ~N(0, 1) logits) never wins and every run
+produces its full `steps` tokens; a run that stopped early anyway says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import random
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral_chat.engine.config import ModelConfig
+from mistral_chat.errors import MistralChatError
+from mistral_chat.text.tekken_tokenizer import DEFAULT_SPECIAL_TOKENS
+
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_NUM_SPECIAL = 1000  # what Mistral's tekken files reserve
+SHARD_BYTES = 4 << 30
+
+
+# ---- a synthetic tokenizer and a random checkpoint -------------------------------------------------------------
+
+
+def special_count(vocab_size: int) -> int:
+    """Special ids of the synthetic tokenizer: tekken's 1000 where the vocabulary is large, else the 20 defaults."""
+    if vocab_size >= 2 * TEKKEN_NUM_SPECIAL + 256:
+        return TEKKEN_NUM_SPECIAL
+    if vocab_size < len(DEFAULT_SPECIAL_TOKENS) + 256:
+        raise ValueError(f"a tekken vocabulary needs at least {len(DEFAULT_SPECIAL_TOKENS) + 256} tokens, "
+                         f"got {vocab_size}")
+    return len(DEFAULT_SPECIAL_TOKENS)
+
+
+def synthetic_tekken(vocab_size: int, seed: int = 0) -> dict[str, Any]:
+    """A valid tekken.json document of exactly `vocab_size` ids: special tokens, the 256 single bytes, then unique
+    random lowercase words (some with a leading space), so any id decodes to readable text."""
+    num_special = special_count(vocab_size)
+    inner = vocab_size - num_special
+    rng = random.Random(seed)
+    tokens: list[bytes] = [bytes([b]) for b in range(256)]
+    seen = set(tokens)
+    while len(tokens) < inner:
+        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8)))
+        token = (" " + word if rng.random() < 0.5 else word).encode()
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+
+    def entry(rank: int, token: bytes) -> dict[str, Any]:
+        try:
+            text: str | None = token.decode()
+        except UnicodeDecodeError:
+            text = None
+        return {"rank": rank, "token_bytes": base64.b64encode(token).decode(), "token_str": text}
+
+    return {
+        "config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": inner, "default_vocab_size": vocab_size,
+                   "default_num_special_tokens": num_special, "version": "v7"},
+        "vocab": [entry(rank, token) for rank, token in enumerate(tokens)],
+        "special_tokens": [{"rank": rank, "token_str": name, "is_control": True}
+                           for rank, name in enumerate(DEFAULT_SPECIAL_TOKENS)],
+    }
+
+
+def native_params(config: ModelConfig) -> dict[str, Any]:
+    """params.json for `config` (mistral-inference's keys)."""
+    params: dict[str, Any] = {
+        "dim": config.dim, "n_layers": config.n_layers, "head_dim": config.head_dim,
+        "hidden_dim": config.hidden_dim, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+        "norm_eps": config.norm_eps, "vocab_size": config.vocab_size, "rope_theta": config.rope_theta,
+        "max_seq_len": config.max_seq_len,
+    }
+    if config.layer_windows:
+        params["sliding_window"] = list(config.layer_windows)
+    elif config.sliding_window is not None:
+        params["sliding_window"] = config.sliding_window
+    if config.is_moe:
+        params["moe"] = {"num_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok}
+    return params
+
+
+def native_tensors(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of a native checkpoint of `config`, in file order."""
+    c = config
+    yield "tok_embeddings.weight", (c.vocab_size, c.dim)
+    yield "norm.weight", (c.dim,)
+    yield "output.weight", (c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        p = f"layers.{i}"
+        yield f"{p}.attention_norm.weight", (c.dim,)
+        yield f"{p}.ffn_norm.weight", (c.dim,)
+        yield f"{p}.attention.wq.weight", (c.n_heads * c.head_dim, c.dim)
+        yield f"{p}.attention.wk.weight", (c.n_kv_heads * c.head_dim, c.dim)
+        yield f"{p}.attention.wv.weight", (c.n_kv_heads * c.head_dim, c.dim)
+        yield f"{p}.attention.wo.weight", (c.dim, c.n_heads * c.head_dim)
+        experts = [f"{p}.feed_forward.experts.{e}" for e in range(c.num_experts)] if c.is_moe \
+            else [f"{p}.feed_forward"]
+        if c.is_moe:
+            yield f"{p}.feed_forward.gate.weight", (c.num_experts, c.dim)
+        for ex in experts:
+            yield f"{ex}.w1.weight", (c.hidden_dim, c.dim)
+            yield f"{ex}.w2.weight", (c.dim, c.hidden_dim)
+            yield f"{ex}.w3.weight", (c.hidden_dim, c.dim)
+
+
+def write_random_checkpoint(folder: Path | str, config: ModelConfig, dtype: torch.dtype = torch.bfloat16,
+                            seed: int = 0, shard_bytes: int = SHARD_BYTES, device: str | torch.device = "cpu",
+                            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a native checkpoint of `config` with random weights (std 0.02, norms 1) to `folder`.
+
+    Tensors are made one at a time (on `device`, then moved to the host) and written shard by shard, so host
+    memory holds at most one shard: one `consolidated.safetensors`, or `consolidated-0000i-of-0000n.safetensors`
+    files and `consolidated.safetensors.index.json`. The output rows of the special token ids are zero (see the
+    module's doc). Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tekken = synthetic_tekken(config.vocab_size, seed)
+    num_special = tekken["config"]["default_num_special_tokens"]
+    (folder / "tekken.json").write_text(json.dumps(tekken))
+    (folder / "params.json").write_text(json.dumps(native_params(config), indent=2))
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    names = list(native_tensors(config))
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            save_file(pending, str(folder / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(pending))
+        pending, pending_bytes = {}, 0
+
+    for done, (name, shape) in enumerate(names, 1):
+        if "norm" in name:
+            t = torch.ones(shape, dtype=dtype)
+        else:
+            t = (torch.randn(shape, device=dev, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
+            if name == "output.weight":
+                t[:num_special] = 0
+            t = t.cpu()
+        pending[name] = t
+        pending_bytes += t.numel() * t.element_size()
+        if pending_bytes >= shard_bytes:
+            flush()
+        if progress is not None:
+            progress(done, len(names))
+    flush()
+    if len(shards) == 1:
+        (folder / "part-00000.safetensors").rename(folder / "consolidated.safetensors")
+        return folder
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        final = f"consolidated-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"part-{i:05d}.safetensors").rename(folder / final)
+        weight_map.update({name: final for name in tensors})
+    index = {"metadata": {"total_size": sum(config_bytes(config, dtype))}, "weight_map": weight_map}
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def config_bytes(config: ModelConfig, dtype: torch.dtype) -> Iterator[int]:
+    """Bytes of each tensor of the checkpoint, in file order."""
+    item = torch.finfo(dtype).bits // 8
+    for _, shape in native_tensors(config):
+        n = 1
+        for s in shape:
+            n *= s
+        yield n * item
+
+
+# ---- one run per world size ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorldRun:
+    """One world size's load, greedy generation and agreement with the reference run."""
+
+    world: int
+    status: str = "ok"  # ok | skipped | failed
+    note: str = ""
+    load_s: float = 0.0
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    ms_per_token: float = 0.0
+    generated: int = 0
+    finish_reason: str = ""
+    repeatable: bool = True  # the timed run produced the ids of the first (warm-up) run
+    weight_bytes_per_gpu: int = 0  # weights rank 0 reads per decode step
+    floor_ms_per_token: float = 0.0
+    floor_tokens_per_s: float = 0.0
+    floor_pct: float = 0.0
+    same_leading: int = 0  # leading tokens identical to the reference run's
+    same_fraction: float = 0.0  # positions with the reference run's token
+    first_logits_max_diff: float = 0.0  # max |logit difference| after the prompt, vs the reference
+    margin_at_divergence: float | None = None  # reference's top-1 minus top-2 logit where the tokens first differ
+    ids: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each generated token
+
+
+@dataclass
+class ParallelBenchResult:
+    shape: str
+    device: str
+    dtype: str
+    quantize: str | None
+    layers: int
+    prompt: int
+    steps: int
+    gpus: int = 0
+    copy_bandwidth_gbs: float = 0.0
+    checkpoint_gb: float = 0.0
+    write_s: float = 0.0
+    checkpoint_reused: bool = False
+    reference_world: int | None = None
+    runs: list[WorldRun] = field(default_factory=list)
+
+
+class _LogitRecorder:
+    """Wraps a session's prefill and decode step to keep the top-2 gap of every logits it returns (on device,
+    read after the run) and the prompt's last logits."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.prefill, self.decode = session.prefill, session.decode
+        self.first: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+        session.prefill = self._prefill
+        session.decode = self._decode
+
+    def _prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        out = self.prefill(tokens, start)
+        self.first = out
+        return out
+
+    def _decode(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        out = self.decode(tokens, position)
+        self.steps.append(out.float().topk(2, dim=-1).values[0])
+        return out
+
+    def detach(self) -> tuple[torch.Tensor, list[float]]:
+        """(the prompt's last logits on the CPU, the margins of all generated tokens); restores the session."""
+        self.session.prefill, self.session.decode = self.prefill, self.decode
+        assert self.first is not None
+        first = self.first.float()[0]
+        tops = [first.topk(2).values] + self.steps
+        margins = (torch.stack(tops)[:, 0] - torch.stack(tops)[:, 1]).cpu().tolist()
+        return first.cpu(), margins
+
+
+def _release(device_type: str) -> None:
+    gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> torch.Tensor:
+    """Two greedy runs of the prompt: the first warms up and records logits, the second is timed."""
+    from mistral_chat.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=steps)
+    session.reset()
+    recorder = _LogitRecorder(session)
+    try:
+        for _ in session.generate(prompt_ids, params):
+            pass
+    finally:
+        first_logits, margins = recorder.detach()
+    warm_ids = list(session.generated_ids)
+    session.reset()
+    for _ in session.generate(prompt_ids, params):
+        pass
+    stats = session.stats
+    run.ids = list(session.generated_ids)
+    run.margins = margins[:len(run.ids)]
+    run.repeatable = run.ids == warm_ids
+    run.generated = stats.generated_tokens
+    run.finish_reason = stats.finish_reason
+    run.ttft_ms = stats.time_to_first_token * 1000
+    run.tokens_per_s = stats.tokens_per_second
+    run.ms_per_token = 1000 / run.tokens_per_s if run.tokens_per_s else 0.0
+    if run.generated < steps:
+        run.note = f"stopped after {run.generated} of {steps} tokens ({run.finish_reason})"
+    return first_logits
+
+
+def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str | None, context: int,
+               prompt_ids: list[int], steps: int) -> tuple[WorldRun, torch.Tensor | None]:
+    from mistral_chat.bench import weight_bytes_per_token
+    from mistral_chat.engine.generate import Session
+    from mistral_chat.engine.launch import RankOptions, start_parallel_session
+    from mistral_chat.engine.loader import load_model
+
+    run = WorldRun(world=world)
+    first_logits = None
+    started = time.perf_counter()
+    try:
+        with ExitStack() as stack:
+            if world == 1:
+                loaded = load_model(path, device="cuda:0" if dev_type == "cuda" else "cpu", dtype=dtype,
+                                    quantize=quantize, context_length=context)
+                session: Any = Session(loaded, context_length=context)
+            else:
+                options = RankOptions(path=str(path), device=dev_type, dtype=dtype, context_length=context,
+                                      quantize=quantize)
+                started_run = start_parallel_session(options, world)
+                assert started_run is not None, "not under torchrun: rank 0 always gets a session"
+                loaded, session = started_run
+                stack.enter_context(session)
+            run.load_s = time.perf_counter() - started
+            run.weight_bytes_per_gpu = weight_bytes_per_token(loaded.model, loaded.config)
+            first_logits = _measure(session, prompt_ids, steps, run)
+            del loaded, session
+    except MistralChatError as exc:
+        run.status, run.note = "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - one world failing must not lose the others' numbers
+        run.status, run.note = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        _release(dev_type)
+    return run, first_logits
+
+
+def _compare(run: WorldRun, ref: WorldRun, first: torch.Tensor | None, ref_first: torch.Tensor | None) -> None:
+    from mistral_chat.engine.generate import common_prefix
+
+    run.same_leading = common_prefix(run.ids, ref.ids)
+    length = max(len(run.ids), len(ref.ids), 1)
+    run.same_fraction = sum(a == b for a, b in zip(run.ids, ref.ids)) / length
+    if run.same_leading < min(len(run.ids), len(ref.ids)):
+        run.margin_at_divergence = ref.margins[run.same_leading]
+    if first is not None and ref_first is not None:
+        run.first_logits_max_diff = float((first - ref_first).abs().max())
+
+
+def prompt_ids(vocab_size: int, n: int, seed: int = 0, first_ordinary: int = 0) -> list[int]:
+    """`n` random ordinary (non-special) token ids, the same for every run."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(first_ordinary, vocab_size, (n,), generator=gen).tolist()
+
+
+def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str = "bfloat16",
+                       quantize: str | None = None, layers: int | None = None, prompt: int = 512,
+                       steps: int = 64, device: str = "auto", checkpoint_dir: str | Path | None = None,
+                       window: int | None = None, seed: int = 0) -> ParallelBenchResult:
+    """Greedy decode of one random checkpoint at each world size in `worlds` (see the module's doc).
+
+    The checkpoint goes to a temporary folder (deleted at the end), or to `checkpoint_dir`, which is kept and
+    reused by a later call for the same shape (e.g. the int8 run after the bf16 one).
+    """
+    from mistral_chat.bench import SHAPES, copy_bandwidth
+    from mistral_chat.engine.launch import device_type
+    from mistral_chat.engine.loader import DTYPES
+
+    config = SHAPES[shape]
+    if layers:
+        config = config.with_(n_layers=layers)
+    if window:
+        config = config.with_(sliding_window=window)
+    dev_type = device_type(device)
+    gpus = torch.cuda.device_count() if dev_type == "cuda" else 0
+    result = ParallelBenchResult(shape=shape, dtype=dtype, quantize=quantize, layers=config.n_layers,
+                                 prompt=prompt, steps=steps, gpus=gpus,
+                                 device=f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "cpu")
+    bench_device = torch.device("cuda:0" if dev_type == "cuda" else "cpu")
+    result.copy_bandwidth_gbs = copy_bandwidth(bench_device, 1.0 if gpus else 0.05) / 1e9
+    context = min(prompt + steps + 8, config.max_seq_len)
+    torch_dtype = DTYPES[dtype]
+    with ExitStack() as stack:
+        if checkpoint_dir is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mistral-chat-tp-bench-")))
+        else:
+            folder = Path(checkpoint_dir)
+        started = time.perf_counter()
+        result.checkpoint_reused = _reusable(folder, config)
+        if not result.checkpoint_reused:
+            _clear_checkpoint(folder)
+            write_random_checkpoint(folder, config, torch_dtype, seed, device=bench_device)
+        result.write_s = time.perf_counter() - started
+        result.checkpoint_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+        num_special = special_count(config.vocab_size)
+        ids = prompt_ids(config.vocab_size, prompt, seed, first_ordinary=num_special)
+        firsts: dict[int, torch.Tensor | None] = {}
+        for world in worlds:
+            if gpus and world > gpus:
+                result.runs.append(WorldRun(world=world, status="skipped",
+                                            note=f"needs {world} GPUs, {gpus} visible"))
+                continue
+            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps)
+            result.runs.append(run)
+    _finish(result, firsts)
+    return result
+
+
+def _reusable(folder: Path, config: ModelConfig) -> bool:
+    """A checkpoint already written there for this very shape (its params.json matches)."""
+    try:
+        return json.loads((folder / "params.json").read_text()) == native_params(config) and \
+            (folder / "tekken.json").is_file() and any(folder.glob("consolidated*.safetensors"))
+    except (OSError, ValueError):
+        return False
+
+
+def _clear_checkpoint(folder: Path) -> None:
+    """Remove an earlier random checkpoint (of another shape) from `folder`; refuse a folder holding other files."""
+    if not folder.is_dir():
+        return
+    ours = [f for f in folder.iterdir() if f.name in ("params.json", "tekken.json") or ".safetensors" in f.name]
+    others = [f.name for f in folder.iterdir() if f not in ours]
+    if others:
+        raise MistralChatError(f"--tp-checkpoint {folder} holds other files ({', '.join(sorted(others)[:3])}): "
+                               "give an empty or new folder")
+    for f in ours:
+        f.unlink()
+
+
+def _finish(result: ParallelBenchResult, firsts: dict[int, torch.Tensor | None]) -> None:
+    """Floors from the copy bandwidth; agreement with the reference run (world 1, else the smallest that ran)."""
+    bandwidth = result.copy_bandwidth_gbs * 1e9
+    for run in result.runs:
+        if run.status == "ok" and run.weight_bytes_per_gpu and bandwidth:
+            run.floor_ms_per_token = run.weight_bytes_per_gpu / bandwidth * 1000
+            run.floor_tokens_per_s = 1000 / run.floor_ms_per_token
+            if run.ms_per_token:
+                run.floor_pct = 100 * run.floor_ms_per_token / run.ms_per_token
+    done = [run for run in result.runs if run.status == "ok"]
+    if not done:
+        return
+    ref = next((run for run in done if run.world == 1), done[0])
+    result.reference_world = ref.world
+    for run in done:
+        _compare(run, ref, firsts.get(run.world), firsts.get(ref.world))
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+
+
+def format_parallel_table(result: ParallelBenchResult) -> str:
+    """The result as text, in the manner of bench.format_table."""
+    lines = [f"{result.shape} ({result.layers} layers, {result.dtype}"
+             f"{', ' + result.quantize if result.quantize else ''}) greedy, {result.steps} tokens after a "
+             f"{result.prompt}-token prompt, eager decode (as --tp runs), on {result.device}",
+             f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s (one device); checkpoint "
+             f"{result.checkpoint_gb:.1f} GB " + ("reused" if result.checkpoint_reused else
+                                                  f"written in {result.write_s:.0f} s")
+             + f"; tokens compared with world {result.reference_world}",
+             f"{'world':>5} {'load s':>7} {'TTFT ms':>8} {'ms/tok':>8} {'tokens/s':>9} {'GB/GPU/tok':>10} "
+             f"{'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} {'logit diff':>10}"]
+    notes = []
+    for r in result.runs:
+        if r.status != "ok":
+            lines.append(f"{r.world:>5} {r.status}: {r.note}")
+            continue
+        lines.append(f"{r.world:>5} {r.load_s:>7.1f} {r.ttft_ms:>8.1f} {r.ms_per_token:>8.2f} "
+                     f"{r.tokens_per_s:>9.1f} {r.weight_bytes_per_gpu / 1e9:>10.2f} {r.floor_ms_per_token:>8.2f} "
+                     f"{r.floor_pct:>6.0f}% {r.generated:>6} {r.same_leading:>9} {100 * r.same_fraction:>5.0f}% "
+                     f"{r.first_logits_max_diff:>10.2e}")
+        if r.note:
+            notes.append(f"world {r.world}: {r.note}")
+        if not r.repeatable:
+            notes.append(f"world {r.world}: two greedy runs of the same prompt gave different tokens")
+        if r.margin_at_divergence is not None:
+            own = r.margins[r.same_leading] if r.same_leading < len(r.margins) else float("nan")
+            smallest = min(_reference(result).margins, default=float("nan"))
+            notes.append(f"world {r.world}: first token unlike world {result.reference_world}'s is number "
+                         f"{r.same_leading}; top-1 minus top-2 logit there {r.margin_at_divergence:.3g} in the "
+                         f"reference run, {own:.3g} in this one (smallest gap of the reference run {smallest:.3g})")
+    return "\n".join(lines + notes)
+
+
+def _reference(result: ParallelBenchResult) -> WorldRun:
+    return next(r for r in result.runs if r.world == result.reference_world and r.status == "ok")
+
+
+def result_json(result: ParallelBenchResult) -> str:
+    return json.dumps(asdict(result), indent=2)
