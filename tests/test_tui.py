@@ -507,3 +507,25 @@ async def test_view_follows_the_stream_unless_scrolled_up(tiny_model: Path, tmp_
         assert log.scroll_y == 0  # the user scrolled up: the view stays where they put it
         await pilot.press("escape")
         await answered(pilot)
+
+
+async def test_a_chat_left_waiting_for_a_tool_result_asks_for_it_when_opened(tmp_path: Path) -> None:
+    from mistral_chat.chat.tools import ToolCall
+
+    db = tmp_path / "chats.db"
+    store = ChatStore(db)
+    conversation = store.create_conversation("Weather")
+    store.add_message(conversation.id, "user", "Weather in Paris?")
+    call = ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}')
+    store.add_message(conversation.id, "assistant", "", tool_calls=(call,))
+    store.close()
+    app = make_app(db, None)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("escape")  # the welcome screen (no model on disk)
+        await pilot.pause()
+        screen = chat(app)
+        if screen.conversation is None or screen.conversation.id != conversation.id:
+            await screen.open_conversation(conversation.id)
+            await pilot.pause()
+        assert screen.answering_call == call
+        assert "get_weather" in str(screen.prompt.border_title)

@@ -153,6 +153,9 @@ class ChatScreen(Screen[None]):
         self.chat_log.border_title = Content(conversation.title)
         self.status.update_info(context_used=0, trimmed_messages=0)
         await self.refresh_sidebar()
+        pending = conversation.pending_tool_calls() if live is None else []
+        if pending:  # a chat left waiting for a tool's result asks for it again
+            self._begin_tool_result(pending[0])
 
     async def refresh_sidebar(self) -> None:
         store = self.chat_app.store
