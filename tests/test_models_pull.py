@@ -366,7 +366,9 @@ def test_disk_full_mid_download(hub: HubServer, monkeypatch: pytest.MonkeyPatch)
 
 def test_list_show_rm(hub: HubServer, tmp_path: Path) -> None:
     assert run_cli("list")[1].startswith("no models yet")
+    assert last_used_model() is None
     assert run_cli("pull", "mistral-7b-instruct")[0] == 0
+    assert last_used_model() == "mistral-7b-instruct"  # before any use: the model pulled last
     mark_used("mistral-7b-instruct")
     assert last_used_model() == "mistral-7b-instruct"
 

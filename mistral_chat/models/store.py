@@ -153,8 +153,13 @@ def mark_used(path_or_name: str | Path) -> None:
 
 
 def last_used_model() -> str | None:
-    """The name (or absolute folder path) last passed to `mark_used`, or None."""
-    return Registry.load().last_used
+    """The name (or absolute folder path) last passed to `mark_used`; before any use, the model pulled or
+    registered last that is ready; else None."""
+    registry = Registry.load()
+    if registry.last_used is not None:
+        return registry.last_used
+    ready = [rec for rec in registry.models.values() if rec.ready]
+    return max(ready, key=lambda rec: rec.added_at).name if ready else None
 
 
 # ---- listing -------------------------------------------------------------------------------------------------
