@@ -226,17 +226,23 @@ def bench_hf(config: ModelConfig, device: torch.device, dtype: torch.dtype, prom
     return rows
 
 
+def bench_shape(shape: str, layers: int | None = None, window: int | None = None) -> ModelConfig:
+    """A named real shape, optionally cut to `layers` layers or given another sliding window."""
+    config = SHAPES[shape]
+    if layers:
+        config = config.with_(n_layers=layers)
+    if window:
+        config = config.with_(sliding_window=window)
+    return config
+
+
 def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers: int | None = None,
               prompt: int = 512, steps: int = 128, batches: list[int] | None = None, compile: bool = True,
               quantize: str | None = None, vs_hf: bool = False, prefill_lengths: list[int] | None = None,
               window: int | None = None) -> BenchResult:
     from mistral_chat.engine.loader import DTYPES, resolve_device
 
-    config = SHAPES[shape]
-    if layers:
-        config = config.with_(n_layers=layers)
-    if window:
-        config = config.with_(sliding_window=window)
+    config = bench_shape(shape, layers, window)
     dev = resolve_device(device)
     torch_dtype = DTYPES[dtype]
     batches = batches or [1, 8]

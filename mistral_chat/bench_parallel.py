@@ -372,15 +372,11 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
     The checkpoint goes to a temporary folder (deleted at the end), or to `checkpoint_dir`, which is kept and
     reused by a later call for the same shape (e.g. the int8 run after the bf16 one).
     """
-    from mistral_chat.bench import SHAPES, copy_bandwidth
+    from mistral_chat.bench import bench_shape, copy_bandwidth
     from mistral_chat.engine.launch import device_type
     from mistral_chat.engine.loader import DTYPES
 
-    config = SHAPES[shape]
-    if layers:
-        config = config.with_(n_layers=layers)
-    if window:
-        config = config.with_(sliding_window=window)
+    config = bench_shape(shape, layers, window)
     dev_type = device_type(device)
     gpus = torch.cuda.device_count() if dev_type == "cuda" else 0
     result = ParallelBenchResult(shape=shape, dtype=dtype, quantize=quantize, layers=config.n_layers,

@@ -78,22 +78,6 @@ def tokenizer_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def loaded(tokenizer_files):
-    """(ours, mistral-common's) per tokenizer name, each loaded once."""
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tokenizer_files[name]
-            cache[name] = (load_tokenizer(path), MistralTokenizer.from_file(str(path)))
-        return cache[name]
-
-    return get
-
-
 def reference_ids(mistral_tokenizer, conversation) -> list[int]:
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -108,23 +92,23 @@ ALL_TOKENIZERS = list(SHIPPED) + list(SYNTHETIC)
 
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
 @pytest.mark.parametrize("tokenizer_name", ALL_TOKENIZERS)
-def test_ids_match_mistral_common(loaded, tokenizer_name, conversation):
-    ours, reference = loaded(tokenizer_name)
+def test_ids_match_mistral_common(tokenizer_pair, tokenizer_name, conversation):
+    ours, reference = tokenizer_pair(tokenizer_name)
     turns = CONVERSATIONS[conversation]
     ids = encode_conversation(ours, [ChatMessage(role, content) for role, content in turns])
     assert ids == reference_ids(reference, turns)
 
 
 @pytest.mark.parametrize("tokenizer_name", ALL_TOKENIZERS)
-def test_instruct_format(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_instruct_format(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     expected = SHIPPED[tokenizer_name][1] if tokenizer_name in SHIPPED else SYNTHETIC[tokenizer_name]
     assert instruct_format(ours) == expected
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v1", "v3", "v7", "tekken-240911", "tekken-v13"])
-def test_ends_ready_for_the_answer(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_ends_ready_for_the_answer(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     ids = encode_conversation(ours, [ChatMessage("system", "sys"), ChatMessage("user", "hi")])
     assert ids[0] == ours.bos_id
     if ours.version == "v1":
@@ -134,16 +118,16 @@ def test_ends_ready_for_the_answer(loaded, tokenizer_name):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-v7"])
-def test_empty_assistant_answer_is_kept_as_eos(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_empty_assistant_answer_is_kept_as_eos(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     turns = [ChatMessage("user", "q"), ChatMessage("assistant", ""), ChatMessage("user", "again")]
     with_empty = encode_conversation(ours, turns)
     first = encode_conversation(ours, [ChatMessage("user", "q")])
     assert with_empty[: len(first) + 1] == first + [ours.eos_id]
 
 
-def test_conversation_must_end_with_the_user(loaded):
-    ours, _ = loaded("v3")
+def test_conversation_must_end_with_the_user(tokenizer_pair):
+    ours, _ = tokenizer_pair("v3")
     with pytest.raises(ValueError, match="end with a user message"):
         encode_conversation(ours, [ChatMessage("user", "q"), ChatMessage("assistant", "a")])
     with pytest.raises(ValueError):

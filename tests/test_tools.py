@@ -127,22 +127,6 @@ def tokenizer_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def loaded(tokenizer_files):
-    """(ours, mistral-common's) per tokenizer name, each loaded once."""
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tokenizer_files[name]
-            cache[name] = (load_tokenizer(path), MistralTokenizer.from_file(str(path)))
-        return cache[name]
-
-    return get
-
-
 def reference_request(tools, messages):
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -170,9 +154,9 @@ def reference_request(tools, messages):
 
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
 @pytest.mark.parametrize("tokenizer_name", TOOL_TOKENIZERS)
-def test_ids_match_mistral_common(loaded, tokenizer_name, conversation):
+def test_ids_match_mistral_common(tokenizer_pair, tokenizer_name, conversation):
     """Same ids as encode_chat_completion, or, where mistral-common refuses the conversation, an error too."""
-    ours, reference = loaded(tokenizer_name)
+    ours, reference = tokenizer_pair(tokenizer_name)
     tools, messages = CONVERSATIONS[conversation]
     try:
         expected = reference.encode_chat_completion(reference_request(tools, messages)).tokens
@@ -190,8 +174,8 @@ EXPECTED_REFUSALS = {  # (tokenizer versions, conversation) that both refuse: ke
 
 
 @pytest.mark.parametrize("tokenizer_name", TOOL_TOKENIZERS)
-def test_refusals_are_the_expected_ones(loaded, tokenizer_name):
-    ours, reference = loaded(tokenizer_name)
+def test_refusals_are_the_expected_ones(tokenizer_pair, tokenizer_name):
+    ours, reference = tokenizer_pair(tokenizer_name)
     version = ours.version
     for conversation, (tools, messages) in CONVERSATIONS.items():
         refused = (version, conversation) in EXPECTED_REFUSALS
@@ -202,16 +186,16 @@ def test_refusals_are_the_expected_ones(loaded, tokenizer_name):
             encode_conversation(ours, messages, tools)
 
 
-def test_old_call_still_works(loaded):
-    ours, _ = loaded("v3")
+def test_old_call_still_works(tokenizer_pair):
+    ours, _ = tokenizer_pair("v3")
     messages = [ChatMessage(U, "hi")]
     assert encode_conversation(ours, messages) == encode_conversation(ours, messages, None)
     assert encode_conversation(ours, messages) == encode_conversation(ours, messages, [])
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-240911", "tekken-v13"])
-def test_available_tools_placement(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_available_tools_placement(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     messages = [ChatMessage(U, "first"), ChatMessage(A, "ok"), ChatMessage(U, "second")]
     ids = encode_conversation(ours, messages, TOOLS)
     tools_at = ids.index(ours.special_id("[AVAILABLE_TOOLS]"))
@@ -229,24 +213,24 @@ def test_v1_has_no_tools():
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-v7", "tekken-v11"])
-def test_bad_call_ids_are_refused(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_bad_call_ids_are_refused(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     bad = ToolCall("call_1", "get_weather", "{}")
     with pytest.raises(ValueError, match="9 letters or digits"):
         encode_conversation(ours, [ChatMessage(U, "q"), call_turn(bad), result(bad, "x")])
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v2", "tekken-v13"])
-def test_any_nonempty_id_for_v2_and_v13(loaded, tokenizer_name):
-    ours, reference = loaded(tokenizer_name)
+def test_any_nonempty_id_for_v2_and_v13(tokenizer_pair, tokenizer_name):
+    ours, reference = tokenizer_pair(tokenizer_name)
     call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
     messages = [ChatMessage(U, "q"), call_turn(call), result(call, "cold")]
     assert encode_conversation(ours, messages) == reference.encode_chat_completion(
         reference_request(None, messages)).tokens
 
 
-def test_tool_structure_errors(loaded):
-    ours, _ = loaded("v7")
+def test_tool_structure_errors(tokenizer_pair):
+    ours, _ = tokenizer_pair("v7")
     with pytest.raises(ValueError, match="role 'tool'"):
         encode_conversation(ours, [ChatMessage(U, "q"), result(PARIS, "x")])
     with pytest.raises(ValueError, match="more tool results"):
@@ -299,9 +283,9 @@ CALL_SETS = {"one": [PARIS], "three": [PARIS, ZURICH, CLOCK], "no_args": [PING]}
 
 @pytest.mark.parametrize("calls", list(CALL_SETS))
 @pytest.mark.parametrize("tokenizer_name", TOOL_TOKENIZERS)
-def test_parse_reference_calls(loaded, tokenizer_name, calls):
+def test_parse_reference_calls(tokenizer_pair, tokenizer_name, calls):
     """Both forms: v2-v7 [TOOL_CALLS][json list], v11 name[CALL_ID]id[ARGS]json, v13 name[ARGS]json."""
-    ours, reference = loaded(tokenizer_name)
+    ours, reference = tokenizer_pair(tokenizer_name)
     expected = CALL_SETS[calls]
     ids = reference_call_ids(reference, expected)
     assert ids[-1] == ours.eos_id
@@ -313,8 +297,8 @@ def test_parse_reference_calls(loaded, tokenizer_name, calls):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v7", "tekken-v7", "tekken-v11", "tekken-v13"])
-def test_parse_after_text(loaded, tokenizer_name):
-    ours, reference = loaded(tokenizer_name)
+def test_parse_after_text(tokenizer_pair, tokenizer_name):
+    ours, reference = tokenizer_pair(tokenizer_name)
     ids = reference_call_ids(reference, [PARIS], content="Let me look that up.")
     start = find_tool_calls(ours, ids)
     assert start is not None and ours.decode(ids[:start]) == "Let me look that up."
@@ -322,8 +306,8 @@ def test_parse_after_text(loaded, tokenizer_name):
 
 
 @pytest.mark.parametrize("tokenizer_name", TOOL_TOKENIZERS)
-def test_no_tool_call_token_means_none(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_no_tool_call_token_means_none(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     text = '[TOOL_CALLS][{"name": "get_weather", "arguments": {}}]'  # as text, not the control token
     assert parse_tool_calls(ours, ours.encode(text) + [ours.eos_id]) is None
     assert parse_tool_calls(ours, []) is None
@@ -335,8 +319,8 @@ def test_v1_never_has_calls():
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-240911"])
-def test_json_list_form_variants(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_json_list_form_variants(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     marker = ours.special_id("[TOOL_CALLS]")
     # a single object, arguments given as a JSON string, no id, junk after </s>
     text = ' {"name": "get_weather", "arguments": "{\\"city\\": \\"Lyon\\"}"}'
@@ -350,8 +334,8 @@ def test_json_list_form_variants(loaded, tokenizer_name):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "tekken-v11", "tekken-v13"])
-def test_invalid_json_raises_with_the_text(loaded, tokenizer_name):
-    ours, _ = loaded(tokenizer_name)
+def test_invalid_json_raises_with_the_text(tokenizer_pair, tokenizer_name):
+    ours, _ = tokenizer_pair(tokenizer_name)
     marker = ours.special_id("[TOOL_CALLS]")
     if ours.version in ("v11", "v13"):
         ids = [marker, *ours.encode("get_weather"), ours.special_id("[ARGS]"), *ours.encode('{"city": "Par')]
@@ -368,9 +352,9 @@ def test_invalid_json_raises_with_the_text(loaded, tokenizer_name):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["v3", "v7", "tekken-v11", "tekken-v13"])
-def test_parsed_calls_round_trip_into_the_conversation(loaded, tokenizer_name):
+def test_parsed_calls_round_trip_into_the_conversation(tokenizer_pair, tokenizer_name):
     """A parsed call goes back into the conversation, with its result, as mistral-common would write it."""
-    ours, reference = loaded(tokenizer_name)
+    ours, reference = tokenizer_pair(tokenizer_name)
     generated = reference_call_ids(reference, [ZURICH, CLOCK])
     calls = parse_tool_calls(ours, generated)
     messages = [ChatMessage(U, "Zürich, and the time?"), call_turn(*calls),

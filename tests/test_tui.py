@@ -10,7 +10,6 @@ from tui_helpers import isolated_home, make_app, wait_for  # noqa: F401 - an aut
 
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.tui.screens.chat import ChatScreen
-from mistral_chat.tui.widgets.message_view import MessageView
 
 
 @pytest.fixture(scope="module")

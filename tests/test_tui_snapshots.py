@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from tui_helpers import isolated_home, make_app  # noqa: F401 - an autouse fixture
 
 from mistral_chat.chat.store import ChatStore
