@@ -388,10 +388,8 @@ class ChatScreen(Screen[None]):
             return
         if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
             fragment, streaming.pending = streaming.pending, ""
-            following = self.chat_log.at_end
             await streaming.view.append(fragment)
-            if following:
-                self.chat_log.follow()
+            self.chat_log.follow()
         if time.monotonic() - streaming.saved_at >= SAVE_SECONDS:
             self.save_answer(streaming)
 

@@ -26,13 +26,29 @@ def view_for(message: Message) -> MessageView:
 class ChatLog(VerticalScroll):
     """A column of MessageViews. Follows new text while the view is at the bottom; scrolling up stops that."""
 
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - VerticalScroll's own arguments
+        super().__init__(*args, **kwargs)
+        # Whether new text scrolls the view. Only a scroll changes it, never growing content, so text that
+        # arrives before the last follow has been laid out does not stop the view following.
+        self.following = True
+
     @property
     def at_end(self) -> bool:
         return self.scroll_y >= self.max_scroll_y - 1
 
-    def follow(self) -> None:
-        """Scroll to the end once the new content is laid out."""
-        self.call_after_refresh(self.scroll_end, animate=False, immediate=True)
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        self.following = self.at_end
+
+    def follow(self, force: bool = False) -> None:
+        """Scroll to the end once the new content is laid out, unless the user scrolled up since (or `force`)."""
+        if force:
+            self.following = True
+        self.call_after_refresh(self._scroll_end_if_following)
+
+    def _scroll_end_if_following(self) -> None:
+        if self.following:
+            self.scroll_end(animate=False, immediate=True)
 
     async def show(self, conversation: Conversation | None, skip_message_id: int = 0) -> None:
         """Replace the content with `conversation`'s messages (all but `skip_message_id`)."""
@@ -42,7 +58,7 @@ class ChatLog(VerticalScroll):
             await self.mount_all(views)
         else:
             await self.mount(Static(EMPTY_HINT, classes="empty-hint", markup=False))
-        self.follow()
+        self.follow(force=True)
 
     async def add(self, role: Role, text: str, message_id: int = 0, note: str = "") -> MessageView:
         return await self.add_view(MessageView(role, text, message_id, note))
@@ -51,7 +67,7 @@ class ChatLog(VerticalScroll):
         for hint in self.query(".empty-hint"):
             await hint.remove()
         await self.mount(view)
-        self.follow()
+        self.follow(force=True)
         return view
 
     @property
