@@ -1,17 +1,11 @@
 """encode_fim gives exactly mistral-common's MistralTokenizer.encode_fim ids for every tokenizer with FIM tokens."""
 
-import json
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
 import pytest
 
 from mistral_chat.chat.fim import encode_fim, supports_fim
 from mistral_chat.errors import MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data
+from tiny_models import mistral_common_data, write_small_tekken
 
 FIM_FILES = {
     "v3": "mistral_instruct_tokenizer_240323.model.v3",
@@ -37,16 +31,9 @@ PAIRS = {
 }
 
 
-def make_tekken_v13(path: pathlib.Path) -> None:
-    data = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
-    data["vocab"] = data["vocab"][:20000]
-    data["config"].update(version="v13", default_vocab_size=21000, num_vocab_tokens=20000)
-    data.pop("image", None)
-    names = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+V13_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
              "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
              "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]", "[ARGS]", "[CALL_ID]"]  # fmt: skip
-    data["special_tokens"] = [{"rank": r, "token_str": n, "is_control": True} for r, n in enumerate(names)]
-    path.write_text(json.dumps(data), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +42,7 @@ def loaded(tmp_path_factory):
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     files = {name: mistral_common_data() / file for name, file in {**FIM_FILES, **NO_FIM_FILES}.items()}
-    files["tekken-v13"] = tmp_path_factory.mktemp("tekken") / "tekken_v13.json"
-    make_tekken_v13(files["tekken-v13"])
+    files["tekken-v13"] = write_small_tekken(tmp_path_factory.mktemp("tekken") / "tekken_v13.json", "v13", V13_SPECIALS)
     cache: dict[str, tuple] = {}
 
     def get(name: str):

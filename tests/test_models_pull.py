@@ -16,16 +16,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer
+from tiny_models import write_tiny_model
 
-from hub_server import HubServer  # noqa: E402
-from tiny_models import write_tiny_model  # noqa: E402
-
-from mistral_chat.errors import ModelFilesError, ModelNotFoundError  # noqa: E402
-from mistral_chat.models import commands, download, pull  # noqa: E402
-from mistral_chat.models.download import RetryPolicy  # noqa: E402
-from mistral_chat.models.progress import PullProgress  # noqa: E402
-from mistral_chat.models.store import last_used_model, list_models, mark_used, resolve_model  # noqa: E402
+from mistral_chat.errors import ModelFilesError, ModelNotFoundError
+from mistral_chat.models import commands, download, pull
+from mistral_chat.models.download import RetryPolicy
+from mistral_chat.models.progress import PullProgress
+from mistral_chat.models.store import last_used_model, list_models, mark_used, resolve_model
 
 ALIAS_REPO = "mistralai/Mistral-7B-Instruct-v0.3"
 GOOD_TOKEN = "hf_good_token"

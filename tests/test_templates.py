@@ -1,17 +1,13 @@
 """encode_conversation gives exactly mistral-common's encode_chat_completion ids, for every tokenizer it ships."""
 
-import json
 import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import pytest
 
 from mistral_chat.chat.templates import ChatMessage, encode_conversation, instruct_format
 from mistral_chat.errors import TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data
+from tiny_models import mistral_common_data, write_small_tekken
 
 SHIPPED = {
     "v1": ("tokenizer.model.v1", "v1"),
@@ -47,32 +43,18 @@ CONVERSATIONS = {
 }
 
 
-def make_tekken(source: pathlib.Path, dest: pathlib.Path, version: str, special_tokens: list[str] | None) -> None:
-    data = json.loads(source.read_text(encoding="utf-8"))
-    inner = 20000
-    data["vocab"] = data["vocab"][:inner]
-    data["config"].update(version=version, default_vocab_size=inner + 1000, num_vocab_tokens=inner)
-    data.pop("image", None)
-    if special_tokens is not None:
-        data["special_tokens"] = [
-            {"rank": rank, "token_str": name, "is_control": True} for rank, name in enumerate(special_tokens)
-        ]
-    dest.write_text(json.dumps(data), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def tokenizer_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     data = mistral_common_data()
     files = {name: data / file for name, (file, _) in SHIPPED.items()}
     folder = tmp_path_factory.mktemp("tekken")
-    source = data / "tekken_240911.json"
-    make_tekken(source, folder / "tekken_v7.json", "v7", None)
+    write_small_tekken(folder / "tekken_v7.json", "v7")
     # a v13 file lists its own special tokens; ranks differ from the v3 defaults to show names are what counts
     specials = ["<unk>", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[TOOL_CALLS]",
                 "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[IMG]", "<pad>",
                 "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[TOOL_CONTENT]", "[ARGS]",
                 "[CALL_ID]", "[THINK]", "[/THINK]"]  # fmt: skip
-    make_tekken(source, folder / "tekken_v13.json", "v13", specials)
+    write_small_tekken(folder / "tekken_v13.json", "v13", specials)
     files["tekken-v7"] = folder / "tekken_v7.json"
     files["tekken-v13"] = folder / "tekken_v13.json"
     return files
@@ -140,7 +122,7 @@ def test_missing_control_token_is_a_tokenizer_error(tmp_path, tokenizer_files):
     # a v7 file that does not have [SYSTEM_PROMPT]: the user is told which token and file
     specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
     path = tmp_path / "tekken.json"
-    make_tekken(mistral_common_data() / "tekken_240911.json", path, "v7", specials)
+    write_small_tekken(path, "v7", specials)
     ours = load_tokenizer(tmp_path)
     assert encode_conversation(ours, [ChatMessage("user", "hi")])[-1] == ours.special_id("[/INST]")
     with pytest.raises(TokenizerError, match=r"SYSTEM_PROMPT.*tekken.json|tekken.json.*SYSTEM_PROMPT"):

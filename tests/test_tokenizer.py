@@ -2,9 +2,6 @@
 
 import pathlib
 import random
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import pytest
 

@@ -4,8 +4,6 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
 import pytest
 
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
@@ -23,7 +21,7 @@ from mistral_chat.chat.tools import (
 )
 from mistral_chat.errors import MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data
+from tiny_models import mistral_common_data, write_small_tekken
 
 SHIPPED = {
     "v2": "mistral_instruct_tokenizer_240216.model.v2",
@@ -103,25 +101,14 @@ CONVERSATIONS = {
 }
 
 
-def make_tekken(dest: pathlib.Path, version: str, special_tokens: list[str] | None) -> None:
-    data = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
-    inner = 20000
-    data["vocab"] = data["vocab"][:inner]
-    data["config"].update(version=version, default_vocab_size=inner + 1000, num_vocab_tokens=inner)
-    data.pop("image", None)
-    if special_tokens is not None:
-        data["special_tokens"] = [{"rank": r, "token_str": n, "is_control": True} for r, n in enumerate(special_tokens)]
-    dest.write_text(json.dumps(data), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def tokenizer_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     files = {name: mistral_common_data() / file for name, file in SHIPPED.items()}
     files["v1"] = mistral_common_data() / "tokenizer.model.v1"
     folder = tmp_path_factory.mktemp("tekken")
-    make_tekken(folder / "tekken_v7.json", "v7", None)
-    make_tekken(folder / "tekken_v11.json", "v11", NEW_SPECIALS)
-    make_tekken(folder / "tekken_v13.json", "v13", NEW_SPECIALS)
+    write_small_tekken(folder / "tekken_v7.json", "v7")
+    write_small_tekken(folder / "tekken_v11.json", "v11", NEW_SPECIALS)
+    write_small_tekken(folder / "tekken_v13.json", "v13", NEW_SPECIALS)
     for version in ("v7", "v11", "v13"):
         files[f"tekken-{version}"] = folder / f"tekken_{version}.json"
     return files

@@ -42,6 +42,20 @@ def copy_tokenizer(dest: Path, tokenizer: str) -> Path | None:
     return dest / name
 
 
+def write_small_tekken(dest: Path, version: str, special_tokens: list[str] | None = None) -> Path:
+    """A tekken.json of another version, cut from mistral-common's tekken_240911.json to 20000 vocabulary tokens;
+    `special_tokens` lists the file's own special tokens in rank order (v7 files leave them to the defaults)."""
+    data = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
+    inner = 20000
+    data["vocab"] = data["vocab"][:inner]
+    data["config"].update(version=version, default_vocab_size=inner + 1000, num_vocab_tokens=inner)
+    data.pop("image", None)
+    if special_tokens is not None:
+        data["special_tokens"] = [{"rank": r, "token_str": n, "is_control": True} for r, n in enumerate(special_tokens)]
+    dest.write_text(json.dumps(data), encoding="utf-8")
+    return dest
+
+
 @dataclass
 class TinySpec:
     """The shape of a tiny model; defaults make a small Mistral with a sliding window of 16."""

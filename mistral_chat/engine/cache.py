@@ -14,6 +14,14 @@ import torch
 from torch import nn
 
 
+def cache_capacity(max_positions: int, sliding_window: int | None, prefill_chunk: int) -> tuple[int, bool]:
+    """Slots per layer and whether they wrap: all `max_positions`, or window + one prefill chunk - 1 when a
+    sliding window makes that smaller."""
+    if sliding_window is not None and sliding_window + prefill_chunk - 1 < max_positions:
+        return sliding_window + prefill_chunk - 1, True
+    return max_positions, False
+
+
 class LayerKVCache(nn.Module):
     """The keys and values of one layer: [batch, kv_heads, capacity, head_dim]."""
 

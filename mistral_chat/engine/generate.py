@@ -11,7 +11,7 @@ import torch
 
 from mistral_chat.engine.decode import DecodeStep, Prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
-from mistral_chat.engine.memory import DEFAULT_CONTEXT
+from mistral_chat.engine.memory import session_context
 from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
@@ -58,8 +58,7 @@ class Session:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compile: bool | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        limit = loaded.config.max_seq_len
-        self.context_length = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
+        self.context_length = session_context(loaded.config, context_length)
         self._requested_chunk = prefill_chunk
         self.tokens: list[int] = []
         self._claim_cache()

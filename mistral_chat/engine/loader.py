@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from mistral_chat.engine.config import ModelConfig, load_config
-from mistral_chat.engine.memory import DEFAULT_CONTEXT, check_fits, estimate_memory, free_memory
+from mistral_chat.engine.memory import check_fits, estimate_memory, free_memory, session_context
 from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
 from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
@@ -103,7 +103,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     dev = resolve_device(device)
     reader = CheckpointReader(path, config.checkpoint_format)
     target = resolve_dtype(dtype, dev, reader.stored_dtype())
-    context = min(context_length or config.max_seq_len, config.max_seq_len, DEFAULT_CONTEXT)
+    context = session_context(config, context_length)
     estimate = estimate_memory(config, target, context, quantize=quantize, world=parallel.world)
     check_fits(estimate, free_memory(dev), dev, path.name, quantize, parallel.world, context)
     log.info("loading %s (%s, %s) on %s as %s", path, config.architecture, config.checkpoint_format, dev, target)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistral_chat.engine.cache import cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.errors import DeviceError
 
@@ -25,12 +26,9 @@ class MemoryEstimate:
         return self.weights + self.kv_cache
 
 
-def cache_slots(config: ModelConfig, context: int, prefill_chunk: int) -> int:
-    """KV cache slots per layer: the context, or window + one prefill chunk when a sliding window is shorter."""
-    window = config.sliding_window
-    if window is not None and window + prefill_chunk - 1 < context:
-        return window + prefill_chunk - 1
-    return context
+def session_context(config: ModelConfig, requested: int | None) -> int:
+    """The context a session gets: what was asked for (default DEFAULT_CONTEXT), never more than the model's."""
+    return min(requested or min(config.max_seq_len, DEFAULT_CONTEXT), config.max_seq_len)
 
 
 def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefill_chunk: int = 2048,
@@ -49,7 +47,7 @@ def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefi
     else:
         weights = projections * item // world + other * item
     kv_heads = max(1, c.n_kv_heads // world)
-    kv = 2 * c.n_layers * batch * kv_heads * c.head_dim * cache_slots(c, context, prefill_chunk) * item
+    kv = 2 * c.n_layers * batch * kv_heads * c.head_dim * cache_capacity(context, c.sliding_window, prefill_chunk)[0] * item
     return MemoryEstimate(weights=weights, kv_cache=kv)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine.cache import LayerKVCache, SlotPositions
+from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
@@ -184,10 +184,7 @@ class Transformer(nn.Module):
         with per-layer windows the longest decides, and a full-attention layer means no wrap.
         """
         window = self.config.sliding_window
-        capacity = max_positions
-        wraps = window is not None and window + prefill_chunk - 1 < max_positions
-        if wraps:
-            capacity = window + prefill_chunk - 1
+        capacity, wraps = cache_capacity(max_positions, window, prefill_chunk)
         local_kv = self.layers[0].attention.n_kv_heads
         for layer in self.layers:
             layer.attention.cache = LayerKVCache(batch, local_kv, capacity, self.config.head_dim,
