@@ -43,3 +43,13 @@ def test_too_big_is_refused_with_advice(tmp_path):
     message = str(err.value)
     assert "tiny needs about" in message and "--quantize int8" in message and "--tp 2" in message
     check_fits(estimate, estimate.total, torch.device("cpu"), "tiny", None, 1, 512)  # fits exactly: no error
+
+
+def test_session_context_is_the_request_within_the_model_limit(tmp_path):
+    from mistral_chat.engine.memory import DEFAULT_CONTEXT, session_context
+
+    config = load_config(write_tiny_model(tmp_path, "mistral")["native"]).with_(max_seq_len=131072)
+    assert session_context(config, None) == DEFAULT_CONTEXT
+    assert session_context(config, 65536) == 65536  # the memory check sees what the session will allocate
+    assert session_context(config, 1 << 20) == 131072
+    assert session_context(config.with_(max_seq_len=512), None) == 512
