@@ -319,7 +319,7 @@ def main_parallel(a: argparse.Namespace) -> int:
     from mistral_chat.bench_parallel import format_parallel_table, result_json, run_parallel_bench
 
     result = run_parallel_bench(a.shape, parse_worlds(a.tp), a.dtype, a.quantize, a.layers, a.prompt, a.steps,
-                                a.device, checkpoint_dir=a.tp_checkpoint, window=a.window)
+                                a.device, checkpoint_dir=a.tp_checkpoint, window=a.window, compile=not a.no_compile)
     text = result_json(result)
     if a.json_file:
         with open(a.json_file, "w", encoding="utf-8") as f:

@@ -205,6 +205,7 @@ class WorldRun:
     status: str = "ok"  # ok | skipped | failed
     note: str = ""
     load_s: float = 0.0
+    warmup_s: float = 0.0  # the first (untimed) greedy run: compiles prefill and decode when compiling
     ttft_ms: float = 0.0
     tokens_per_s: float = 0.0
     ms_per_token: float = 0.0
@@ -233,6 +234,7 @@ class ParallelBenchResult:
     prompt: int
     steps: int
     gpus: int = 0
+    compiled: bool = False  # decode compiled into CUDA graphs (GPUs, unless --no-compile)
     copy_bandwidth_gbs: float = 0.0
     checkpoint_gb: float = 0.0
     write_s: float = 0.0
@@ -286,11 +288,13 @@ def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> 
     params = SamplingParams(max_tokens=steps)
     session.reset()
     recorder = _LogitRecorder(session)
+    started = time.perf_counter()
     try:
         for _ in session.generate(prompt_ids, params):
             pass
     finally:
         first_logits, margins = recorder.detach()
+    run.warmup_s = time.perf_counter() - started
     warm_ids = list(session.generated_ids)
     session.reset()
     for _ in session.generate(prompt_ids, params):
@@ -310,7 +314,7 @@ def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> 
 
 
 def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str | None, context: int,
-               prompt_ids: list[int], steps: int) -> tuple[WorldRun, torch.Tensor | None]:
+               prompt_ids: list[int], steps: int, compile: bool) -> tuple[WorldRun, torch.Tensor | None]:
     from mistral_chat.bench import weight_bytes_per_token
     from mistral_chat.engine.generate import Session
     from mistral_chat.engine.launch import RankOptions, start_parallel_session
@@ -323,11 +327,11 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
         with ExitStack() as stack:
             if world == 1:
                 loaded = load_model(path, device="cuda:0" if dev_type == "cuda" else "cpu", dtype=dtype,
-                                    quantize=quantize, context_length=context)
+                                    quantize=quantize, context_length=context, compile=compile)
                 session: Any = Session(loaded, context_length=context)
             else:
                 options = RankOptions(path=str(path), device=dev_type, dtype=dtype, context_length=context,
-                                      quantize=quantize)
+                                      quantize=quantize, compile=compile)
                 started_run = start_parallel_session(options, world)
                 assert started_run is not None, "not under torchrun: rank 0 always gets a session"
                 loaded, session = started_run
@@ -366,7 +370,7 @@ def prompt_ids(vocab_size: int, n: int, seed: int = 0, first_ordinary: int = 0) 
 def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str = "bfloat16",
                        quantize: str | None = None, layers: int | None = None, prompt: int = 512,
                        steps: int = 64, device: str = "auto", checkpoint_dir: str | Path | None = None,
-                       window: int | None = None, seed: int = 0) -> ParallelBenchResult:
+                       window: int | None = None, seed: int = 0, compile: bool = True) -> ParallelBenchResult:
     """Greedy decode of one random checkpoint at each world size in `worlds` (see the module's doc).
 
     The checkpoint goes to a temporary folder (deleted at the end), or to `checkpoint_dir`, which is kept and
@@ -380,7 +384,7 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
     dev_type = device_type(device)
     gpus = torch.cuda.device_count() if dev_type == "cuda" else 0
     result = ParallelBenchResult(shape=shape, dtype=dtype, quantize=quantize, layers=config.n_layers,
-                                 prompt=prompt, steps=steps, gpus=gpus,
+                                 prompt=prompt, steps=steps, gpus=gpus, compiled=compile and gpus > 0,
                                  device=f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "cpu")
     bench_device = torch.device("cuda:0" if dev_type == "cuda" else "cpu")
     result.copy_bandwidth_gbs = copy_bandwidth(bench_device, 1.0 if gpus else 0.05) / 1e9
@@ -406,7 +410,7 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
                 result.runs.append(WorldRun(world=world, status="skipped",
                                             note=f"needs {world} GPUs, {gpus} visible"))
                 continue
-            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps)
+            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile)
             result.runs.append(run)
     _finish(result, firsts)
     return result
@@ -459,19 +463,20 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
     """The result as text, in the manner of bench.format_table."""
     lines = [f"{result.shape} ({result.layers} layers, {result.dtype}"
              f"{', ' + result.quantize if result.quantize else ''}) greedy, {result.steps} tokens after a "
-             f"{result.prompt}-token prompt, eager decode (as --tp runs), on {result.device}",
+             f"{result.prompt}-token prompt, {'compiled (CUDA graphs)' if result.compiled else 'eager'} decode, "
+             f"on {result.device}",
              f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s (one device); checkpoint "
              f"{result.checkpoint_gb:.1f} GB " + ("reused" if result.checkpoint_reused else
                                                   f"written in {result.write_s:.0f} s")
              + f"; tokens compared with world {result.reference_world}",
-             f"{'world':>5} {'load s':>7} {'TTFT ms':>8} {'ms/tok':>8} {'tokens/s':>9} {'GB/GPU/tok':>10} "
+             f"{'world':>5} {'load s':>7} {'warm s':>6} {'TTFT ms':>8} {'ms/tok':>8} {'tokens/s':>9} {'GB/GPU/tok':>10} "
              f"{'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} {'logit diff':>10}"]
     notes = []
     for r in result.runs:
         if r.status != "ok":
             lines.append(f"{r.world:>5} {r.status}: {r.note}")
             continue
-        lines.append(f"{r.world:>5} {r.load_s:>7.1f} {r.ttft_ms:>8.1f} {r.ms_per_token:>8.2f} "
+        lines.append(f"{r.world:>5} {r.load_s:>7.1f} {r.warmup_s:>6.1f} {r.ttft_ms:>8.1f} {r.ms_per_token:>8.2f} "
                      f"{r.tokens_per_s:>9.1f} {r.weight_bytes_per_gpu / 1e9:>10.2f} {r.floor_ms_per_token:>8.2f} "
                      f"{r.floor_pct:>6.0f}% {r.generated:>6} {r.same_leading:>9} {100 * r.same_fraction:>5.0f}% "
                      f"{r.first_logits_max_diff:>10.2e}")

@@ -74,6 +74,7 @@ class RankOptions:
     quantize: str | None = None
     lora: str | None = None
     lora_scale: float = 1.0
+    compile: bool = False  # on GPUs: decode as CUDA graphs, every rank alike (see decode.py)
 
 
 # ---- where this process stands ------------------------------------------------------------------------------
@@ -524,7 +525,8 @@ def _load_rank(options: RankOptions, dev_type: str, rank: int, world: int, local
     """Load this rank's shard (the one place all ranks load: --quantize composes here, per shard)."""
     return load_model(options.path, device=_rank_device(dev_type, local_rank), dtype=options.dtype,
                       parallel=Parallel(rank=rank, world=world), progress=progress, quantize=options.quantize,
-                      lora=options.lora, lora_scale=options.lora_scale, context_length=options.context_length)
+                      lora=options.lora, lora_scale=options.lora_scale, context_length=options.context_length,
+                      compile=options.compile)
 
 
 def _describe(exc: BaseException) -> str:
@@ -694,10 +696,12 @@ def _start_rank0(options: RankOptions, world: int, dev_type: str, local_rank: in
 
 
 def rank_options(opts: "RunOptions", path: str | Path) -> RankOptions:
+    from mistral_chat.oneshot import compile_wanted
+
     lora = getattr(opts, "lora", None)
     return RankOptions(path=str(path), device=opts.device, dtype=opts.dtype, context_length=opts.context,
                        quantize=getattr(opts, "quantize", None), lora=str(lora) if lora else None,
-                       lora_scale=getattr(opts, "lora_scale", 1.0))
+                       lora_scale=getattr(opts, "lora_scale", 1.0), compile=compile_wanted(opts))
 
 
 def start_parallel(opts: "RunOptions", progress: Callable[[int, int], None] | None = None,
@@ -744,7 +748,8 @@ class ParallelModelLoader:
                               context_length=request.context_length,
                               quantize=getattr(request, "quantize", None),
                               lora=str(request.lora) if getattr(request, "lora", None) else None,
-                              lora_scale=getattr(request, "lora_scale", 1.0))
+                              lora_scale=getattr(request, "lora_scale", 1.0),
+                              compile=getattr(request, "compile", False))
         started = start_parallel_session(options, self.world, progress, self.on_stuck)
         if started is None:
             raise ParallelRunError("this process is a tensor-parallel follower and hosts no UI")

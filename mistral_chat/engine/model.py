@@ -8,6 +8,7 @@ group whose sum completes the row-parallel projections.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,16 @@ class FeedForward(nn.Module):
         return all_reduce(self.w2(F.silu(gate) * up), self.parallel)
 
 
+def compiled_once(forward):
+    """Mark a block's forward as one region that torch.compile traces and compiles once for all layers (they
+    share code and shapes): on a 32-layer model the first compile takes seconds instead of minutes. No effect
+    in eager mode, or on a torch without `nested_compile_region` (or with MISTRAL_CHAT_COMPILE_REGIONS=0)."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    if region is None or os.environ.get("MISTRAL_CHAT_COMPILE_REGIONS", "1") == "0":
+        return forward
+    return region(forward)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
         super().__init__()
@@ -146,6 +157,7 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(config.dim, local.hidden_dim, parallel)
 
+    @compiled_once
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
                 key_len: int) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, slots, mask, key_len)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from mistral_chat.errors import MistralChatError
@@ -44,16 +45,24 @@ class Parallel:
         """Concatenate each rank's vocabulary slice of the logits."""
         if not self.enabled:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.world)]
-        dist.all_gather(parts, logits.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        gathered = _all_gather(logits.contiguous(), 0, self.process_group)  # [world * B, ...]
+        return torch.cat(gathered.chunk(self.world, dim=0), dim=-1)
+
+    @property
+    def process_group(self) -> Any:
+        return self.group if self.group is not None else dist.group.WORLD
+
+
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.13
 
 
 def all_reduce(x: torch.Tensor, parallel: Parallel) -> torch.Tensor:
-    """Sum the partial results of a row-parallel projection across ranks."""
-    if parallel.enabled:
-        dist.all_reduce(x, group=parallel.group)
-    return x
+    """Sum the partial results of a row-parallel projection across ranks.
+
+    A functional collective, so that torch.compile traces it into the decode graph (and its CUDA graph)."""
+    if not parallel.enabled:
+        return x
+    return funcol.all_reduce(x, "sum", parallel.process_group)
 
 
 def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Parallel) -> torch.Tensor:

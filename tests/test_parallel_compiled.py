@@ -1,0 +1,74 @@
+"""Compiled decode under tensor parallelism, on the CPU: 2 gloo ranks whose decode step goes through
+torch.compile (the functional all-reduce traced into the graph, as CUDA graphs hold it on GPUs) give the same
+greedy tokens and logits as the single-process eager engine, with the rotating cache wrapping."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import torch
+
+from mistral_chat.engine.loader import load_model
+from tiny_models import write_tiny_model
+
+RANK = r"""
+import sys, torch, torch.distributed as dist
+from mistral_chat.engine.decode import DecodeStep
+from mistral_chat.engine.loader import load_model
+from mistral_chat.engine.parallel import Parallel
+rank, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+model = load_model(path, device="cpu", dtype="float32", parallel=Parallel(rank=rank, world=2)).model
+ids = [int(i) for i in sys.argv[5].split(",")]
+step = DecodeStep(model, compile=True)
+tokens, logits_seen = [], []
+with torch.no_grad():
+    model.setup_cache(300, prefill_chunk=8)
+    for start in range(0, len(ids), 8):
+        logits = model(torch.tensor([ids[start:start + 8]]), start)[:, -1]
+    pos = len(ids)
+    for _ in range(24):
+        token = logits.argmax(-1)
+        tokens.append(int(token[0]))
+        logits = step(token.view(1, 1), pos)
+        logits_seen.append(logits.clone())
+        pos += 1
+if rank == 0:
+    torch.save({"tokens": tokens, "logits": torch.cat(logits_seen)}, out)
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path):
+    path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 24 tokens: the cache wraps
+    ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    out, port = tmp_path / "rank0.pt", free_port()
+    args = [str(port), str(path), str(out), ",".join(map(str, ids))]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    errors = [proc.communicate(timeout=600)[1] for proc in ranks]
+    assert all(proc.returncode == 0 for proc in ranks), errors
+
+    model = load_model(path, device="cpu", dtype="float32").model
+    tokens, logits_seen = [], []
+    with torch.no_grad():
+        model.setup_cache(300, prefill_chunk=8)
+        for start in range(0, len(ids), 8):
+            logits = model(torch.tensor([ids[start:start + 8]]), start)[:, -1]
+        for pos in range(len(ids), len(ids) + 24):
+            token = int(logits.argmax(-1)[0])
+            tokens.append(token)
+            logits = model(torch.tensor([[token]]), pos)[:, -1]
+            logits_seen.append(logits)
+    got = torch.load(out)
+    assert got["tokens"] == tokens
+    torch.testing.assert_close(got["logits"], torch.cat(logits_seen), atol=1e-4, rtol=0)
