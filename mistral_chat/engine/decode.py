@@ -55,6 +55,8 @@ class Prefill:
     def __init__(self, model: Transformer, compile: bool = True) -> None:
         self.model = model
         self._run = _prefill
+        if os.environ.get("MISTRAL_CHAT_COMPILE_PREFILL", "1") == "0":  # skip its first-run compile (~80 s)
+            compile = False
         if compile and model.device.type == "cuda":
             self._run = torch.compile(_prefill, dynamic=True)
 

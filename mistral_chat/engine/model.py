@@ -135,11 +135,12 @@ class FeedForward(nn.Module):
 
 
 def compiled_once(forward):
-    """Mark a block's forward as one region that torch.compile traces and compiles once for all layers (they
-    share code and shapes): on a 32-layer model the first compile takes seconds instead of minutes. No effect
-    in eager mode, or on a torch without `nested_compile_region` (or with MISTRAL_CHAT_COMPILE_REGIONS=0)."""
+    """With MISTRAL_CHAT_COMPILE_REGIONS=1, mark a block's forward as one region that torch.compile traces and
+    compiles once for all layers (they share code and shapes): a 32-layer model's first compile then takes
+    seconds instead of minutes. Off by default: torch 2.13 on the CPU compiles it correctly, but torch 2.11's
+    inductor fails on CUDA (the block's float attributes become graph inputs) and falls back to eager."""
     region = getattr(torch.compiler, "nested_compile_region", None)
-    if region is None or os.environ.get("MISTRAL_CHAT_COMPILE_REGIONS", "1") == "0":
+    if region is None or os.environ.get("MISTRAL_CHAT_COMPILE_REGIONS", "0") != "1":
         return forward
     return region(forward)
 
