@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -316,10 +316,14 @@ def parse_worlds(text: str) -> tuple[int, ...]:
 
 
 def main_parallel(a: argparse.Namespace) -> int:
-    from mistral_chat.bench_parallel import format_parallel_table, result_json, run_parallel_bench
+    from mistral_chat.bench_parallel import describe_run, format_parallel_table, result_json, run_parallel_bench
+
+    def tell(run: Any) -> None:
+        print(describe_run(run), file=sys.stderr, flush=True)
 
     result = run_parallel_bench(a.shape, parse_worlds(a.tp), a.dtype, a.quantize, a.layers, a.prompt, a.steps,
-                                a.device, checkpoint_dir=a.tp_checkpoint, window=a.window, compile=not a.no_compile)
+                                a.device, checkpoint_dir=a.tp_checkpoint, window=a.window, compile=not a.no_compile,
+                                on_run=tell)
     text = result_json(result)
     if a.json_file:
         with open(a.json_file, "w", encoding="utf-8") as f:

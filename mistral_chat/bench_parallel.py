@@ -370,11 +370,13 @@ def prompt_ids(vocab_size: int, n: int, seed: int = 0, first_ordinary: int = 0) 
 def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str = "bfloat16",
                        quantize: str | None = None, layers: int | None = None, prompt: int = 512,
                        steps: int = 64, device: str = "auto", checkpoint_dir: str | Path | None = None,
-                       window: int | None = None, seed: int = 0, compile: bool = True) -> ParallelBenchResult:
+                       window: int | None = None, seed: int = 0, compile: bool = True,
+                       on_run: Callable[[WorldRun], None] | None = None) -> ParallelBenchResult:
     """Greedy decode of one random checkpoint at each world size in `worlds` (see the module's doc).
 
     The checkpoint goes to a temporary folder (deleted at the end), or to `checkpoint_dir`, which is kept and
-    reused by a later call for the same shape (e.g. the int8 run after the bf16 one).
+    reused by a later call for the same shape (e.g. the int8 run after the bf16 one). `on_run(run)` is told of
+    each world as it ends (a long run killed midway still shows the worlds it finished).
     """
     from mistral_chat.bench import bench_shape, copy_bandwidth
     from mistral_chat.engine.launch import device_type
@@ -412,6 +414,8 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
                 continue
             run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile)
             result.runs.append(run)
+            if on_run is not None:
+                on_run(run)
     _finish(result, firsts)
     return result
 
@@ -457,6 +461,14 @@ def _finish(result: ParallelBenchResult, firsts: dict[int, torch.Tensor | None])
 
 
 # ---- output ----------------------------------------------------------------------------------------------------
+
+
+def describe_run(run: WorldRun) -> str:
+    """One line for a world as soon as it ends (before the table, which needs every world)."""
+    if run.status != "ok":
+        return f"world {run.world}: {run.status}: {run.note}"
+    return (f"world {run.world}: loaded in {run.load_s:.1f} s, warm-up run {run.warmup_s:.1f} s, "
+            f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s), {run.generated} tokens")
 
 
 def format_parallel_table(result: ParallelBenchResult) -> str:
