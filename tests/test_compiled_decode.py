@@ -33,8 +33,9 @@ def greedy(model, ids: list[int], steps: int, compile: bool) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_equals_eager(tmp_path, quantize):
+@pytest.mark.parametrize("quantize,regions", [(None, "0"), ("int8", "0"), (None, "1")])
+def test_compiled_decode_equals_eager(tmp_path, monkeypatch, quantize, regions):
+    monkeypatch.setenv("MISTRAL_CHAT_COMPILE_REGIONS", regions)  # "1": one block compiled for all layers
     loaded = load_model(write_tiny_model(tmp_path, "mistral")["native"], device="cpu", dtype="float32",
                         quantize=quantize)
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
