@@ -15,7 +15,7 @@ from mistral_chat.engine.loader import load_model
 from tiny_models import write_tiny_model
 
 RANK = r"""
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from mistral_chat.engine.decode import DecodeStep
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.parallel import Parallel
@@ -40,6 +40,7 @@ with torch.no_grad():
 if rank == 0:
     torch.save({"tokens": tokens, "logits": torch.cat(logits_seen)}, out)
 dist.destroy_process_group()
+os._exit(0)  # skip interpreter teardown: a compiled gloo rank sometimes aborts there ("terminate called ...")
 """
 
 
