@@ -17,10 +17,10 @@ def test_key_bucket_rounds_up_to_a_power_of_two_within_the_capacity():
     assert key_bucket(10, 23) == 23  # a small (window) cache is read whole
 
 
-def greedy(model, ids: list[int], steps: int, compile: bool) -> list[int]:
+def greedy(model, ids: list[int], steps: int, compile: bool, cache: int = 300) -> list[int]:
     step = DecodeStep(model, compile=compile)
     with torch.no_grad():
-        model.setup_cache(300, prefill_chunk=8)
+        model.setup_cache(cache, prefill_chunk=8)
         logits = None
         for start in range(0, len(ids), 8):
             logits = model(torch.tensor([ids[start:start + 8]]), start)[:, -1]
@@ -33,12 +33,32 @@ def greedy(model, ids: list[int], steps: int, compile: bool) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("quantize,regions", [(None, "0"), ("int8", "0"), (None, "1")])
-def test_compiled_decode_equals_eager(tmp_path, monkeypatch, quantize, regions):
-    monkeypatch.setenv("MISTRAL_CHAT_COMPILE_REGIONS", regions)  # "1": one block compiled for all layers
+@pytest.mark.parametrize("quantize,quick", [(None, "0"), ("int8", "0"), (None, "1")])
+def test_compiled_decode_equals_eager(tmp_path, monkeypatch, quantize, quick):
+    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # "1": one block for all layers, any cache length
     loaded = load_model(write_tiny_model(tmp_path, "mistral")["native"], device="cpu", dtype="float32",
                         quantize=quantize)
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     eager = greedy(loaded.model, ids, 24, compile=False)  # window 16: the cache of 23 slots wraps
     compiled = greedy(loaded.model, ids, 24, compile=True)
     assert compiled == eager
+
+
+def test_quick_compile_serves_every_cache_bucket_with_one_graph(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from mistral_chat.engine.config import ModelConfig
+    from mistral_chat.engine.model import Transformer
+
+    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", "1")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=3, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                                    vocab_size=300, max_seq_len=2048))  # no window: the cache is read by buckets
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ids = list(range(1, 9))
+    eager = greedy(model, ids, 560, compile=False, cache=2048)  # positions 8..567: buckets 256, 512 and 1024
+    before = counters["stats"]["unique_graphs"]
+    compiled = greedy(model, ids, 560, compile=True, cache=2048)
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] - before == 1  # (a bucket equal to the whole cache adds one more)

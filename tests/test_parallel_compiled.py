@@ -50,9 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("regions", ["0", "1"])
-def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, regions):
-    monkeypatch.setenv("MISTRAL_CHAT_COMPILE_REGIONS", regions)  # the ranks inherit it
+@pytest.mark.parametrize("quick", ["0", "1"])
+def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick):
+    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 24 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
