@@ -220,6 +220,8 @@ class WorldRun:
     same_fraction: float = 0.0  # positions with the reference run's token
     first_logits_max_diff: float = 0.0  # max |logit difference| after the prompt, vs the reference
     margin_at_divergence: float | None = None  # reference's top-1 minus top-2 logit where the tokens first differ
+    forced_same_fraction: float | None = None  # fed the reference's tokens: positions whose argmax is the reference's
+    forced_worst_gap: float = 0.0  # at those that differ: own top logit minus own logit of the reference's token
     ids: list[int] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each generated token
 
@@ -313,8 +315,31 @@ def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> 
     return first_logits
 
 
+def _teacher_forced(session: Any, prompt_ids: list[int], ref_ids: list[int], run: WorldRun) -> None:
+    """Feed the reference run's tokens: at each position, does this world's argmax pick the reference's token?
+
+    Unlike comparing two free greedy runs, one near-tie does not make every later token differ."""
+    session.reset()
+    with torch.no_grad():
+        logits = session._feed(prompt_ids)[0].float()  # (_feed records the tokens it ran; decode does not)
+        agree, worst = 0, 0.0
+        for i, token in enumerate(ref_ids):
+            top = int(logits.argmax())
+            if top == token:
+                agree += 1
+            else:
+                worst = max(worst, float(logits[top] - logits[token]))
+            if i + 1 < len(ref_ids):
+                position = len(session.tokens)
+                logits = session.decode(torch.tensor([[token]], device=session.loaded.device), position)[0].float()
+                session.tokens.append(token)
+    run.forced_same_fraction = agree / max(len(ref_ids), 1)
+    run.forced_worst_gap = worst
+
+
 def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str | None, context: int,
-               prompt_ids: list[int], steps: int, compile: bool) -> tuple[WorldRun, torch.Tensor | None]:
+               prompt_ids: list[int], steps: int, compile: bool,
+               ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
     from mistral_chat.bench import weight_bytes_per_token
     from mistral_chat.engine.generate import Session
     from mistral_chat.engine.launch import RankOptions, start_parallel_session
@@ -339,6 +364,8 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
             run.load_s = time.perf_counter() - started
             run.weight_bytes_per_gpu = weight_bytes_per_token(loaded.model, loaded.config)
             first_logits = _measure(session, prompt_ids, steps, run)
+            if ref_ids:
+                _teacher_forced(session, prompt_ids, ref_ids, run)
             del loaded, session
     except MistralChatError as exc:
         run.status, run.note = "failed", str(exc)
@@ -407,13 +434,17 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
         num_special = special_count(config.vocab_size)
         ids = prompt_ids(config.vocab_size, prompt, seed, first_ordinary=num_special)
         firsts: dict[int, torch.Tensor | None] = {}
+        ref_ids: list[int] | None = None  # the first world that ran is the reference (world 1 when asked for first)
         for world in worlds:
             if gpus and world > gpus:
                 result.runs.append(WorldRun(world=world, status="skipped",
                                             note=f"needs {world} GPUs, {gpus} visible"))
                 continue
-            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile)
+            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile,
+                                            ref_ids)
             result.runs.append(run)
+            if ref_ids is None and run.status == "ok":
+                ref_ids, result.reference_world = run.ids, run.world
             if on_run is not None:
                 on_run(run)
     _finish(result, firsts)
@@ -443,7 +474,7 @@ def _clear_checkpoint(folder: Path) -> None:
 
 
 def _finish(result: ParallelBenchResult, firsts: dict[int, torch.Tensor | None]) -> None:
-    """Floors from the copy bandwidth; agreement with the reference run (world 1, else the smallest that ran)."""
+    """Floors from the copy bandwidth; agreement with the reference run (the first world that ran)."""
     bandwidth = result.copy_bandwidth_gbs * 1e9
     for run in result.runs:
         if run.status == "ok" and run.weight_bytes_per_gpu and bandwidth:
@@ -454,8 +485,7 @@ def _finish(result: ParallelBenchResult, firsts: dict[int, torch.Tensor | None])
     done = [run for run in result.runs if run.status == "ok"]
     if not done:
         return
-    ref = next((run for run in done if run.world == 1), done[0])
-    result.reference_world = ref.world
+    ref = next(run for run in done if run.world == result.reference_world)
     for run in done:
         _compare(run, ref, firsts.get(run.world), firsts.get(ref.world))
 
@@ -482,7 +512,8 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
                                                   f"written in {result.write_s:.0f} s")
              + f"; tokens compared with world {result.reference_world}",
              f"{'world':>5} {'load s':>7} {'warm s':>6} {'TTFT ms':>8} {'ms/tok':>8} {'tokens/s':>9} {'GB/GPU/tok':>10} "
-             f"{'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} {'logit diff':>10}"]
+             f"{'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} {'forced %':>8} "
+             f"{'logit diff':>10}"]
     notes = []
     for r in result.runs:
         if r.status != "ok":
@@ -491,9 +522,13 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
         lines.append(f"{r.world:>5} {r.load_s:>7.1f} {r.warmup_s:>6.1f} {r.ttft_ms:>8.1f} {r.ms_per_token:>8.2f} "
                      f"{r.tokens_per_s:>9.1f} {r.weight_bytes_per_gpu / 1e9:>10.2f} {r.floor_ms_per_token:>8.2f} "
                      f"{r.floor_pct:>6.0f}% {r.generated:>6} {r.same_leading:>9} {100 * r.same_fraction:>5.0f}% "
-                     f"{r.first_logits_max_diff:>10.2e}")
+                     f"{_percent(r.forced_same_fraction):>8} {r.first_logits_max_diff:>10.2e}")
         if r.note:
             notes.append(f"world {r.world}: {r.note}")
+        if r.forced_same_fraction is not None and r.forced_same_fraction < 1:
+            notes.append(f"world {r.world}: fed world {result.reference_world}'s tokens, its argmax differs at "
+                         f"{round((1 - r.forced_same_fraction) * len(r.ids))} of {len(r.ids)} positions; its own "
+                         f"top logit beats the reference's token by at most {r.forced_worst_gap:.3g} there")
         if not r.repeatable:
             notes.append(f"world {r.world}: two greedy runs of the same prompt gave different tokens")
         if r.margin_at_divergence is not None:
@@ -503,6 +538,10 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
                          f"{r.same_leading}; top-1 minus top-2 logit there {r.margin_at_divergence:.3g} in the "
                          f"reference run, {own:.3g} in this one (smallest gap of the reference run {smallest:.3g})")
     return "\n".join(lines + notes)
+
+
+def _percent(fraction: float | None) -> str:
+    return "ref" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _reference(result: ParallelBenchResult) -> WorldRun:

@@ -55,6 +55,7 @@ def test_world_2_decodes_the_tokens_of_world_1():
     assert len(one.ids) == 16 and one.finish_reason == "length" and one.repeatable
     assert two.ids == one.ids and two.same_leading == 16 and two.same_fraction == 1.0
     assert two.margin_at_divergence is None and two.first_logits_max_diff < 1e-4
+    assert one.forced_same_fraction is None and two.forced_same_fraction == 1.0  # fed world 1's tokens
     assert len(set(one.ids)) > 1 and min(one.ids) >= special_count(SHAPES["tiny"].vocab_size)
     assert two.tokens_per_s > 0 and two.floor_ms_per_token > 0 and two.weight_bytes_per_gpu < one.weight_bytes_per_gpu
     assert "world" in format_parallel_table(result)
