@@ -1,0 +1,90 @@
+"""Manual GPU check (not collected by pytest): where one batch-1 decode step spends its time.
+
+Builds random weights of a real shape on the device (as `mistral-chat bench` does), decodes a few tokens to
+compile, then profiles `--steps` decode steps and prints the kernels by total device time, and the time per
+step by kind of kernel (matrix products, attention, collectives, the rest):
+
+    python3 tests/gpu_profile_decode.py --shape mistral-7b [--quantize int8] [--no-compile] [--steps 20]
+    MISTRAL_CHAT_QUICK_COMPILE=1 python3 tests/gpu_profile_decode.py --shape mistral-7b
+
+On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only checks that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mistral_chat.bench import SHAPES, bench_shape, random_model
+from mistral_chat.engine.decode import DecodeStep
+
+KINDS = (("matrix products", ("gemv", "gemm", "mm", "cutlass", "sm90", "xmma", "splitk", "reduction_n")),
+         ("attention", ("softmax", "attention", "flash", "bmm")),
+         ("collectives", ("nccl", "allreduce", "all_reduce", "allgather")))
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "the rest"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int)
+    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = bench_shape(a.shape, a.layers)
+    model = random_model(config, device, torch.bfloat16, a.quantize)
+    model.setup_cache(a.prompt + a.steps + 16, prefill_chunk=a.prompt)
+    step = DecodeStep(model, compile=not a.no_compile)
+    with torch.no_grad():
+        logits = model(torch.randint(0, config.vocab_size, (1, a.prompt), device=device), 0)[:, -1]
+    position = a.prompt
+
+    def decode(n: int) -> None:
+        nonlocal logits, position
+        for _ in range(n):
+            logits = step(logits.argmax(-1).view(1, 1), position)
+            position += 1
+
+    started = time.perf_counter()
+    decode(3)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    print(f"{a.shape} ({config.n_layers} layers, {a.quantize or 'bf16'}, "
+          f"{'eager' if a.no_compile else 'compiled'}) on {device}: warm-up {time.perf_counter() - started:.1f} s")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        decode(a.steps)
+        sync()
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=25, max_name_column_width=80))
+    if device.type == "cuda":
+        per_kind: dict[str, float] = defaultdict(float)
+        for e in events:  # kernels carry self device time; operators and runtime calls carry none
+            us = getattr(e, "self_device_time_total", 0.0)
+            if us > 0:
+                per_kind[kind_of(e.key)] += us
+        total = sum(per_kind.values())
+        for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
+            print(f"{kind:>16}: {us / a.steps / 1000:.3f} ms per step ({100 * us / max(total, 1):.0f}% of kernel time)")
+        print(f"kernel time {total / a.steps / 1000:.3f} ms per step; wall (profiled) {wall / a.steps * 1000:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
