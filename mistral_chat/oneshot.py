@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,9 @@ def compile_wanted(opts: "RunOptions") -> bool:
     from mistral_chat.paths import app_home
 
     use_compile_cache(app_home() / "compile-cache")
-    print("mistral-chat: compiling the model for this GPU (a few minutes the first time, cached afterwards; "
-          "--no-compile skips it)", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun rank
+        print("mistral-chat: compiling the model for this GPU (a few minutes the first time, cached afterwards; "
+              "--no-compile skips it)", file=sys.stderr)
     return True
 
 

@@ -69,12 +69,15 @@ def main() -> int:
         bf16, bf16_logits = greedy(bf16_model, ids, 40, compile=True)
         rel = ((bf16_logits - cpu_logits).norm() / cpu_logits.norm()).item()
         int8, _ = greedy(load(path, "cuda", torch.bfloat16, quantize=True), ids, 40, compile=True)
+        # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
+        int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
+        int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)
         agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)
         agree_int8 = sum(a == b for a, b in zip(int8, bf16)) / len(bf16)
-        ok = cpu == cuda == cuda_c and rel < 2e-2
+        ok = cpu == cuda == cuda_c and int8_cpu == int8_cuda and rel < 2e-2
         failures += not ok
         print(f"{kind:8} fp32 cpu==cuda eager: {cpu == cuda}  ==cuda compiled: {cpu == cuda_c}  "
-              f"bf16 logits rel err {rel:.4f}  bf16 greedy agree {agree_bf16:.0%}  int8 vs bf16 agree "
+              f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  bf16 logits rel err {rel:.4f}  bf16 greedy agree {agree_bf16:.0%}  int8 vs bf16 agree "
               f"{agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)
     return 1 if failures else 0
 

@@ -1,18 +1,21 @@
 """int8 weight-only quantization, applied while loading (`--quantize int8`).
 
-Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The matrix product
-runs in the activations' dtype on the dequantized weight; torch.compile fuses the dequantization into the
-product, so decode reads half the bytes of bf16. Norms, the gate and the embedding stay in the model dtype.
+Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. For one activation
+row (batch-1 decode) on CUDA, a Triton kernel (int8_gemv.py) reads the int8 weight once and scales the sums;
+otherwise the product runs in the activations' dtype on the dequantized weight. Norms, the gate and the embedding stay in the model dtype.
 Weights are quantized one tensor at a time as they are read, so a model whose bf16 weights do not fit the
 device (full Mixtral-8x7B on one 80 GB GPU) still loads.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import int8_gemv
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert
 
@@ -31,7 +34,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and self.weight.stride(-1) == 1 and use_int8_kernel(x):  # one row: the kernel
+            return int8_gemv.int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+def use_int8_kernel(x: torch.Tensor) -> bool:
+    """The Triton int8 kernel where it can run, unless MISTRAL_CHAT_INT8_KERNEL=0 (for comparisons)."""
+    return int8_gemv.available(x) and os.environ.get("MISTRAL_CHAT_INT8_KERNEL", "1") != "0"
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

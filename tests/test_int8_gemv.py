@@ -1,0 +1,73 @@
+"""The Triton int8 matrix-vector kernel (engine/int8_gemv.py), run on the CPU by Triton's interpreter: it equals
+the dequantize-and-multiply product on ragged shapes, and an int8 model decodes the same greedy tokens with it
+as without it. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench cover that.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import torch
+import torch.nn.functional as F
+from mistral_chat.engine import int8_gemv
+from mistral_chat.bench import random_model
+from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.quant import quantize_rows
+assert int8_gemv.available(torch.zeros(1))
+
+gen = torch.Generator().manual_seed(0)
+for n, k in ((50, 200), (16, 64), (33, 100)):  # neither a multiple of the blocks
+    w = torch.randn(n, k, generator=gen)
+    q, scale = quantize_rows(w)
+    x = torch.randn(1, 1, k, generator=gen)
+    got = int8_gemv.int8_linear(x, q, scale)
+    want = F.linear(x, q.float()) * scale
+    assert got.shape == (1, 1, n), got.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                     sliding_window=16, max_seq_len=64)
+torch.manual_seed(0)
+model = random_model(config, torch.device("cpu"), torch.float32, "int8")
+calls = []
+kernel_op = int8_gemv.int8_linear
+def counted(*args):
+    calls.append(1)
+    return kernel_op(*args)
+int8_gemv.int8_linear = counted  # quant.Int8Linear looks it up on the module at each call
+
+def greedy(kernel):
+    import os
+    os.environ["MISTRAL_CHAT_INT8_KERNEL"] = kernel
+    model.setup_cache(64, prefill_chunk=8)
+    ids, logits, seen = [5, 9, 14, 3, 22, 7, 8, 30], None, []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), 0)[:, -1]
+        for pos in range(8, 28):  # the window of 16 wraps
+            token = logits.argmax(-1)
+            ids.append(int(token))
+            logits = model(token.view(1, 1), pos)[:, -1]
+            seen.append(logits)
+    return ids, torch.cat(seen)
+with_kernel = greedy("1")
+# each decode step: wqkv, wo, w13, w2 of 2 layers and the output; the prompt: only its last row's output
+assert len(calls) == 20 * 9 + 1, len(calls)
+without = greedy("0")
+assert len(calls) == 181
+assert with_kernel[0] == without[0], (with_kernel[0], without[0])
+torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
