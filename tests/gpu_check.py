@@ -5,6 +5,7 @@ python tests/gpu_check.py   prints one line per check and exits non-zero if any 
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -71,7 +72,9 @@ def main() -> int:
         int8, _ = greedy(load(path, "cuda", torch.bfloat16, quantize=True), ids, 40, compile=True)
         # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
         int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
+        os.environ["MISTRAL_CHAT_INT8_KERNEL"] = "1"
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)
+        os.environ.pop("MISTRAL_CHAT_INT8_KERNEL")
         agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)
         agree_int8 = sum(a == b for a, b in zip(int8, bf16)) / len(bf16)
         ok = cpu == cuda == cuda_c and int8_cpu == int8_cuda and rel < 2e-2

@@ -6,8 +6,8 @@ traffic than bf16 alone); this kernel reads each int8 weight once, widens it in 
 per-row scale to the sum: half the bytes of bf16 per token.
 
 `int8_linear(x, weight, scale)` is a torch custom op (so torch.compile and CUDA graphs treat it as one opaque
-call); `Int8Linear` uses it on CUDA for a single activation row when Triton is installed, and the plain product
-otherwise. The tests run the kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+call); `Int8Linear` uses it for a single activation row on CUDA with Triton installed and
+MISTRAL_CHAT_INT8_KERNEL=1 (opt-in until measured on a GPU), and the plain product otherwise. The tests run the kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
