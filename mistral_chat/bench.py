@@ -273,11 +273,12 @@ def format_table(result: BenchResult) -> str:
              f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s; weights read per token "
              f"{result.weight_bytes_per_token / 1e9:.2f} GB; floor {result.floor_ms_per_token:.2f} ms/token "
              f"({result.floor_tokens_per_s:.0f} tokens/s)",
-             f"{'engine':30} {'what':20} {'batch':>5} {'ms':>9} {'tokens/s':>10} {'% floor':>8}"]
+             f"{'engine':30} {'what':20} {'batch':>5} {'ms':>9} {'tokens/s':>10} {'% floor':>8} {'warm-up s':>9}"]
     for r in result.rows:
         pct = f"{r['floor_pct']:.0f}%" if "floor_pct" in r else ""
+        warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else ""  # first runs: compiling, when compiled
         lines.append(f"{r['engine']:30} {r['what']:20} {r['batch']:>5} {r['ms']:>9.2f} "
-                     f"{r['tokens_per_s']:>10.1f} {pct:>8}")
+                     f"{r['tokens_per_s']:>10.1f} {pct:>8} {warm:>9}")
     return "\n".join(lines)
 
 
