@@ -210,7 +210,7 @@ class Transformer(nn.Module):
 
         `start_pos` may be a 1-element tensor (compiled decode, so that the graph does not change with the
         position); then `key_len`, how many cache slots attention reads, must be given. `block_regions`: under
-        torch.compile with static shapes, compile one block for all layers (see `run_block_once`).
+        torch.compile (decode), compile one block for all layers (see `run_block_once`).
         """
         assert self.slots is not None and self.rope is not None, "call setup_cache first"
         t = tokens.shape[1]
