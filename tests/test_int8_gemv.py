@@ -1,6 +1,6 @@
 """The Triton int8 matrix-vector kernel (engine/int8_gemv.py), run on the CPU by Triton's interpreter: it equals
 the dequantize-and-multiply product on ragged shapes, and an int8 model decodes the same greedy tokens with it
-as without it. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench cover that.)"""
+as without it, eager and compiled. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench cover that.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("triton")
 
 CHECK = r"""
+import os
 import torch
 import torch.nn.functional as F
 from mistral_chat.engine import int8_gemv
@@ -43,7 +44,6 @@ def counted(*args):
 int8_gemv.int8_linear = counted  # quant.Int8Linear looks it up on the module at each call
 
 def greedy(kernel):
-    import os
     os.environ["MISTRAL_CHAT_INT8_KERNEL"] = kernel
     model.setup_cache(64, prefill_chunk=8)
     ids, logits, seen = [5, 9, 14, 3, 22, 7, 8, 30], None, []
@@ -62,6 +62,20 @@ without = greedy("0")
 assert len(calls) == 181
 assert with_kernel[0] == without[0], (with_kernel[0], without[0])
 torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
+
+# compiled decode calls the kernel as one opaque custom op (as CUDA graphs will on a GPU): same tokens
+from mistral_chat.engine.decode import DecodeStep
+os.environ["MISTRAL_CHAT_INT8_KERNEL"] = "1"
+model.setup_cache(64, prefill_chunk=8)
+step = DecodeStep(model, compile=True)
+ids = [5, 9, 14, 3, 22, 7, 8, 30]
+with torch.no_grad():
+    logits = model(torch.tensor([ids]), 0)[:, -1]
+    for pos in range(8, 28):
+        token = logits.argmax(-1)
+        ids.append(int(token))
+        logits = step(token.view(1, 1), pos)
+assert ids == with_kernel[0], (ids, with_kernel[0])
 print("ok")
 """
 
