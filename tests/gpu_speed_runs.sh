@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# Manual GPU runs for the open speed work, as one command for a machine with one GPU (not run by pytest):
+# Manual GPU runs for the open speed work, on a machine with one GPU (not run by pytest):
 #
-#     bash tests/gpu_speed_runs.sh            # logs under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu
+#     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Each step has its own time limit, so one that hangs or compiles for too long cannot eat the others' time, and
-# each prints as it goes. Compares, on the same GPU and in one call: default compiled decode against
+# Steps: bf16 bf16-quick int8 int8-kernel profile startup check. Logs go under $OUT (the device tool's folder) or
+# /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too long cannot eat
+# the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode against
 # MISTRAL_CHAT_QUICK_COMPILE=1 (compile time and speed), int8 with and without the Triton kernel
-# (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step, and the GPU correctness check.
+# (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step, the start-up of `mistral-chat --prompt` with an
+# empty and then a warm compile cache, and the GPU correctness check.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-quick int8 int8-kernel profile startup check)
 
-step() {  # step NAME SECONDS COMMAND...: run, keep the log, show its end
+log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)"
     timeout "$limit" "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" | tail -25
 }
 
+startup() {  # a random Mistral-7B folder, then the one-shot CLI twice with the same (first empty) compile cache
+    local model=/dev/shm/mistral-chat-m7 home=/tmp/mistral-chat-startup-home
+    rm -rf "$home"
+    python3 -c "import torch; from mistral_chat.bench import bench_shape
+from mistral_chat.bench_parallel import write_random_checkpoint
+write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')"
+    for cache in empty warm; do
+        local started=$(date +%s%N)
+        MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli --model "$model" --prompt "Hello" --max-tokens 8 --verbose \
+            > /dev/null
+        echo "compile cache $cache: $(( ($(date +%s%N) - started) / 1000000 )) ms from launch to exit"
+    done
+}
+export -f startup
+
 nvidia-smi -L
 bench=(python3 -m mistral_chat.bench --shape mistral-7b --prefill "" --batch 1 --steps 64)
-step bf16 150 "${bench[@]}"
-step bf16-quick 120 env MISTRAL_CHAT_QUICK_COMPILE=1 "${bench[@]}"
-step int8 150 "${bench[@]}" --quantize int8
-step int8-kernel 150 env MISTRAL_CHAT_INT8_KERNEL=1 "${bench[@]}" --quantize int8
-step profile-bf16 150 python3 tests/gpu_profile_decode.py --shape mistral-7b
-step check 240 python3 tests/gpu_check.py
+for step in "${steps[@]}"; do
+    case $step in
+        bf16) log bf16 150 "${bench[@]}" ;;
+        bf16-quick) log bf16-quick 120 env MISTRAL_CHAT_QUICK_COMPILE=1 "${bench[@]}" ;;
+        int8) log int8 150 "${bench[@]}" --quantize int8 ;;
+        int8-kernel) log int8-kernel 150 env MISTRAL_CHAT_INT8_KERNEL=1 "${bench[@]}" --quantize int8 ;;
+        profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
+        startup) log startup 400 bash -c startup ;;
+        check) log check 240 python3 tests/gpu_check.py ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
