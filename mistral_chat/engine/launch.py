@@ -77,6 +77,12 @@ class RankOptions:
     compile: bool = False  # on GPUs: decode as CUDA graphs, every rank alike (see decode.py)
 
 
+def compile_under_tp() -> bool:
+    """Whether `--tp` runs compile decode: opt-in (MISTRAL_CHAT_TP_COMPILE=1) until compiled tensor-parallel decode
+    has been measured on GPUs; checked on the CPU only (tests/test_parallel_compiled.py). `bench --tp` compiles."""
+    return os.environ.get("MISTRAL_CHAT_TP_COMPILE", "0") == "1"
+
+
 # ---- where this process stands ------------------------------------------------------------------------------
 
 
@@ -701,7 +707,8 @@ def rank_options(opts: "RunOptions", path: str | Path) -> RankOptions:
     lora = getattr(opts, "lora", None)
     return RankOptions(path=str(path), device=opts.device, dtype=opts.dtype, context_length=opts.context,
                        quantize=getattr(opts, "quantize", None), lora=str(lora) if lora else None,
-                       lora_scale=getattr(opts, "lora_scale", 1.0), compile=compile_wanted(opts))
+                       lora_scale=getattr(opts, "lora_scale", 1.0),
+                       compile=compile_under_tp() and compile_wanted(opts))
 
 
 def start_parallel(opts: "RunOptions", progress: Callable[[int, int], None] | None = None,
@@ -749,7 +756,7 @@ class ParallelModelLoader:
                               quantize=getattr(request, "quantize", None),
                               lora=str(request.lora) if getattr(request, "lora", None) else None,
                               lora_scale=getattr(request, "lora_scale", 1.0),
-                              compile=getattr(request, "compile", False))
+                              compile=compile_under_tp() and getattr(request, "compile", False))
         started = start_parallel_session(options, self.world, progress, self.on_stuck)
         if started is None:
             raise ParallelRunError("this process is a tensor-parallel follower and hosts no UI")
