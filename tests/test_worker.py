@@ -43,6 +43,7 @@ def worker(tiny_model: Path):
     engine.load(tiny_model, device="cpu", context_length=128)
     events = recorder.until(ModelReady)
     assert any(isinstance(e, LoadProgress) for e in events)
+    assert not events[-1].compiled  # the CPU never compiles: the TUI shows no "compiling" notice
     yield engine, recorder
     engine.shutdown()
     assert engine.stopped.wait(30)
@@ -157,3 +158,16 @@ def test_tool_results_are_encoded_with_the_tools_and_answered(worker, tmp_path: 
     done = events[-1]
     assert done.stats.generated_tokens > 0 or done.stats.finish_reason == "stop"
     assert done.tool_calls == () and not done.tool_call_error
+
+
+def test_model_ready_says_whether_the_loaded_model_compiles(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    recorder = Recorder()
+    engine = EngineWorker(recorder, loader=lambda request, progress: SimpleNamespace(compile=True),
+                          session_factory=lambda loaded, context: SimpleNamespace(context_length=64))
+    engine.start_thread()
+    engine.load(tmp_path, device="cuda")
+    ready = recorder.until(ModelReady)[-1]
+    engine.shutdown()
+    assert ready.compiled and engine.stopped.wait(30)

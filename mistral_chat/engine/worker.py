@@ -102,6 +102,7 @@ class ModelReady:
     architecture: str
     load_seconds: float
     supports_tools: bool = False  # the tokenizer has function calling (v2 and later)
+    compiled: bool = False  # decode compiles into CUDA graphs: the first answer waits for the compiler
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,8 @@ class EngineWorker:
             dtype=str(getattr(loaded, "dtype", request.dtype)).removeprefix("torch."),
             context_length=session.context_length, architecture=str(getattr(config, "architecture", "")),
             load_seconds=float(getattr(loaded, "load_seconds", 0.0)),
-            supports_tools=_tokenizer_supports_tools(getattr(loaded, "tokenizer", None))))
+            supports_tools=_tokenizer_supports_tools(getattr(loaded, "tokenizer", None)),
+            compiled=bool(getattr(loaded, "compile", False))))
 
     def _tools(self, request: GenerateRequest) -> tuple[Tool, ...]:
         """The request's tools, or none when the tokenizer has no function calling (then a chat that already

@@ -63,7 +63,6 @@ class AppOptions:
     lora: Path | None = None
     lora_scale: float = 1.0
     compile: bool = True  # on CUDA: decode as CUDA graphs (compiled once, cached on disk)
-    tp: int = 1  # tensor-parallel ranks (the loader hooks run them; here only for what the UI says)
     theme_dirs: list[Path] | None = None  # None: the shipped and the user's theme folders
 
     def generation_settings(self) -> GenerationSettings:
@@ -77,7 +76,7 @@ class AppOptions:
         return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
                    system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
                    top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
-                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile, tp=opts.tp,
+                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile,
                    min_p=opts.min_p, repetition_penalty=opts.repetition_penalty,
                    presence_penalty=opts.presence_penalty, stop=tuple(opts.stop),
                    tools_path=str(Path(opts.tools).expanduser().resolve()) if opts.tools else "")
@@ -153,14 +152,6 @@ class MistralChatApp(App[None]):
                          lora_scale=self.options.lora_scale)
         remember_model(name)
 
-    def _compiles_under_tp(self) -> bool:
-        """A tensor-parallel run compiles only when MISTRAL_CHAT_TP_COMPILE=1; one GPU always may."""
-        if self.options.tp <= 1:
-            return True
-        from mistral_chat.engine.launch import compile_under_tp
-
-        return compile_under_tp()
-
     def _post_engine_event(self, event: object) -> None:
         """Called in the engine's thread."""
         self.post_message(EngineMessage(event))  # type: ignore[arg-type]
@@ -171,7 +162,7 @@ class MistralChatApp(App[None]):
         event = message.event
         if isinstance(event, ModelReady):
             self.model_state = "ready"
-            if self.options.compile and event.device.startswith("cuda") and self._compiles_under_tp():
+            if event.compiled:
                 self.notify("Compiling the model for this GPU: the first answer takes a few minutes the first "
                             "time, less once cached (--no-compile skips it).", title="Compiling", timeout=15)
         elif isinstance(event, EngineFailed) and event.during == "load":
