@@ -1,6 +1,7 @@
 """The Triton int8 matrix-vector kernel (engine/int8_gemv.py), run on the CPU by Triton's interpreter: it equals
 the dequantize-and-multiply product on ragged shapes, and an int8 model decodes the same greedy tokens with it
-as without it, eager and compiled. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench cover that.)"""
+as without it, eager and compiled. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench
+cover that.)"""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ per-row scale to the sum: half the bytes of bf16 per token.
 
 `int8_linear(x, weight, scale)` is a torch custom op (so torch.compile and CUDA graphs treat it as one opaque
 call); `Int8Linear` uses it for a single activation row on CUDA with Triton installed and
-MISTRAL_CHAT_INT8_KERNEL=1 (opt-in until measured on a GPU), and the plain product otherwise. The tests run the kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+MISTRAL_CHAT_INT8_KERNEL=1 (opt-in until measured on a GPU), and the plain product otherwise. The tests run the
+kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The product runs in
 the activations' dtype on the dequantized weight; with MISTRAL_CHAT_INT8_KERNEL=1, one activation row (batch-1
-decode) on CUDA goes to a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums. Norms, the gate and the embedding stay in the model dtype.
-Weights are quantized one tensor at a time as they are read, so a model whose bf16 weights do not fit the
-device (full Mixtral-8x7B on one 80 GB GPU) still loads.
+decode) on CUDA goes to a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums.
+Norms, the gate and the embedding stay in the model dtype. Weights are quantized one tensor at a time as they are
+read, so a model whose bf16 weights do not fit the device (full Mixtral-8x7B on one 80 GB GPU) still loads.
 """
 
 from __future__ import annotations
