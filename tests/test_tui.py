@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from tiny_models import write_tiny_model
-from tui_helpers import isolated_home, make_app, wait_for  # noqa: F401 - an autouse fixture
+from tui_helpers import isolated_home, make_app, open_settings, wait_for  # noqa: F401 - an autouse fixture
 
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.tui.screens.chat import ChatScreen
@@ -153,11 +153,9 @@ async def test_settings_change_is_saved_and_used(tiny_model: Path, tmp_path: Pat
     async with app.run_test(size=(100, 34)) as pilot:
         await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
         screen = chat(app)
-        await pilot.press("ctrl+s")
-        await pilot.pause()
         from textual.widgets import Input, TextArea
 
-        settings = app.screen
+        settings = await open_settings(pilot)
         settings.query_one("#system_prompt", TextArea).load_text("Answer in French.")
         settings.query_one("#max_tokens", Input).value = "3"
         settings.query_one("#temperature", Input).value = "hot"
@@ -396,9 +394,7 @@ async def test_tool_call_then_pasted_result_then_the_model_goes_on(tiny_model: P
         await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
         screen = chat(app)
         # the tools file and the new sampling fields, through the settings screen
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        settings = app.screen
+        settings = await open_settings(pilot)
         settings.query_one("#tools", Input).value = str(tmp_path / "nope.json")
         settings.query_one("#min_p", Input).value = "0.05"
         settings.query_one("#stop", Input).value = "###, \\nUser:"

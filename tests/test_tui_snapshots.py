@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tui_helpers import isolated_home, make_app  # noqa: F401 - an autouse fixture
+from tui_helpers import isolated_home, make_app, open_settings  # noqa: F401 - an autouse fixture
 
 from mistral_chat.chat.store import ChatStore
 
@@ -69,11 +69,9 @@ def test_chat_screen_light_theme_without_sidebar(snap_compare, tmp_path: Path) -
 def test_settings_screen(snap_compare, tmp_path: Path) -> None:
     async def run_before(pilot) -> None:
         await settle(pilot)
-        await pilot.press("ctrl+s")
-        await pilot.pause()
         from textual.widgets import TextArea
 
-        for area in pilot.app.screen.query(TextArea):
+        for area in (await open_settings(pilot)).query(TextArea):
             area.cursor_blink = False
         await pilot.pause()
 

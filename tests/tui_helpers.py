@@ -36,6 +36,13 @@ async def wait_for(pilot: Pilot, condition: Callable[[], bool], timeout: float =
         await pilot.pause(0.05)
 
 
+async def open_settings(pilot: Pilot):
+    """Ctrl+S from the chat: the settings screen, mounted."""
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+    return pilot.app.screen
+
+
 class SlowSession:
     """A stand-in session that streams "word0 word1 ..." slowly, for stop and save-while-streaming tests."""
 
