@@ -5,16 +5,10 @@ import pytest
 from mistral_chat.chat.fim import encode_fim, supports_fim
 from mistral_chat.errors import MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data, write_small_tekken
+from tiny_models import MISTRAL_COMMON_TOKENIZERS, mistral_common_data, write_small_tekken
 
-FIM_FILES = {
-    "v3": "mistral_instruct_tokenizer_240323.model.v3",
-    "v7": "mistral_instruct_tokenizer_241114.model.v7",
-    "v7m1": "mistral_instruct_tokenizer_241114.model.v7m1",
-    "tekken-240718": "tekken_240718.json",
-    "tekken-240911": "tekken_240911.json",
-}
-NO_FIM_FILES = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2"}
+NO_FIM_FILES = {name: MISTRAL_COMMON_TOKENIZERS[name] for name in ("v1", "v2")}
+FIM_FILES = {name: file for name, file in MISTRAL_COMMON_TOKENIZERS.items() if name not in NO_FIM_FILES}
 
 PAIRS = {
     "code": ("def add(a, b):\n    ", "\n    return c\n\nprint(add(1, 2))\n"),

@@ -7,17 +7,11 @@ import pytest
 from mistral_chat.chat.templates import ChatMessage, encode_conversation, instruct_format
 from mistral_chat.errors import TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data, write_small_tekken
+from tiny_models import MISTRAL_COMMON_TOKENIZERS, mistral_common_data, write_small_tekken
 
-SHIPPED = {
-    "v1": ("tokenizer.model.v1", "v1"),
-    "v2": ("mistral_instruct_tokenizer_240216.model.v2", "v2"),
-    "v3": ("mistral_instruct_tokenizer_240323.model.v3", "v3"),
-    "v7": ("mistral_instruct_tokenizer_241114.model.v7", "v7"),
-    "v7m1": ("mistral_instruct_tokenizer_241114.model.v7m1", "v7"),
-    "tekken-240718": ("tekken_240718.json", "tekken-v3"),
-    "tekken-240911": ("tekken_240911.json", "tekken-v3"),
-}
+FORMATS = {"v1": "v1", "v2": "v2", "v3": "v3", "v7": "v7", "v7m1": "v7", "tekken-240718": "tekken-v3",
+           "tekken-240911": "tekken-v3"}  # the instruct format each shipped file implies
+SHIPPED = {name: (MISTRAL_COMMON_TOKENIZERS[name], fmt) for name, fmt in FORMATS.items()}
 # tekken files of later versions, made here from tekken_240911.json with a smaller vocabulary
 SYNTHETIC = {"tekken-v7": "tekken-v7", "tekken-v13": "tekken-v13"}
 

@@ -7,16 +7,9 @@ import pytest
 
 from mistral_chat.errors import TokenizerError
 from mistral_chat.text.tokenizer import StreamDecoder, Tokenizer, find_tokenizer_file, load_tokenizer
-from tiny_models import mistral_common_data
+from tiny_models import MISTRAL_COMMON_TOKENIZERS, mistral_common_data
 
-FILES = {
-    "v1": "tokenizer.model.v1",
-    "v2": "mistral_instruct_tokenizer_240216.model.v2",
-    "v3": "mistral_instruct_tokenizer_240323.model.v3",
-    "v7": "mistral_instruct_tokenizer_241114.model.v7",
-    "tekken-240718": "tekken_240718.json",
-    "tekken-240911": "tekken_240911.json",
-}
+FILES = {name: MISTRAL_COMMON_TOKENIZERS[name] for name in ("v1", "v2", "v3", "v7", "tekken-240718", "tekken-240911")}
 
 TEXTS = [
     "",

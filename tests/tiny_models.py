@@ -15,13 +15,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+# the tokenizer files mistral-common ships (in mistral_common/data), by the names the tests give them
+MISTRAL_COMMON_TOKENIZERS = {
+    "v1": "tokenizer.model.v1",
+    "v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    "v7m1": "mistral_instruct_tokenizer_241114.model.v7m1",
+    "tekken-240718": "tekken_240718.json",
+    "tekken-240911": "tekken_240911.json",
+}
+
 TOKENIZER_FILES = {
     # name in our folder, file in mistral_common/data, vocab size
-    "v1": ("tokenizer.model.v1", "tokenizer.model.v1", 32000),
-    "v2": ("tokenizer.model.v2", "mistral_instruct_tokenizer_240216.model.v2", 32768),
-    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3", 32768),
-    "v7": ("tokenizer.model.v7", "mistral_instruct_tokenizer_241114.model.v7", 32768),
-    "tekken": ("tekken.json", "tekken_240911.json", 131072),
+    "v1": ("tokenizer.model.v1", MISTRAL_COMMON_TOKENIZERS["v1"], 32000),
+    "v2": ("tokenizer.model.v2", MISTRAL_COMMON_TOKENIZERS["v2"], 32768),
+    "v3": ("tokenizer.model.v3", MISTRAL_COMMON_TOKENIZERS["v3"], 32768),
+    "v7": ("tokenizer.model.v7", MISTRAL_COMMON_TOKENIZERS["v7"], 32768),
+    "tekken": ("tekken.json", MISTRAL_COMMON_TOKENIZERS["tekken-240911"], 131072),
 }
 
 
