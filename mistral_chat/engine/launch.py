@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session
 from mistral_chat.engine.loader import LoadedModel, load_model
-from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
+from mistral_chat.engine.parallel import Parallel, check_tensor_parallel, use_one_shot_all_reduce
 from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ def _init_process_group(dev_type: str, rank: int, world: int, local_rank: int,
                                 timeout=COMPUTE_TIMEOUT)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=COMPUTE_TIMEOUT)
+    use_one_shot_all_reduce()
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
