@@ -3,7 +3,9 @@
 #
 #     bash tests/gpu_tp_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: 7b (bf16 at 1, 2, 4 GPUs, NCCL all-reduce), 7b-oneshot (2 and 4 GPUs with MISTRAL_CHAT_TP_ONESHOT=1),
+# Steps: direct, direct-oneshot (tests/gpu_tp_decode.py under torchrun at 2 and 4 ranks: compiled decode without
+# the launcher, per-call compile times; each rank prints its Python stack if still running after its limit),
+# 7b (bf16 at 1, 2, 4 GPUs, NCCL all-reduce), 7b-oneshot (2 and 4 GPUs with MISTRAL_CHAT_TP_ONESHOT=1),
 # 7b-int8 (1, 2 and 4 GPUs, --quantize int8, eager: for the tokens), mixtral (full Mixtral-8x7B bf16 at 2 and 4
 # GPUs). Decode is compiled into CUDA graphs except in 7b-int8, prefill eager (MISTRAL_CHAT_COMPILE_PREFILL=0: the
 # prompt's speed is not what these measure).
@@ -13,16 +15,33 @@
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MISTRAL_CHAT_COMPILE_PREFILL=0
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MISTRAL_CHAT_COMPILE_PREFILL=0 MISTRAL_CHAT_DEBUG=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(7b 7b-int8 7b-oneshot mixtral)
+
+stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python process print its stacks (SIGABRT)
+    sleep "$1"
+    for p in $(pgrep -f 'm mistral_chat|gpu_tp_decode'); do
+        case $(cat /proc/$p/comm 2>/dev/null) in python*) kill -ABRT "$p" ;; esac
+    done
+}
+
+direct() {  # direct NAME SECONDS RANKS
+    echo "== $1 (limit $2 s)"
+    stacks_after "$2" & local watch=$!
+    python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 |
+        grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt"
+    kill $watch 2>/dev/null
+}
 
 bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit; table and JSON under $out
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)"
-    timeout "$limit" python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" "$@" 2>&1 |
+    stacks_after "$limit" & local watch=$!
+    timeout $((limit + 20)) python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" "$@" 2>&1 |
         grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt"
+    kill $watch 2>/dev/null
 }
 
 nvidia-smi -L
@@ -30,6 +49,12 @@ nvidia-smi topo -m | head -8
 m7=(--shape mistral-7b --tp-checkpoint /dev/shm/mistral-chat-m7)
 for step in "${steps[@]}"; do
     case $step in
+        checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
+from mistral_chat.bench_parallel import write_random_checkpoint
+write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
+        direct) direct direct 130 2 ;;
+        direct-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 direct direct-oneshot 120 4 ;;
+        7b-2) bench 7b-2 140 "${m7[@]}" --tp 2 ;;
         7b) bench 7b 260 "${m7[@]}" --tp 1,2,4 ;;
         7b-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 bench 7b-oneshot 190 "${m7[@]}" --tp 2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;

@@ -1,0 +1,90 @@
+"""Manual multi-GPU check (not collected by pytest): tensor-parallel decode without the launcher.
+
+Each rank, started by torchrun, loads its shard of a checkpoint, prefills a prompt eagerly, then times decode
+eager and compiled (CUDA graphs), printing how long each of the first compiled calls takes. It separates the
+engine's compiled collectives from `--tp`'s launcher (command broadcasts, followers) when tensor-parallel decode
+is slow or stuck; run it with PYTHONFAULTHANDLER=1 and send SIGABRT to see where each rank stands:
+
+    python3 -m torch.distributed.run --nproc_per_node 2 tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7
+
+On a machine without GPUs it runs on the CPU over gloo (use a tiny model), which only checks the script.
+The checkpoint is one that `mistral-chat bench --tp ... --tp-checkpoint FOLDER` wrote (or any model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from mistral_chat.engine.decode import DecodeStep
+from mistral_chat.engine.loader import load_model
+from mistral_chat.engine.parallel import Parallel, use_one_shot_all_reduce
+
+
+def say(rank: int, text: str) -> None:
+    print(f"[rank {rank} {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_steps(step: DecodeStep, token: torch.Tensor, position: int, n: int) -> float:
+    sync()
+    started = time.perf_counter()
+    for i in range(n):
+        step(token, position + i)
+    sync()
+    return (time.perf_counter() - started) / n * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=device)
+    else:  # only checks that the script runs (use a tiny model)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    say(rank, f"joined; one-shot all-reduce {'on' if use_one_shot_all_reduce() else 'off'}")
+    model = load_model(args.path, device=str(device), dtype="bfloat16",
+                       parallel=Parallel(rank=rank, world=world)).model
+    context = args.prompt + 4 * args.steps + 16
+    model.setup_cache(context, prefill_chunk=512)
+    ids = torch.randint(1000, 20000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        logits = model(ids, 0)[:, -1]
+    token = logits.argmax(-1).view(1, 1)
+    say(rank, "loaded and prefilled")
+    position = args.prompt
+    eager = DecodeStep(model, compile=False)
+    with torch.no_grad():
+        eager(token, position)
+        eager_ms = timed_steps(eager, token, position, 16)
+    say(rank, f"eager decode {eager_ms:.2f} ms/step")
+    compiled = DecodeStep(model, compile=True)
+    for i in range(5):
+        started = time.perf_counter()
+        out = compiled(token, position + i)
+        sync()
+        say(rank, f"compiled call {i}: {time.perf_counter() - started:.2f} s")
+    compiled_ms = timed_steps(compiled, token, position, args.steps)
+    same = torch.allclose(out, eager(token, position + 4), atol=0.1, rtol=0)
+    say(rank, f"compiled decode {compiled_ms:.2f} ms/step; last logits match eager within 0.1: {same}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
