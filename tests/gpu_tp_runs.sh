@@ -29,7 +29,7 @@ stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python pr
 direct() {  # direct NAME SECONDS RANKS
     echo "== $1 (limit $2 s)"
     stacks_after "$2" & local watch=$!
-    python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 |
+    PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 |
         grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt"
     kill $watch 2>/dev/null
 }
@@ -55,8 +55,8 @@ write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), t
         direct) direct direct 130 2 ;;
         direct-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 direct direct-oneshot 120 4 ;;
         7b-2) bench 7b-2 140 "${m7[@]}" --tp 2 ;;
-        7b) bench 7b 260 "${m7[@]}" --tp 1,2,4 ;;
-        7b-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 bench 7b-oneshot 190 "${m7[@]}" --tp 2,4 ;;
+        7b) bench 7b 230 "${m7[@]}" --tp 1,2,4 ;;
+        7b-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 bench 7b-oneshot 150 "${m7[@]}" --tp 2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral) bench mixtral 400 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp 2,4 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

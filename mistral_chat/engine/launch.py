@@ -18,6 +18,7 @@ rank 0 goes away (their stdin, a pipe from rank 0, closes).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -309,6 +310,10 @@ class FollowerProcesses:
             time.sleep(0.05)
         return self.failure
 
+    def stopping(self) -> None:
+        """From now on the followers are expected to exit: that is no longer a failure."""
+        self._stopping.set()
+
     def close(self, timeout: float = 10.0) -> None:
         """Wait for the followers to exit (after a shutdown command), killing any that do not."""
         self._stopping.set()
@@ -431,17 +436,19 @@ class ParallelSession(Session):
         if self.closed:
             return
         self.closed = True
+        if self.followers is not None:
+            self.followers.stopping()
         if self.failure is None:
             try:
                 self.channel.send(_SHUTDOWN)
             except RuntimeError:
                 log.debug("shutdown broadcast failed", exc_info=True)
-        if self.followers is not None:
-            self.followers.close()
         if self.failure is not None and self.loaded.device.type == "cuda":
             _abort_nccl()  # a collective with the dead rank may still be pending on the GPU
         else:
-            _leave_process_group()
+            _leave_process_group()  # while the followers leave too: NCCL's teardown can wait for every rank
+        if self.followers is not None:
+            self.followers.close()
         if self.restore_threads is not None:
             torch.set_num_threads(self.restore_threads)
 
@@ -467,12 +474,35 @@ def _abort_nccl() -> None:
     thread.join(5.0)
 
 
-def _leave_process_group() -> None:
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort at exit; a broken group must not hide the real error
-            log.debug("destroy_process_group failed", exc_info=True)
+def _leave_process_group(timeout: float = 15.0) -> None:
+    """Destroy the process group, every rank at about the same time.
+
+    With NCCL, first drop this thread's CUDA graphs (compiled decode captured NCCL work in them), and give the
+    teardown `timeout` seconds before aborting the communicators instead: seen on H100s and H200s, rank 0
+    waited forever in `destroy_process_group` after compiled tensor-parallel decode.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
+        _destroy_process_group()
+        return
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+    reset_cudagraph_trees()
+    gc.collect()
+    thread = threading.Thread(target=_destroy_process_group, name="tp-leave", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        log.warning("leaving the NCCL process group took over %.0f s: aborting it", timeout)
+        _abort_nccl()
+
+
+def _destroy_process_group() -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit; a broken group must not hide the real error
+        log.debug("destroy_process_group failed", exc_info=True)
 
 
 class _MirroredDecode:
