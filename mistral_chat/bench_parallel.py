@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import gc
 import json
-import os
 import random
 import string
 import tempfile
@@ -238,7 +237,6 @@ class ParallelBenchResult:
     steps: int
     gpus: int = 0
     compiled: bool = False  # decode compiled into CUDA graphs (GPUs, unless --no-compile)
-    one_shot: bool = False  # compiled decode sums with the one-shot all-reduce (MISTRAL_CHAT_TP_ONESHOT=1)
     copy_bandwidth_gbs: float = 0.0
     checkpoint_gb: float = 0.0
     write_s: float = 0.0
@@ -416,7 +414,6 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
     gpus = torch.cuda.device_count() if dev_type == "cuda" else 0
     result = ParallelBenchResult(shape=shape, dtype=dtype, quantize=quantize, layers=config.n_layers,
                                  prompt=prompt, steps=steps, gpus=gpus, compiled=compile and gpus > 0,
-                                 one_shot=compile and gpus > 0 and os.environ.get("MISTRAL_CHAT_TP_ONESHOT") == "1",
                                  device=f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "cpu")
     bench_device = torch.device("cuda:0" if dev_type == "cuda" else "cpu")
     result.copy_bandwidth_gbs = copy_bandwidth(bench_device, 1.0 if gpus else 0.05) / 1e9
@@ -509,7 +506,6 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
     lines = [f"{result.shape} ({result.layers} layers, {result.dtype}"
              f"{', ' + result.quantize if result.quantize else ''}) greedy, {result.steps} tokens after a "
              f"{result.prompt}-token prompt, {'compiled (CUDA graphs)' if result.compiled else 'eager'} decode, "
-             f"{'one-shot' if result.one_shot else 'NCCL' if result.gpus else 'gloo'} all-reduce, "
              f"on {result.device}",
              f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s (one device); checkpoint "
              f"{result.checkpoint_gb:.1f} GB " + ("reused" if result.checkpoint_reused else

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from mistral_chat.engine.decode import DecodeStep
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import Parallel, use_one_shot_all_reduce
+from mistral_chat.engine.parallel import Parallel
 
 
 def say(rank: int, text: str) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     else:  # only checks that the script runs (use a tiny model)
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    say(rank, f"joined; one-shot all-reduce {'on' if use_one_shot_all_reduce() else 'off'}")
+    say(rank, "joined")
     model = load_model(args.path, device=str(device), dtype="bfloat16",
                        parallel=Parallel(rank=rank, world=world)).model
     context = args.prompt + 4 * args.steps + 16

@@ -3,21 +3,23 @@
 #
 #     bash tests/gpu_tp_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: direct, direct-oneshot (tests/gpu_tp_decode.py under torchrun at 2 and 4 ranks: compiled decode without
-# the launcher, per-call compile times; each rank prints its Python stack if still running after its limit),
-# 7b (bf16 at 1, 2, 4 GPUs, NCCL all-reduce), 7b-oneshot (2 and 4 GPUs with MISTRAL_CHAT_TP_ONESHOT=1),
-# 7b-int8 (1, 2 and 4 GPUs, --quantize int8, eager: for the tokens), mixtral (full Mixtral-8x7B bf16 at 2 and 4
-# GPUs). Decode is compiled into CUDA graphs except in 7b-int8, prefill eager (MISTRAL_CHAT_COMPILE_PREFILL=0: the
-# prompt's speed is not what these measure).
-# The random checkpoints are written once to /dev/shm and reused by later steps. Tables and JSON go under $OUT
-# (the device tool's folder) or /tmp/mistral-chat-gpu; each step has its own time limit and prints each world as
-# it ends, so a step cut short still shows the worlds it finished.
+# Steps, in a sensible order:
+#   checkpoint  write the random Mistral-7B checkpoint to /dev/shm (the bench steps also write it if missing)
+#   direct      tests/gpu_tp_decode.py under torchrun at 2 and 4 ranks: compiled decode without the launcher
+#               (no command broadcasts, no followers), to tell the engine's time from the launcher's
+#   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs)
+#   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
+#   mixtral     bench --tp 2,4, full Mixtral-8x7B bf16, compiled
+# Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
+# JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
+# the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
+# where each rank stands, and `bench --tp` prints each world as it ends.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MISTRAL_CHAT_COMPILE_PREFILL=0 MISTRAL_CHAT_DEBUG=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(7b 7b-int8 7b-oneshot mixtral)
+[ ${#steps[@]} -eq 0 ] && steps=(checkpoint direct 7b 7b-int8 mixtral)
 
 stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python process print its stacks (SIGABRT)
     sleep "$1"
@@ -29,8 +31,8 @@ stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python pr
 direct() {  # direct NAME SECONDS RANKS
     echo "== $1 (limit $2 s)"
     stacks_after "$2" & local watch=$!
-    PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 |
-        grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt"
+    PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py \
+        /dev/shm/mistral-chat-m7 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt"
     kill $watch 2>/dev/null
 }
 
@@ -39,8 +41,8 @@ bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit
     shift 2
     echo "== $name (limit ${limit} s)"
     stacks_after "$limit" & local watch=$!
-    timeout $((limit + 20)) python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" "$@" 2>&1 |
-        grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt"
+    timeout $((limit + 20)) python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" \
+        "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt"
     kill $watch 2>/dev/null
 }
 
@@ -52,11 +54,8 @@ for step in "${steps[@]}"; do
         checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
 from mistral_chat.bench_parallel import write_random_checkpoint
 write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
-        direct) direct direct 130 2 ;;
-        direct-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 direct direct-oneshot 120 4 ;;
-        7b-2) bench 7b-2 140 "${m7[@]}" --tp 2 ;;
+        direct) direct direct-2 100 2; direct direct-4 100 4 ;;
         7b) bench 7b 230 "${m7[@]}" --tp 1,2,4 ;;
-        7b-oneshot) MISTRAL_CHAT_TP_ONESHOT=1 bench 7b-oneshot 150 "${m7[@]}" --tp 2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral) bench mixtral 400 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp 2,4 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

@@ -208,20 +208,3 @@ def test_gpu_checks(monkeypatch):
     with pytest.raises(DeviceError, match="no NCCL"):
         check_launch(2, "cuda")
 
-
-def test_one_shot_all_reduce_is_for_nccl_groups_only(monkeypatch):
-    """MISTRAL_CHAT_TP_ONESHOT=1 asks for symmetric memory, which only NCCL groups on GPUs have: a gloo group
-    (the CPU ranks) keeps its ordinary all-reduce and inductor's choice is left alone."""
-    import torch._inductor.config as inductor_config
-    import torch.distributed as dist
-
-    from mistral_chat.engine.parallel import use_one_shot_all_reduce
-
-    monkeypatch.setenv("MISTRAL_CHAT_TP_ONESHOT", "1")
-    assert not use_one_shot_all_reduce()  # no process group yet
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        assert not use_one_shot_all_reduce()
-        assert not inductor_config._collective.auto_select
-    finally:
-        dist.destroy_process_group()

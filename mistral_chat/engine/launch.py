@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session
 from mistral_chat.engine.loader import LoadedModel, load_model
-from mistral_chat.engine.parallel import Parallel, check_tensor_parallel, use_one_shot_all_reduce
+from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
 from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
@@ -76,12 +76,6 @@ class RankOptions:
     lora: str | None = None
     lora_scale: float = 1.0
     compile: bool = False  # on GPUs: decode as CUDA graphs, every rank alike (see decode.py)
-
-
-def compile_under_tp() -> bool:
-    """Whether `--tp` runs compile decode: opt-in (MISTRAL_CHAT_TP_COMPILE=1) until compiled tensor-parallel decode
-    has been measured on GPUs; checked on the CPU only (tests/test_parallel_compiled.py). `bench --tp` compiles."""
-    return os.environ.get("MISTRAL_CHAT_TP_COMPILE", "0") == "1"
 
 
 # ---- where this process stands ------------------------------------------------------------------------------
@@ -158,7 +152,6 @@ def _init_process_group(dev_type: str, rank: int, world: int, local_rank: int,
                                 timeout=COMPUTE_TIMEOUT)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=COMPUTE_TIMEOUT)
-    use_one_shot_all_reduce()
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
@@ -739,7 +732,7 @@ def rank_options(opts: "RunOptions", path: str | Path) -> RankOptions:
     return RankOptions(path=str(path), device=opts.device, dtype=opts.dtype, context_length=opts.context,
                        quantize=getattr(opts, "quantize", None), lora=str(lora) if lora else None,
                        lora_scale=getattr(opts, "lora_scale", 1.0),
-                       compile=compile_under_tp() and compile_wanted(opts))
+                       compile=compile_wanted(opts))
 
 
 def start_parallel(opts: "RunOptions", progress: Callable[[int, int], None] | None = None,
@@ -787,7 +780,7 @@ class ParallelModelLoader:
                               quantize=getattr(request, "quantize", None),
                               lora=str(request.lora) if getattr(request, "lora", None) else None,
                               lora_scale=getattr(request, "lora_scale", 1.0),
-                              compile=compile_under_tp() and getattr(request, "compile", False))
+                              compile=getattr(request, "compile", False))
         started = start_parallel_session(options, self.world, progress, self.on_stuck)
         if started is None:
             raise ParallelRunError("this process is a tensor-parallel follower and hosts no UI")

@@ -12,8 +12,6 @@ With one process (the default) every helper here is the identity.
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,29 +73,6 @@ def all_reduce(x: torch.Tensor, parallel: Parallel) -> torch.Tensor:
         return funcol.all_reduce(x, "sum", parallel.process_group)
     dist.all_reduce(x, group=parallel.group)
     return x
-
-
-def use_one_shot_all_reduce(group: Any = None) -> bool:
-    """Let compiled decode sum its small activations (up to 128 KB) in one kernel that reads every rank's
-    buffer over NVLink (a one-shot all-reduce over PyTorch's symmetric memory, as vLLM's and TensorRT-LLM's
-    custom all-reduces do) instead of through NCCL. Inductor picks it for each functional all-reduce whose
-    size is static (decode; prefill keeps NCCL). No NVLink multicast is involved.
-
-    Opt-in with MISTRAL_CHAT_TP_ONESHOT=1 (GPUs only) until measured; returns whether it is on.
-    """
-    if os.environ.get("MISTRAL_CHAT_TP_ONESHOT", "0") != "1" or not dist.is_initialized():
-        return False
-    if dist.get_backend(group) != "nccl":
-        return False
-    import torch._inductor.config as inductor_config
-    from torch.distributed import _symmetric_memory as symmetric_memory
-
-    group_name = (group if group is not None else dist.group.WORLD).group_name
-    with warnings.catch_warnings():  # deprecated in newer torch, where it is no longer needed; 2.11 needs it
-        warnings.simplefilter("ignore", FutureWarning)
-        symmetric_memory.enable_symm_mem_for_group(group_name)
-    inductor_config._collective.auto_select = True
-    return True
 
 
 def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Parallel) -> torch.Tensor:
