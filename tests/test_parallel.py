@@ -208,3 +208,45 @@ def test_gpu_checks(monkeypatch):
     with pytest.raises(DeviceError, match="no NCCL"):
         check_launch(2, "cuda")
 
+
+
+def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
+    """Leaving the NCCL group drops this thread's CUDA graphs first, and when the teardown still hangs (seen on
+    H100/H200 hosts after compiled decode) it aborts the communicators after the timeout instead of waiting."""
+    import torch._inductor.cudagraph_trees as cudagraph_trees
+    import torch.distributed as dist
+
+    from mistral_chat.engine import launch
+
+    hang, calls = threading.Event(), []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(cudagraph_trees, "reset_cudagraph_trees", lambda: calls.append("graphs dropped"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: (calls.append("destroy"), hang.wait(30)))
+    monkeypatch.setattr(launch, "_abort_nccl", lambda: calls.append("abort"))
+    started = time.monotonic()
+    try:
+        launch._leave_process_group(timeout=0.5)
+    finally:
+        hang.set()
+    assert time.monotonic() - started < 5
+    assert calls == ["graphs dropped", "destroy", "abort"]
+
+
+def test_rank_0_leaves_the_group_with_the_followers_not_after_them(tiny, monkeypatch):
+    """Rank 0 leaves the process group as soon as it has told the followers to stop, and only then waits for
+    them: waiting first deadlocked NCCL teardown (the followers waited in it for rank 0) on GPUs."""
+    from mistral_chat.engine import launch
+
+    order: list[str] = []
+    leave = launch._leave_process_group
+    monkeypatch.setattr(launch, "_leave_process_group", lambda: (order.append("rank 0 leaves"), leave()))
+    loaded, session = start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu",
+                                                         dtype="float32", context_length=CONTEXT), 2)
+    followers = session.followers
+    close = followers.close
+    monkeypatch.setattr(followers, "close", lambda: (order.append("followers waited for"), close()))
+    with session:
+        assert "".join(session.generate(prompt(6, seed=8), SamplingParams(max_tokens=4)))
+    assert order == ["rank 0 leaves", "followers waited for"]
+    assert all(proc.returncode == 0 for proc in followers.procs.values())
