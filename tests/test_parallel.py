@@ -250,3 +250,45 @@ def test_rank_0_leaves_the_group_with_the_followers_not_after_them(tiny, monkeyp
         assert "".join(session.generate(prompt(6, seed=8), SamplingParams(max_tokens=4)))
     assert order == ["rank 0 leaves", "followers waited for"]
     assert all(proc.returncode == 0 for proc in followers.procs.values())
+
+
+def _dequantized(w: torch.Tensor, slices: int = 1) -> torch.Tensor:
+    """w after int8 quantization with per-row scales, each of `slices` equal parts of its input dim on its own."""
+    from mistral_chat.engine.quant import quantize_rows
+
+    parts = []
+    for part in w.chunk(slices, dim=-1):
+        q, scale = quantize_rows(part)
+        parts.append(q.to(w.dtype) * scale[..., None])
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+def test_int8_ranks_quantize_their_own_slices(tiny, kind):
+    """--quantize int8 with --tp 2: every rank quantizes the slices it holds. Column-parallel weights keep the
+    single-GPU scales (a row is never split); the row-parallel ones (wo, w2) get one scale per row and rank, so
+    the run equals a single-process model whose wo and w2 were quantized in two halves of their input dim."""
+    single = single_session(tiny[kind])
+    with torch.no_grad():
+        for name, p in single.model.named_parameters():
+            if name.startswith("tok_embeddings") or name.endswith(("norm.weight", "gate.weight")):
+                continue
+            row_parallel = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w2"))
+            p.copy_(_dequantized(p, 2 if row_parallel else 1))
+    options = RankOptions(path=str(tiny[kind]), device="cpu", dtype="float32", context_length=CONTEXT,
+                          prefill_chunk=CHUNK, quantize="int8")
+    started = start_parallel_session(options, 2)
+    assert started is not None
+    _, parallel = started
+    with parallel, torch.no_grad():
+        ids = prompt(24, seed=9)
+        got, expected = parallel._feed(ids), single._feed(ids)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        for _ in range(12):
+            token = int(expected.argmax())
+            assert int(got.argmax()) == token
+            got = parallel.decode(torch.tensor([[token]]), len(parallel.tokens))
+            parallel.tokens.append(token)
+            expected = single.decode(torch.tensor([[token]]), len(single.tokens))
+            single.tokens.append(token)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
