@@ -1,6 +1,7 @@
 """Compiled decode under tensor parallelism, on the CPU: 2 gloo ranks whose decode step goes through
 torch.compile (the functional all-reduce traced into the graph, as CUDA graphs hold it on GPUs) give the same
-greedy tokens and logits as the single-process eager engine, with the rotating cache wrapping."""
+greedy tokens and logits as the single-process eager engine, with the rotating cache wrapping. With the default
+(quick) decode compile the ranks also prefill through the dynamic-shape compiled prefill, as `--tp` does on GPUs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tiny_models import write_tiny_model
 
 RANK = r"""
 import os, sys, torch, torch.distributed as dist
-from mistral_chat.engine.decode import DecodeStep
+from mistral_chat.engine.decode import DecodeStep, _prefill
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.parallel import Parallel
 rank, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -25,11 +26,12 @@ dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127
 model = load_model(path, device="cpu", dtype="float32", parallel=Parallel(rank=rank, world=2)).model
 ids = [int(i) for i in sys.argv[5].split(",")]
 step = DecodeStep(model, compile=True)
+prefill = torch.compile(_prefill, dynamic=True) if step.quick else _prefill  # what Prefill does on CUDA
 tokens, logits_seen = [], []
 with torch.no_grad():
     model.setup_cache(300, prefill_chunk=8)
     for start in range(0, len(ids), 8):
-        logits = model(torch.tensor([ids[start:start + 8]]), start)[:, -1]
+        logits = prefill(model, torch.tensor([ids[start:start + 8]]), start)[:, -1]
     pos = len(ids)
     for _ in range(24):
         token = logits.argmax(-1)

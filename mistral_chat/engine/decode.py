@@ -67,12 +67,17 @@ def _prefill(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.
 
 class Prefill:
     """Logits of the last position of a prompt chunk. On CUDA, compiled with dynamic shapes: eager prefill of
-    a few hundred tokens is bound by launching ~1000 small kernels from Python, not by the GPU."""
+    a few hundred tokens is bound by launching ~1000 small kernels from Python, not by the GPU.
+
+    MISTRAL_CHAT_COMPILE_PREFILL=0 keeps it eager (no first-run compile, ~80 s for Mistral-7B). Under tensor
+    parallelism it is eager unless MISTRAL_CHAT_COMPILE_PREFILL=1: compiled TP prefill is checked on the CPU
+    (tests/test_parallel_compiled.py) but has not run on GPUs, and would add its compile to every rank's start."""
 
     def __init__(self, model: Transformer, compile: bool = True) -> None:
         self.model = model
         self._run = _prefill
-        if os.environ.get("MISTRAL_CHAT_COMPILE_PREFILL", "1") == "0":  # skip its first-run compile (~80 s)
+        setting = os.environ.get("MISTRAL_CHAT_COMPILE_PREFILL")
+        if setting == "0" or (setting is None and model.parallel.enabled):
             compile = False
         if compile and model.device.type == "cuda":
             self._run = torch.compile(_prefill, dynamic=True)
