@@ -17,9 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mistral_chat.engine.config import load_config  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep  # noqa: E402
+from mistral_chat.engine.generate import Session  # noqa: E402
+from mistral_chat.engine.loader import load_model  # noqa: E402
 from mistral_chat.engine.model import Transformer  # noqa: E402
 from mistral_chat.engine.parallel import Parallel  # noqa: E402
 from mistral_chat.engine.quant import int8_convert, prepare_int8  # noqa: E402
+from mistral_chat.engine.sampling import SamplingParams  # noqa: E402
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert  # noqa: E402
 from tiny_models import write_tiny_model  # noqa: E402
 
@@ -57,6 +60,15 @@ def greedy(model: Transformer, ids: list[int], steps: int, compile: bool) -> tup
     return out, first
 
 
+def session_greedy(path: Path, device: str, ids: list[int], steps: int) -> tuple[list[int], bool]:
+    """Greedy ids of `Session.generate` (compiled, and run ahead of the host on CUDA), and whether it ran ahead."""
+    session = Session(load_model(path, device=device, dtype="float32", compile=device == "cuda"),
+                      context_length=256, prefill_chunk=8)
+    for _ in session.generate(ids, SamplingParams(max_tokens=steps)):
+        pass
+    return session.generated_ids, session.run_ahead
+
+
 def main() -> int:
     failures = 0
     root = Path(tempfile.mkdtemp())
@@ -75,12 +87,15 @@ def main() -> int:
         os.environ["MISTRAL_CHAT_INT8_KERNEL"] = "1"
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)
         os.environ.pop("MISTRAL_CHAT_INT8_KERNEL")
+        session_cpu, _ = session_greedy(path, "cpu", ids, 40)
+        session_cuda, ran_ahead = session_greedy(path, "cuda", ids, 40)
         agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)
         agree_int8 = sum(a == b for a, b in zip(int8, bf16)) / len(bf16)
-        ok = cpu == cuda == cuda_c and int8_cpu == int8_cuda and rel < 2e-2
+        ok = cpu == cuda == cuda_c and int8_cpu == int8_cuda and rel < 2e-2 and session_cpu == session_cuda
         failures += not ok
         print(f"{kind:8} fp32 cpu==cuda eager: {cpu == cuda}  ==cuda compiled: {cpu == cuda_c}  "
-              f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  bf16 logits rel err {rel:.4f}  "
+              f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  "
+              f"session cuda{' run ahead' if ran_ahead else ''}==cpu: {session_cpu == session_cuda}  bf16 logits rel err {rel:.4f}  "
               f"bf16 greedy agree {agree_bf16:.0%}  int8 vs bf16 agree {agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)
     return 1 if failures else 0
 

@@ -209,7 +209,6 @@ def test_gpu_checks(monkeypatch):
         check_launch(2, "cuda")
 
 
-
 def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
     """Leaving the NCCL group drops this thread's CUDA graphs first, and when the teardown still hangs (seen on
     H100/H200 hosts after compiled decode) it aborts the communicators after the timeout instead of waiting."""

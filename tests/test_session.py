@@ -41,6 +41,20 @@ def loaded(tiny) -> LoadedModel:
     return load_model(tiny["mistral"]["native"], device="cpu", dtype="float32")
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["step-by-step", "run-ahead"])
+def run_ahead(request, monkeypatch) -> bool:
+    """Every test twice: decode steps queued after the host read each token (the CPU's way), and queued before
+    it (`Session.run_ahead`, the GPU's way), which must not change a single token or cache entry that counts."""
+    init = Session.__init__
+
+    def with_run_ahead(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.run_ahead = request.param
+
+    monkeypatch.setattr(Session, "__init__", with_run_ahead)
+    return request.param
+
+
 def user(text: str) -> ChatMessage:
     return ChatMessage("user", text)
 
@@ -185,6 +199,28 @@ def test_cancel_from_another_thread(loaded):
     follow = answer(session, ids)
     assert session.stats.prefilled_tokens == 1
     assert follow == fresh_answer(loaded, ids, context_length=256)
+
+
+@pytest.mark.parametrize("ending", ["eos", "stop string"])
+def test_an_answer_that_ends_early_leaves_the_cache_right_for_the_next_turn(loaded, monkeypatch, ending):
+    """Run ahead, the step for the token that ends the answer has already written that token's keys at the
+    next position; the follow-up turn must still equal a fresh session's answer."""
+    ids = encode_conversation(loaded.tokenizer, [user("Tell me a story.")])
+    session = Session(loaded, context_length=256)
+    greedy = "".join(session.generate(ids, SamplingParams(max_tokens=12)))
+    ending_id = session.generated_ids[4]
+    session.reset()
+    if ending == "eos":
+        monkeypatch.setattr(loaded.tokenizer, "eos_id", ending_id)
+        params = SamplingParams(max_tokens=12)
+    else:
+        params = SamplingParams(max_tokens=12, stop=[loaded.tokenizer.decode(session.generated_ids[3:5])])
+    text = "".join(session.generate(ids, params))
+    assert session.stats.finish_reason == "stop" and len(text) < len(greedy)
+    follow_up = ids + session.generated_ids[:4] + encode_conversation(loaded.tokenizer, [user("Go on.")])[1:]
+    again = answer(session, follow_up)
+    assert session.stats.prefilled_tokens < len(follow_up)  # the cache was reused
+    assert again == fresh_answer(loaded, follow_up, context_length=256)
 
 
 def test_max_tokens_ends_with_length(loaded):

@@ -47,11 +47,35 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class TokenReader:
+    """Copies a sampled token to the host without waiting for the GPU work queued after it (an asynchronous
+    copy into pinned memory and an event), where `int(token)` would wait for the whole stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+        self.ready = torch.cuda.Event() if cuda else None
+
+    def start(self, token: torch.Tensor) -> None:
+        self.host.copy_(token.reshape(-1)[:1], non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+
+    def value(self) -> int:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return int(self.host[0])
+
+
 class Session:
     """One conversation's view of a model: its KV cache and the token ids the cache holds.
 
     `generate(ids)` reuses the cache for the longest prefix `ids` shares with what was fed before, so a follow-up
     turn prefills only its new tokens. Not thread-safe: one thread (the engine's worker) drives a session.
+
+    With `run_ahead` (on GPUs), each decode step is queued before the host reads the token it consumes, so the
+    GPU does not wait while the host turns tokens into text; a step queued for a token that ends the answer is
+    wasted, and its cache entry is overwritten by the next turn (positions past `tokens` are never attended).
     """
 
     def __init__(self, loaded: LoadedModel, context_length: int | None = None,
@@ -70,6 +94,7 @@ class Session:
         self.prefill = Prefill(self.model, compile=compile)
         self.stats = GenerationStats()
         self.generated_ids: list[int] = []  # the last answer's token ids (EOS excluded)
+        self.run_ahead = loaded.device.type == "cuda"
 
     def _claim_cache(self) -> None:
         """Give the model a KV cache for this session. The model holds one cache: when another session on the
@@ -146,6 +171,7 @@ class Session:
             stops = StopStrings(params.stop)
             penalties = (Penalties(params, prompt_ids, logits.shape[-1], logits.device)
                          if params.penalised else None)
+            reader = TokenReader(self.loaded.device)
             stats.finish_reason = "length"
             for i in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
@@ -156,7 +182,13 @@ class Session:
                 next_token = sample(logits, params, generator)
                 if penalties is not None:
                     penalties.observe(next_token)
-                token = int(next_token[0])
+                reader.start(next_token)
+                last = i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length
+                ahead = None
+                # not for the first token, whose time is measured alone (and a first decode compiles for long)
+                if self.run_ahead and not last and i > 0:
+                    ahead = self.decode(next_token.view(1, 1), len(self.tokens))
+                token = reader.value()
                 if i == 0:
                     first_at = time.perf_counter()
                     stats.time_to_first_token = first_at - started
@@ -172,9 +204,9 @@ class Session:
                 if stops.stopped:
                     stats.finish_reason = "stop"
                     break
-                if i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length:
+                if last:
                     break
-                logits = self.decode(next_token.view(1, 1), len(self.tokens))
+                logits = ahead if ahead is not None else self.decode(next_token.view(1, 1), len(self.tokens))
                 self.tokens.append(token)
             tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
             if tail:

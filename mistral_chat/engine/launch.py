@@ -358,6 +358,9 @@ class ParallelSession(Session):
         self.restore_threads: int | None = None  # rank 0's torch threads before a CPU run lowered them
         super().__init__(loaded, context_length=context_length, prefill_chunk=prefill_chunk)
         self.decode = _MirroredDecode(self.decode, self)
+        # each step's command carries its token, which rank 0 must read first; and a step run ahead for a token
+        # that ends the answer would leave the followers one token further than rank 0
+        self.run_ahead = False
 
     @property
     def failure(self) -> str | None:
