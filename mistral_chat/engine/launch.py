@@ -804,4 +804,9 @@ if __name__ == "__main__":
     if FOLLOWER_FLAG not in sys.argv[1:]:
         sys.stderr.write("this module starts tensor-parallel followers for mistral-chat: run `mistral-chat --tp N`\n")
         sys.exit(2)
-    sys.exit(follower_main())
+    code = follower_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip the interpreter's teardown: its work is done and the group left, and the teardown can crash on the
+    # thread still reading stdin or on NCCL, gloo or compiler state (seen after an aborted NCCL group)
+    os._exit(code)
