@@ -3,18 +3,18 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-kernel profile startup check. Logs go under $OUT (the device tool's folder) or
+# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check. Logs go under $OUT (the device tool's folder) or
 # /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too long cannot eat
 # the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode against
 # MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the Triton kernel
-# (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step, the start-up of `mistral-chat --prompt` with an
+# (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat --prompt` with an
 # empty and then a warm compile cache, and the GPU correctness check.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-kernel profile startup check)
+[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check)
 
 log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
     local name=$1 limit=$2
@@ -47,6 +47,7 @@ for step in "${steps[@]}"; do
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
         int8-kernel) log int8-kernel 150 env MISTRAL_CHAT_INT8_KERNEL=1 "${bench[@]}" --quantize int8 ;;
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
+        profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
         check) log check 240 python3 tests/gpu_check.py ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
