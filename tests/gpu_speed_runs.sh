@@ -3,12 +3,12 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check. Logs go under $OUT (the device tool's folder) or
-# /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too long cannot eat
-# the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode against
-# MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the Triton kernel
-# (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat --prompt` with an
-# empty and then a warm compile cache, and the GPU correctness check.
+# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check. Logs go under $OUT (the device
+# tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too
+# long cannot eat the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode
+# against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the
+# Triton kernel (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step (bf16 and int8), the start-up of
+# `mistral-chat --prompt` with an empty and then a warm compile cache, and the GPU correctness check.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
