@@ -95,8 +95,9 @@ def main() -> int:
         failures += not ok
         print(f"{kind:8} fp32 cpu==cuda eager: {cpu == cuda}  ==cuda compiled: {cpu == cuda_c}  "
               f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  "
-              f"session cuda{' run ahead' if ran_ahead else ''}==cpu: {session_cpu == session_cuda}  bf16 logits rel err {rel:.4f}  "
-              f"bf16 greedy agree {agree_bf16:.0%}  int8 vs bf16 agree {agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)
+              f"session cuda{' run ahead' if ran_ahead else ''}==cpu: {session_cpu == session_cuda}  "
+              f"bf16 logits rel err {rel:.4f}  bf16 greedy agree {agree_bf16:.0%}  "
+              f"int8 vs bf16 agree {agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)
     return 1 if failures else 0
 
 
