@@ -490,7 +490,7 @@ def _leave_process_group(timeout: float = 15.0) -> None:
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        log.warning("leaving the NCCL process group took over %.0f s: aborting it", timeout)
+        log.info("leaving the NCCL process group took over %.0f s: aborting it", timeout)
         _abort_nccl()
 
 
