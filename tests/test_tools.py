@@ -21,16 +21,9 @@ from mistral_chat.chat.tools import (
 )
 from mistral_chat.errors import MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import load_tokenizer
-from tiny_models import mistral_common_data, write_small_tekken
+from tiny_models import MISTRAL_COMMON_TOKENIZERS, mistral_common_data, write_small_tekken
 
-SHIPPED = {
-    "v2": "mistral_instruct_tokenizer_240216.model.v2",
-    "v3": "mistral_instruct_tokenizer_240323.model.v3",
-    "v7": "mistral_instruct_tokenizer_241114.model.v7",
-    "v7m1": "mistral_instruct_tokenizer_241114.model.v7m1",
-    "tekken-240718": "tekken_240718.json",
-    "tekken-240911": "tekken_240911.json",
-}
+SHIPPED = {name: file for name, file in MISTRAL_COMMON_TOKENIZERS.items() if name != "v1"}  # v1: no tools
 SYNTHETIC = ["tekken-v7", "tekken-v11", "tekken-v13"]  # made from tekken_240911.json with a smaller vocabulary
 TOOL_TOKENIZERS = list(SHIPPED) + SYNTHETIC
 NEW_SPECIALS = ["<unk>", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[TOOL_CALLS]",
