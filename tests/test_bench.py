@@ -18,7 +18,7 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
     assert result["shape"] == "tiny" and result["layers"] == 2 and result["weight_bytes_per_token"] > 0
     rows = [(r["engine"], r["what"], r["batch"]) for r in result["rows"]]
     assert rows == [("mistral-chat eager", "prefill 16", 1), ("mistral-chat eager", "decode after 24", 1),
-                    ("mistral-chat eager", "  step by step", 1), ("mistral-chat eager", "decode after 24", 2)]
+                    ("mistral-chat eager", "decode step by step", 1), ("mistral-chat eager", "decode after 24", 2)]
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r.get("warmup_s", 0) >= 0 for r in result["rows"])
     assert "floor_pct" in result["rows"][1]  # batch 1 decode is compared with the floor
     header = proc.stdout.splitlines()[2]

@@ -47,7 +47,8 @@ def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefi
     else:
         weights = projections * item // world + other * item
     kv_heads = max(1, c.n_kv_heads // world)
-    kv = 2 * c.n_layers * batch * kv_heads * c.head_dim * cache_capacity(context, c.sliding_window, prefill_chunk)[0] * item
+    slots, _ = cache_capacity(context, c.sliding_window, prefill_chunk)
+    kv = 2 * c.n_layers * batch * kv_heads * c.head_dim * slots * item
     return MemoryEstimate(weights=weights, kv_cache=kv)
 
 
