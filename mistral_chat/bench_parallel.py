@@ -212,6 +212,7 @@ class WorldRun:
     generated: int = 0
     finish_reason: str = ""
     repeatable: bool = True  # the timed run produced the ids of the first (warm-up) run
+    all_reduce: str = ""  # what carried the all-reduces of decode: NCCL or symmetric memory (world > 1)
     weight_bytes_per_gpu: int = 0  # weights rank 0 reads per decode step
     floor_ms_per_token: float = 0.0
     floor_tokens_per_s: float = 0.0
@@ -344,6 +345,7 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
     from mistral_chat.engine.generate import Session
     from mistral_chat.engine.launch import RankOptions, start_parallel_session
     from mistral_chat.engine.loader import load_model
+    from mistral_chat.engine.parallel import fast_all_reduce_on
 
     run = WorldRun(world=world)
     first_logits = None
@@ -361,6 +363,7 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
                 assert started_run is not None, "not under torchrun: rank 0 always gets a session"
                 loaded, session = started_run
                 stack.enter_context(session)
+                run.all_reduce = "symmetric memory" if fast_all_reduce_on() else "NCCL"
             run.load_s = time.perf_counter() - started
             run.weight_bytes_per_gpu = weight_bytes_per_token(loaded.model, loaded.config)
             first_logits = _measure(session, prompt_ids, steps, run)
@@ -498,7 +501,8 @@ def describe_run(run: WorldRun) -> str:
     if run.status != "ok":
         return f"world {run.world}: {run.status}: {run.note}"
     return (f"world {run.world}: loaded in {run.load_s:.1f} s, warm-up run {run.warmup_s:.1f} s, "
-            f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s), {run.generated} tokens")
+            f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s), {run.generated} tokens"
+            + (f", all-reduces through {run.all_reduce}" if run.all_reduce else ""))
 
 
 def format_parallel_table(result: ParallelBenchResult) -> str:

@@ -5,8 +5,9 @@
 #
 # Steps, in a sensible order:
 #   checkpoint  write the random Mistral-7B checkpoint to /dev/shm (the bench steps also write it if missing)
-#   direct      tests/gpu_tp_decode.py under torchrun at 2 and 4 ranks: compiled decode without the launcher
-#               (no command broadcasts, no followers), to tell the engine's time from the launcher's
+#   direct      tests/gpu_tp_decode.py under torchrun: compiled decode without the launcher (no command
+#               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
+#               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs)
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 2,4, full Mixtral-8x7B bf16, compiled
@@ -28,11 +29,12 @@ stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python pr
     done
 }
 
-direct() {  # direct NAME SECONDS RANKS
+direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE]
     echo "== $1 (limit $2 s)"
     stacks_after "$2" & local watch=$!
-    PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" tests/gpu_tp_decode.py \
-        /dev/shm/mistral-chat-m7 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt"
+    MISTRAL_CHAT_TP_ALL_REDUCE=${4:-auto} PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" \
+        tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt" \
+        | grep 'rank 0'
     kill $watch 2>/dev/null
 }
 
@@ -54,7 +56,7 @@ for step in "${steps[@]}"; do
         checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
 from mistral_chat.bench_parallel import write_random_checkpoint
 write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
-        direct) direct direct-2 100 2; direct direct-4 100 4 ;;
+        direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         7b) bench 7b 230 "${m7[@]}" --tp 1,2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral) bench mixtral 400 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp 2,4 ;;

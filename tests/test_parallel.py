@@ -101,6 +101,23 @@ def test_logits_and_greedy_tokens_match_single_process(tiny, kind):
         assert "".join(parallel.generate(again, sampled)) == "".join(single.generate(again, sampled))
         assert parallel.tokens == single.tokens
 
+        # decoding ahead of the host, as on GPUs: every rank runs one step past an answer that a stop string
+        # ends, and the follow-up turn must not notice (the followers learn from rank 0 what the cache keeps)
+        for session in (parallel, single):
+            session.run_ahead = True
+            session.reset()
+        text = "".join(parallel.generate(first, params))
+        assert text == "".join(single.generate(first, params)) and len(text) > 8
+        stop = SamplingParams(max_tokens=24, stop=[text[len(text) // 2:len(text) // 2 + 3]])
+        for session in (parallel, single):
+            session.reset()
+        assert "".join(parallel.generate(first, stop)) == "".join(single.generate(first, stop))
+        assert parallel.stats.finish_reason == "stop" and parallel.stats.generated_tokens < 24
+        follow_up = parallel.tokens + prompt(5, seed=6)
+        assert "".join(parallel.generate(follow_up, params)) == "".join(single.generate(follow_up, params))
+        assert parallel.stats.prefilled_tokens == single.stats.prefilled_tokens < len(follow_up)
+        assert parallel.tokens == single.tokens
+
 
 def _alive(pid: int) -> bool:
     try:

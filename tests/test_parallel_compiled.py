@@ -19,11 +19,22 @@ RANK = r"""
 import os, sys, torch, torch.distributed as dist
 from mistral_chat.engine.decode import DecodeStep, _prefill
 from mistral_chat.engine.loader import load_model
+from mistral_chat.engine import parallel
 from mistral_chat.engine.parallel import Parallel
 rank, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
 model = load_model(path, device="cpu", dtype="float32", parallel=Parallel(rank=rank, world=2)).model
+fast_calls = []
+if sys.argv[6] == "fast":  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+    def one_shot(buffer, x, group_name, out):
+        fast_calls.append(x.numel())
+        out.copy_(x)
+        dist.all_reduce(out)
+    name = dist.group.WORLD.group_name
+    parallel._one_shot = one_shot
+    parallel._fast_buffers[name] = torch.empty(parallel.FAST_ALL_REDUCE_BYTES // 4)
+    parallel._fast_route = (name, torch.float32, parallel.FAST_ALL_REDUCE_BYTES // 4)
 ids = [int(i) for i in sys.argv[5].split(",")]
 step = DecodeStep(model, compile=True)
 prefill = torch.compile(_prefill, dynamic=True) if step.quick else _prefill  # what Prefill does on CUDA
@@ -40,7 +51,7 @@ with torch.no_grad():
         logits_seen.append(logits.clone())
         pos += 1
 if rank == 0:
-    torch.save({"tokens": tokens, "logits": torch.cat(logits_seen)}, out)
+    torch.save({"tokens": tokens, "logits": torch.cat(logits_seen), "fast_calls": fast_calls}, out)
 dist.destroy_process_group()
 os._exit(0)  # skip interpreter teardown: a compiled gloo rank sometimes aborts there ("terminate called ...")
 """
@@ -52,13 +63,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quick", ["0", "1"])
-def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick):
+@pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast")])
+def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 24 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
-    args = [str(port), str(path), str(out), ",".join(map(str, ids))]
+    args = [str(port), str(path), str(out), ",".join(map(str, ids)), all_reduce]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     errors = [proc.communicate(timeout=600)[1] for proc in ranks]
@@ -77,4 +88,9 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
             logits_seen.append(logits)
     got = torch.load(out)
     assert got["tokens"] == tokens
+    if all_reduce == "fast":  # every decode all-reduce (the embedding's, then 2 a layer) took the fast route
+        layers = len(model.layers)
+        assert got["fast_calls"].count(model.config.dim) >= 24 * (1 + 2 * layers), got["fast_calls"]
+    else:
+        assert got["fast_calls"] == []
     torch.testing.assert_close(got["logits"], torch.cat(logits_seen), atol=1e-4, rtol=0)

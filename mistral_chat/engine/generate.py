@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +51,11 @@ class TokenReader:
     """Copies a sampled token to the host without waiting for the GPU work queued after it (an asynchronous
     copy into pinned memory and an event), where `int(token)` would wait for the whole stream."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, poll: Callable[[], None] | None = None) -> None:
         cuda = device.type == "cuda"
         self.host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
         self.ready = torch.cuda.Event() if cuda else None
+        self.poll = poll  # called while waiting (it may raise), instead of blocking in CUDA
 
     def start(self, token: torch.Tensor) -> None:
         self.host.copy_(token.reshape(-1)[:1], non_blocking=True)
@@ -63,6 +64,9 @@ class TokenReader:
 
     def value(self) -> int:
         if self.ready is not None:
+            if self.poll is not None:
+                while not self.ready.query():
+                    self.poll()
             self.ready.synchronize()
         return int(self.host[0])
 
@@ -130,6 +134,18 @@ class Session:
             self.tokens = self.tokens[:keep]
         return keep
 
+    def keep_prefix(self, keep: int) -> None:
+        """Keep the first `keep` cached tokens, as rank 0's `_reuse` decided (a tensor-parallel follower)."""
+        assert self.model.slots is not None
+        if keep == 0:
+            self.model.slots.reset()
+        else:
+            self.model.slots.rewind(keep)
+        self.tokens = self.tokens[:keep]
+
+    def _token_reader(self) -> TokenReader:
+        return TokenReader(self.loaded.device)
+
     @torch.no_grad()
     def _feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Run `ids` after the cached tokens, in chunks; return the last position's logits ([1, vocab])."""
@@ -171,7 +187,7 @@ class Session:
             stops = StopStrings(params.stop)
             penalties = (Penalties(params, prompt_ids, logits.shape[-1], logits.device)
                          if params.penalised else None)
-            reader = TokenReader(self.loaded.device)
+            reader = self._token_reader()
             stats.finish_reason = "length"
             for i in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():

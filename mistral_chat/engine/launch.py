@@ -37,9 +37,10 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session
+from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session, TokenReader
 from mistral_chat.engine.loader import LoadedModel, load_model
-from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
+from mistral_chat.engine.parallel import (Parallel, check_tensor_parallel, disable_fast_all_reduce,
+                                          enable_fast_all_reduce)
 from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
@@ -356,11 +357,9 @@ class ParallelSession(Session):
         self.closed = False
         self.world = loaded.model.parallel.world
         self.restore_threads: int | None = None  # rank 0's torch threads before a CPU run lowered them
+        self._next_check = 0.0
         super().__init__(loaded, context_length=context_length, prefill_chunk=prefill_chunk)
         self.decode = _MirroredDecode(self.decode, self)
-        # each step's command carries its token, which rank 0 must read first; and a step run ahead for a token
-        # that ends the answer would leave the followers one token further than rank 0
-        self.run_ahead = False
 
     @property
     def failure(self) -> str | None:
@@ -398,9 +397,10 @@ class ParallelSession(Session):
         super().reset()
 
     def _reuse(self, prompt: Sequence[int]) -> int:
+        keep = super()._reuse(prompt)
         with self._collective():
-            self.channel.send(_REUSE, prompt)
-        return super()._reuse(prompt)
+            self.channel.send(_REUSE, position=keep)
+        return keep
 
     def _feed(self, ids: Sequence[int]) -> torch.Tensor:
         with self._collective():
@@ -417,15 +417,24 @@ class ParallelSession(Session):
             return out
         done = torch.cuda.Event()
         done.record()
-        next_check = 0.0
         while not done.query():
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 0.002
-                failure = self.followers.check()
-                if failure is not None:
-                    raise ParallelRunError(failure)
+            self._check_followers()
         return out
+
+    def _check_followers(self) -> None:
+        """ParallelRunError if a follower died (looking at the processes at most every 2 ms)."""
+        now = time.monotonic()
+        if self.followers is None or now < self._next_check:
+            return
+        self._next_check = now + 0.002
+        failure = self.followers.check()
+        if failure is not None:
+            raise ParallelRunError(failure)
+
+    def _token_reader(self) -> TokenReader:
+        # decode runs ahead: the host waits for a token while the next step's collectives run, so watch the
+        # followers meanwhile as `_settle` does
+        return TokenReader(self.loaded.device, poll=self._check_followers if self.followers is not None else None)
 
     def close(self) -> None:
         """Tell the followers to exit, wait for them, and leave the process group. Safe to call twice."""
@@ -485,6 +494,7 @@ def _leave_process_group(timeout: float = 15.0) -> None:
     from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
     reset_cudagraph_trees()
+    disable_fast_all_reduce()
     gc.collect()
     thread = threading.Thread(target=_destroy_process_group, name="tp-leave", daemon=True)
     thread.start()
@@ -501,8 +511,18 @@ def _destroy_process_group() -> None:
         log.debug("destroy_process_group failed", exc_info=True)
 
 
+def share_token(token: torch.Tensor, group: Any) -> None:
+    """Rank 0's token ([1, 1] ids on the model's device) into `token` on every rank: a broadcast in the device's
+    queue, so neither rank 0 nor a follower waits for the GPU to know it."""
+    dist.broadcast(token, src=0, group=group)
+
+
 class _MirroredDecode:
-    """Wraps a session's one-token decode step: the followers run the same step with the same token first."""
+    """Wraps a session's one-token decode step: the followers run the same step with the same token.
+
+    The command carries only the position; the token goes from rank 0's GPU to the others' (`share_token`),
+    so rank 0 can queue the step before it reads the token, as a one-GPU session does (`Session.run_ahead`).
+    """
 
     def __init__(self, step: Callable[[torch.Tensor, int], torch.Tensor], session: ParallelSession) -> None:
         self.step = step
@@ -510,8 +530,11 @@ class _MirroredDecode:
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         with self.session._collective():
-            self.session.channel.send(_DECODE, [int(tokens.reshape(-1)[0])], position)
-            return self.session._settle(self.step(tokens, position))
+            self.session.channel.send(_DECODE, position=position)
+            tokens = tokens.reshape(1, 1).contiguous()
+            share_token(tokens, self.session.model.parallel.group)
+            out = self.step(tokens, position)
+            return out if self.session.run_ahead else self.session._settle(out)
 
     def __getattr__(self, name: str) -> Any:  # compiled, cuda_graphs, ... of the wrapped step
         return getattr(self.step, name)
@@ -521,7 +544,11 @@ class _MirroredDecode:
 
 
 def follow(session: Session, channel: CommandChannel) -> None:
-    """Repeat rank 0's cache steps on this rank's shard until it sends shutdown."""
+    """Repeat rank 0's cache steps on this rank's shard until it sends shutdown.
+
+    A follower knows the prompts' ids but not the answers' (they stay on the GPU): `session.tokens` holds -1 for
+    those, and only its length counts here (rank 0 decides what the cache keeps)."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=session.loaded.device)
     while True:
         op, ids, position = channel.receive()
         if op == _SHUTDOWN:
@@ -532,11 +559,11 @@ def follow(session: Session, channel: CommandChannel) -> None:
         if op == _FEED:
             session._feed(ids)
         elif op == _DECODE:
-            tokens = torch.tensor([ids], dtype=torch.long, device=session.loaded.device)
-            session.decode(tokens, position)
-            session.tokens.extend(ids)
+            share_token(token, session.model.parallel.group)
+            session.decode(token, position)
+            session.tokens.append(-1)
         elif op == _REUSE:
-            session._reuse(ids)
+            session.keep_prefix(position)
         elif op == _RESET:
             session.reset()
         else:
@@ -590,6 +617,7 @@ def run_follower(dev_type: str, rank: int, world: int, local_rank: int, store: d
             error = f"tensor-parallel rank {rank}: {_describe(exc)}"
         if any(channel.gather_errors(error)) or session is None:
             return 1 if error else 0
+        enable_fast_all_reduce(loaded.model.parallel, loaded.device, loaded.dtype)
         follow(session, channel)
         return 0
     finally:
@@ -712,6 +740,7 @@ def _start_rank0(options: RankOptions, world: int, dev_type: str, local_rank: in
                 raise cause
             raise ParallelRunError(first) from cause
         assert loaded is not None and session is not None
+        enable_fast_all_reduce(loaded.model.parallel, loaded.device, loaded.dtype)
         if dev_type == "cpu":
             session.restore_threads = threads
         log.info("tensor-parallel run of %d ranks on %s ready", world, dev_type)
