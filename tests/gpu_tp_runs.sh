@@ -10,7 +10,7 @@
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs)
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
-#   mixtral     bench --tp 2,4, full Mixtral-8x7B bf16, compiled
+#   mixtral     bench --tp 1,2,4 (2,4 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled
 # Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
@@ -59,7 +59,10 @@ write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), t
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         7b) bench 7b 230 "${m7[@]}" --tp 1,2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
-        mixtral) bench mixtral 400 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp 2,4 ;;
+        mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
+            worlds=2,4
+            [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && worlds=1,2,4
+            bench mixtral 330 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp $worlds ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

@@ -35,6 +35,7 @@ _fast_buffers: dict[str, torch.Tensor] = {}  # process group name -> this rank's
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
 # model group per process: (group name, dtype, elements) of its buffer, or None
 _fast_route: tuple[str, torch.dtype, int] | None = None
+_used_group_names: set[str] = set()  # symmetric memory keeps a group's ranks and store by name for the process
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     if (not parallel.enabled or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32)
             or os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto") == "nccl"):
         return False
-    group_name = parallel.process_group.group_name
+    # a group of its own, named after its ranks (the default group is named "0" again after a restart in the same
+    # process, and symmetric memory would use the first one's store and size: seen hanging in `bench --tp 2,4`)
+    group_name = dist.new_group(list(range(parallel.world)), use_local_synchronization=True).group_name
 
     def everyone(ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
@@ -155,8 +158,12 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         buffer = symm_mem.empty(FAST_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=device)
     except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
         log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
+    if group_name in _used_group_names:  # the same ranks again in this process (a second --tp run of the size)
+        log.info("symmetric memory was set up for these ranks before in this process: all-reduces go through NCCL")
+        buffer = None
     if not everyone(buffer is not None):
         return False
+    _used_group_names.add(group_name)
     ok = False
     try:
         symm_mem.rendezvous(buffer, group_name)
