@@ -502,7 +502,11 @@ def describe_run(run: WorldRun) -> str:
         return f"world {run.world}: {run.status}: {run.note}"
     return (f"world {run.world}: loaded in {run.load_s:.1f} s, warm-up run {run.warmup_s:.1f} s, "
             f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s), {run.generated} tokens"
-            + (f", all-reduces through {run.all_reduce}" if run.all_reduce else ""))
+            + (f", all-reduces through {run.all_reduce}" if run.all_reduce else "")
+            + (f", reference's argmax at {_percent(run.forced_same_fraction)} of its tokens (at most "
+               f"{run.forced_worst_gap:.3g} below this world's top logit)" if run.forced_same_fraction is not None
+               else "")
+            + ("" if run.repeatable else "; its two greedy runs gave different tokens"))
 
 
 def format_parallel_table(result: ParallelBenchResult) -> str:

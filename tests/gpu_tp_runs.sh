@@ -8,9 +8,11 @@
 #   direct      tests/gpu_tp_decode.py under torchrun: compiled decode without the launcher (no command
 #               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
-#   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs)
+#   7b          bench --tp 1,2 then --tp 1,4, bf16, compiled decode (CUDA graphs): ~6 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
-#   mixtral     bench --tp 1,2,4 (2,4 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled
+#   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB) then --tp 4, full Mixtral-8x7B bf16, compiled: ~9 min
+# Each tensor-parallel world size runs in a bench process of its own: only the first --tp run of a process sends
+# its all-reduces through symmetric memory (see engine/parallel.py), the others would measure NCCL.
 # Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
@@ -57,12 +59,13 @@ for step in "${steps[@]}"; do
 from mistral_chat.bench_parallel import write_random_checkpoint
 write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
-        7b) bench 7b 230 "${m7[@]}" --tp 1,2,4 ;;
+        7b) bench 7b-2 200 "${m7[@]}" --tp 1,2; bench 7b-4 200 "${m7[@]}" --tp 1,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
-        mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
-            worlds=2,4
-            [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && worlds=1,2,4
-            bench mixtral 330 --shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral --tp $worlds ;;
+        mixtral)  # world 1 only where one GPU holds its 93 GB (H200); the first run writes the checkpoint (~100 s)
+            first=2
+            [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
+            mx=(--shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral)
+            bench mixtral-2 330 "${mx[@]}" --tp $first; bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

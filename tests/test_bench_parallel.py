@@ -72,3 +72,8 @@ def test_bench_cli_with_tp(tmp_path):
     assert [line.split()[0] for line in lines[3:5]] == ["1", "2"]
     runs = json.loads(out.read_text())["runs"]
     assert runs[0]["ids"] == runs[1]["ids"] and len(runs[0]["ids"]) == 8
+    # each world's line as it ends (what a run killed midway still shows): world 2 names its all-reduce and its
+    # agreement with world 1
+    ends = [line for line in proc.stderr.splitlines() if line.startswith("world ")]
+    assert ends[0].startswith("world 1: loaded in") and "through" not in ends[0]
+    assert "all-reduces through NCCL, reference's argmax at 100% of its tokens" in ends[1]

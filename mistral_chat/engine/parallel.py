@@ -35,7 +35,10 @@ _fast_buffers: dict[str, torch.Tensor] = {}  # process group name -> this rank's
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
 # model group per process: (group name, dtype, elements) of its buffer, or None
 _fast_route: tuple[str, torch.dtype, int] | None = None
-_used_group_names: set[str] = set()  # symmetric memory keeps a group's ranks and store by name for the process
+# torch's symmetric memory numbers its handle exchanges for the whole process: a second group in a process whose
+# peers are fresh (rank 0 starting another --tp run, e.g. `bench --tp 2,4`) waits forever for keys they never
+# write (seen on 4x H100). So only the first tensor-parallel group of a process takes the fast path.
+_symmetric_memory_used = False
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,8 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     if (not parallel.enabled or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32)
             or os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto") == "nccl"):
         return False
-    # a group of its own, named after its ranks (the default group is named "0" again after a restart in the same
-    # process, and symmetric memory would use the first one's store and size: seen hanging in `bench --tp 2,4`)
-    group_name = dist.new_group(list(range(parallel.world)), use_local_synchronization=True).group_name
+    global _fast_route, _symmetric_memory_used
+    group_name = parallel.process_group.group_name
 
     def everyone(ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
@@ -158,12 +160,12 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         buffer = symm_mem.empty(FAST_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=device)
     except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
         log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
-    if group_name in _used_group_names:  # the same ranks again in this process (a second --tp run of the size)
-        log.info("symmetric memory was set up for these ranks before in this process: all-reduces go through NCCL")
+    if _symmetric_memory_used:
+        log.info("an earlier tensor-parallel run of this process used symmetric memory: all-reduces go through NCCL")
         buffer = None
     if not everyone(buffer is not None):
         return False
-    _used_group_names.add(group_name)
+    _symmetric_memory_used = True
     ok = False
     try:
         symm_mem.rendezvous(buffer, group_name)
@@ -176,7 +178,6 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     if not everyone(ok):
         _fast_buffers.pop(group_name, None)
         return False
-    global _fast_route
     _fast_route = (group_name, dtype, buffer.numel())
     log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory", FAST_ALL_REDUCE_BYTES >> 10)
     return True
