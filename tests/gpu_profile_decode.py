@@ -35,6 +35,19 @@ def kind_of(name: str) -> str:
     return "the rest"
 
 
+def print_kinds(events, steps: int, wall: float) -> None:
+    """Device time per decode step by kind of kernel, from a profiler's `key_averages()`."""
+    per_kind: dict[str, float] = defaultdict(float)
+    for e in events:  # kernels carry self device time; operators and runtime calls carry none
+        us = getattr(e, "self_device_time_total", 0.0)
+        if us > 0:
+            per_kind[kind_of(e.key)] += us
+    total = sum(per_kind.values())
+    for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:>16}: {us / steps / 1000:.3f} ms per step ({100 * us / max(total, 1):.0f}% of kernel time)")
+    print(f"kernel time {total / steps / 1000:.3f} ms per step; wall (profiled) {wall / steps * 1000:.3f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
@@ -75,15 +88,7 @@ def main() -> None:
     sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     print(events.table(sort_by=sort, row_limit=25, max_name_column_width=80))
     if device.type == "cuda":
-        per_kind: dict[str, float] = defaultdict(float)
-        for e in events:  # kernels carry self device time; operators and runtime calls carry none
-            us = getattr(e, "self_device_time_total", 0.0)
-            if us > 0:
-                per_kind[kind_of(e.key)] += us
-        total = sum(per_kind.values())
-        for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
-            print(f"{kind:>16}: {us / a.steps / 1000:.3f} ms per step ({100 * us / max(total, 1):.0f}% of kernel time)")
-        print(f"kernel time {total / a.steps / 1000:.3f} ms per step; wall (profiled) {wall / a.steps * 1000:.3f} ms")
+        print_kinds(events, a.steps, wall)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ eager and compiled (CUDA graphs), printing how long each of the first compiled c
 engine's compiled collectives from `--tp`'s launcher (command broadcasts, followers) when tensor-parallel decode
 is slow or stuck; run it with PYTHONFAULTHANDLER=1 and send SIGABRT to see where each rank stands:
 
-    python3 -m torch.distributed.run --nproc_per_node 2 tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7
+    python3 -m torch.distributed.run --nproc_per_node 2 tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 [--profile]
 
 On a machine without GPUs it runs on the CPU over gloo (use a tiny model), which only checks the script.
 The checkpoint is one that `mistral-chat bench --tp ... --tp-checkpoint FOLDER` wrote (or any model folder).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("path")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="then profile 20 compiled steps; rank 0 prints "
+                                                                "its kernels' device time by kind")
     args = parser.parse_args()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -91,8 +94,31 @@ def main() -> None:
     diff = float((out - eager(token, position + 4)).abs().max())
     say(rank, f"compiled decode {compiled_ms:.2f} ms/step back to back, {read_ms:.2f} ms/step reading each token; "
               f"last logits differ from eager by at most {diff:.3g}")
+    if args.profile:
+        profile_steps(rank, compiled, token, position)
     dist.barrier()
     _leave_process_group()
+
+
+def profile_steps(rank: int, step: DecodeStep, token: torch.Tensor, position: int, n: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile_decode import print_kinds
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        started = time.perf_counter()
+        for i in range(n):
+            step(token, position + i)
+        sync()
+        wall = time.perf_counter() - started
+    if rank == 0:
+        events = prof.key_averages()
+        print(events.table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=20,
+                           max_name_column_width=70), flush=True)
+        if cuda:
+            print_kinds(events, n, wall)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #   direct      tests/gpu_tp_decode.py under torchrun: compiled decode without the launcher (no command
 #               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
+#   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes)
 #   7b          bench --tp 1,2 then --tp 1,4, bf16, compiled decode (CUDA graphs): ~6 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB) then --tp 4, full Mixtral-8x7B bf16, compiled: ~9 min
@@ -31,12 +32,14 @@ stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python pr
     done
 }
 
-direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE]
-    echo "== $1 (limit $2 s)"
-    stacks_after "$2" & local watch=$!
-    MISTRAL_CHAT_TP_ALL_REDUCE=${4:-auto} PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$3" \
-        tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$1.txt" \
-        | grep 'rank 0'
+direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines shown, everything kept
+    local name=$1 limit=$2 ranks=$3 all_reduce=${4:-auto}
+    shift 4 2>/dev/null || shift $#
+    echo "== $name (limit $limit s)"
+    stacks_after "$limit" & local watch=$!
+    MISTRAL_CHAT_TP_ALL_REDUCE=$all_reduce PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$ranks" \
+        tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
+        | grep -v '^\[rank [1-9]'
     kill $watch 2>/dev/null
 }
 
@@ -59,6 +62,7 @@ for step in "${steps[@]}"; do
 from mistral_chat.bench_parallel import write_random_checkpoint
 write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
+        profile) direct profile-2 120 2 auto --profile ;;
         7b) bench 7b-2 200 "${m7[@]}" --tp 1,2; bench 7b-4 200 "${m7[@]}" --tp 1,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200); the first run writes the checkpoint (~100 s)
