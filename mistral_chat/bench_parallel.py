@@ -7,6 +7,9 @@ path `mistral-chat --tp N` takes). Each run decodes the same random prompt greed
 time to first token, the per-GPU bandwidth floor (weight bytes rank 0 reads per token / copy bandwidth of
 cuda:0), and how far each world's tokens agree with the reference run (world 1 when it ran).
 
+Each tensor-parallel world's rank 0 runs in a process of its own (`python -m mistral_chat.bench_parallel DIR`), as
+a `mistral-chat --tp N` run does: only the first tensor-parallel run of a process may use symmetric memory.
+
 The output rows of the special tokens are zero, so EOS (logit 0 among ~N(0, 1) logits) never wins and every run
 produces its full `steps` tokens; a run that stopped early anyway says so.
 """
@@ -16,8 +19,11 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import os
 import random
 import string
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -379,6 +385,32 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
     return run, first_logits
 
 
+def _run_world_apart(path: Path, world: int, dev_type: str, dtype: str, quantize: str | None, context: int,
+                     prompt_ids: list[int], steps: int, compile: bool,
+                     ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
+    """`_run_world` with rank 0 in a child process (its output goes to this one's terminal)."""
+    args = {"path": str(path), "world": world, "dev_type": dev_type, "dtype": dtype, "quantize": quantize,
+            "context": context, "prompt_ids": prompt_ids, "steps": steps, "compile": compile, "ref_ids": ref_ids}
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory(prefix="mistral-chat-tp-world-") as tmp:
+        (Path(tmp) / "args.json").write_text(json.dumps(args))
+        code = subprocess.run([sys.executable, "-m", "mistral_chat.bench_parallel", tmp], env=env).returncode
+        result = Path(tmp) / "result.pt"
+        if code != 0 or not result.exists():
+            return WorldRun(world=world, status="failed", note=f"its process exited with code {code}"), None
+        saved = torch.load(result)
+    return WorldRun(**saved["run"]), saved["first"]
+
+
+def _child_main(folder: str) -> None:
+    """`python -m mistral_chat.bench_parallel DIR`: one world as `_run_world_apart` asked, result in DIR."""
+    args = json.loads((Path(folder) / "args.json").read_text())
+    args["path"] = Path(args["path"])
+    run, first = _run_world(**args)
+    torch.save({"run": asdict(run), "first": None if first is None else first.cpu()}, Path(folder) / "result.pt")
+
+
 def _compare(run: WorldRun, ref: WorldRun, first: torch.Tensor | None, ref_first: torch.Tensor | None) -> None:
     from mistral_chat.engine.generate import common_prefix
 
@@ -388,7 +420,7 @@ def _compare(run: WorldRun, ref: WorldRun, first: torch.Tensor | None, ref_first
     if run.same_leading < min(len(run.ids), len(ref.ids)):
         run.margin_at_divergence = ref.margins[run.same_leading]
     if first is not None and ref_first is not None:
-        run.first_logits_max_diff = float((first - ref_first).abs().max())
+        run.first_logits_max_diff = float((first.cpu() - ref_first.cpu()).abs().max())
 
 
 def prompt_ids(vocab_size: int, n: int, seed: int = 0, first_ordinary: int = 0) -> list[int]:
@@ -443,8 +475,9 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
                 result.runs.append(WorldRun(world=world, status="skipped",
                                             note=f"needs {world} GPUs, {gpus} visible"))
                 continue
-            run, firsts[world] = _run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile,
-                                            ref_ids)
+            run_world = _run_world if world == 1 else _run_world_apart
+            run, firsts[world] = run_world(folder, world, dev_type, dtype, quantize, context, ids, steps, compile,
+                                           ref_ids)
             result.runs.append(run)
             if ref_ids is None and run.status == "ok":
                 ref_ids, result.reference_world = run.ids, run.world
@@ -558,3 +591,7 @@ def _reference(result: ParallelBenchResult) -> WorldRun:
 
 def result_json(result: ParallelBenchResult) -> str:
     return json.dumps(asdict(result), indent=2)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

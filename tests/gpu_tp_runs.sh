@@ -9,11 +9,11 @@
 #               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes)
-#   7b          bench --tp 1,2 then --tp 1,4, bf16, compiled decode (CUDA graphs): ~6 min
+#   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
-#   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB) then --tp 4, full Mixtral-8x7B bf16, compiled: ~9 min
-# Each tensor-parallel world size runs in a bench process of its own: only the first --tp run of a process sends
-# its all-reduces through symmetric memory (see engine/parallel.py), the others would measure NCCL.
+#   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
+#               first (~100 s): ~5 min
+#   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
 # Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
@@ -23,7 +23,7 @@ out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MISTRAL_CHAT_COMPILE_PREFILL=0 MISTRAL_CHAT_DEBUG=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(checkpoint direct 7b 7b-int8 mixtral)
+[ ${#steps[@]} -eq 0 ] && steps=(checkpoint direct profile 7b 7b-int8 mixtral mixtral-4)
 
 stacks_after() {  # stacks_after SECONDS: then make every mistral-chat Python process print its stacks (SIGABRT)
     sleep "$1"
@@ -56,6 +56,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit
 nvidia-smi -L
 nvidia-smi topo -m | head -8
 m7=(--shape mistral-7b --tp-checkpoint /dev/shm/mistral-chat-m7)
+mx=(--shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral)
 for step in "${steps[@]}"; do
     case $step in
         checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
@@ -63,13 +64,13 @@ from mistral_chat.bench_parallel import write_random_checkpoint
 write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         profile) direct profile-2 120 2 auto --profile ;;
-        7b) bench 7b-2 200 "${m7[@]}" --tp 1,2; bench 7b-4 200 "${m7[@]}" --tp 1,4 ;;
+        7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
-        mixtral)  # world 1 only where one GPU holds its 93 GB (H200); the first run writes the checkpoint (~100 s)
+        mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
-            mx=(--shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral)
-            bench mixtral-2 330 "${mx[@]}" --tp $first; bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
+            bench mixtral 400 "${mx[@]}" --tp $first ;;
+        mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
