@@ -154,15 +154,15 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         return bool(flag.item())
 
     buffer = None
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        buffer = symm_mem.empty(FAST_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=device)
-    except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
-        log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
     if _symmetric_memory_used:
         log.info("an earlier tensor-parallel run of this process used symmetric memory: all-reduces go through NCCL")
-        buffer = None
+    else:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(FAST_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=device)
+        except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
+            log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
     if not everyone(buffer is not None):
         return False
     _symmetric_memory_used = True
