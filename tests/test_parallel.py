@@ -117,6 +117,16 @@ def test_logits_and_greedy_tokens_match_single_process(tiny, kind):
         assert "".join(parallel.generate(follow_up, params)) == "".join(single.generate(follow_up, params))
         assert parallel.stats.prefilled_tokens == single.stats.prefilled_tokens < len(follow_up)
         assert parallel.tokens == single.tokens
+        for session in (parallel, single):  # cancelled mid-answer, then a follow-up
+            cancel = threading.Event()
+            for i, _ in enumerate(session.generate(follow_up + prompt(3, seed=7), params, cancel)):
+                if i == 2:
+                    cancel.set()
+            assert session.stats.finish_reason == "cancelled"
+        assert parallel.tokens == single.tokens
+        last = parallel.tokens + prompt(4, seed=8)
+        assert "".join(parallel.generate(last, params)) == "".join(single.generate(last, params))
+        assert parallel.stats.prefilled_tokens == single.stats.prefilled_tokens < len(last)
 
 
 def _alive(pid: int) -> bool:
