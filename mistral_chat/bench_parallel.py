@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import gc
 import json
-import os
 import random
 import string
 import subprocess
@@ -389,13 +388,14 @@ def _run_world_apart(path: Path, world: int, dev_type: str, dtype: str, quantize
                      prompt_ids: list[int], steps: int, compile: bool,
                      ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
     """`_run_world` with rank 0 in a child process (its output goes to this one's terminal)."""
+    from mistral_chat.engine.launch import child_environment
+
     args = {"path": str(path), "world": world, "dev_type": dev_type, "dtype": dtype, "quantize": quantize,
             "context": context, "prompt_ids": prompt_ids, "steps": steps, "compile": compile, "ref_ids": ref_ids}
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="mistral-chat-tp-world-") as tmp:
         (Path(tmp) / "args.json").write_text(json.dumps(args))
-        code = subprocess.run([sys.executable, "-m", "mistral_chat.bench_parallel", tmp], env=env).returncode
+        code = subprocess.run([sys.executable, "-m", "mistral_chat.bench_parallel", tmp],
+                              env=child_environment()).returncode
         result = Path(tmp) / "result.pt"
         if code != 0 or not result.exists():
             return WorldRun(world=world, status="failed", note=f"its process exited with code {code}"), None

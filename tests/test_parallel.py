@@ -52,6 +52,13 @@ def single_session(path: Path) -> Session:
     return Session(load_model(path, device="cpu", dtype="float32"), context_length=CONTEXT, prefill_chunk=CHUNK)
 
 
+def decode_next(session: Session, token: int) -> torch.Tensor:
+    """The logits after one decode step of `token`, which the session's cache then holds (as the chat loop does)."""
+    logits = session.decode(torch.tensor([[token]]), len(session.tokens))
+    session.tokens.append(token)
+    return logits
+
+
 def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -71,10 +78,7 @@ def test_logits_and_greedy_tokens_match_single_process(tiny, kind):
                 tp, ts = int(got.argmax()), int(expected.argmax())
                 tokens_p.append(tp)
                 tokens_s.append(ts)
-                got = parallel.decode(torch.tensor([[tp]]), len(parallel.tokens))
-                parallel.tokens.append(tp)
-                expected = single.decode(torch.tensor([[ts]]), len(single.tokens))
-                single.tokens.append(ts)
+                got, expected = decode_next(parallel, tp), decode_next(single, ts)
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert tokens_p == tokens_s
         if kind == "mistral":
@@ -313,8 +317,5 @@ def test_int8_ranks_quantize_their_own_slices(tiny, kind):
         for _ in range(12):
             token = int(expected.argmax())
             assert int(got.argmax()) == token
-            got = parallel.decode(torch.tensor([[token]]), len(parallel.tokens))
-            parallel.tokens.append(token)
-            expected = single.decode(torch.tensor([[token]]), len(single.tokens))
-            single.tokens.append(token)
+            got, expected = decode_next(parallel, token), decode_next(single, token)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -126,16 +126,14 @@ class Session:
         assert self.model.slots is not None
         keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)  # at least one token must run
         if keep < len(self.tokens):
-            if keep > 0 and self.model.slots.can_rewind(keep):
-                self.model.slots.rewind(keep)
-            else:
-                self.model.slots.reset()
+            if not self.model.slots.can_rewind(keep):
                 keep = 0
-            self.tokens = self.tokens[:keep]
+            self.keep_prefix(keep)
         return keep
 
     def keep_prefix(self, keep: int) -> None:
-        """Keep the first `keep` cached tokens, as rank 0's `_reuse` decided (a tensor-parallel follower)."""
+        """Keep the first `keep` cached tokens (0: start over); `_reuse` decides how many (on a tensor-parallel
+        follower, rank 0's `_reuse`)."""
         assert self.model.slots is not None
         if keep == 0:
             self.model.slots.reset()

@@ -203,6 +203,14 @@ class CommandChannel:
 # ---- the processes rank 0 spawned ----------------------------------------------------------------------------
 
 
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child `python -m mistral_chat...`, which must import this very package
+    (even when it runs from a source tree that is not installed), plus `extra`."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+                **extra)
+
+
 def _signal_name(code: int) -> str:
     try:
         return signal.Signals(-code).name
@@ -221,11 +229,9 @@ class FollowerProcesses:
         self._stopping = threading.Event()
         self._logs: dict[int, IO[bytes]] = {}
         self.procs: dict[int, subprocess.Popen] = {}
-        package_root = str(Path(__file__).resolve().parents[2])
         for rank in range(1, world):
-            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                       PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+            env = child_environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
             env[_DEVICE_ENV] = dev_type
             if dev_type == "cpu":
                 env["OMP_NUM_THREADS"] = str(_cpu_threads_per_rank(world))
