@@ -29,6 +29,8 @@ KINDS = (("matrix products", ("gemv", "gemm", "mm", "cutlass", "sm90", "xmma", "
 
 def kind_of(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith("triton_red") and "matmul" in lowered:  # inductor's batch-1 matrix products
+        return "matrix products"
     for kind, needles in KINDS:
         if any(needle in lowered for needle in needles):
             return kind
@@ -40,7 +42,7 @@ def print_kinds(events, steps: int, wall: float) -> None:
     per_kind: dict[str, float] = defaultdict(float)
     for e in events:  # kernels carry self device time; operators and runtime calls carry none
         us = getattr(e, "self_device_time_total", 0.0)
-        if us > 0:
+        if us > 0 and not e.key.startswith(("## Call CompiledFxGraph", "Torch-Compiled Region")):  # whole graphs
             per_kind[kind_of(e.key)] += us
     total = sum(per_kind.values())
     for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):

@@ -16,6 +16,7 @@ from torch import nn
 
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
 
@@ -130,7 +131,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return all_reduce(self.w2(F.silu(gate) * up), self.parallel)
+        return all_reduce(self.w2(materialize(F.silu(gate) * up)), self.parallel)
 
 
 class TransformerBlock(nn.Module):
@@ -148,8 +149,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
                 key_len: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, slots, mask, key_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.attention(materialize(self.attention_norm(x)), rope, slots, mask, key_len)
+        return h + self.feed_forward(materialize(self.ffn_norm(h)))
 
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,

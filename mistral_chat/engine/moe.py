@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.parallel import Parallel, all_reduce
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
@@ -61,7 +62,7 @@ class MoEFeedForward(nn.Module):
         if self.w13_scale is not None:
             h = h * self.w13_scale[experts]
         gate, up = h.chunk(2, dim=-1)
-        y = torch.einsum("nkh,nkdh->nkd", F.silu(gate) * up, w2)
+        y = torch.einsum("nkh,nkdh->nkd", materialize(F.silu(gate) * up), w2)
         if self.w2_scale is not None:
             y = y * self.w2_scale[experts]
         return torch.einsum("nkd,nk->nd", y, weights)
