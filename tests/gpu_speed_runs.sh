@@ -3,18 +3,20 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check. Logs go under $OUT (the device
+# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check vs-hf mixtral-16. Logs go under $OUT (the device
 # tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too
 # long cannot eat the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode
 # against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the
 # Triton kernel (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step (bf16 and int8), the start-up of
-# `mistral-chat --prompt` with an empty and then a warm compile cache, and the GPU correctness check.
+# `mistral-chat --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full
+# side-by-side run with HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to
+# 16 layers. Several steps can run at once on one machine with several GPUs, one CUDA_VISIBLE_DEVICES and OUT each.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check)
+[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check vs-hf mixtral-16)
 
 log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
     local name=$1 limit=$2
@@ -50,6 +52,9 @@ for step in "${steps[@]}"; do
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
         check) log check 240 python3 tests/gpu_check.py ;;
+        vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
+        mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
+            --prefill 2048 --steps 32 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
