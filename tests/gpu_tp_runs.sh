@@ -14,6 +14,7 @@
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
+#   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
 # Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
@@ -73,6 +74,9 @@ write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), t
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
+        mixtral-checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
+from mistral_chat.bench_parallel import write_random_checkpoint
+write_random_checkpoint('/dev/shm/mistral-chat-mixtral', bench_shape('mixtral-8x7b'), torch.bfloat16, device='cuda')" ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
