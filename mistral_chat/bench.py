@@ -145,7 +145,8 @@ def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, pr
         run_prefill()
         warm_seconds = time.perf_counter() - started
         seconds = timed(run_prefill, device, repeat=10, warmup=2)
-        rows.append({"engine": label, "what": f"prefill {length}", "batch": 1,
+        rows.append({"engine": "mistral-chat " + ("compiled" if prefill.compiled else "eager"),
+                     "what": f"prefill {length}", "batch": 1,
                      "ms": seconds * 1000, "tokens_per_s": length / seconds, "warmup_s": warm_seconds})
     for batch in batches:
         model.setup_cache(prompt + steps + 16, batch=batch, prefill_chunk=prompt)

@@ -5,6 +5,7 @@ python tests/gpu_check.py   prints one line per check and exits non-zero if any 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mistral_chat.bench_parallel import synthetic_tekken  # noqa: E402
 from mistral_chat.engine.config import load_config  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep  # noqa: E402
 from mistral_chat.engine.generate import Session  # noqa: E402
@@ -75,6 +77,10 @@ def main() -> int:
     ids = torch.randint(3, 32000, (30,), generator=torch.Generator().manual_seed(0)).tolist()
     for kind in ("mistral", "mixtral", "nemo"):
         path = write_tiny_model(root / kind, kind)["native"]
+        if not any(f.name == "tekken.json" or f.name.startswith("tokenizer.model") for f in path.iterdir()):
+            # no mistral-common here to copy a real tokenizer from: sessions need one, of the model's vocabulary
+            vocab = json.loads((path / "params.json").read_text())["vocab_size"]
+            (path / "tekken.json").write_text(json.dumps(synthetic_tekken(vocab)))
         cpu, cpu_logits = greedy(load(path, "cpu", torch.float32), ids, 40, compile=False)
         cuda, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=False)
         cuda_c, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=True)

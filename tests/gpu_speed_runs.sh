@@ -34,7 +34,7 @@ write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, dev
     for cache in empty warm; do
         local started=$(date +%s%N)
         MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli --model "$model" --prompt "Hello" --max-tokens 8 --verbose \
-            > /dev/null
+            | { IFS= read -r -n 1 _; echo "compile cache $cache: first answer byte $(( ($(date +%s%N) - started) / 1000000 )) ms after launch"; cat > /dev/null; }
         echo "compile cache $cache: $(( ($(date +%s%N) - started) / 1000000 )) ms from launch to exit"
     done
 }

@@ -66,20 +66,21 @@ def _prefill(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.
 
 
 class Prefill:
-    """Logits of the last position of a prompt chunk. On CUDA, compiled with dynamic shapes: eager prefill of
-    a few hundred tokens is bound by launching ~1000 small kernels from Python, not by the GPU.
+    """Logits of the last position of a prompt chunk: eager by default; compiled (dynamic shapes, on CUDA) with
+    MISTRAL_CHAT_COMPILE_PREFILL=1.
 
-    MISTRAL_CHAT_COMPILE_PREFILL=0 keeps it eager (no first-run compile, ~80 s for Mistral-7B). Under tensor
-    parallelism it is eager unless MISTRAL_CHAT_COMPILE_PREFILL=1: compiled TP prefill is checked on the CPU
-    (tests/test_parallel_compiled.py) but has not run on GPUs, and would add its compile to every rank's start."""
+    Compiling prefill gains little per prompt (Mistral-7B on an H100: 51.6 ms compiled for 2048 tokens, see
+    BENCHMARKS.md for eager) but costs its compile before the first answer of every start: 42 s with a warm compile
+    cache, over a minute the first time. A chat starts now and prefills eagerly. `compile=False` (--no-compile)
+    keeps it eager whatever the variable says; tensor-parallel compiled prefill is checked on the CPU only
+    (tests/test_parallel_compiled.py)."""
 
     def __init__(self, model: Transformer, compile: bool = True) -> None:
         self.model = model
         self._run = _prefill
-        setting = os.environ.get("MISTRAL_CHAT_COMPILE_PREFILL")
-        if setting == "0" or (setting is None and model.parallel.enabled):
-            compile = False
-        if compile and model.device.type == "cuda":
+        self.compiled = (compile and model.device.type == "cuda"
+                         and os.environ.get("MISTRAL_CHAT_COMPILE_PREFILL") == "1")
+        if self.compiled:
             self._run = torch.compile(_prefill, dynamic=True)
 
     @torch.no_grad()
