@@ -62,3 +62,36 @@ def test_quick_compile_serves_every_cache_bucket_with_one_graph(monkeypatch):
     compiled = greedy(model, ids, 560, compile=True, cache=2048)
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] - before == 1  # (a bucket equal to the whole cache adds one more)
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_stored_activations_change_no_value(monkeypatch, setting):
+    """`materialize` only tells the compiler to keep a value in its own buffer: the feed-forward block gives the
+    same output compiled (either way) as eager, and eager is untouched."""
+    from mistral_chat.engine.materialize import materialize
+    from mistral_chat.engine.model import FeedForward
+    from mistral_chat.engine.parallel import Parallel
+
+    monkeypatch.setenv("MISTRAL_CHAT_MATERIALIZE", setting)
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 64, Parallel()).eval()
+    x = torch.randn(1, 1, 32)
+    assert materialize(x) is x  # not compiling: the same tensor
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(ffn, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, ffn(x))
+
+
+def test_prefill_is_eager_unless_asked(monkeypatch):
+    from types import SimpleNamespace
+
+    from mistral_chat.engine.decode import Prefill
+
+    gpu_model = SimpleNamespace(device=torch.device("cuda"))  # Prefill only looks at the device here
+    monkeypatch.delenv("MISTRAL_CHAT_COMPILE_PREFILL", raising=False)
+    assert not Prefill(gpu_model).compiled
+    monkeypatch.setenv("MISTRAL_CHAT_COMPILE_PREFILL", "1")
+    assert Prefill(gpu_model).compiled
+    assert not Prefill(gpu_model, compile=False).compiled  # --no-compile wins
+    assert not Prefill(SimpleNamespace(device=torch.device("cpu"))).compiled
