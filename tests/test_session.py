@@ -305,3 +305,16 @@ def test_two_sessions_on_one_model_do_not_read_each_others_cache(loaded):
     again = "".join(a.generate(ids_a, params))
     assert again == answer_a
     assert a.stats.prefilled_tokens == len(ids_a)  # started over: b had taken the cache
+
+
+def test_first_text_arrives_before_the_first_decode_step(loaded):
+    """The first token comes from the prompt's logits: its text is handed out before the first decode step runs,
+    which on a GPU may wait for the decode graph's compile (tens of seconds), so a start shows text at once."""
+    session = Session(loaded, context_length=256)
+    events = []
+    decode = session.decode
+    session.decode = lambda *args: (events.append("decode"), decode(*args))[1]
+    for delta in session.generate(encode_conversation(loaded.tokenizer, [user("Hello")]),
+                                  SamplingParams(max_tokens=4)):
+        events.append("text" if delta else "empty")
+    assert events and events[0] == "text", events
