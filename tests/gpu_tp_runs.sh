@@ -10,6 +10,8 @@
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes)
 #   profile-1   the same at 1 rank (one GPU's kernels, to set world 2's against)
+#   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: a barrier-free one-shot all-reduce checked bit for
+#               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
@@ -67,6 +69,11 @@ write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), t
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         profile) direct profile-2 120 2 auto --profile ;;
         profile-1) direct profile-1 120 1 auto --profile ;;
+        lamport) for ranks in 2 4; do
+                echo "== lamport-$ranks (limit 150 s)"
+                timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks tests/gpu_lamport_all_reduce.py 2>&1 \
+                    | grep -v '^[WI][0-9]\{4\} ' | tee "$out/lamport-$ranks.txt"
+            done ;;
         7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
