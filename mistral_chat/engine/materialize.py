@@ -11,6 +11,7 @@ MISTRAL_CHAT_MATERIALIZE=0 turns it off, to compare.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -20,6 +21,6 @@ def materialize(x: torch.Tensor) -> torch.Tensor:
     """`x`, stored in a buffer of its own when traced by torch.compile; unchanged in eager mode."""
     if not torch.compiler.is_compiling() or os.environ.get("MISTRAL_CHAT_MATERIALIZE", "1") == "0":
         return x
-    from torch._inductor import inductor_prims  # noqa: F401 - registers the op below
+    importlib.import_module("torch._inductor.inductor_prims")  # registers the op below
 
     return torch.ops.prims.inductor_force_stride_order.default(x, x.stride())
