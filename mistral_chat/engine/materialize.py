@@ -11,7 +11,6 @@ MISTRAL_CHAT_MATERIALIZE=0 turns it off, to compare.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -21,6 +20,6 @@ def materialize(x: torch.Tensor) -> torch.Tensor:
     """`x`, stored in a buffer of its own when traced by torch.compile; unchanged in eager mode."""
     if not torch.compiler.is_compiling() or os.environ.get("MISTRAL_CHAT_MATERIALIZE", "1") == "0":
         return x
-    importlib.import_module("torch._inductor.inductor_prims")  # registers the op below
+    from torch._inductor import inductor_prims
 
-    return torch.ops.prims.inductor_force_stride_order.default(x, x.stride())
+    return inductor_prims.force_stride_order(x, x.stride())
