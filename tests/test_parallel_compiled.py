@@ -33,7 +33,7 @@ if sys.argv[6] == "fast":  # the symmetric-memory route, with a gloo all-reduce 
         dist.all_reduce(out)
     name = dist.group.WORLD.group_name
     parallel._one_shot = one_shot
-    parallel._fast_buffers[name] = torch.empty(parallel.FAST_ALL_REDUCE_BYTES // 4)
+    parallel._fast_buffer = torch.empty(parallel.FAST_ALL_REDUCE_BYTES // 4)
     parallel._fast_route = (name, torch.float32, parallel.FAST_ALL_REDUCE_BYTES // 4)
 ids = [int(i) for i in sys.argv[5].split(",")]
 step = DecodeStep(model, compile=True)

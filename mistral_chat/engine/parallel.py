@@ -31,7 +31,7 @@ from mistral_chat.errors import MistralChatError
 log = logging.getLogger(__name__)
 
 FAST_ALL_REDUCE_BYTES = 1 << 20  # the largest all-reduce sent through symmetric memory (decode: 8 KB a token)
-_fast_buffers: dict[str, torch.Tensor] = {}  # process group name -> this rank's symmetric-memory buffer
+_fast_buffer: torch.Tensor | None = None  # this rank's symmetric-memory buffer (read by the op, outside tracing)
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
 # model group per process: (group name, dtype, elements) of its buffer, or None
 _fast_route: tuple[str, torch.dtype, int] | None = None
@@ -115,7 +115,8 @@ def fast_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
     An opaque op for torch.compile, so the buffer stays the one allocated at load, outside any CUDA graph's pool.
     """
-    buffer = _fast_buffers[group_name]
+    buffer = _fast_buffer
+    assert buffer is not None, "enable_fast_all_reduce first"
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernel wants the input aligned like the buffer
         x = x.clone()
@@ -145,7 +146,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     if (not parallel.enabled or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32)
             or os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto") == "nccl"):
         return False
-    global _fast_route, _symmetric_memory_used
+    global _fast_buffer, _fast_route, _symmetric_memory_used
     group_name = parallel.process_group.group_name
 
     def everyone(ok: bool) -> bool:
@@ -169,14 +170,14 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     ok = False
     try:
         symm_mem.rendezvous(buffer, group_name)
-        _fast_buffers[group_name] = buffer
+        _fast_buffer = buffer
         probe = torch.full((4096,), float(parallel.rank + 1), dtype=dtype, device=device)
         expected = parallel.world * (parallel.world + 1) / 2
         ok = bool((fast_all_reduce(probe, group_name) == expected).all())
     except Exception:  # noqa: BLE001
         log.info("symmetric-memory all-reduce failed its check: all-reduces go through NCCL", exc_info=True)
     if not everyone(ok):
-        _fast_buffers.pop(group_name, None)
+        _fast_buffer = None
         return False
     _fast_route = (group_name, dtype, buffer.numel())
     log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory", FAST_ALL_REDUCE_BYTES >> 10)
@@ -189,10 +190,10 @@ def fast_all_reduce_on() -> bool:
 
 
 def disable_fast_all_reduce() -> None:
-    """Forget the buffers (before leaving the process group)."""
-    global _fast_route
+    """Forget the buffer (before leaving the process group)."""
+    global _fast_buffer, _fast_route
     _fast_route = None
-    _fast_buffers.clear()
+    _fast_buffer = None
 
 
 def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Parallel) -> torch.Tensor:
