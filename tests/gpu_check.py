@@ -27,6 +27,8 @@ from mistral_chat.engine.parallel import Parallel  # noqa: E402
 from mistral_chat.engine.quant import int8_convert, prepare_int8  # noqa: E402
 from mistral_chat.engine.sampling import SamplingParams  # noqa: E402
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert  # noqa: E402
+from mistral_chat.errors import TokenizerError  # noqa: E402
+from mistral_chat.text.tokenizer import find_tokenizer_file  # noqa: E402
 from tiny_models import write_tiny_model  # noqa: E402
 
 
@@ -78,8 +80,9 @@ def main(kinds: list[str]) -> int:
     ids = torch.randint(3, 32000, (30,), generator=torch.Generator().manual_seed(0)).tolist()
     for kind in kinds:
         path = write_tiny_model(root / kind, kind)["native"]
-        if not any(f.name == "tekken.json" or f.name.startswith("tokenizer.model") for f in path.iterdir()):
-            # no mistral-common here to copy a real tokenizer from: sessions need one, of the model's vocabulary
+        try:
+            find_tokenizer_file(path)
+        except TokenizerError:  # no mistral-common here to copy a real one from: sessions need one, of its vocabulary
             vocab = json.loads((path / "params.json").read_text())["vocab_size"]
             (path / "tekken.json").write_text(json.dumps(synthetic_tekken(vocab)))
         cpu, cpu_logits = greedy(load(path, "cpu", torch.float32), ids, 40, compile=False)

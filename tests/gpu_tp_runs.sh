@@ -18,14 +18,14 @@
 #               first (~100 s): ~5 min
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
-# Prefill runs eagerly (MISTRAL_CHAT_COMPILE_PREFILL=0: the prompt's speed is not what these measure). Tables and
+# Prefill runs eagerly (the default; the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
 # where each rank stands, and `bench --tp` prints each world as it ends.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MISTRAL_CHAT_COMPILE_PREFILL=0 MISTRAL_CHAT_DEBUG=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MISTRAL_CHAT_DEBUG=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(checkpoint direct profile 7b 7b-int8 mixtral mixtral-4)
 
@@ -47,6 +47,12 @@ direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines s
     kill $watch 2>/dev/null
 }
 
+random_checkpoint() {  # random_checkpoint SHAPE FOLDER: random bf16 weights of a bench shape, made on the GPU
+    python3 -c "import sys, torch; from mistral_chat.bench import bench_shape
+from mistral_chat.bench_parallel import write_random_checkpoint
+write_random_checkpoint(sys.argv[2], bench_shape(sys.argv[1]), torch.bfloat16, device='cuda')" "$1" "$2"
+}
+
 bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit; table and JSON under $out
     local name=$1 limit=$2
     shift 2
@@ -63,9 +69,7 @@ m7=(--shape mistral-7b --tp-checkpoint /dev/shm/mistral-chat-m7)
 mx=(--shape mixtral-8x7b --tp-checkpoint /dev/shm/mistral-chat-mixtral)
 for step in "${steps[@]}"; do
     case $step in
-        checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
-from mistral_chat.bench_parallel import write_random_checkpoint
-write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')" ;;
+        checkpoint) random_checkpoint mistral-7b /dev/shm/mistral-chat-m7 ;;
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         profile) direct profile-2 120 2 auto --profile ;;
         profile-1) direct profile-1 120 1 auto --profile ;;
@@ -81,9 +85,7 @@ write_random_checkpoint('/dev/shm/mistral-chat-m7', bench_shape('mistral-7b'), t
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
-        mixtral-checkpoint) python3 -c "import torch; from mistral_chat.bench import bench_shape
-from mistral_chat.bench_parallel import write_random_checkpoint
-write_random_checkpoint('/dev/shm/mistral-chat-mixtral', bench_shape('mixtral-8x7b'), torch.bfloat16, device='cuda')" ;;
+        mixtral-checkpoint) random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
