@@ -6,6 +6,7 @@ step by kind of kernel (matrix products, attention, collectives, the rest):
 
     python3 tests/gpu_profile_decode.py --shape mistral-7b [--quantize int8] [--no-compile] [--steps 20]
     MISTRAL_CHAT_QUICK_COMPILE=1 python3 tests/gpu_profile_decode.py --shape mistral-7b
+    python3 tests/gpu_profile_decode.py --shape mistral-7b --prefill-only --prompt 2048 --steps 5   # eager prefill
 
 On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only checks that the script works.
 """
@@ -22,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from mistral_chat.bench import SHAPES, bench_shape, random_model
 from mistral_chat.engine.decode import DecodeStep
 
-KINDS = (("matrix products", ("gemv", "gemm", "mm", "cutlass", "sm90", "xmma", "splitk", "reduction_n")),
+KINDS = (("matrix products", ("gemv", "gemm", "mm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "reduction_n")),
          ("attention", ("softmax", "attention", "flash", "bmm")),
          ("collectives", ("nccl", "allreduce", "all_reduce", "allgather")))
 
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="profile --steps eager prefills of --prompt tokens instead of decode steps")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = bench_shape(a.shape, a.layers)
@@ -65,6 +68,28 @@ def main() -> None:
     # a cache of whole 256-slot buckets, as a chat's long context gives: attention over an odd number of slots
     # (548 here before) made cuBLAS pick slower kernels for its two small products (8.6 and 4.0 us instead of ~3.5)
     model.setup_cache(-(-(a.prompt + a.steps + 16) // 256) * 256, prefill_chunk=a.prompt)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if a.prefill_only:
+        tokens = torch.randint(0, config.vocab_size, (1, a.prompt), device=device)
+        with torch.no_grad():
+            for _ in range(2):
+                model(tokens, 0)
+            sync()
+            with profile(activities=activities) as prof:
+                started = time.perf_counter()
+                for _ in range(a.steps):
+                    model(tokens, 0)
+                sync()
+                wall = time.perf_counter() - started
+        print(f"{a.shape} ({config.n_layers} layers, {a.quantize or 'bf16'}) on {device}: eager prefill of "
+              f"{a.prompt} tokens, {a.steps} times ('step' below means one prefill)")
+        events = prof.key_averages()
+        print(events.table(sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total",
+                           row_limit=30, max_name_column_width=80))
+        if device.type == "cuda":
+            print_kinds(events, a.steps, wall)
+        return
     step = DecodeStep(model, compile=not a.no_compile)
     with torch.no_grad():
         logits = model(torch.randint(0, config.vocab_size, (1, a.prompt), device=device), 0)[:, -1]
@@ -78,11 +103,9 @@ def main() -> None:
 
     started = time.perf_counter()
     decode(3)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     print(f"{a.shape} ({config.n_layers} layers, {a.quantize or 'bf16'}, "
           f"{'eager' if a.no_compile else 'compiled'}) on {device}: warm-up {time.perf_counter() - started:.1f} s")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         decode(a.steps)
