@@ -350,7 +350,7 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
     from mistral_chat.engine.generate import Session
     from mistral_chat.engine.launch import RankOptions, start_parallel_session
     from mistral_chat.engine.loader import load_model
-    from mistral_chat.engine.parallel import fast_all_reduce_on
+    from mistral_chat.engine.parallel import fast_all_reduce_kernel
 
     run = WorldRun(world=world)
     first_logits = None
@@ -368,7 +368,8 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
                 assert started_run is not None, "not under torchrun: rank 0 always gets a session"
                 loaded, session = started_run
                 stack.enter_context(session)
-                run.all_reduce = "symmetric memory" if fast_all_reduce_on() else "NCCL"
+                kernel = fast_all_reduce_kernel()
+                run.all_reduce = f"symmetric memory, {kernel} kernel" if kernel else "NCCL"
             run.load_s = time.perf_counter() - started
             run.weight_bytes_per_gpu = weight_bytes_per_token(loaded.model, loaded.config)
             first_logits = _measure(session, prompt_ids, steps, run)

@@ -1,5 +1,6 @@
-"""Manual multi-GPU experiment (not collected by pytest): a barrier-free one-shot all-reduce for decode's small
-all-reduces, against torch's one-shot symmetric-memory kernel and NCCL, each inside a CUDA graph.
+"""Manual multi-GPU check (not collected by pytest) of engine/lamport_all_reduce.py, the barrier-free one-shot
+all-reduce for decode's small all-reduces, against torch's one-shot symmetric-memory kernel and NCCL, each inside
+a CUDA graph.
 
 Why: at 2 ranks, Mistral-7B decode spends 0.69 ms of its 3.96 ms step in 64 all-reduces of 8 KB, 10.8 us each
 with torch's kernel, which copies its input in, waits for every peer, sums, and waits again (BENCHMARKS.md). Here
@@ -28,66 +29,9 @@ if __name__ == "__main__" and "LOCAL_RANK" not in os.environ:  # CPU check: set 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-EMPTY = -32768  # bits of bf16 -0.0: what an unwritten slot holds
-
-
-@triton.jit
-def lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity,
-                              RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum of x (bf16, n elements) over WORLD ranks into out. buffers_ptr: [WORLD] int64 addresses of every
-    rank's int16 buffer of 3 * WORLD * capacity slots, all EMPTY at first; counters_ptr: this rank's int32
-    generation per program, all 0 at first (the same calls on every rank keep them in step)."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    gen = tl.load(counters_ptr + pid)
-    bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True)
-    bits = tl.where(bits == EMPTY, 0, bits)  # -0.0 would read as "not written yet": send +0.0
-    for p in tl.static_range(WORLD):  # push this rank's slice into slot RANK of every rank's buffer
-        peer = tl.load(buffers_ptr + p).to(tl.pointer_type(tl.int16))
-        tl.store(peer + (gen * WORLD + RANK) * capacity + offs, bits, mask=mask)
-    own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
-    acc = tl.zeros([BLOCK], tl.float32)
-    for p in tl.static_range(WORLD):  # rank order: every rank adds the same values in the same order
-        slot = own + (gen * WORLD + p) * capacity + offs
-        got = tl.load(slot, mask=mask, other=0, volatile=True)
-        while tl.max((got == EMPTY).to(tl.int32), axis=0) > 0:
-            got = tl.load(slot, mask=mask, other=0, volatile=True)
-        acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(tl.bfloat16), mask=mask)
-    stale = (gen + 2) % 3  # the generation read last call: every peer has written it, none writes it next
-    empty = tl.full([BLOCK], EMPTY, tl.int16)
-    for p in tl.static_range(WORLD):
-        tl.store(own + (stale * WORLD + p) * capacity + pid * BLOCK + tl.arange(0, BLOCK), empty)
-    tl.store(counters_ptr + pid, (gen + 1) % 3)
-
-
-class LamportAllReduce:
-    """The kernel's state on one rank: addresses of every rank's buffer and this rank's generation counters."""
-
-    def __init__(self, addresses: list[int], rank: int, capacity: int, device: torch.device,
-                 block: int = 1024) -> None:
-        assert capacity % block == 0
-        self.rank, self.world, self.capacity, self.block = rank, len(addresses), capacity, block
-        self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
-        self.counters = torch.zeros(capacity // block, dtype=torch.int32, device=device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
-        assert x.dtype == torch.bfloat16 and x.is_contiguous() and n <= self.capacity
-        out = torch.empty_like(x)
-        lamport_all_reduce_kernel[(triton.cdiv(n, self.block),)](
-            x, out, self.addresses, self.counters, n, self.capacity,
-            RANK=self.rank, WORLD=self.world, BLOCK=self.block, num_warps=4)
-        return out
-
-
-def buffer_slots(world: int, capacity: int) -> int:
-    return 3 * world * capacity
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mistral_chat.engine.lamport_all_reduce import EMPTY, LamportAllReduce, buffer_slots  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- GPUs
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mistral_chat.engine.decode import DecodeStep
 from mistral_chat.engine.launch import _leave_process_group
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import Parallel, enable_fast_all_reduce
+from mistral_chat.engine.parallel import Parallel, enable_fast_all_reduce, fast_all_reduce_kernel
 
 
 def say(rank: int, text: str) -> None:
@@ -68,8 +68,9 @@ def main() -> None:
     say(rank, "joined")
     loaded = load_model(args.path, device=str(device), dtype="bfloat16", parallel=Parallel(rank=rank, world=world))
     model = loaded.model
-    fast = enable_fast_all_reduce(model.parallel, loaded.device, loaded.dtype)  # MISTRAL_CHAT_TP_ALL_REDUCE=nccl: off
-    say(rank, f"all-reduces through {'symmetric memory' if fast else 'NCCL'}")
+    enable_fast_all_reduce(model.parallel, loaded.device, loaded.dtype)  # MISTRAL_CHAT_TP_ALL_REDUCE picks the kernel
+    kernel = fast_all_reduce_kernel()
+    say(rank, f"all-reduces through {f'symmetric memory, {kernel} kernel' if kernel else 'NCCL'}")
     context = args.prompt + 4 * args.steps + 16
     model.setup_cache(context, prefill_chunk=512)
     ids = torch.randint(1000, 20000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)

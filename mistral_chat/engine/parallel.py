@@ -10,8 +10,11 @@ head is replicated on the world / n_kv_heads ranks whose query heads use it (see
 With one process (the default) every helper here is the identity.
 
 On GPUs, small all-reduces (decode's: 2 per layer) go through symmetric memory instead of NCCL once
-`enable_fast_all_reduce` ran on every rank: one kernel per all-reduce that reads the other GPUs' partial sums over
-NVLink. On 4x H100 it made a compiled Mistral-7B decode step at 2 ranks 7% faster than NCCL (BENCHMARKS.md).
+`enable_fast_all_reduce` ran on every rank: one kernel per all-reduce that reaches the other GPUs' buffers over
+NVLink. MISTRAL_CHAT_TP_ALL_REDUCE picks the kernel: `torch` (torch's one-shot kernel: copy in, wait for every
+peer, sum, wait again; on 4x H100 7% faster per compiled Mistral-7B decode step at 2 ranks than NCCL), `lamport`
+(lamport_all_reduce.py: each rank writes into every peer's buffer and the data is its own flag, no barrier; bf16),
+`nccl` (no symmetric memory), or `auto` (the default: torch's).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FAST_ALL_REDUCE_BYTES = 1 << 20  # the largest all-reduce sent through symmetric memory (decode: 8 KB a token)
 _fast_buffer: torch.Tensor | None = None  # this rank's symmetric-memory buffer (read by the op, outside tracing)
+_fast_kernel: Any = None  # a LamportAllReduce when that kernel carries the fast route, else None (torch's kernel)
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
 # model group per process: (group name, dtype, elements) of its buffer, or None
 _fast_route: tuple[str, torch.dtype, int] | None = None
@@ -126,7 +130,11 @@ def fast_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def _one_shot(buffer: torch.Tensor, x: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
-    """torch's one-shot all-reduce kernel (a test on the CPU puts a gloo all-reduce here)."""
+    """The Lamport kernel if set up, else torch's one-shot all-reduce kernel (a test on the CPU puts a gloo
+    all-reduce here)."""
+    if _fast_kernel is not None:
+        _fast_kernel(x, out)
+        return
     torch.ops.symm_mem.one_shot_all_reduce_copy_out(buffer.narrow(0, 0, x.numel()).view(x.shape), x, "sum",
                                                     group_name, out)
 
@@ -136,6 +144,20 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def all_reduce_choice(dtype: torch.dtype) -> str:
+    """The kernel MISTRAL_CHAT_TP_ALL_REDUCE asks for, for a model of `dtype`: "nccl", "torch" or "lamport"."""
+    asked = os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto")
+    if asked not in ("auto", "nccl", "torch", "lamport"):
+        raise MistralChatError(f"MISTRAL_CHAT_TP_ALL_REDUCE={asked} is not a choice: use auto, torch, lamport or nccl")
+    if dtype not in (torch.bfloat16, torch.float32):
+        return "nccl"
+    if asked == "lamport":
+        from mistral_chat.engine import lamport_all_reduce
+
+        return "lamport" if dtype == torch.bfloat16 and lamport_all_reduce.triton is not None else "torch"
+    return "torch" if asked == "auto" else asked
+
+
 def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torch.dtype) -> bool:
     """Set up symmetric-memory all-reduces for `parallel`'s group; every rank must call it, after loading.
 
@@ -143,11 +165,12 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     its buffer, the ranks exchange handles, and one all-reduce checks the sum; the ranks agree on the outcome, so
     either all take the fast path or none does (then NCCL carries every all-reduce, as before).
     """
-    if (not parallel.enabled or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32)
-            or os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto") == "nccl"):
+    choice = all_reduce_choice(dtype)
+    if not parallel.enabled or device.type != "cuda" or choice == "nccl":
         return False
-    global _fast_buffer, _fast_route, _symmetric_memory_used
+    global _fast_buffer, _fast_kernel, _fast_route, _symmetric_memory_used
     group_name = parallel.process_group.group_name
+    capacity = FAST_ALL_REDUCE_BYTES // dtype.itemsize  # elements
 
     def everyone(ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
@@ -161,39 +184,53 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
-            buffer = symm_mem.empty(FAST_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=device)
+            if choice == "lamport":
+                from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+
+                buffer = symm_mem.empty(buffer_slots(parallel.world, capacity), dtype=torch.int16, device=device)
+                buffer.fill_(EMPTY)
+            else:
+                buffer = symm_mem.empty(capacity, dtype=dtype, device=device)
         except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
             log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
-    if not everyone(buffer is not None):
+    if not everyone(buffer is not None):  # also: every buffer is filled before any rank writes into a peer's
         return False
     _symmetric_memory_used = True
     ok = False
     try:
-        symm_mem.rendezvous(buffer, group_name)
+        handle = symm_mem.rendezvous(buffer, group_name)
         _fast_buffer = buffer
+        if choice == "lamport":
+            from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
+
+            _fast_kernel = LamportAllReduce(list(handle.buffer_ptrs), parallel.rank, capacity, device)
         probe = torch.full((4096,), float(parallel.rank + 1), dtype=dtype, device=device)
         expected = parallel.world * (parallel.world + 1) / 2
         ok = bool((fast_all_reduce(probe, group_name) == expected).all())
     except Exception:  # noqa: BLE001
         log.info("symmetric-memory all-reduce failed its check: all-reduces go through NCCL", exc_info=True)
     if not everyone(ok):
-        _fast_buffer = None
+        disable_fast_all_reduce()
         return False
-    _fast_route = (group_name, dtype, buffer.numel())
-    log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory", FAST_ALL_REDUCE_BYTES >> 10)
+    _fast_route = (group_name, dtype, capacity)
+    log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory (%s kernel)",
+             FAST_ALL_REDUCE_BYTES >> 10, choice)
     return True
 
 
-def fast_all_reduce_on() -> bool:
-    """Whether this process's small all-reduces go through symmetric memory."""
-    return _fast_route is not None
+def fast_all_reduce_kernel() -> str | None:
+    """Which kernel carries this process's small all-reduces: "torch", "lamport", or None (NCCL)."""
+    if _fast_route is None:
+        return None
+    return "torch" if _fast_kernel is None else "lamport"
 
 
 def disable_fast_all_reduce() -> None:
     """Forget the buffer (before leaving the process group)."""
-    global _fast_buffer, _fast_route
+    global _fast_buffer, _fast_kernel, _fast_route
     _fast_route = None
     _fast_buffer = None
+    _fast_kernel = None
 
 
 def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Parallel) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The Lamport all-reduce (engine/lamport_all_reduce.py) on the CPU: its Triton kernel runs in Triton's
+interpreter, in 2 and 3 processes whose buffers are shared memory (on GPUs they are symmetric memory reached over
+NVLink). Through tensor parallelism's own route (`parallel.all_reduce` and its custom op), eager and under
+torch.compile, every rank gets the sum of every rank's input, the same bits on each, over many calls of mixed
+sizes (the buffer generations rotate and are cleared as they go). (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CAPACITY = 256  # elements per slot: small, so that the interpreter is quick
+BLOCK = 64
+SIZES = [100, 256, 7, 64, 200, 3, 256, 256, 5, 130, 64, 1]
+
+
+def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
+    """One rank (a spawned process, TRITON_INTERPRET=1 inherited): all-reduces through parallel's route."""
+    from mistral_chat.engine import parallel
+    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
+
+    torch.set_num_threads(1)
+    parallel._fast_kernel = LamportAllReduce([b.data_ptr() for b in buffers], rank, CAPACITY, torch.device("cpu"),
+                                             block=BLOCK)
+    parallel._fast_buffer = buffers[rank]
+    parallel._fast_route = ("cpu-test", torch.bfloat16, CAPACITY)
+    par = parallel.Parallel(rank=rank, world=world)
+    compiled = torch.compile(lambda x: parallel.all_reduce(x * 2, par) * 0.5, fullgraph=True)  # exact scalings
+    gen = torch.Generator().manual_seed(0)  # the same inputs on every rank: rank r's are inputs[r]
+    inputs = [[torch.randn(s, generator=gen).to(torch.bfloat16) for s in SIZES] for _ in range(world)]
+    inputs[0][2][0] = -0.0  # the "empty" bit pattern as an input: sent as +0.0
+    worst, outs = 0.0, []
+    for i, x in enumerate(inputs[rank]):
+        want = sum(inputs[r][i].float() for r in range(world))
+        if i % 3 == 2:  # compiled: the op is opaque to torch.compile, inputs scaled inside the graph
+            out = compiled(x).float()
+        else:
+            out = parallel.all_reduce(x, par).float()
+        outs.append(out.tolist())
+        one_step = want.abs().clamp(min=2 ** -126) * 2 ** -7  # one bf16 rounding step
+        worst = max(worst, float(((out - want).abs() / one_step).max()))
+    results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist()))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
+    import torch.multiprocessing as mp
+
+    from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the spawned ranks import the kernel
+    ctx = mp.get_context("spawn")
+    buffers = [torch.full((buffer_slots(world, CAPACITY),), EMPTY, dtype=torch.int16).share_memory_()
+               for _ in range(world)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, buffers, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted((results.get(timeout=300) for _ in range(world)), key=lambda g: g[0])
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    assert max(g[1] for g in got) <= 1.0  # within one bf16 rounding of the float32 sum
+    assert all(g[2] == got[0][2] for g in got)  # the same bits on every rank
+    # each program's generation moved on once per call that used it, on every rank
+    calls_per_program = [sum(1 for n in SIZES if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
+    assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
