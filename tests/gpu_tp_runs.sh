@@ -10,8 +10,10 @@
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes)
 #   profile-1   the same at 1 rank (one GPU's kernels, to set world 2's against)
-#   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: a barrier-free one-shot all-reduce checked bit for
+#   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
+#   direct-kernels  `direct` at 2 ranks with each symmetric-memory kernel (torch's, then Lamport's)
+#   7b-lamport  bench --tp 1,2 with MISTRAL_CHAT_TP_ALL_REDUCE=lamport: ~3 min
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
@@ -78,7 +80,9 @@ for step in "${steps[@]}"; do
                 timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks tests/gpu_lamport_all_reduce.py 2>&1 \
                     | grep -v '^[WI][0-9]\{4\} ' | tee "$out/lamport-$ranks.txt"
             done ;;
+        direct-kernels) direct direct-2-torch 100 2 torch; direct direct-2-lamport 100 2 lamport ;;
         7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
+        7b-lamport) MISTRAL_CHAT_TP_ALL_REDUCE=lamport bench 7b-lamport 300 "${m7[@]}" --tp 1,2 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

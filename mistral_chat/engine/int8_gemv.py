@@ -32,9 +32,12 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                for n, k, w in ((16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (64, 128, 4),
-                                (128, 128, 8), (16, 1024, 8))]
+    # batch-1 decode streams the weight: the configurations differ in how many bytes each program keeps in
+    # flight (rows x columns per step, pipelined stages) and in how many programs share the rows
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n, k, w, s in ((16, 512, 4, 1), (32, 256, 4, 1), (32, 512, 8, 1), (64, 256, 8, 1),
+                                   (64, 128, 4, 1), (128, 128, 8, 1), (16, 1024, 8, 1), (8, 2048, 8, 1),
+                                   (16, 1024, 4, 3), (32, 1024, 8, 3), (8, 2048, 4, 4), (4, 4096, 4, 2))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
 

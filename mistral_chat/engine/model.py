@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.materialize import materialize
@@ -47,6 +48,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.available(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
@@ -61,6 +64,8 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.d
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x ([B, T, H, D]) by rope ([T, D/2, 2])."""
+    if fused.available(x) and fused.rope_fits(x):
+        return fused.rope(x, rope)
     xf = x.float().unflatten(-1, (-1, 2))
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -130,8 +135,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return all_reduce(self.w2(materialize(F.silu(gate) * up)), self.parallel)
+        return all_reduce(self.w2(materialize(fused.silu_and_mul(self.w13(x)))), self.parallel)
 
 
 class TransformerBlock(nn.Module):

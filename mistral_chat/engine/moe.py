@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import fused
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.parallel import Parallel, all_reduce
 
@@ -61,8 +62,7 @@ class MoEFeedForward(nn.Module):
         h = torch.einsum("nd,nkhd->nkh", x, w13)
         if self.w13_scale is not None:
             h = h * self.w13_scale[experts]
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.einsum("nkh,nkdh->nkd", materialize(F.silu(gate) * up), w2)
+        y = torch.einsum("nkh,nkdh->nkd", materialize(fused.silu_and_mul(h)), w2)
         if self.w2_scale is not None:
             y = y * self.w2_scale[experts]
         return torch.einsum("nkd,nk->nd", y, weights)
@@ -77,8 +77,7 @@ class MoEFeedForward(nn.Module):
             h = F.linear(x[token_idx], self.w13[e].to(x.dtype))
             if self.w13_scale is not None:
                 h = h * self.w13_scale[e]
-            gate, up = h.chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[e].to(x.dtype))
+            y = F.linear(fused.silu_and_mul(h), self.w2[e].to(x.dtype))
             if self.w2_scale is not None:
                 y = y * self.w2_scale[e]
             y = y * weights[token_idx, slot, None]
