@@ -71,3 +71,19 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     # each program's generation moved on once per call that used it, on every rank
     calls_per_program = [sum(1 for n in SIZES if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
+
+
+def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):
+    from mistral_chat.engine.parallel import all_reduce_choice
+    from mistral_chat.errors import MistralChatError
+
+    monkeypatch.delenv("MISTRAL_CHAT_TP_ALL_REDUCE", raising=False)
+    assert all_reduce_choice(torch.bfloat16) == "lamport"  # the default, with Triton installed
+    assert all_reduce_choice(torch.float32) == "torch"  # the Lamport kernel is bf16 only
+    assert all_reduce_choice(torch.float16) == "nccl"
+    for asked, bf16, fp32 in (("torch", "torch", "torch"), ("nccl", "nccl", "nccl"), ("lamport", "lamport", "torch")):
+        monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", asked)
+        assert (all_reduce_choice(torch.bfloat16), all_reduce_choice(torch.float32)) == (bf16, fp32)
+    monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", "fast")
+    with pytest.raises(MistralChatError, match="MISTRAL_CHAT_TP_ALL_REDUCE=fast"):
+        all_reduce_choice(torch.bfloat16)
