@@ -49,20 +49,17 @@ if triton is not None:
     @triton.jit
     def _rope_kernel(x_ptr, rope_ptr, out_ptr, t, heads, stride_b, stride_t, stride_h,
                      HALF: tl.constexpr, HEADS: tl.constexpr):
-        bt = tl.program_id(0)  # one (batch, position) per program, all its heads
+        bt = tl.program_id(0)  # one (batch, position) per program, all its heads, each head's row read whole
         b, pos = bt // t, bt % t
         h = tl.arange(0, HEADS)[:, None]
-        i = tl.arange(0, HALF)[None, :]
+        d = tl.arange(0, 2 * HALF)[None, :]
         ok = h < heads
-        src = x_ptr + b * stride_b + pos * stride_t + h * stride_h + 2 * i
-        x0 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(src + 1, mask=ok, other=0.0).to(tl.float32)
-        cos = tl.load(rope_ptr + pos * 2 * HALF + 2 * i)
-        sin = tl.load(rope_ptr + pos * 2 * HALF + 2 * i + 1)
-        dst = out_ptr + bt * heads * 2 * HALF + h * 2 * HALF + 2 * i
-        kind = out_ptr.dtype.element_ty
-        tl.store(dst, (x0 * cos - x1 * sin).to(kind), mask=ok)
-        tl.store(dst + 1, (x0 * sin + x1 * cos).to(kind), mask=ok)
+        x = tl.load(x_ptr + b * stride_b + pos * stride_t + h * stride_h + d, mask=ok, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (HEADS, HALF, 2)))  # the interleaved pairs
+        cos, sin = tl.split(tl.reshape(tl.load(rope_ptr + pos * 2 * HALF + tl.arange(0, 2 * HALF)), (HALF, 2)))
+        cos, sin = cos[None, :], sin[None, :]
+        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (HEADS, 2 * HALF))
+        tl.store(out_ptr + bt * heads * 2 * HALF + h * 2 * HALF + d, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _swiglu_kernel(gate_up_ptr, out_ptr, hidden, stride_row, BLOCK: tl.constexpr):
