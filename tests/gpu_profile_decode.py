@@ -14,6 +14,7 @@ On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only c
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -76,6 +77,13 @@ def main() -> None:
             for _ in range(2):
                 model(tokens, 0)
             sync()
+            os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = "0"  # the plain formulas, to compare the logits
+            plain = model(tokens, 0).float()
+            os.environ.pop("MISTRAL_CHAT_FUSED_KERNELS")
+            fused = model(tokens, 0).float()
+            print(f"last logits, fused kernels against the plain formulas: relative difference "
+                  f"{((fused - plain).norm() / plain.norm()).item():.2e}, same argmax: "
+                  f"{bool((fused.argmax(-1) == plain.argmax(-1)).all())}")
             with profile(activities=activities) as prof:
                 started = time.perf_counter()
                 for _ in range(a.steps):
