@@ -69,9 +69,10 @@ class Prefill:
     """Logits of the last position of a prompt chunk: eager by default; compiled (dynamic shapes, on CUDA) with
     MISTRAL_CHAT_COMPILE_PREFILL=1.
 
-    Compiling prefill gains little per prompt (Mistral-7B on an H100: 2048 tokens in 51.6 ms compiled, 54.8 eager
-    with the fused kernels of fused.py; 512 in 14.7 and 33.1) but costs its compile before the first answer of every
-    start: 42 s with a warm compile cache, over a minute the first time. A chat starts now and prefills eagerly. `compile=False` (--no-compile)
+    Compiling prefill gains little per prompt (Mistral-7B on an H100: 2048 tokens in 51.6 ms compiled, 49.8 eager
+    with the fused kernels of fused.py; 512 in 14.7 and 16-36, bound by launching kernels from Python) but costs
+    its compile before the first answer of every start: 42 s with a warm compile cache, over a minute the first
+    time. A chat starts now and prefills eagerly. `compile=False` (--no-compile)
     keeps it eager whatever the variable says; tensor-parallel compiled prefill is checked on the CPU only
     (tests/test_parallel_compiled.py)."""
 
