@@ -96,8 +96,9 @@ def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     assert x.stride(-1) == 1 and table.dtype == torch.float32
     table = table.contiguous()
     out = torch.empty((b, t, heads, d), dtype=x.dtype, device=x.device)
+    padded = triton.next_power_of_2(heads)
     _rope_kernel[(b * t,)](x, table, out, t, heads, x.stride(0), x.stride(1), x.stride(2),
-                           HALF=d // 2, HEADS=triton.next_power_of_2(heads), num_warps=4)
+                           HALF=d // 2, HEADS=padded, num_warps=8 if padded * d > 4096 else 4)
     return out
 
 
