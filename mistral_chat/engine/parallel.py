@@ -116,8 +116,9 @@ def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
 
 @torch.library.custom_op("mistral_chat::fast_all_reduce", mutates_args=())
 def fast_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """Sum of `x` over the group: a one-shot all-reduce through this rank's symmetric buffer (the kernel copies
-    `x` in, waits for every rank's copy, sums them into a new tensor, and waits again before the buffer is reused).
+    """Sum of `x` over the group, into a new tensor: a one-shot all-reduce through the ranks' symmetric buffers,
+    by the Lamport kernel (each rank writes `x` into every peer's buffer and reads its own once filled) or torch's
+    (copy `x` in, wait for every rank's copy, sum, wait again before the buffer is reused).
 
     An opaque op for torch.compile, so the buffer stays the one allocated at load, outside any CUDA graph's pool.
     """
