@@ -44,8 +44,9 @@ def print_kinds(events, steps: int, wall: float) -> None:
     per_kind: dict[str, float] = defaultdict(float)
     for e in events:  # kernels carry self device time; operators and runtime calls carry none
         us = getattr(e, "self_device_time_total", 0.0)
-        # whole graphs, and eager operators (which carry their kernels' time as their own too)
-        if us > 0 and not e.key.startswith(("## Call CompiledFxGraph", "Torch-Compiled Region", "aten::")):
+        # whole graphs, eager operators and launch calls (which carry their kernels' time as their own too)
+        if us > 0 and not e.key.startswith(("## Call CompiledFxGraph", "Torch-Compiled Region", "aten::",
+                                            "cuLaunch", "cudaLaunch")):
             per_kind[kind_of(e.key)] += us
     total = sum(per_kind.values())
     for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
