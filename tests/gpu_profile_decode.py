@@ -42,7 +42,7 @@ def kind_of(name: str) -> str:
 def print_kinds(events, steps: int, wall: float) -> None:
     """Device time per decode step by kind of kernel, from a profiler's `key_averages()`."""
     per_kind: dict[str, float] = defaultdict(float)
-    for e in events:  # kernels carry self device time; operators and runtime calls carry none
+    for e in events:  # kernels carry self device time
         us = getattr(e, "self_device_time_total", 0.0)
         # whole graphs, eager operators and launch calls (which carry their kernels' time as their own too)
         if us > 0 and not e.key.startswith(("## Call CompiledFxGraph", "Torch-Compiled Region", "aten::",
