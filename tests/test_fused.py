@@ -5,11 +5,12 @@ On GPUs the same kernels are compiled; tests/gpu_check.py covers them there."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+
+from tiny_models import tests_env
 
 pytest.importorskip("triton")
 
@@ -21,6 +22,7 @@ from mistral_chat.bench import random_model
 from mistral_chat.engine import fused
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.model import RMSNorm, apply_rope, rope_tables
+from tiny_models import greedy_past_the_window
 
 gen = torch.Generator().manual_seed(0)
 def off(fn):  # the plain formula: the same call with the kernels switched off
@@ -63,16 +65,7 @@ for moe in (False, True):
 
     def greedy(kernels):
         os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = kernels
-        model.setup_cache(64, prefill_chunk=8)
-        ids, seen = [5, 9, 14, 3, 22, 7, 8, 30], []
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), 0)[:, -1]
-            for pos in range(8, 28):  # the window of 16 wraps
-                token = logits.argmax(-1)
-                ids.append(int(token))
-                logits = model(token.view(1, 1), pos)[:, -1]
-                seen.append(logits)
-        return ids, torch.cat(seen)
+        return greedy_past_the_window(model)
     calls.clear()
     with_kernels = greedy("1")
     assert {"rms_norm", "rope"} <= set(calls) and ("swiglu" in calls), set(calls)
@@ -87,7 +80,7 @@ print("ok")
 
 
 def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = tests_env(TRITON_INTERPRET="1")
     env.pop("MISTRAL_CHAT_FUSED_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

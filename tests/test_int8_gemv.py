@@ -5,11 +5,12 @@ cover that.)"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+
+from tiny_models import tests_env
 
 pytest.importorskip("triton")
 
@@ -21,6 +22,7 @@ from mistral_chat.engine import int8_gemv
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.quant import quantize_rows
+from tiny_models import greedy_past_the_window
 assert int8_gemv.available(torch.zeros(1))
 
 gen = torch.Generator().manual_seed(0)
@@ -46,16 +48,7 @@ int8_gemv.int8_linear = counted  # quant.Int8Linear looks it up on the module at
 
 def greedy(kernel):
     os.environ["MISTRAL_CHAT_INT8_KERNEL"] = kernel
-    model.setup_cache(64, prefill_chunk=8)
-    ids, logits, seen = [5, 9, 14, 3, 22, 7, 8, 30], None, []
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), 0)[:, -1]
-        for pos in range(8, 28):  # the window of 16 wraps
-            token = logits.argmax(-1)
-            ids.append(int(token))
-            logits = model(token.view(1, 1), pos)[:, -1]
-            seen.append(logits)
-    return ids, torch.cat(seen)
+    return greedy_past_the_window(model)
 with_kernel = greedy("1")
 # each decode step: wqkv, wo, w13, w2 of 2 layers and the output; the prompt: only its last row's output
 assert len(calls) == 20 * 9 + 1, len(calls)
@@ -82,7 +75,7 @@ print("ok")
 
 
 def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = tests_env(TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -192,3 +192,26 @@ def write_tiny_model(root: Path, kind: str = "mistral", shard_hf: bool = False, 
     (native_dir / "params.json").write_text(json.dumps(native_params(spec), indent=2))
     copy_tokenizer(native_dir, spec.tokenizer)
     return {"hf": hf_dir, "native": native_dir}
+
+
+def greedy_past_the_window(model) -> tuple[list[int], torch.Tensor]:
+    """Eager greedy decode of a model whose sliding window is 16: an 8-token prompt, then 20 tokens one at a time
+    (the rotating cache wraps). The ids, prompt included, and the 20 decode steps' logits."""
+    model.setup_cache(64, prefill_chunk=8)
+    ids, seen = [5, 9, 14, 3, 22, 7, 8, 30], []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), 0)[:, -1]
+        for pos in range(8, 28):
+            token = logits.argmax(-1)
+            ids.append(int(token))
+            logits = model(token.view(1, 1), pos)[:, -1]
+            seen.append(logits)
+    return ids, torch.cat(seen)
+
+
+def tests_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -c` check that imports these helpers (tests/ on its PYTHONPATH)."""
+    import os
+
+    here = str(Path(__file__).resolve().parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])), **extra)

@@ -72,9 +72,8 @@ class Prefill:
     Compiling prefill gains little per prompt (Mistral-7B on an H100: 2048 tokens in 51.6 ms compiled, 49.8 eager
     with the fused kernels of fused.py; 512 in 14.7 and 16-36, bound by launching kernels from Python) but costs
     its compile before the first answer of every start: 42 s with a warm compile cache, over a minute the first
-    time. A chat starts now and prefills eagerly. `compile=False` (--no-compile)
-    keeps it eager whatever the variable says; tensor-parallel compiled prefill is checked on the CPU only
-    (tests/test_parallel_compiled.py)."""
+    time. A chat starts now and prefills eagerly. `compile=False` (--no-compile) keeps it eager whatever the
+    variable says; tensor-parallel compiled prefill is checked on the CPU only (tests/test_parallel_compiled.py)."""
 
     def __init__(self, model: Transformer, compile: bool = True) -> None:
         self.model = model
