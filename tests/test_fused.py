@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tiny_models import tests_env
+from tiny_models import checks_env
 
 pytest.importorskip("triton")
 
@@ -80,7 +80,7 @@ print("ok")
 
 
 def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
-    env = tests_env(TRITON_INTERPRET="1")
+    env = checks_env(TRITON_INTERPRET="1")
     env.pop("MISTRAL_CHAT_FUSED_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tiny_models import tests_env
+from tiny_models import checks_env
 
 pytest.importorskip("triton")
 
@@ -75,7 +75,7 @@ print("ok")
 
 
 def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
-    env = tests_env(TRITON_INTERPRET="1")
+    env = checks_env(TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -209,7 +209,7 @@ def greedy_past_the_window(model) -> tuple[list[int], torch.Tensor]:
     return ids, torch.cat(seen)
 
 
-def tests_env(**extra: str) -> dict[str, str]:
+def checks_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -c` check that imports these helpers (tests/ on its PYTHONPATH)."""
     import os
 
