@@ -217,6 +217,12 @@ def test_a_tp_that_does_not_split_the_model_fails_before_spawning(tiny):
     check_model_splits(tiny["mistral-kv1"], 2)  # 1 KV head: replicated
 
 
+def test_a_misspelt_all_reduce_setting_fails_before_spawning(tiny, monkeypatch):
+    monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", "symm")
+    with pytest.raises(MistralChatError, match="MISTRAL_CHAT_TP_ALL_REDUCE=symm is not a choice: use auto"):
+        start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu"), 2)
+
+
 def test_kv_head_rule():
     check_tensor_parallel(2, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768)  # split
     check_tensor_parallel(16, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768)  # 2 copies each

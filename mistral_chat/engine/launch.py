@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session, TokenReader
 from mistral_chat.engine.loader import LoadedModel, load_model
-from mistral_chat.engine.parallel import (Parallel, check_tensor_parallel, disable_fast_all_reduce,
-                                          enable_fast_all_reduce)
+from mistral_chat.engine.parallel import (Parallel, asked_all_reduce, check_tensor_parallel,
+                                          disable_fast_all_reduce, enable_fast_all_reduce)
 from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
@@ -674,6 +674,7 @@ def start_parallel_session(options: RankOptions, world: int | None = None,
     dev_type = device_type(options.device)
     check_launch(world, dev_type)
     check_model_splits(options.path, world)
+    asked_all_reduce()  # a misspelt MISTRAL_CHAT_TP_ALL_REDUCE fails here, not after every rank loaded
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
                           wait_for_workers=False)
     followers = FollowerProcesses(world, dev_type, store.port)

@@ -147,11 +147,17 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-def all_reduce_choice(dtype: torch.dtype) -> str:
-    """The kernel MISTRAL_CHAT_TP_ALL_REDUCE asks for, for a model of `dtype`: "nccl", "torch" or "lamport"."""
+def asked_all_reduce() -> str:
+    """MISTRAL_CHAT_TP_ALL_REDUCE's value (default auto); MistralChatError unless it is one of the choices."""
     asked = os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto")
     if asked not in ("auto", "nccl", "torch", "lamport"):
         raise MistralChatError(f"MISTRAL_CHAT_TP_ALL_REDUCE={asked} is not a choice: use auto, torch, lamport or nccl")
+    return asked
+
+
+def all_reduce_choice(dtype: torch.dtype) -> str:
+    """The kernel MISTRAL_CHAT_TP_ALL_REDUCE asks for, for a model of `dtype`: "nccl", "torch" or "lamport"."""
+    asked = asked_all_reduce()
     if dtype not in (torch.bfloat16, torch.float32):
         return "nccl"
     if asked in ("auto", "lamport"):
