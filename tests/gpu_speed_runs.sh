@@ -3,7 +3,7 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check vs-hf mixtral-16 prefill. Logs go under $OUT (the device
+# Steps: bf16 bf16-whole int8 int8-kernel int8-gemv profile profile-int8 startup check vs-hf mixtral-16 prefill. Logs go under $OUT (the device
 # tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too
 # long cannot eat the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode
 # against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the
@@ -50,6 +50,7 @@ for step in "${steps[@]}"; do
         bf16-whole) log bf16-whole 150 env MISTRAL_CHAT_QUICK_COMPILE=0 "${bench[@]}" ;;
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
         int8-kernel) log int8-kernel 150 env MISTRAL_CHAT_INT8_KERNEL=1 "${bench[@]}" --quantize int8 ;;
+        int8-gemv) log int8-gemv 150 python3 tests/gpu_int8_gemv.py ;;
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;

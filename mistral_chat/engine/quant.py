@@ -34,7 +34,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and self.weight.stride(-1) == 1 and use_int8_kernel(x):  # one row: the kernel
+        if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):  # one row: the kernel
             return int8_gemv.int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
