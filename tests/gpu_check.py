@@ -94,9 +94,7 @@ def main(kinds: list[str]) -> int:
         int8, _ = greedy(load(path, "cuda", torch.bfloat16, quantize=True), ids, 40, compile=True)
         # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
         int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
-        os.environ["MISTRAL_CHAT_INT8_KERNEL"] = "1"
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)
-        os.environ.pop("MISTRAL_CHAT_INT8_KERNEL")
         session_cpu, _ = session_greedy(path, "cpu", ids, 40)
         session_cuda, ran_ahead = session_greedy(path, "cuda", ids, 40)
         agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)

@@ -1,7 +1,9 @@
 """Manual GPU microbenchmark (not collected by pytest): batch-1 int8 products of Mistral-7B's shapes, inductor's
-compiled dequantize-and-multiply (what `--quantize int8` runs by default) against the Triton kernel of
-engine/int8_gemv.py (MISTRAL_CHAT_INT8_KERNEL=1), and bf16's product for reference; each as the GB/s it reads
-its weight at, next to the device's copy bandwidth. It also checks the kernel against the plain product.
+compiled dequantize-and-multiply (what `--quantize int8` runs with MISTRAL_CHAT_INT8_KERNEL=0) against the Triton kernel of
+engine/int8_gemv.py (the default), and bf16's product for reference; each as the GB/s it reads
+its weight at, next to the device's copy bandwidth. As in decode, the weights come from memory, not the 50 MB L2
+cache: each timed call reads another copy, out of enough copies to fill 400 MB. It also checks the kernel against
+the plain product, and prints the configuration its autotuner chose for each shape.
 
     python3 tests/gpu_int8_gemv.py
 """
@@ -23,15 +25,16 @@ SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": 
           "output": (32000, 4096)}
 
 
-def graph_time(fn, reps: int = 50) -> float:
-    """Seconds per call of fn, replayed `reps` times from one CUDA graph (no launch cost, as decode runs)."""
-    for _ in range(3):
-        fn()
+def graph_time(fn, copies: int, reps: int = 50) -> float:
+    """Seconds per call of fn(i) for copy i, replayed `reps` times from one CUDA graph (no launch cost, as decode
+    runs), cycling through the copies."""
+    for i in range(3):
+        fn(i % copies)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fn(i % copies)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,20 +54,23 @@ def main() -> None:
     plain = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
     print(f"{'matrix':8} {'MB int8':>8} {'inductor':>16} {'kernel':>16} {'bf16':>16}")
     for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
-        q, scale = quantize_rows(w)
+        copies = max(1, (400 << 20) // (2 * n * k))
+        w = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        q, scale = zip(*(quantize_rows(one) for one in w))
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        want = F.linear(x.float(), q.float()) * scale.float()
-        got = int8_gemv.int8_linear(x, q, scale).float()
+        want = F.linear(x.float(), q[0].float()) * scale[0].float()
+        got = int8_gemv.int8_linear(x, q[0], scale[0]).float()
         error = ((got - want).abs().max() / want.abs().max()).item()
         assert error < 1e-2, f"{name}: the kernel is off by {error:.3g} of the largest output"
         cells = []
-        for fn, nbytes in ((lambda: plain(x, q, scale), q.numel()), (lambda: int8_gemv.int8_linear(x, q, scale),
-                           q.numel()), (lambda: F.linear(x, w), 2 * w.numel())):
-            seconds = graph_time(fn)
+        for fn, nbytes in ((lambda i: plain(x, q[i], scale[i]), n * k),
+                           (lambda i: int8_gemv.int8_linear(x, q[i], scale[i]), n * k),
+                           (lambda i: F.linear(x, w[i]), 2 * n * k)):
+            seconds = graph_time(fn, copies)
             cells.append(f"{seconds * 1e6:6.1f} us {nbytes / seconds / bandwidth:4.0%}")
-        print(f"{name:8} {q.numel() / 1e6:8.1f} " + " ".join(f"{c:>16}" for c in cells))
-
+        print(f"{name:8} {n * k / 1e6:8.1f} " + " ".join(f"{c:>16}" for c in cells))
+    for key, config in int8_gemv._int8_gemv_kernel.cache.items():
+        print("autotuned", key, config)
 
 if __name__ == "__main__":
     main()

@@ -3,22 +3,23 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-kernel int8-gemv profile profile-int8 startup check vs-hf mixtral-16 prefill. Logs go under $OUT (the device
-# tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one that hangs or compiles for too
-# long cannot eat the others' time, and each prints as it goes. Compared on the same GPU: default compiled decode
-# against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and speed), int8 with and without the
-# Triton kernel (MISTRAL_CHAT_INT8_KERNEL=1), a kernel profile of one decode step (bf16 and int8), the start-up of
-# `mistral-chat --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full
-# side-by-side run with HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to
-# 16 layers, and eager prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a
-# sliding window shorter than the prompt. Several steps can run at once on one machine with several GPUs, one
-# CUDA_VISIBLE_DEVICES and OUT each.
+# Steps: bf16 bf16-whole int8 int8-inductor int8-gemv profile profile-int8 startup check vs-hf mixtral-16 prefill.
+# Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
+# that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
+# same GPU: default compiled decode against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
+# speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), the int8
+# products alone per matrix, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
+# --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
+# HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
+# prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
+# than the prompt. Several steps can run at once on one machine with several GPUs, one CUDA_VISIBLE_DEVICES and
+# OUT each.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-kernel profile profile-int8 startup check vs-hf mixtral-16)
+[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-inductor profile profile-int8 startup check vs-hf mixtral-16)
 
 log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
     local name=$1 limit=$2
@@ -49,7 +50,7 @@ for step in "${steps[@]}"; do
         bf16) log bf16 150 "${bench[@]}" ;;
         bf16-whole) log bf16-whole 150 env MISTRAL_CHAT_QUICK_COMPILE=0 "${bench[@]}" ;;
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
-        int8-kernel) log int8-kernel 150 env MISTRAL_CHAT_INT8_KERNEL=1 "${bench[@]}" --quantize int8 ;;
+        int8-inductor) log int8-inductor 150 env MISTRAL_CHAT_INT8_KERNEL=0 "${bench[@]}" --quantize int8 ;;
         int8-gemv) log int8-gemv 150 python3 tests/gpu_int8_gemv.py ;;
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
