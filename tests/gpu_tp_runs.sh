@@ -14,9 +14,6 @@
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
 #   direct-kernels  `direct` at 2 ranks with each symmetric-memory kernel (torch's, then Lamport's)
 #   7b-lamport  bench --tp 1,2 with MISTRAL_CHAT_TP_ALL_REDUCE=lamport: ~3 min
-#   fused-norm  `direct` at 2 ranks with the Lamport kernel alone (MISTRAL_CHAT_TP_FUSED_NORM=0), then with the one
-#               that also adds the residual and norms (the default)
-#   7b-2        bench --tp 1,2, bf16, compiled decode: ~3 min
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
@@ -85,9 +82,6 @@ for step in "${steps[@]}"; do
             done ;;
         direct-kernels) direct direct-2-torch 100 2 torch; direct direct-2-lamport 100 2 lamport ;;
         7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
-        fused-norm) MISTRAL_CHAT_TP_FUSED_NORM=0 direct direct-2-unfused 100 2 lamport
-            direct direct-2-fused 100 2 lamport ;;
-        7b-2) bench 7b-2 300 "${m7[@]}" --tp 1,2 ;;
         7b-lamport) MISTRAL_CHAT_TP_ALL_REDUCE=lamport bench 7b-lamport 300 "${m7[@]}" --tp 1,2 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)

@@ -70,10 +70,11 @@ def test_stored_activations_change_no_value(monkeypatch, setting):
     same output compiled (either way) as eager, and eager is untouched."""
     from mistral_chat.engine.materialize import materialize
     from mistral_chat.engine.model import FeedForward
+    from mistral_chat.engine.parallel import Parallel
 
     monkeypatch.setenv("MISTRAL_CHAT_MATERIALIZE", setting)
     torch.manual_seed(0)
-    ffn = FeedForward(32, 64).eval()
+    ffn = FeedForward(32, 64, Parallel()).eval()
     x = torch.randn(1, 1, 32)
     assert materialize(x) is x  # not compiling: the same tensor
     with torch.no_grad():

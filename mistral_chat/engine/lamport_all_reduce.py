@@ -8,12 +8,6 @@ replay it): after reading generation g a rank clears generation g - 1, which no 
 rank has sent its next input (a peer must read that input first). TensorRT-LLM's "Lamport" all-reduce works
 this way; torch's own one-shot kernel instead copies in, waits on every peer, sums and waits again.
 
-A second kernel does more with the same exchange: each program takes one row (a token's hidden vector), and after
-the sum adds the residual and applies the next RMSNorm, returning both (`add_norm`): in a transformer block the
-sum is always followed by exactly that, which would otherwise be one more small kernel (and launch) per
-all-reduce. It keeps its own half of the buffers and its own generation counters (one per row), so the two
-kernels never meet in a slot.
-
 `LamportAllReduce(addresses, rank, capacity, device)` holds one rank's state; every rank must make the same calls
 with the same sizes, in the same order (as tensor-parallel decode does). bf16 only. On the CPU the kernel runs in
 Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check it.
@@ -31,13 +25,11 @@ except ImportError:  # CPU-only torch builds may ship without Triton; then NCCL 
 
 EMPTY = -32768  # the int16 bits of bf16 -0.0: what an unwritten slot holds
 BLOCK = 1024  # elements per program
-MIN_ROW = 64  # the shortest row add_norm takes (its generation counters: one per row of the capacity)
 
 
 def buffer_slots(world: int, capacity: int) -> int:
-    """int16 elements of each rank's buffer: for each kernel, 3 generations of one slot per rank, `capacity`
-    elements each."""
-    return 2 * 3 * world * capacity
+    """int16 elements of each rank's buffer: 3 generations of one slot per rank, `capacity` elements each."""
+    return 3 * world * capacity
 
 
 if triton is not None:
@@ -73,48 +65,6 @@ if triton is not None:
             tl.store(own + (stale * WORLD + p) * capacity + pid * BLOCK + tl.arange(0, BLOCK), empty)
         tl.store(counters_ptr + pid, (gen + 1) % 3)
 
-    @triton.jit
-    def _lamport_add_norm_kernel(x_ptr, residual_ptr, w_ptr, h_ptr, normed_ptr, buffers_ptr, counters_ptr, dim,
-                                 capacity, eps, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                 HAS_RESIDUAL: tl.constexpr):
-        """For row `program_id` of x ([rows, dim] bf16): h = residual + the sum of x over the ranks (each rounded
-        to bf16, as the unfused ops round) and normed = RMSNorm(h) * w. The exchange is the one above, in the
-        second half of the buffers (`3 * WORLD * capacity` elements in), with one counter per row."""
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < dim
-        offs = row * dim + cols
-        gen = tl.load(counters_ptr + row)
-        half = 3 * WORLD * capacity
-        bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True)
-        bits = tl.where(bits == _EMPTY, 0, bits)
-        for p in tl.static_range(WORLD):
-            peer = tl.load(buffers_ptr + p).to(tl.pointer_type(tl.int16))
-            tl.store(peer + half + (gen * WORLD + RANK) * capacity + offs, bits, mask=mask)
-        own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
-        acc = tl.zeros([BLOCK], tl.float32)
-        for p in tl.static_range(WORLD):
-            slot = own + half + (gen * WORLD + p) * capacity + offs
-            got = tl.load(slot, mask=mask, other=0, volatile=True)
-            while tl.max((got == _EMPTY).to(tl.int32), axis=0) > 0:
-                got = tl.load(slot, mask=mask, other=0, volatile=True)
-            acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        h = acc.to(tl.bfloat16)
-        if HAS_RESIDUAL:
-            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            h = (h.to(tl.float32) + residual).to(tl.bfloat16)
-        tl.store(h_ptr + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        scale = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / dim + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = (hf * scale).to(tl.bfloat16).to(tl.float32) * w  # as RMSNorm: rounds, then * weight
-        tl.store(normed_ptr + offs, normed.to(tl.bfloat16), mask=mask)
-        stale = (gen + 2) % 3
-        empty = tl.full([BLOCK], _EMPTY, tl.int16)
-        for p in tl.static_range(WORLD):
-            tl.store(own + half + (stale * WORLD + p) * capacity + offs, empty, mask=mask)
-        tl.store(counters_ptr + row, (gen + 1) % 3)
-
 
 class LamportAllReduce:
     """One rank's side: the addresses of every rank's buffer (EMPTY-filled, `buffer_slots` int16 elements each,
@@ -127,7 +77,6 @@ class LamportAllReduce:
         self.rank, self.world, self.capacity, self.block = rank, len(addresses), capacity, block
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.counters = torch.zeros(capacity // block, dtype=torch.int32, device=device)
-        self.row_counters = torch.zeros(capacity // MIN_ROW, dtype=torch.int32, device=device)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of `x` (contiguous bf16, at most `capacity` elements) over the ranks, into `out` if given."""
@@ -138,24 +87,3 @@ class LamportAllReduce:
             x, out, self.addresses, self.counters, n, self.capacity,
             RANK=self.rank, WORLD=self.world, BLOCK=self.block, num_warps=4)
         return out
-
-    def fits_rows(self, x: torch.Tensor) -> bool:
-        """Whether `add_norm` takes x: contiguous bf16 rows of at least MIN_ROW elements, within the capacity."""
-        return (x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] >= MIN_ROW
-                and x.numel() <= self.capacity)
-
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, normed): h = residual + the sum of x ([..., dim]) over the ranks (just the sum without a
-        residual), normed = RMSNorm of h with `weight` and `eps`; both bf16 like x."""
-        assert self.fits_rows(x) and weight.dtype == torch.bfloat16
-        dim = x.shape[-1]
-        h, normed = torch.empty_like(x), torch.empty_like(x)
-        if residual is not None:
-            residual = residual.contiguous()
-        block = triton.next_power_of_2(dim)
-        _lamport_add_norm_kernel[(x.numel() // dim,)](
-            x, residual if residual is not None else x, weight, h, normed, self.addresses, self.row_counters, dim,
-            self.capacity, eps, RANK=self.rank, WORLD=self.world, BLOCK=block, HAS_RESIDUAL=residual is not None,
-            num_warps=max(4, min(16, block // 512)))
-        return h, normed

@@ -3,9 +3,7 @@
 Weights use mistral-inference's layout (interleaved RoPE pairs), with q/k/v and gate/up projections fused:
 `attention.wqkv` is [wq; wk; wv] and `feed_forward.w13` is [w1; w3] (see weights.py).
 With tensor parallelism each rank holds its slice of heads and hidden units, and `group` names the process
-group whose sum completes the row-parallel projections. Attention and the feed-forward return this rank's
-partial sums; `add_and_norm` completes them, adds the residual and applies the next RMSNorm (on GPUs in bf16,
-one kernel for all three), so each block takes and returns the residual stream with its normed copy.
+group whose sum completes the row-parallel projections.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacit
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
-from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_add_norm, embed_vocab_slice
+from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
 
 
 @dataclass(frozen=True)
@@ -50,29 +48,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x), rounded to x's dtype, times weight."""
-    if fused.available(x):
-        return fused.rms_norm(x, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf.type_as(x) * weight
-
-
-def add_and_norm(partial: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, normed): h = residual + the ranks' sum of `partial` (a row-parallel projection's output), normed =
-    RMSNorm(h) with `weight`. One kernel where the Lamport all-reduce takes it, else all-reduce, add, norm."""
-    fused_out = all_reduce_add_norm(partial, residual, weight, eps, parallel)
-    if fused_out is not None:
-        return fused_out
-    h = all_reduce(partial, parallel)
-    if residual is not None:
-        h = residual + h
-    return h, rms_norm(h, weight, eps)
+        if fused.available(x):
+            return fused.rms_norm(x, self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.device) -> torch.Tensor:
@@ -141,19 +121,21 @@ class Attention(nn.Module):
             keys = keys[:, :, :key_len].repeat_interleave(group, dim=1)
             values = values[:, :, :key_len].repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
-        return self.wo(out.transpose(1, 2).reshape(b, t, q_size))  # this rank's part: the block sums the ranks'
+        out = self.wo(out.transpose(1, 2).reshape(b, t, q_size))
+        return all_reduce(out, self.parallel)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into w13 (this rank's part of the sum)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into w13."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, parallel: Parallel) -> None:
         super().__init__()
+        self.parallel = parallel
         self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(materialize(fused.silu_and_mul(self.w13(x))))
+        return all_reduce(self.w2(materialize(fused.silu_and_mul(self.w13(x)))), self.parallel)
 
 
 class TransformerBlock(nn.Module):
@@ -165,24 +147,19 @@ class TransformerBlock(nn.Module):
         self.feed_forward: nn.Module
         if config.is_moe:
             self.feed_forward = MoEFeedForward(config.dim, local.hidden_dim, config.num_experts,
-                                               config.num_experts_per_tok)
+                                               config.num_experts_per_tok, parallel)
         else:
-            self.feed_forward = FeedForward(config.dim, local.hidden_dim)
+            self.feed_forward = FeedForward(config.dim, local.hidden_dim, parallel)
 
-    def forward(self, x: torch.Tensor, normed: torch.Tensor, next_norm: torch.Tensor, rope: torch.Tensor,
-                slots: torch.Tensor, mask: torch.Tensor | None, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + attention + feed-forward, that normed by `next_norm`'s weight: the next block's attention norm or
-        the model's last norm); `normed` is x through this block's attention norm."""
-        eps, parallel = self.ffn_norm.eps, self.attention.parallel
-        h, h_normed = add_and_norm(self.attention(materialize(normed), rope, slots, mask, key_len), x,
-                                   self.ffn_norm.weight, eps, parallel)
-        return add_and_norm(self.feed_forward(materialize(h_normed)), h, next_norm, eps, parallel)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+                key_len: int) -> torch.Tensor:
+        h = x + self.attention(materialize(self.attention_norm(x)), rope, slots, mask, key_len)
+        return h + self.feed_forward(materialize(self.ffn_norm(h)))
 
 
-def run_block(layer: TransformerBlock, h: torch.Tensor, normed: torch.Tensor, next_norm: torch.Tensor,
-              rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
-              key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer(h, normed, next_norm, rope, slots, mask, key_len)
+def run_block(layer: TransformerBlock, h: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
+              mask: torch.Tensor | None, key_len: int) -> torch.Tensor:
+    return layer(h, rope, slots, mask, key_len)
 
 
 # The same call marked as one region that torch.compile traces and compiles once for all layers (they share code
@@ -261,11 +238,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
             embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
         block = run_block_once if block_regions else run_block
-        normed = self.layers[0].attention_norm(h)
-        next_norms = [layer.attention_norm.weight for layer in self.layers[1:]] + [self.norm.weight]
-        for layer, window, next_norm in zip(self.layers, windows, next_norms):
-            h, normed = block(layer, h, normed, next_norm, rope, slots, masks[window], key_len)
+        for layer, window in zip(self.layers, windows):
+            h = block(layer, h, rope, slots, masks[window], key_len)
         if not all_logits:
-            normed = normed[:, -1:]
-        logits = self.output(normed).float()
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()
         return self.parallel.gather_vocab(logits)

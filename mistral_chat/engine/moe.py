@@ -12,6 +12,7 @@ from torch import nn
 
 from mistral_chat.engine import fused
 from mistral_chat.engine.materialize import materialize
+from mistral_chat.engine.parallel import Parallel, all_reduce
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
@@ -19,9 +20,10 @@ GATHER_MAX_PAIRS = 8
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, parallel: Parallel) -> None:
         super().__init__()
         self.top_k = top_k
+        self.parallel = parallel
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -51,7 +53,7 @@ class MoEFeedForward(nn.Module):
             out = self._gathered(x, experts, weights)
         else:
             out = self._grouped(x, experts, weights)
-        return out.reshape(shape)  # this rank's part of the sum (its slice of every expert's hidden units)
+        return all_reduce(out.reshape(shape), self.parallel)
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""

@@ -39,9 +39,8 @@ FAST_ALL_REDUCE_BYTES = 1 << 20  # the largest all-reduce sent through symmetric
 _fast_buffer: torch.Tensor | None = None  # this rank's symmetric-memory buffer (read by the op, outside tracing)
 _fast_kernel: Any = None  # a LamportAllReduce when that kernel carries the fast route, else None (torch's kernel)
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
-# model group per process: (group name, dtype, elements of its buffer, whether the Lamport kernel also adds the
-# residual and norms: `all_reduce_add_norm`), or None
-_fast_route: tuple[str, torch.dtype, int, bool] | None = None
+# model group per process: (group name, dtype, elements) of its buffer, or None
+_fast_route: tuple[str, torch.dtype, int] | None = None
 # torch's symmetric memory numbers its handle exchanges for the whole process: a second group in a process whose
 # peers are fresh (rank 0 starting another --tp run, e.g. `bench --tp 2,4`) waits forever for keys they never
 # write (seen on 4x H100). So only the first tensor-parallel group of a process takes the fast path.
@@ -108,43 +107,11 @@ def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
     is fixed (decode; prefill compiled for any prompt length goes through NCCL)."""
     if _fast_route is None:
         return None
-    name, dtype, capacity, _ = _fast_route
+    name, dtype, capacity = _fast_route
     numel = x.numel()
     if x.dtype != dtype or not isinstance(numel, int) or numel > capacity:
         return None
     return name
-
-
-def all_reduce_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                        parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(residual + the sum of x over the ranks, its RMSNorm with `weight`) from one Lamport kernel, when that
-    route is set up and takes x (bf16 rows, decode's sizes); None otherwise (the caller sums and norms itself).
-    MISTRAL_CHAT_TP_FUSED_NORM=0 (read at set-up) keeps the plain all-reduce, to compare."""
-    if not parallel.enabled or _fast_route is None or not _fast_route[3]:
-        return None
-    group_name = _fast_group(x, parallel)
-    if group_name is None or x.shape[-1] < _MIN_ROW or weight.dtype != torch.bfloat16:
-        return None
-    h, normed = torch.ops.mistral_chat.fast_all_reduce_add_norm(x, residual, weight, eps, group_name)
-    return h, normed
-
-
-_MIN_ROW = 64  # lamport_all_reduce.MIN_ROW (that module imports Triton, which CPU-only torch may lack)
-
-
-@torch.library.custom_op("mistral_chat::fast_all_reduce_add_norm", mutates_args=())
-def fast_all_reduce_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                             group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Lamport kernel's all-reduce of x followed by the residual add and RMSNorm (see all_reduce_add_norm);
-    an opaque op for torch.compile, like fast_all_reduce."""
-    assert _fast_kernel is not None, "enable_fast_all_reduce (Lamport) first"
-    return _fast_kernel.add_norm(x.contiguous(), residual, weight, eps)
-
-
-@fast_all_reduce_add_norm.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("mistral_chat::fast_all_reduce", mutates_args=())
@@ -254,8 +221,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     if not everyone(ok):
         disable_fast_all_reduce()
         return False
-    _fast_route = (group_name, dtype, capacity,
-                   choice == "lamport" and os.environ.get("MISTRAL_CHAT_TP_FUSED_NORM", "1") != "0")
+    _fast_route = (group_name, dtype, capacity)
     log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory (%s kernel)",
              FAST_ALL_REDUCE_BYTES >> 10, choice)
     return True
@@ -265,9 +231,7 @@ def fast_all_reduce_kernel() -> str | None:
     """Which kernel carries this process's small all-reduces: "torch", "lamport", or None (NCCL)."""
     if _fast_route is None:
         return None
-    if _fast_kernel is None:
-        return "torch"
-    return "lamport, fused with the norms" if _fast_route[3] else "lamport"
+    return "torch" if _fast_kernel is None else "lamport"
 
 
 def disable_fast_all_reduce() -> None:
