@@ -24,9 +24,11 @@ from mistral_chat.engine.parallel import Parallel
 rank, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-model = load_model(path, device="cpu", dtype="float32", parallel=Parallel(rank=rank, world=2)).model
+mode = sys.argv[6]
+dtype = "bfloat16" if mode == "lamport" else "float32"
+model = load_model(path, device="cpu", dtype=dtype, parallel=Parallel(rank=rank, world=2)).model
 fast_calls = []
-if sys.argv[6] == "fast":  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+if mode == "fast":  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
     def one_shot(buffer, x, group_name, out):
         fast_calls.append(x.numel())
         out.copy_(x)
@@ -35,6 +37,17 @@ if sys.argv[6] == "fast":  # the symmetric-memory route, with a gloo all-reduce 
     parallel._one_shot = one_shot
     parallel._fast_buffer = torch.empty(parallel.FAST_ALL_REDUCE_BYTES // 4)
     parallel._fast_route = (name, torch.float32, parallel.FAST_ALL_REDUCE_BYTES // 4)
+if mode == "lamport":  # the real Lamport kernel in Triton's interpreter, over buffers the two processes share
+    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce, buffer_slots
+    capacity = 8 * model.config.dim  # a prefill chunk fits, so prefill takes the kernel too
+    buffers = [torch.from_file(f"{out}.buffer{r}", shared=True, size=buffer_slots(2, capacity), dtype=torch.int16)
+               for r in range(2)]
+    kernel = LamportAllReduce([b.data_ptr() for b in buffers], rank, capacity, torch.device("cpu"), block=64)
+    def counted(x, out):
+        fast_calls.append(x.numel())
+        return kernel(x, out)
+    parallel._fast_kernel, parallel._fast_buffer = counted, buffers[rank]
+    parallel._fast_route = (dist.group.WORLD.group_name, torch.bfloat16, capacity)
 ids = [int(i) for i in sys.argv[5].split(",")]
 step = DecodeStep(model, compile=True)
 prefill = torch.compile(_prefill, dynamic=True) if step.quick else _prefill  # what Prefill does on CUDA
@@ -63,19 +76,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast")])
+@pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport")])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
+    """"lamport": a bf16 model whose all-reduces run in the Lamport kernel (Triton's interpreter, buffers in
+    files both ranks map), against the single-process bf16 engine."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 24 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
+    dtype = torch.float32
+    if all_reduce == "lamport":
+        pytest.importorskip("triton")
+        from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        dtype = torch.bfloat16
+        for r in range(2):  # every slot "empty" at first
+            torch.full((buffer_slots(2, 8 * 64),), EMPTY, dtype=torch.int16).numpy().tofile(f"{out}.buffer{r}")
     args = [str(port), str(path), str(out), ",".join(map(str, ids)), all_reduce]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     errors = [proc.communicate(timeout=600)[1] for proc in ranks]
     assert all(proc.returncode == 0 for proc in ranks), errors
 
-    model = load_model(path, device="cpu", dtype="float32").model
+    model = load_model(path, device="cpu", dtype=str(dtype).removeprefix("torch.")).model
     tokens, logits_seen = [], []
     with torch.no_grad():
         model.setup_cache(300, prefill_chunk=8)
@@ -88,9 +112,12 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
             logits_seen.append(logits)
     got = torch.load(out)
     assert got["tokens"] == tokens
-    if all_reduce == "fast":  # every decode all-reduce (the embedding's, then 2 a layer) took the fast route
+    if all_reduce in ("fast", "lamport"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
         layers = len(model.layers)
         assert got["fast_calls"].count(model.config.dim) >= 24 * (1 + 2 * layers), got["fast_calls"]
     else:
         assert got["fast_calls"] == []
-    torch.testing.assert_close(got["logits"], torch.cat(logits_seen), atol=1e-4, rtol=0)
+    # bf16: two ranks' rounded partial sums (the interpreter truncates to bf16) against one process's products,
+    # logits up to ~6: a few bf16 steps
+    torch.testing.assert_close(got["logits"], torch.cat(logits_seen), atol=1e-4 if dtype == torch.float32 else 0.25,
+                               rtol=0)
