@@ -8,13 +8,14 @@ group whose sum completes the row-parallel projections.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import fused
+from mistral_chat.engine import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.materialize import materialize
@@ -89,6 +90,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(probs, v).view(b, h, t, d)
 
 
+def use_attention_kernel(q: torch.Tensor) -> bool:
+    """Decode attention as one Triton kernel (decode_attention.py) where it runs, unless
+    MISTRAL_CHAT_ATTENTION_KERNEL=0 (then grouped_attention, to compare)."""
+    return decode_attention.available(q) and os.environ.get("MISTRAL_CHAT_ATTENTION_KERNEL", "1") != "0"
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
         super().__init__()
@@ -115,7 +122,8 @@ class Attention(nn.Module):
         if mask is None:  # a first chunk within the window: plain causal attention (flash kernels)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif t <= GROUPED_ATTENTION_MAX_QUERIES:  # decode: no copy of K/V per query head
-            out = grouped_attention(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len])
+            attend = decode_attention.decode_attention if use_attention_kernel(q) else grouped_attention
+            out = attend(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len])
         else:
             group = self.n_heads // self.n_kv_heads
             keys = keys[:, :, :key_len].repeat_interleave(group, dim=1)

@@ -1,0 +1,111 @@
+"""The decode attention kernel (engine/decode_attention.py), run on the CPU by Triton's interpreter: it equals
+grouped_attention computed in float32 on the model's strided views (q transposed, k/v and the mask sliced from the
+cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped
+and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
+too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Dense and MoE tiny
+models decode the same greedy tokens past their window with it as with grouped_attention
+(MISTRAL_CHAT_ATTENTION_KERNEL=0), eager and compiled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import checks_env
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import torch
+from mistral_chat.engine import decode_attention as module
+from mistral_chat.engine.model import grouped_attention
+
+module.BLOCK_S, module.MIN_SPLIT = 16, 16  # small tiles and ranges: many of each in a short cache
+gen = torch.Generator().manual_seed(0)
+
+def case(b, t, hkv, g, d, s, window=None, dtype=torch.float32, capacity=None):
+    h, capacity = hkv * g, capacity or s + 7
+    qkv = torch.randn(b, t, (h + 2 * hkv) * d, generator=gen).to(dtype)
+    q = qkv[..., :h * d].view(b, t, h, d).transpose(1, 2)  # as Attention.forward makes them
+    keys = torch.randn(b, hkv, capacity, d, generator=gen).to(dtype)
+    values = torch.randn(b, hkv, capacity, d, generator=gen).to(dtype)
+    query_pos = torch.arange(s - t, s)[:, None]  # the last t of s positions, the key in slot j at position j
+    key_pos = torch.arange(capacity)[None, :]
+    mask = (key_pos <= query_pos) & ((query_pos - key_pos < window) if window else True)
+    return q, keys[:, :, :s], values[:, :, :s], mask[:, :s]
+
+def check(*args, exact=True, **kwargs):
+    q, k, v, mask = case(*args, **kwargs)
+    assert module.available(q)
+    got = module.decode_attention(q, k, v, mask)
+    assert got.dtype == q.dtype and got.shape == q.shape and got.is_contiguous()
+    want = grouped_attention(q.float(), k.float(), v.float(), mask)
+    tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol, msg=lambda m: f"{args} {kwargs}: {m}")
+
+check(1, 1, 2, 2, 16, 5)  # one tile, one range
+check(2, 3, 2, 2, 24, 37)  # head dim 24 padded to 32; 3 ranges, the last ragged
+check(2, 3, 1, 4, 16, 100, window=20)  # 7 ranges, the first 4 masked for every row
+check(1, 1, 4, 1, 24, 70, window=9)  # no grouping; a row allows 9 keys
+check(1, 16, 1, 8, 16, 40, window=10)  # 128 query rows: two row blocks
+module.MIN_SPLIT = 64
+check(2, 2, 2, 2, 16, 60, window=12)  # one range of 4 tiles, the first 2 masked: the output written directly
+module.MIN_SPLIT = 16
+check(2, 1, 2, 4, 16, 77, window=30, dtype=torch.bfloat16, exact=False)
+
+@torch.compile(fullgraph=True, dynamic=True)
+def step(q, keys, values, mask, key_len):
+    return module.decode_attention(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len]) * 2
+
+q, k, v, mask = case(1, 2, 2, 2, 16, 40, window=25)
+keys, values = k.as_strided((1, 2, 47, 16), k.stride()), v.as_strided((1, 2, 47, 16), v.stride())
+for key_len in (33, 40):
+    want = grouped_attention(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len]) * 2
+    torch.testing.assert_close(step(q, keys, values, mask, key_len), want, rtol=1e-5, atol=1e-5)
+assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for both key lengths
+
+import os
+from mistral_chat.bench import random_model
+from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.decode import DecodeStep
+from tiny_models import greedy_past_the_window
+module.BLOCK_S, module.MIN_SPLIT = 64, 128
+calls = []
+kernel_op = module.decode_attention
+def counted(*args):
+    calls.append(1)
+    return kernel_op(*args)
+module.decode_attention = counted  # model.Attention looks it up on the module at each call
+for experts in (0, 4):
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                         sliding_window=16, max_seq_len=64, num_experts=experts, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = random_model(config, torch.device("cpu"), torch.float32, None)
+    os.environ["MISTRAL_CHAT_ATTENTION_KERNEL"] = "0"
+    plain = greedy_past_the_window(model)
+    os.environ["MISTRAL_CHAT_ATTENTION_KERNEL"] = "1"
+    del calls[:]
+    fast = greedy_past_the_window(model)
+    assert len(calls) == 20 * 2, len(calls)  # each decode step, each layer (the 8-token prompt: SDPA)
+    assert fast[0] == plain[0], (experts, fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-4)
+    model.setup_cache(64, prefill_chunk=8)  # compiled decode calls the kernel as one opaque op: same tokens
+    step = DecodeStep(model, compile=True)
+    ids = list(fast[0][:8])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), 0)[:, -1]
+        for pos in range(8, 28):
+            token = logits.argmax(-1)
+            ids.append(int(token))
+            logits = step(token.view(1, 1), pos)
+    assert ids == fast[0], (experts, ids, fast[0])
+print("ok")
+"""
+
+
+def test_decode_attention_matches_grouped_attention():
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
+                          env=checks_env(TRITON_INTERPRET="1"), timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
