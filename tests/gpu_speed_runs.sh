@@ -3,17 +3,19 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-whole int8 int8-inductor int8-gemv profile profile-int8 startup check vs-hf mixtral-16 prefill.
+# Steps: bf16 bf16-grouped bf16-whole int8 int8-inductor int8-gemv profile profile-int8 startup check vs-hf
+# mixtral-16 prefill prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
 # that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
-# same GPU: default compiled decode against MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
+# same GPU: default compiled decode against MISTRAL_CHAT_ATTENTION_KERNEL=0 (grouped_attention's products instead
+# of the decode attention kernel) and MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
 # speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), the int8
 # products alone per matrix, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
 # --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
 # HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
 # prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
-# than the prompt. Several steps can run at once on one machine with several GPUs, one CUDA_VISIBLE_DEVICES and
-# OUT each.
+# than the prompt (prefill-2048: eager 2048 tokens alone). Several steps can run at once on one machine with
+# several GPUs, one CUDA_VISIBLE_DEVICES and OUT each.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
@@ -45,9 +47,11 @@ export -f startup
 
 nvidia-smi -L
 bench=(python3 -m mistral_chat.bench --shape mistral-7b --prefill "" --batch 1 --steps 64)
+eager=(python3 -m mistral_chat.bench --shape mistral-7b --no-compile --batch 1 --steps 8)
 for step in "${steps[@]}"; do
     case $step in
         bf16) log bf16 150 "${bench[@]}" ;;
+        bf16-grouped) log bf16-grouped 150 env MISTRAL_CHAT_ATTENTION_KERNEL=0 "${bench[@]}" ;;
         bf16-whole) log bf16-whole 150 env MISTRAL_CHAT_QUICK_COMPILE=0 "${bench[@]}" ;;
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
         int8-inductor) log int8-inductor 150 env MISTRAL_CHAT_INT8_KERNEL=0 "${bench[@]}" --quantize int8 ;;
@@ -59,8 +63,8 @@ for step in "${steps[@]}"; do
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
         mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
-        prefill) eager=(python3 -m mistral_chat.bench --shape mistral-7b --no-compile --batch 1 --steps 8)
-            log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048
+        prefill-2048) log prefill-2048 150 "${eager[@]}" --prefill 2048 ;;
+        prefill) log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048
             log prefill-unfused 150 env MISTRAL_CHAT_FUSED_KERNELS=0 "${eager[@]}" --prefill 16,512,2048
             log prefill-window 150 "${eager[@]}" --prefill 2048 --window 1024 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

@@ -56,13 +56,11 @@ if triton is not None:
         h = tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, 2 * HALF)[None, :]
         ok = h < heads
-        row = x_ptr + b * stride_b + pos * stride_t + h * stride_h
-        x = tl.load(row + d, mask=ok, other=0.0).to(tl.float32)
-        partner = tl.load(row + (d ^ 1), mask=ok, other=0.0).to(tl.float32)  # the other half of d's pair
-        pair = rope_ptr + pos * 2 * HALF + (d // 2) * 2
+        x = tl.load(x_ptr + b * stride_b + pos * stride_t + h * stride_h + d, mask=ok, other=0.0).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (HEADS, HALF, 2)))  # each interleaved pair's two halves, in registers
+        pair = rope_ptr + pos * 2 * HALF + tl.arange(0, HALF)[None, :] * 2
         cos, sin = tl.load(pair), tl.load(pair + 1)
-        even = (d % 2) == 0  # even: x0 * cos - x1 * sin; odd: x0 * sin + x1 * cos
-        out = tl.where(even, x * cos - partner * sin, partner * sin + x * cos)
+        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (HEADS, 2 * HALF))
         tl.store(out_ptr + bt * heads * 2 * HALF + h * 2 * HALF + d, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
