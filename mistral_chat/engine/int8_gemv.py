@@ -7,10 +7,10 @@ float with bit operations, and applies the per-row scale to the sum: half the by
 
 `int8_linear(x, weight, scale)` is a torch custom op (so torch.compile and CUDA graphs treat it as one opaque
 call); `Int8Linear` uses it for a single activation row on CUDA with Triton installed (unless
-MISTRAL_CHAT_INT8_KERNEL=0), and the plain product otherwise. Inductor's own compiled product converted each int8
-with an int-to-float instruction and read the weights at 44-93% of the copy bandwidth by shape; this kernel at
-81-99% (H100, tests/gpu_int8_gemv.py). The tests run the
-kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+MISTRAL_CHAT_INT8_KERNEL=0), and the plain product otherwise. Inductor's own compiled product converts each int8
+with an int-to-float instruction; alone on an H100, from cold weights, it read Mistral-7B's matrices at 34-87% of
+the copy bandwidth, this kernel at 67-98% (tests/gpu_int8_gemv.py). The tests run the kernel on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ if triton is not None:
         """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights.
 
         Each byte becomes a float by bit operations (its value + 128 placed in the mantissa of 2**23, then one
-        subtraction) instead of an int-to-float conversion instruction, which runs at a quarter of the rate of
-        the others on these GPUs and, at one per weight, held the product below the memory's speed."""
+        subtraction) instead of an int-to-float conversion instruction, which GPUs issue at a fraction of the
+        rate of float arithmetic and which, at one per weight, held the product below the memory's speed."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         # partial sums stay per lane through the loop and are reduced across the threads once, at the end (a
