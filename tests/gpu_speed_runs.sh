@@ -60,7 +60,7 @@ for step in "${steps[@]}"; do
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
-        check) log check 240 python3 tests/gpu_check.py ;;
+        check) log check 330 python3 tests/gpu_check.py ;;
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
         mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
