@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mistral_chat.engine.decode_attention import decode_attention  # noqa: E402
 from mistral_chat.engine.model import grouped_attention  # noqa: E402
+from gpu_int8_gemv import graph_time  # noqa: E402  (tests/, the script's own folder, is on the path)
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 KEYS = (256, 512, 1024, 2048, 4096, 8192, 32768)
@@ -24,22 +25,7 @@ KEYS = (256, 512, 1024, 2048, 4096, 8192, 32768)
 
 def layer_time(fn, layers: list) -> float:
     """Seconds per call of fn(*layer), replayed from one CUDA graph over every layer's inputs."""
-    for layer in layers[:2]:
-        fn(*layer)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            fn(*layer)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / (10 * len(layers))
+    return graph_time(lambda i: fn(*layers[i]), len(layers), reps=len(layers), replays=10)
 
 
 def inputs(batch: int, keys: int, dtype: torch.dtype = torch.bfloat16) -> list:

@@ -25,9 +25,9 @@ SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": 
           "output": (32000, 4096)}
 
 
-def graph_time(fn, copies: int, reps: int = 50) -> float:
-    """Seconds per call of fn(i) for copy i, replayed `reps` times from one CUDA graph (no launch cost, as decode
-    runs), cycling through the copies."""
+def graph_time(fn, copies: int, reps: int = 50, replays: int = 5) -> float:
+    """Seconds per call of fn(i) for copy i, captured `reps` times in one CUDA graph (no launch cost, as decode
+    runs), cycling through the copies, the graph replayed `replays` times."""
     for i in range(3):
         fn(i % copies)
     torch.cuda.synchronize()
@@ -39,11 +39,11 @@ def graph_time(fn, copies: int, reps: int = 50) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / (5 * reps)
+    return start.elapsed_time(end) / 1000 / (replays * reps)
 
 
 def main() -> None:

@@ -69,15 +69,9 @@ assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph 
 import os
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.decode import DecodeStep
-from tiny_models import greedy_past_the_window
+from tiny_models import count_calls, greedy_past_the_window
 module.BLOCK_S, module.MIN_SPLIT = 64, 128
-calls = []
-kernel_op = module.decode_attention
-def counted(*args):
-    calls.append(1)
-    return kernel_op(*args)
-module.decode_attention = counted  # model.Attention looks it up on the module at each call
+calls = count_calls(module, "decode_attention")  # model.Attention looks it up on the module at each call
 for experts in (0, 4):
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64, num_experts=experts, num_experts_per_tok=2)
@@ -91,15 +85,7 @@ for experts in (0, 4):
     assert len(calls) == 20 * 2, len(calls)  # each decode step, each layer (the 8-token prompt: SDPA)
     assert fast[0] == plain[0], (experts, fast[0], plain[0])
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-4)
-    model.setup_cache(64, prefill_chunk=8)  # compiled decode calls the kernel as one opaque op: same tokens
-    step = DecodeStep(model, compile=True)
-    ids = list(fast[0][:8])
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), 0)[:, -1]
-        for pos in range(8, 28):
-            token = logits.argmax(-1)
-            ids.append(int(token))
-            logits = step(token.view(1, 1), pos)
+    ids = greedy_past_the_window(model, compiled=True)[0]  # the kernel as one opaque op, compiled: same tokens
     assert ids == fast[0], (experts, ids, fast[0])
 print("ok")
 """

@@ -22,7 +22,7 @@ from mistral_chat.engine import int8_gemv
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.quant import quantize_rows
-from tiny_models import greedy_past_the_window
+from tiny_models import count_calls, greedy_past_the_window
 assert int8_gemv.available(torch.zeros(1))
 
 gen = torch.Generator().manual_seed(0)
@@ -39,12 +39,7 @@ config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, 
                      sliding_window=16, max_seq_len=64)
 torch.manual_seed(0)
 model = random_model(config, torch.device("cpu"), torch.float32, "int8")
-calls = []
-kernel_op = int8_gemv.int8_linear
-def counted(*args):
-    calls.append(1)
-    return kernel_op(*args)
-int8_gemv.int8_linear = counted  # quant.Int8Linear looks it up on the module at each call
+calls = count_calls(int8_gemv, "int8_linear")  # quant.Int8Linear looks it up on the module at each call
 
 def greedy(kernel):
     os.environ["MISTRAL_CHAT_INT8_KERNEL"] = kernel
@@ -58,17 +53,8 @@ assert with_kernel[0] == without[0], (with_kernel[0], without[0])
 torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
 
 # compiled decode calls the kernel as one opaque custom op (as CUDA graphs will on a GPU): same tokens
-from mistral_chat.engine.decode import DecodeStep
 os.environ["MISTRAL_CHAT_INT8_KERNEL"] = "1"
-model.setup_cache(64, prefill_chunk=8)
-step = DecodeStep(model, compile=True)
-ids = [5, 9, 14, 3, 22, 7, 8, 30]
-with torch.no_grad():
-    logits = model(torch.tensor([ids]), 0)[:, -1]
-    for pos in range(8, 28):
-        token = logits.argmax(-1)
-        ids.append(int(token))
-        logits = step(token.view(1, 1), pos)
+ids = greedy_past_the_window(model, compiled=True)[0]
 assert ids == with_kernel[0], (ids, with_kernel[0])
 print("ok")
 """

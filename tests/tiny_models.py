@@ -194,19 +194,36 @@ def write_tiny_model(root: Path, kind: str = "mistral", shard_hf: bool = False, 
     return {"hf": hf_dir, "native": native_dir}
 
 
-def greedy_past_the_window(model) -> tuple[list[int], torch.Tensor]:
-    """Eager greedy decode of a model whose sliding window is 16: an 8-token prompt, then 20 tokens one at a time
-    (the rotating cache wraps). The ids, prompt included, and the 20 decode steps' logits."""
+def greedy_past_the_window(model, compiled: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode of a model whose sliding window is 16: an 8-token prompt, then 20 tokens one at a time
+    (the rotating cache wraps), eager or through the compiled decode step. The ids, prompt included, and the 20
+    decode steps' logits."""
+    from mistral_chat.engine.decode import DecodeStep
+
     model.setup_cache(64, prefill_chunk=8)
+    step = DecodeStep(model, compile=True) if compiled else lambda token, pos: model(token, pos)[:, -1]
     ids, seen = [5, 9, 14, 3, 22, 7, 8, 30], []
     with torch.no_grad():
         logits = model(torch.tensor([ids]), 0)[:, -1]
         for pos in range(8, 28):
             token = logits.argmax(-1)
             ids.append(int(token))
-            logits = model(token.view(1, 1), pos)[:, -1]
+            logits = step(token.view(1, 1), pos)
             seen.append(logits)
     return ids, torch.cat(seen)
+
+
+def count_calls(module, name: str) -> list:
+    """Replace module.name by a wrapper that appends to the returned list at each call (code that looks the
+    function up on the module at each call, as the model does for its kernels, goes through it)."""
+    calls, original = [], getattr(module, name)
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    setattr(module, name, counted)
+    return calls
 
 
 def checks_env(**extra: str) -> dict[str, str]:
