@@ -25,9 +25,9 @@ interpreter, TRITON_INTERPRET=1, which the tests use).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from mistral_chat.engine.fused import INTERPRETED, triton_runs
 
 try:
     import triton
@@ -35,17 +35,13 @@ try:
 except ImportError:  # CPU-only torch builds ship without Triton: the plain formula is used
     triton = None
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
+
 BLOCK_S = 64  # keys per tile
 MIN_SPLIT = 128  # fewest keys per range of a split cache (a multiple of BLOCK_S)
 MAX_SPLITS = 64  # most ranges per sequence and head (the combine kernel reads them all at once)
 PROGRAMS = 264  # programs to aim for on a long cache: two per SM of a 132-SM H100
 WARPS = 4  # warps per program of the attention kernel
-
-
-def available(q: torch.Tensor) -> bool:
-    """Whether the kernel can run on q's device (CUDA with Triton, or the CPU under Triton's interpreter)."""
-    return triton is not None and (q.is_cuda or INTERPRETED)
 
 
 if triton is not None:

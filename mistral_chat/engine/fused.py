@@ -29,9 +29,15 @@ except ImportError:  # CPU-only torch builds may ship without Triton: the plain 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on x's device: CUDA with Triton, or the CPU under Triton's interpreter (the
+    engine's other kernels, int8_gemv and decode_attention, ask this too)."""
+    return triton is not None and (x.is_cuda or INTERPRETED)
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels here should run for x (see the module's docstring)."""
-    return (triton is not None and (x.is_cuda or INTERPRETED) and not torch.compiler.is_compiling()
+    return (triton_runs(x) and not torch.compiler.is_compiling()
             and os.environ.get("MISTRAL_CHAT_FUSED_KERNELS", "1") != "0")
 
 

@@ -15,9 +15,9 @@ Triton's interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from mistral_chat.engine.fused import INTERPRETED, triton_runs
 
 try:
     import triton
@@ -25,12 +25,7 @@ try:
 except ImportError:  # CPU-only torch builds ship without Triton: the plain product is used
     triton = None
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on x's device (CUDA with Triton, or the CPU under Triton's interpreter)."""
-    return triton is not None and (x.is_cuda or INTERPRETED)
+available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
 
 
 if triton is not None:
