@@ -79,8 +79,8 @@ def test_stored_activations_change_no_value(monkeypatch, setting):
     assert materialize(x) is x  # not compiling: the same tensor
     with torch.no_grad():
         torch._dynamo.reset()
-        compiled = torch.compile(ffn, fullgraph=True)(x)
-        torch.testing.assert_close(compiled, ffn(x))
+        compiled = torch.compile(ffn, fullgraph=True)(x, x)  # residual x + the block's output
+        torch.testing.assert_close(compiled, ffn(x, x))
 
 
 def test_prefill_is_eager_unless_asked(monkeypatch):

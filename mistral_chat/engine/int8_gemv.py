@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, pdl_launch, triton_runs
 
 try:
     import triton
@@ -44,27 +44,36 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "WORDS"])
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
         """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights.
 
         Each byte becomes a float by bit operations (its value + 128 placed in the mantissa of 2**23, then one
         subtraction) instead of an int-to-float conversion instruction, which GPUs issue at a fraction of the
-        rate of float arithmetic and which, at one per weight, held the product below the memory's speed."""
+        rate of float arithmetic and which, at one per weight, held the product below the memory's speed. Each
+        step loads the next step's words before it computes (with PDL, the first words load before the wait
+        for the kernel that wrote x)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        row_ok = rows[:, None] < N
+        words = tl.arange(0, BLOCK_W)
+        w_rows = w_ptr + rows[:, None] * stride_wn
+        packed = tl.load(w_rows + words[None, :], mask=row_ok & (words[None, :] < WORDS), other=0)
+        if PDL:  # the weights never change; x is the previous kernel's output
+            tl.extra.cuda.gdc_wait()
         # partial sums stay per lane through the loop and are reduced across the threads once, at the end (a
         # reduction in every step of the loop stalls the loads behind shuffles)
         acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         for w0 in range(0, WORDS, BLOCK_W):
-            words = w0 + tl.arange(0, BLOCK_W)
-            word_ok = words < WORDS
-            packed = tl.load(w_ptr + rows[:, None] * stride_wn + words[None, :],
-                             mask=row_ok[:, None] & word_ok[None, :], other=0)
+            word_ok = w0 + words < WORDS
+            ahead = w0 + BLOCK_W + words
+            packed_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < WORDS), other=0)
             for b in tl.static_range(4):  # byte b of word j is weight 4 j + b (little-endian)
-                x = tl.load(x_ptr + words * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + (w0 + words) * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
                 biased = ((packed >> (8 * b)) & 0xFF) ^ 0x80  # the signed byte s as s + 128, in 0..255
                 weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
                 acc += weight * x[None, :]
+            packed = packed_next
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -88,7 +97,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4)
+    pdl = pdl_launch(x)
+    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4, PDL=pdl,
+                            **({"launch_pdl": True} if pdl else {}))
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -1,0 +1,97 @@
+"""Matrix-vector product for batch-1 decode with bf16 (or any float) weights, as one Triton kernel.
+
+Batch-1 decode multiplies one activation row by each weight matrix, so a product takes as long as its weight
+takes to stream from memory. Inductor's products reach ~96% of that on Mistral-7B's whole matrices but less on
+small ones, such as the half matrices each GPU holds under tensor parallelism; this kernel streams the weight
+in tiles of rows x columns, keeps per-lane partial sums through the loop, and loads each tile one step ahead.
+
+`linear_row(x, weight)` is a torch custom op (opaque to torch.compile, captured whole by CUDA graphs). `Linear`
+(the model's projections) sends a single activation row to it on CUDA when MISTRAL_CHAT_GEMV_KERNEL=1, and
+runs `F.linear` otherwise. With programmatic dependent launch (`fused.pdl_launch`), the kernel loads its first
+weight tile before it waits for the kernel that wrote x. The tests run it on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_chat.engine.fused import INTERPRETED, pdl_launch, triton_runs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
+    triton = None
+
+
+if triton is not None:
+    # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
+                for n, k, warps, s in ((4, 512, 4, 1), (8, 256, 4, 1), (2, 1024, 4, 1), (8, 512, 4, 1),
+                                       (4, 1024, 8, 1), (16, 256, 8, 1), (4, 256, 4, 2), (2, 512, 4, 2),
+                                       (8, 512, 8, 2), (1, 2048, 4, 1))]
+    if INTERPRETED:  # the interpreter is slow: one small configuration
+        _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+
+    @triton.autotune(configs=_CONFIGS, key=["N", "K"])
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows[:, None] < N
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows[:, None] * stride_wn
+        w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
+        if PDL:  # the weights never change; x is the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads once, at the end
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            ahead = k0 + BLOCK_K + cols
+            w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+            w = w_next
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
+def linear_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed."""
+    assert triton is not None, "linear_row needs Triton"
+    k, n = x.shape[-1], weight.shape[0]
+    x_row = x.reshape(k).contiguous()
+    out = torch.empty(n, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    pdl = pdl_launch(x)
+    _gemv_kernel[grid](x_row, weight, out, n, k, weight.stride(0), PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    return out.reshape(*x.shape[:-1], n)
+
+
+@linear_row.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of x by weight goes to the kernel: one activation row, weight rows contiguous, Triton able
+    to run, and MISTRAL_CHAT_GEMV_KERNEL=1."""
+    return (x.numel() == x.shape[-1] and weight.stride(-1) == 1 and triton_runs(x)
+            and os.environ.get("MISTRAL_CHAT_GEMV_KERNEL", "0") == "1")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose single-row products may run on the kernel (see `use_kernel`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and use_kernel(x, self.weight):
+            return linear_row(x, self.weight)
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,86 @@
+"""The Triton matrix-vector kernel for float weights (engine/gemv.py), run on the CPU by Triton's interpreter: it
+equals F.linear on ragged shapes, and a model decodes the same greedy tokens with it as without it, eager and
+compiled. Also the eager prompt path that adds the residual inside the product (model.add_projection)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_models import checks_env
+
+CHECK = r"""
+import os
+import torch
+import torch.nn.functional as F
+from mistral_chat.engine import gemv
+from mistral_chat.bench import random_model
+from mistral_chat.engine.config import ModelConfig
+from tiny_models import count_calls, greedy_past_the_window
+
+gen = torch.Generator().manual_seed(0)
+for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of the blocks
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        x = torch.randn(1, 1, k, generator=gen).to(dtype)
+        got = gemv.linear_row(x, w)
+        assert got.shape == (1, 1, n) and got.dtype == dtype, (got.shape, got.dtype)
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=tol, atol=tol)
+
+config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                     sliding_window=16, max_seq_len=64)
+torch.manual_seed(0)
+model = random_model(config, torch.device("cpu"), torch.float32, None)
+calls = count_calls(gemv, "linear_row")  # gemv.Linear looks it up on the module at each call
+
+def greedy(kernel):
+    os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = kernel
+    return greedy_past_the_window(model)
+without = greedy("0")
+assert not calls
+with_kernel = greedy("1")
+# each decode step: wqkv, wo, w13, w2 of 2 layers and the output; the prompt: only its last row's output
+assert len(calls) == 20 * 9 + 1, len(calls)
+assert with_kernel[0] == without[0], (with_kernel[0], without[0])
+torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
+
+# compiled decode calls the kernel as one opaque custom op (as CUDA graphs will on a GPU): same tokens
+ids = greedy_past_the_window(model, compiled=True)[0]
+assert ids == with_kernel[0], (ids, with_kernel[0])
+assert len(calls) > 20 * 9 + 1
+print("ok")
+"""
+
+
+def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
+    pytest.importorskip("triton")
+    env = checks_env(TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_add_projection_adds_the_residual_inside_the_product(monkeypatch):
+    """A prompt's rows: one addmm (no separate sum), equal to residual + linear(x); one row, compiled code or
+    another module: the plain sum."""
+    from mistral_chat.engine.gemv import Linear
+    from mistral_chat.engine.model import add_projection
+    from mistral_chat.engine.parallel import Parallel
+
+    torch.manual_seed(0)
+    linear = Linear(24, 16, bias=False)
+    addmm_calls = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or real_addmm(*a, **k))
+    for b, t in ((2, 5), (1, 1)):
+        x, residual = torch.randn(b, t, 24), torch.randn(b, t, 16)
+        got = add_projection(residual, x, linear, Parallel())
+        torch.testing.assert_close(got, residual + linear(x))
+        assert got.shape == residual.shape
+    assert len(addmm_calls) == 1  # the prompts' rows only
+    plain = torch.nn.Linear(24, 16, bias=False)
+    add_projection(torch.randn(1, 5, 16), torch.randn(1, 5, 24), plain, Parallel())
+    assert len(addmm_calls) == 1
