@@ -1,19 +1,18 @@
 """Manual GPU microbenchmark (not collected by pytest): batch-1 products of Mistral-7B's matrices, whole and
 halved as each of 2 tensor-parallel ranks holds them, each as the GB/s it reads its weight at next to the
-device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (MISTRAL_CHAT_INT8_KERNEL=0), the
-Triton kernel of engine/int8_gemv.py (the default), and that kernel launched with programmatic dependent launch
-(MISTRAL_CHAT_PDL=1); bf16: cuBLAS (F.linear), the kernel of engine/gemv.py, and it with PDL. As in decode, a
-small kernel writes the activation before each product (so PDL has a kernel to overlap) and the weights come
-from memory, not the 50 MB L2 cache: each timed call reads another copy, out of enough copies to fill 400 MB.
-It checks the kernels against the plain products and prints the configurations the autotuners chose. If
-tests/gpu_old_int8_gemv.py exists (an earlier int8_gemv.py with its op renamed), its kernel is timed too.
+device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (MISTRAL_CHAT_INT8_KERNEL=0) and the
+Triton kernel of engine/int8_gemv.py, with its portable bit operations and with its GPU path (one PRMT per
+weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
+decode, a small kernel writes the activation before each product, and the weights come from memory, not the
+50 MB L2 cache: each timed call reads another copy, out of enough copies to fill 400 MB. It checks the kernels
+against the plain products (the int8 kernel's two paths against each other: equal to float32 rounding) and
+prints the configurations the autotuners chose.
 
     python3 tests/gpu_int8_gemv.py
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -51,11 +50,11 @@ def graph_time(fn, copies: int, reps: int = 50, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1000 / (replays * reps)
 
 
-def pdl(on: bool):
-    """fn(i) -> fn(i) that sets MISTRAL_CHAT_PDL for its call (read at each launch, so at capture)."""
+def byte_permute(on: bool):
+    """fn(i) -> fn(i) with int8_gemv.BYTE_PERMUTE set for its call (read at each launch, so at capture)."""
     def wrap(fn):
         def call(i):
-            os.environ["MISTRAL_CHAT_PDL"] = "1" if on else "0"
+            int8_gemv.BYTE_PERMUTE = on
             return fn(i)
         return call
     return wrap
@@ -65,15 +64,9 @@ def main() -> None:
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    try:
-        old = importlib.import_module("gpu_old_int8_gemv")
-    except ImportError:
-        old = None
     torch._inductor.config.coordinate_descent_tuning = True  # as compiled decode sets it
     plain = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
-    columns = ["int8 inductor", "int8 kernel", "int8 kernel+PDL", "bf16 cuBLAS", "bf16 kernel", "bf16 kernel+PDL"]
-    if old is not None:
-        columns.insert(1, "int8 old kernel")
+    columns = ["int8 inductor", "int8 bit ops", "int8 PRMT", "bf16 cuBLAS", "bf16 kernel"]
     print(f"{'matrix':9} {'MB int8':>8} " + " ".join(f"{c:>17}" for c in columns))
     for name, (n, k) in SHAPES.items():
         copies = max(1, (400 << 20) // (2 * n * k))
@@ -83,33 +76,29 @@ def main() -> None:
         x = torch.empty_like(source)
         torch.mul(source, 1.0, out=x)
         want = F.linear(x.float(), q[0].float()) * scale[0].float()
-        for got in (int8_gemv.int8_linear(x, q[0], scale[0]).float(), pdl(True)(lambda i: int8_gemv.int8_linear(
-                x, q[0], scale[0]))(0).float()):
-            error = ((got - want).abs().max() / want.abs().max()).item()
-            assert error < 1e-2, f"{name}: the int8 kernel is off by {error:.3g} of the largest output"
+        got = {on: byte_permute(on)(lambda i: int8_gemv.int8_linear(x, q[0], scale[0]).float())(0)
+               for on in (False, True)}
+        error = ((got[True] - want).abs().max() / want.abs().max()).item()
+        assert error < 1e-2, f"{name}: the int8 kernel is off by {error:.3g} of the largest output"
+        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5 * want.abs().max().item())
         want = F.linear(x.float(), w[0].float())
-        for got in (gemv.linear_row(x, w[0]).float(), pdl(True)(lambda i: gemv.linear_row(x, w[0]))(0).float()):
-            error = ((got - want).abs().max() / want.abs().max()).item()
-            assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
-        os.environ["MISTRAL_CHAT_PDL"] = "0"
+        error = ((gemv.linear_row(x, w[0]).float() - want).abs().max() / want.abs().max()).item()
+        assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
 
         def produced(fn):  # the activation written by a small kernel just before the product, as in decode
             return lambda i: (torch.mul(source, 1.0, out=x), fn(i))[1]
 
         runs = [(lambda i: plain(x, q[i], scale[i]), n * k),
-                (pdl(False)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
-                (pdl(True)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
+                (byte_permute(False)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
+                (byte_permute(True)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
                 (lambda i: F.linear(x, w[i]), 2 * n * k),
-                (pdl(False)(lambda i: gemv.linear_row(x, w[i])), 2 * n * k),
-                (pdl(True)(lambda i: gemv.linear_row(x, w[i])), 2 * n * k)]
-        if old is not None:
-            runs.insert(1, (lambda i: old.int8_linear(x, q[i], scale[i]), n * k))
+                (lambda i: gemv.linear_row(x, w[i]), 2 * n * k)]
         cells = []
         for fn, nbytes in runs:
             seconds = graph_time(produced(fn), copies)
             cells.append(f"{seconds * 1e6:6.1f} us {nbytes / seconds / bandwidth:4.0%}")
-        os.environ["MISTRAL_CHAT_PDL"] = "0"
         print(f"{name:9} {n * k / 1e6:8.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
+    int8_gemv.BYTE_PERMUTE = True
     for kernel in (int8_gemv._int8_gemv_kernel, gemv._gemv_kernel):
         for key, config in kernel.cache.items():
             print("autotuned", getattr(kernel.fn, "__name__", "kernel"), key, config)

@@ -65,3 +65,27 @@ def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_gpu_path_compiles_for_hopper():
+    """The kernel's GPU path (inline PTX: one PRMT per weight, x read as 64-bit words) cannot run on the CPU; this
+    compiles it for an H100 (sm_90) with Triton's own ptxas, as the GPU would, for the shapes decode tunes over."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_chat.engine import int8_gemv
+
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+                 "WORDS": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr",
+                 "BYTE_PERMUTE": "constexpr"}
+    for block_n, block_w in ((4, 512), (16, 128)):
+        source = ASTSource(fn=int8_gemv._int8_gemv_kernel.fn, signature=signature,
+                           constexprs={"BLOCK_N": block_n, "BLOCK_W": block_w, "BYTE_PERMUTE": True})
+        try:
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except RuntimeError as e:
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert "prmt.b32" in kernel.asm["ptx"] and kernel.asm["cubin"]

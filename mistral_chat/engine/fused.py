@@ -35,14 +35,6 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRETED)
 
 
-def pdl_launch(x: torch.Tensor) -> bool:
-    """Whether the matrix-vector kernels (gemv, int8_gemv) launch with programmatic dependent launch on x's GPU:
-    Hopper or later, MISTRAL_CHAT_PDL=1. Such a kernel may start while the previous one finishes, loads its
-    first weights, and only then waits for that kernel's output."""
-    return (x.is_cuda and not INTERPRETED and os.environ.get("MISTRAL_CHAT_PDL", "0") == "1"
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
-
-
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels here should run for x (see the module's docstring)."""
     return (triton_runs(x) and not torch.compiler.is_compiling()

@@ -7,9 +7,7 @@ in tiles of rows x columns, keeps per-lane partial sums through the loop, and lo
 
 `linear_row(x, weight)` is a torch custom op (opaque to torch.compile, captured whole by CUDA graphs). `Linear`
 (the model's projections) sends a single activation row to it on CUDA when MISTRAL_CHAT_GEMV_KERNEL=1, and
-runs `F.linear` otherwise. With programmatic dependent launch (`fused.pdl_launch`), the kernel loads its first
-weight tile before it waits for the kernel that wrote x. The tests run it on the CPU through Triton's
-interpreter (TRITON_INTERPRET=1).
+runs `F.linear` otherwise. The tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine.fused import INTERPRETED, pdl_launch, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, triton_runs
 
 try:
     import triton
@@ -41,15 +39,13 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K"])
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows[:, None] < N
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-        if PDL:  # the weights never change; x is the previous kernel's output
-            tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads once, at the end
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
@@ -71,8 +67,7 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    pdl = pdl_launch(x)
-    _gemv_kernel[grid](x_row, weight, out, n, k, weight.stride(0), PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    _gemv_kernel[grid](x_row, weight, out, n, k, weight.stride(0))
     return out.reshape(*x.shape[:-1], n)
 
 

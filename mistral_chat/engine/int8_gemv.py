@@ -15,9 +15,11 @@ Triton's interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from mistral_chat.engine.fused import INTERPRETED, pdl_launch, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, triton_runs
 
 try:
     import triton
@@ -26,6 +28,9 @@ except ImportError:  # CPU-only torch builds ship without Triton: the plain prod
     triton = None
 
 available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
+# the PRMT path (inline PTX) on GPUs; False (the interpreter, or MISTRAL_CHAT_INT8_KERNEL=portable to compare):
+# the portable bit operations
+BYTE_PERMUTE = not INTERPRETED and os.environ.get("MISTRAL_CHAT_INT8_KERNEL") != "portable"
 
 
 if triton is not None:
@@ -40,40 +45,57 @@ if triton is not None:
 
     _MAGIC = tl.constexpr(0x4B000000)  # the float32 bits of 2**23: OR-ing a byte in gives 2**23 + byte exactly
     _OFFSET = tl.constexpr(8388736.0)  # 2**23 + 128
+    _TOP = tl.constexpr(-65536)  # 0xFFFF0000 as int32
+    _FLIP = tl.constexpr(-2139062144)  # 0x80808080 as int32: flips each byte's sign bit, s -> s + 128
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE"])
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr):
         """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights.
 
         Each byte becomes a float by bit operations (its value + 128 placed in the mantissa of 2**23, then one
         subtraction) instead of an int-to-float conversion instruction, which GPUs issue at a fraction of the
-        rate of float arithmetic and which, at one per weight, held the product below the memory's speed. Each
-        step loads the next step's words before it computes (with PDL, the first words load before the wait
-        for the kernel that wrote x)."""
+        rate of float arithmetic and which, at one per weight, held the product below the memory's speed.
+        BYTE_PERMUTE (GPUs): one XOR per word, then one PRMT (byte permute) per weight builds those bits, where
+        the portable path takes a shift, an AND, an XOR and an OR (integer instructions run at half the rate of
+        float ones on Hopper, and at four per weight they, not memory, bounded the smaller matrices)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows[:, None] < N
-        words = tl.arange(0, BLOCK_W)
-        w_rows = w_ptr + rows[:, None] * stride_wn
-        packed = tl.load(w_rows + words[None, :], mask=row_ok & (words[None, :] < WORDS), other=0)
-        if PDL:  # the weights never change; x is the previous kernel's output
-            tl.extra.cuda.gdc_wait()
+        row_ok = rows < N
         # partial sums stay per lane through the loop and are reduced across the threads once, at the end (a
         # reduction in every step of the loop stalls the loads behind shuffles)
         acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         for w0 in range(0, WORDS, BLOCK_W):
-            word_ok = w0 + words < WORDS
-            ahead = w0 + BLOCK_W + words
-            packed_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < WORDS), other=0)
-            for b in tl.static_range(4):  # byte b of word j is weight 4 j + b (little-endian)
-                x = tl.load(x_ptr + (w0 + words) * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
-                biased = ((packed >> (8 * b)) & 0xFF) ^ 0x80  # the signed byte s as s + 128, in 0..255
-                weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
-                acc += weight * x[None, :]
-            packed = packed_next
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+            words = w0 + tl.arange(0, BLOCK_W)
+            word_ok = words < WORDS
+            packed = tl.load(w_ptr + rows[:, None] * stride_wn + words[None, :],
+                             mask=row_ok[:, None] & word_ok[None, :], other=0)
+            if BYTE_PERMUTE:  # one PRMT instruction per weight puts byte b under the exponent of 2**23
+                biased = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 m;
+                    mov.b32 m, 0x4B000000;
+                    prmt.b32 $0, $4, m, 0x7540;
+                    prmt.b32 $1, $4, m, 0x7541;
+                    prmt.b32 $2, $4, m, 0x7542;
+                    prmt.b32 $3, $4, m, 0x7543;
+                    }""",
+                    constraints="=r,=r,=r,=r,r", args=[packed ^ _FLIP], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+                # x's 4 bf16 of word j as one 64-bit load laid out like the weights (no shuffle through shared
+                # memory); each bf16 is the top half of its float32
+                quad = tl.load(x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + words[None, :] + rows[:, None] * 0,
+                               mask=word_ok[None, :], other=0)
+                low, high = quad.to(tl.int32), (quad >> 32).to(tl.int32)
+                xs = (low << 16, low & _TOP, high << 16, high & _TOP)
+                for b in tl.static_range(4):
+                    acc += ((biased[b].to(tl.float32, bitcast=True) - _OFFSET)
+                            * xs[b].to(tl.float32, bitcast=True))
+            else:
+                for b in tl.static_range(4):  # byte b of word j is weight 4 j + b (little-endian)
+                    x = tl.load(x_ptr + words * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
+                    biased = ((packed >> (8 * b)) & 0xFF) ^ 0x80  # the signed byte s as s + 128, in 0..255
+                    weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
+                    acc += weight * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -97,9 +119,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    pdl = pdl_launch(x)
-    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4, PDL=pdl,
-                            **({"launch_pdl": True} if pdl else {}))
+    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4,
+                            BYTE_PERMUTE=BYTE_PERMUTE and x.is_cuda and x.dtype == torch.bfloat16)
     return out.reshape(*x.shape[:-1], n)
 
 
