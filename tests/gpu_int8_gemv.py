@@ -5,7 +5,7 @@ Triton kernel of engine/int8_gemv.py, with its portable bit operations and with 
 weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
 decode, a small kernel writes the activation before each product, and the weights come from memory, not the
 50 MB L2 cache: each timed call reads another copy, out of enough copies to fill 400 MB. It checks the kernels
-against the plain products (the int8 kernel's two paths against each other: equal to float32 rounding) and
+against the plain products (the int8 kernel's two paths against each other: equal to a bf16 rounding) and
 prints the configurations the autotuners chose.
 
     python3 tests/gpu_int8_gemv.py
@@ -80,7 +80,8 @@ def main() -> None:
                for on in (False, True)}
         error = ((got[True] - want).abs().max() / want.abs().max()).item()
         assert error < 1e-2, f"{name}: the int8 kernel is off by {error:.3g} of the largest output"
-        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        # the two paths sum in another order across threads: their bf16 outputs may differ by one rounding step
+        torch.testing.assert_close(got[True], got[False], rtol=8e-3, atol=1e-3 * want.abs().max().item())
         want = F.linear(x.float(), w[0].float())
         error = ((gemv.linear_row(x, w[0]).float() - want).abs().max() / want.abs().max()).item()
         assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
