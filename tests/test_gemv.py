@@ -84,3 +84,28 @@ def test_add_projection_adds_the_residual_inside_the_product(monkeypatch):
     plain = torch.nn.Linear(24, 16, bias=False)
     add_projection(torch.randn(1, 5, 16), torch.randn(1, 5, 24), plain, Parallel())
     assert len(addmm_calls) == 1
+
+
+def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
+    """Whole matrices (one GPU) keep inductor's products; each rank's halved ones take the kernel; the variable
+    forces either."""
+    from mistral_chat.engine import gemv
+    from mistral_chat.engine.config import ModelConfig
+    from mistral_chat.engine.model import Transformer
+    from mistral_chat.engine.parallel import Parallel
+
+    config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200)
+    with torch.device("meta"):
+        one, two = Transformer(config), Transformer(config, Parallel(rank=0, world=2))
+    linears = [m for m in one.modules() if isinstance(m, gemv.Linear)]
+    assert len(linears) == 5 and not any(m.row_kernel for m in linears)  # wqkv, wo, w13, w2, output
+    assert all(m.row_kernel for m in two.modules() if isinstance(m, gemv.Linear))
+    monkeypatch.setattr(gemv, "triton_runs", lambda x: True)
+    row, weight = torch.zeros(1, 1, 8), torch.zeros(4, 8)
+    monkeypatch.delenv("MISTRAL_CHAT_GEMV_KERNEL", raising=False)
+    assert gemv.use_kernel(row, weight, True) and not gemv.use_kernel(row, weight, False)
+    assert not gemv.use_kernel(torch.zeros(2, 8), weight, True)  # two rows: F.linear
+    monkeypatch.setenv("MISTRAL_CHAT_GEMV_KERNEL", "1")
+    assert gemv.use_kernel(row, weight, False)
+    monkeypatch.setenv("MISTRAL_CHAT_GEMV_KERNEL", "0")
+    assert not gemv.use_kernel(row, weight, True)

@@ -218,9 +218,9 @@ def count_calls(module, name: str) -> list:
     function up on the module at each call, as the model does for its kernels, goes through it)."""
     calls, original = [], getattr(module, name)
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     setattr(module, name, counted)
     return calls
