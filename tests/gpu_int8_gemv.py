@@ -1,8 +1,8 @@
 """Manual GPU microbenchmark (not collected by pytest): batch-1 products of Mistral-7B's matrices, whole and
 halved as each of 2 tensor-parallel ranks holds them, each as the GB/s it reads its weight at next to the
 device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (MISTRAL_CHAT_INT8_KERNEL=0) and the
-Triton kernel of engine/int8_gemv.py, with its portable bit operations, with its GPU path (one PRMT per
-weight, x read as 64-bit words: the default), and that with RMSNorm folded in front; bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
+Triton kernel of engine/int8_gemv.py, with its portable bit operations and with its GPU path (one PRMT per
+weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
 decode, a small kernel writes the activation before each product, and the weights come from memory, not the
 50 MB L2 cache: each timed call reads another copy, out of enough copies to fill 400 MB. It checks the kernels
 against the plain products (the int8 kernel's two paths against each other: equal to a bf16 rounding) and
@@ -66,7 +66,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     torch._inductor.config.coordinate_descent_tuning = True  # as compiled decode sets it
     plain = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
-    columns = ["int8 inductor", "int8 bit ops", "int8 PRMT", "int8 PRMT+norm", "bf16 cuBLAS", "bf16 kernel"]
+    columns = ["int8 inductor", "int8 bit ops", "int8 PRMT", "bf16 cuBLAS", "bf16 kernel"]
     print(f"{'matrix':9} {'MB int8':>8} " + " ".join(f"{c:>17}" for c in columns))
     for name, (n, k) in SHAPES.items():
         copies = max(1, (400 << 20) // (2 * n * k))
@@ -82,14 +82,6 @@ def main() -> None:
         assert error < 1e-2, f"{name}: the int8 kernel is off by {error:.3g} of the largest output"
         # the two paths sum in another order across threads: their bf16 outputs may differ by one rounding step
         torch.testing.assert_close(got[True], got[False], rtol=8e-3, atol=1e-3 * want.abs().max().item())
-        g = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
-        r = torch.randn(1, n, device=device, dtype=torch.bfloat16)
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()
-        for got, want in ((int8_gemv.int8_linear(x, q[0], scale[0], g, 1e-5).float(),
-                           F.linear(normed, q[0].float()) * scale[0].float()),
-                          (int8_gemv.int8_linear(x, q[0], scale[0], residual=r).float(), got[True] + r.float())):
-            error = ((got - want).abs().max() / want.abs().max()).item()
-            assert error < 1e-2, f"{name}: the int8 kernel with norm or residual is off by {error:.3g}"
         want = F.linear(x.float(), w[0].float())
         error = ((gemv.linear_row(x, w[0]).float() - want).abs().max() / want.abs().max()).item()
         assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
@@ -100,7 +92,6 @@ def main() -> None:
         runs = [(lambda i: plain(x, q[i], scale[i]), n * k),
                 (byte_permute(False)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
                 (byte_permute(True)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
-                (lambda i: int8_gemv.int8_linear(x, q[i], scale[i], g, 1e-5), n * k),
                 (lambda i: F.linear(x, w[i]), 2 * n * k),
                 (lambda i: gemv.linear_row(x, w[i]), 2 * n * k)]
         cells = []

@@ -3,21 +3,19 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-unfused int8-bit-ops int8-gemv attention profile profile-int8 startup check
-# vs-hf mixtral-16 prefill prefill-2048 prefill-plain-add.
+# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention profile profile-int8 startup check
+# vs-hf mixtral-16 prefill prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
 # that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
 # same GPU: default compiled decode against MISTRAL_CHAT_ATTENTION_KERNEL=0 (grouped_attention's products instead
 # of the decode attention kernel) and MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
 # speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), bf16 with the
 # Triton GEMV kernel (MISTRAL_CHAT_GEMV_KERNEL=1), the int8 kernel's portable bit operations instead of its GPU
-# path (MISTRAL_CHAT_INT8_KERNEL=portable), the int8 kernel without RMSNorm and the residual add folded in
-# (MISTRAL_CHAT_INT8_FUSE=0), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
+# path (MISTRAL_CHAT_INT8_KERNEL=portable), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
 # --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
 # HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
 # prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
-# than the prompt (prefill-2048: eager 2048 tokens alone; prefill-plain-add: the same with the residual added
-# by its own kernel instead of inside the wo/w2 products, to compare). Several steps can run at once on one machine with
+# than the prompt (prefill-2048: eager 2048 tokens alone). Several steps can run at once on one machine with
 # several GPUs, one CUDA_VISIBLE_DEVICES and OUT each.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
@@ -58,7 +56,6 @@ for step in "${steps[@]}"; do
         bf16-whole) log bf16-whole 150 env MISTRAL_CHAT_QUICK_COMPILE=0 "${bench[@]}" ;;
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
         int8-inductor) log int8-inductor 150 env MISTRAL_CHAT_INT8_KERNEL=0 "${bench[@]}" --quantize int8 ;;
-        int8-unfused) log int8-unfused 150 env MISTRAL_CHAT_INT8_FUSE=0 "${bench[@]}" --quantize int8 ;;
         int8-bit-ops) log int8-bit-ops 150 env MISTRAL_CHAT_INT8_KERNEL=portable "${bench[@]}" --quantize int8 ;;
         bf16-gemv) log bf16-gemv 150 env MISTRAL_CHAT_GEMV_KERNEL=1 "${bench[@]}" ;;
         int8-gemv) log int8-gemv 150 python3 tests/gpu_int8_gemv.py ;;
@@ -71,9 +68,6 @@ for step in "${steps[@]}"; do
         mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
         prefill-2048) log prefill-2048 150 "${eager[@]}" --prefill 2048 ;;
-        prefill-plain-add) log prefill-plain-add 150 python3 -c "import sys; import mistral_chat.engine.model as m
-m.add_projection = lambda residual, x, linear, parallel: residual + m.all_reduce(linear(x), parallel)
-from mistral_chat.bench import main; sys.exit(main(sys.argv[1:]))" "${eager[@]:3}" --prefill 2048 ;;
         prefill) log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048
             log prefill-unfused 150 env MISTRAL_CHAT_FUSED_KERNELS=0 "${eager[@]}" --prefill 16,512,2048
             log prefill-window 150 "${eager[@]}" --prefill 2048 --window 1024 ;;

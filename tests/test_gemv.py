@@ -1,6 +1,6 @@
 """The Triton matrix-vector kernel for float weights (engine/gemv.py), run on the CPU by Triton's interpreter: it
 equals F.linear on ragged shapes, and a model decodes the same greedy tokens with it as without it, eager and
-compiled. Also the eager prompt path that adds the residual inside the product (model.add_projection)."""
+compiled; and when the model uses it by default."""
 
 from __future__ import annotations
 
@@ -61,29 +61,6 @@ def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
-
-def test_add_projection_adds_the_residual_inside_the_product(monkeypatch):
-    """A prompt's rows: one addmm (no separate sum), equal to residual + linear(x); one row, compiled code or
-    another module: the plain sum."""
-    from mistral_chat.engine.gemv import Linear
-    from mistral_chat.engine.model import add_projection
-    from mistral_chat.engine.parallel import Parallel
-
-    torch.manual_seed(0)
-    linear = Linear(24, 16, bias=False)
-    addmm_calls = []
-    real_addmm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or real_addmm(*a, **k))
-    for b, t in ((2, 5), (1, 1)):
-        x, residual = torch.randn(b, t, 24), torch.randn(b, t, 16)
-        got = add_projection(residual, x, linear, Parallel())
-        torch.testing.assert_close(got, residual + linear(x))
-        assert got.shape == residual.shape
-    assert len(addmm_calls) == 1  # the prompts' rows only
-    plain = torch.nn.Linear(24, 16, bias=False)
-    add_projection(torch.randn(1, 5, 16), torch.randn(1, 5, 24), plain, Parallel())
-    assert len(addmm_calls) == 1
 
 
 def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):

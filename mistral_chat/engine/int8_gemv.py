@@ -48,11 +48,10 @@ if triton is not None:
     _TOP = tl.constexpr(-65536)  # 0xFFFF0000 as int32
     _FLIP = tl.constexpr(-2139062144)  # 0x80808080 as int32: flips each byte's sign bit, s -> s + 128
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE", "NORM", "RESIDUAL"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE"])
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, norm_ptr, residual_ptr, N, WORDS, stride_wn, eps,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
-                          NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr):
         """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights.
 
         Each byte becomes a float by bit operations (its value + 128 placed in the mantissa of 2**23, then one
@@ -60,15 +59,12 @@ if triton is not None:
         rate of float arithmetic and which, at one per weight, held the product below the memory's speed.
         BYTE_PERMUTE (GPUs): one XOR per word, then one PRMT (byte permute) per weight builds those bits, where
         the portable path takes a shift, an AND, an XOR and an OR (integer instructions run at half the rate of
-        float ones on Hopper, and at four per weight they, not memory, bounded the smaller matrices).
-        NORM: x is first RMS-normalized and scaled by norm[k] (each program sums x's squares itself, so no
-        kernel of its own runs before). RESIDUAL: residual[n] is added to each (rounded) output."""
+        float ones on Hopper, and at four per weight they, not memory, bounded the smaller matrices)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         # partial sums stay per lane through the loop and are reduced across the threads once, at the end (a
         # reduction in every step of the loop stalls the loads behind shuffles)
         acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_N if BYTE_PERMUTE else 1, BLOCK_W), dtype=tl.float32)  # NORM: x's, per lane
         for w0 in range(0, WORDS, BLOCK_W):
             words = w0 + tl.arange(0, BLOCK_W)
             word_ok = words < WORDS
@@ -86,41 +82,22 @@ if triton is not None:
                     }""",
                     constraints="=r,=r,=r,=r,r", args=[packed ^ _FLIP], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
                 # x's 4 bf16 of word j as one 64-bit load laid out like the weights (no shuffle through shared
-                # memory; every row of the tile holds them); each bf16 is the top half of its float32
-                xs = _bf16_quad(x_ptr, words[None, :] + rows[:, None] * 0, word_ok[None, :])
-                if NORM:
-                    gs = _bf16_quad(norm_ptr, words[None, :] + rows[:, None] * 0, word_ok[None, :])
+                # memory); each bf16 is the top half of its float32
+                quad = tl.load(x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + words[None, :] + rows[:, None] * 0,
+                               mask=word_ok[None, :], other=0)
+                low, high = quad.to(tl.int32), (quad >> 32).to(tl.int32)
+                xs = (low << 16, low & _TOP, high << 16, high & _TOP)
                 for b in tl.static_range(4):
-                    x = xs[b]
-                    if NORM:
-                        squares += x * x
-                        x = x * gs[b]
-                    acc += (biased[b].to(tl.float32, bitcast=True) - _OFFSET) * x
+                    acc += ((biased[b].to(tl.float32, bitcast=True) - _OFFSET)
+                            * xs[b].to(tl.float32, bitcast=True))
             else:
                 for b in tl.static_range(4):  # byte b of word j is weight 4 j + b (little-endian)
                     x = tl.load(x_ptr + words * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
-                    if NORM:
-                        squares += (x * x)[None, :]
-                        x = x * tl.load(norm_ptr + words * 4 + b, mask=word_ok, other=0.0).to(tl.float32)
                     biased = ((packed >> (8 * b)) & 0xFF) ^ 0x80  # the signed byte s as s + 128, in 0..255
                     weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
                     acc += weight * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if NORM:  # squares holds each of x's squares once per row of its tile
-            mean = tl.sum(tl.sum(squares, axis=1), axis=0) / (squares.shape[0] * WORDS * 4)
-            out = out / tl.sqrt(mean + eps)
-        out = out.to(out_ptr.dtype.element_ty)
-        if RESIDUAL:  # as residual + the rounded output in the model dtype
-            out = (tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + out.to(tl.float32))
-        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-    @triton.jit
-    def _bf16_quad(ptr, words, ok):
-        """The 4 bf16 of each 64-bit word `words` of ptr as 4 float32 tensors (a bf16 is a float32's top half)."""
-        quad = tl.load(ptr.to(tl.pointer_type(tl.int64), bitcast=True) + words, mask=ok, other=0)
-        low, high = quad.to(tl.int32), (quad >> 32).to(tl.int32)
-        return ((low << 16).to(tl.float32, bitcast=True), (low & _TOP).to(tl.float32, bitcast=True),
-                (high << 16).to(tl.float32, bitcast=True), (high & _TOP).to(tl.float32, bitcast=True))
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -129,12 +106,8 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("mistral_chat::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor | None = None,
-                eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x ([..., K], one row in all) times weight ([N, K] int8) transposed, each output scaled by scale ([N]).
-
-    With `norm` ([K]): of RMSNorm(x) * norm instead of x (as RMSNorm(eps) with that weight, in float32 throughout).
-    With `residual` ([..., N]): residual + the product, as `residual + int8_linear(...)` rounds it."""
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x ([..., K], one row in all) times weight ([N, K] int8) transposed, each output scaled by scale ([N])."""
     assert triton is not None, "int8_linear needs Triton"
     k = x.shape[-1]
     n = weight.shape[0]
@@ -142,20 +115,15 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, norm
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if weight.storage_offset() % 4:  # a view that starts mid-word (loaded weights never do)
         weight = weight.clone()
-    norm_row = x_row if norm is None else norm.contiguous()
-    residual_row = out if residual is None else residual.reshape(n).contiguous()
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    permute = BYTE_PERMUTE and x.is_cuda and x.dtype == norm_row.dtype == torch.bfloat16
-    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, norm_row, residual_row, n, k // 4,
-                            weight.stride(0) // 4, eps, BYTE_PERMUTE=permute, NORM=norm is not None,
-                            RESIDUAL=residual is not None)
+    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4,
+                            BYTE_PERMUTE=BYTE_PERMUTE and x.is_cuda and x.dtype == torch.bfloat16)
     return out.reshape(*x.shape[:-1], n)
 
 
 @int8_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor | None = None,
-      eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import decode_attention, fused, int8_gemv
+from mistral_chat.engine import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.gemv import Linear
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
-from mistral_chat.engine.quant import Int8Linear
 
 
 @dataclass(frozen=True)
@@ -98,35 +97,6 @@ def use_attention_kernel(q: torch.Tensor) -> bool:
     return decode_attention.available(q) and os.environ.get("MISTRAL_CHAT_ATTENTION_KERNEL", "1") != "0"
 
 
-def fuse_int8(linear: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the int8 kernel computes linear(x) with the RMSNorm before it or the residual add after it folded
-    in (one activation row; MISTRAL_CHAT_INT8_FUSE=0 leaves them to their own kernels, to compare)."""
-    return (isinstance(linear, Int8Linear) and linear.kernel_takes(x)
-            and os.environ.get("MISTRAL_CHAT_INT8_FUSE", "1") != "0")
-
-
-def normed_projection(h: torch.Tensor, norm: RMSNorm, linear: nn.Module) -> torch.Tensor:
-    """linear(norm(h)). For one row through the int8 kernel, the kernel normalizes h itself: no norm kernel."""
-    if fuse_int8(linear, h) and norm.weight.dtype == h.dtype:
-        return int8_gemv.int8_linear(h, linear.weight, linear.scale, norm.weight, norm.eps)
-    return linear(materialize(norm(h)))
-
-
-def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Module, parallel: Parallel) -> torch.Tensor:
-    """residual + linear(x), summed over the ranks first under tensor parallelism. Eagerly on one GPU, a prompt's
-    rows go through one torch.addmm, whose epilogue adds the residual: no separate kernel that reads both and
-    writes the sum (64 of them in a Mistral-7B prefill). One row through the int8 kernel on one GPU: the kernel
-    adds it. Otherwise the plain sum, which inductor fuses with what follows."""
-    if not parallel.enabled and fuse_int8(linear, x) and residual.dtype == x.dtype:
-        return int8_gemv.int8_linear(x, linear.weight, linear.scale, residual=residual)
-    rows = x.numel() // x.shape[-1]
-    if (rows > 1 and type(linear) is Linear and not parallel.enabled and not torch.compiler.is_compiling()
-            and residual.dtype == x.dtype == linear.weight.dtype):
-        out = torch.addmm(residual.reshape(rows, -1), x.reshape(rows, -1), linear.weight.t())
-        return out.view(residual.shape)
-    return residual + all_reduce(linear(x), parallel)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
         super().__init__()
@@ -139,12 +109,11 @@ class Attention(nn.Module):
         self.wo = Linear(local.n_heads * config.head_dim, config.dim, bias=False)
         self.cache: LayerKVCache | None = None
 
-    def forward(self, h: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, slots: torch.Tensor,
-                mask: torch.Tensor | None, key_len: int) -> torch.Tensor:
-        """h + attention over norm(h) (h: the residual stream)."""
-        b, t, _ = h.shape
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+                key_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = normed_projection(h, norm, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -161,7 +130,8 @@ class Attention(nn.Module):
             keys = keys[:, :, :key_len].repeat_interleave(group, dim=1)
             values = values[:, :, :key_len].repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
-        return add_projection(h, out.transpose(1, 2).reshape(b, t, q_size), self.wo, self.parallel)
+        out = self.wo(out.transpose(1, 2).reshape(b, t, q_size))
+        return all_reduce(out, self.parallel)
 
 
 class FeedForward(nn.Module):
@@ -173,10 +143,8 @@ class FeedForward(nn.Module):
         self.w13 = Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """h + SwiGLU of norm(h) (h: the residual stream)."""
-        gate_up = normed_projection(h, norm, self.w13)
-        return add_projection(h, materialize(fused.silu_and_mul(gate_up)), self.w2, self.parallel)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.w2(materialize(fused.silu_and_mul(self.w13(x)))), self.parallel)
 
 
 class TransformerBlock(nn.Module):
@@ -194,9 +162,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
                 key_len: int) -> torch.Tensor:
-        h = self.attention(x, self.attention_norm, rope, slots, mask, key_len)
-        if isinstance(self.feed_forward, FeedForward):
-            return self.feed_forward(h, self.ffn_norm)
+        h = x + self.attention(materialize(self.attention_norm(x)), rope, slots, mask, key_len)
         return h + self.feed_forward(materialize(self.ffn_norm(h)))
 
 
@@ -288,5 +254,5 @@ class Transformer(nn.Module):
             h = block(layer, h, rope, slots, masks[window], key_len)
         if not all_logits:
             h = h[:, -1:]
-        logits = normed_projection(h, self.norm, self.output).float()
+        logits = self.output(self.norm(h)).float()
         return self.parallel.gather_vocab(logits)

@@ -34,12 +34,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
 
-    def kernel_takes(self, x: torch.Tensor) -> bool:
-        """Whether x goes to the int8 kernel: one activation row, a weight it fits, the kernel able to run."""
-        return x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_takes(x):
+        if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):  # one row: the kernel
             return int8_gemv.int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
