@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mistral_chat.bench_parallel import synthetic_tekken  # noqa: E402
 from mistral_chat.engine.config import load_config  # noqa: E402
+from mistral_chat.engine import int8_gemv  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep  # noqa: E402
 from mistral_chat.engine.generate import Session  # noqa: E402
 from mistral_chat.engine.loader import load_model  # noqa: E402
@@ -65,6 +66,15 @@ def greedy(model: Transformer, ids: list[int], steps: int, compile: bool) -> tup
     return out, first
 
 
+def eager_step_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """The logits of one eager decode step after the prompt ids[:-1]."""
+    dev = model.device
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 8):
+            model(torch.tensor([ids[start:min(start + 8, len(ids) - 1)]], device=dev), start)
+        return model(torch.tensor([ids[-1:]], device=dev), len(ids) - 1)[:, -1].float().cpu()
+
+
 def session_greedy(path: Path, device: str, ids: list[int], steps: int) -> tuple[list[int], bool]:
     """Greedy ids of `Session.generate` (compiled, and run ahead of the host on CUDA), and whether it ran ahead."""
     session = Session(load_model(path, device=device, dtype="float32", compile=device == "cuda"),
@@ -91,7 +101,19 @@ def main(kinds: list[str]) -> int:
         bf16_model = load(path, "cuda", torch.bfloat16)
         bf16, bf16_logits = greedy(bf16_model, ids, 40, compile=True)
         rel = ((bf16_logits - cpu_logits).norm() / cpu_logits.norm()).item()
-        int8, _ = greedy(load(path, "cuda", torch.bfloat16, quantize=True), ids, 40, compile=True)
+        int8_model = load(path, "cuda", torch.bfloat16, quantize=True)
+        int8, _ = greedy(int8_model, ids, 40, compile=True)
+        # the int8 kernel's GPU path (PRMT) against its portable bit operations, in an eager decode step (each
+        # single-row product through the kernel): the same sums in another order
+        prmt_logits = eager_step_logits(int8_model, ids)
+        int8_gemv.BYTE_PERMUTE = False
+        portable_logits = eager_step_logits(int8_model, ids)
+        int8_gemv.BYTE_PERMUTE = True
+        rel_prmt = ((prmt_logits - portable_logits).norm() / portable_logits.norm()).item()
+        # the GEMV kernel (the default under --tp) in compiled fp32 decode on one GPU
+        os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = "1"
+        cuda_gemv, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=True)
+        del os.environ["MISTRAL_CHAT_GEMV_KERNEL"]
         # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
         int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)
@@ -100,10 +122,12 @@ def main(kinds: list[str]) -> int:
         agree_bf16 = sum(a == b for a, b in zip(bf16, cpu)) / len(cpu)
         agree_int8 = sum(a == b for a, b in zip(int8, bf16)) / len(bf16)
         # bf16 against fp32: mixtral's routing makes its error larger (0.0319 on an H100 and on an H200)
-        ok = cpu == cuda == cuda_c and int8_cpu == int8_cuda and rel < 5e-2 and session_cpu == session_cuda
+        ok = (cpu == cuda == cuda_c == cuda_gemv and int8_cpu == int8_cuda and rel < 5e-2 and rel_prmt < 1e-2
+              and session_cpu == session_cuda)
         failures += not ok
         print(f"{kind:8} fp32 cpu==cuda eager: {cpu == cuda}  ==cuda compiled: {cpu == cuda_c}  "
-              f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  "
+              f"fp32 int8 kernel==cpu: {int8_cpu == int8_cuda}  GEMV kernel==cpu: {cuda_gemv == cpu}  "
+              f"int8 PRMT vs bit ops logits {rel_prmt:.1e}  "
               f"session cuda{' run ahead' if ran_ahead else ''}==cpu: {session_cpu == session_cuda}  "
               f"bf16 logits rel err {rel:.4f}  bf16 greedy agree {agree_bf16:.0%}  "
               f"int8 vs bf16 agree {agree_int8:.0%}  {'OK' if ok else 'FAIL'}", flush=True)

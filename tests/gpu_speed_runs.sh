@@ -3,8 +3,9 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention profile profile-int8 startup check
-# vs-hf mixtral-16 prefill prefill-2048.
+# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention profile
+# profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 prefill
+# prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
 # that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
 # same GPU: default compiled decode against MISTRAL_CHAT_ATTENTION_KERNEL=0 (grouped_attention's products instead
@@ -63,7 +64,8 @@ for step in "${steps[@]}"; do
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
-        check) log check 330 python3 tests/gpu_check.py ;;
+        check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 tests/gpu_check.py $kind; done ;;
+        check-mistral|check-mixtral|check-nemo) log $step 200 python3 tests/gpu_check.py ${step#check-} ;;
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
         mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
