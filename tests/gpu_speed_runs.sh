@@ -3,7 +3,7 @@
 #
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention profile
+# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention pdl profile
 # profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 prefill
 # prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
@@ -12,7 +12,8 @@
 # of the decode attention kernel) and MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
 # speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), bf16 with the
 # Triton GEMV kernel (MISTRAL_CHAT_GEMV_KERNEL=1), the int8 kernel's portable bit operations instead of its GPU
-# path (MISTRAL_CHAT_INT8_KERNEL=portable), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
+# path (MISTRAL_CHAT_INT8_KERNEL=portable), whether programmatic dependent launch hides a product's start in a
+# CUDA graph (pdl: tests/gpu_pdl.py), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
 # --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
 # HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
 # prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
@@ -61,6 +62,7 @@ for step in "${steps[@]}"; do
         bf16-gemv) log bf16-gemv 150 env MISTRAL_CHAT_GEMV_KERNEL=1 "${bench[@]}" ;;
         int8-gemv) log int8-gemv 150 python3 tests/gpu_int8_gemv.py ;;
         attention) log attention 150 python3 tests/gpu_decode_attention.py ;;
+        pdl) log pdl 120 python3 tests/gpu_pdl.py ;;
         profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
