@@ -105,15 +105,21 @@ def main(kinds: list[str]) -> int:
         int8, _ = greedy(int8_model, ids, 40, compile=True)
         # the int8 kernel's GPU path (PRMT) against its portable bit operations, in an eager decode step (each
         # single-row product through the kernel): the same sums in another order
+        permute = int8_gemv.BYTE_PERMUTE
+        int8_gemv.BYTE_PERMUTE = True
         prmt_logits = eager_step_logits(int8_model, ids)
         int8_gemv.BYTE_PERMUTE = False
         portable_logits = eager_step_logits(int8_model, ids)
-        int8_gemv.BYTE_PERMUTE = True
+        int8_gemv.BYTE_PERMUTE = permute
         rel_prmt = ((prmt_logits - portable_logits).norm() / portable_logits.norm()).item()
         # the GEMV kernel (the default under --tp) in compiled fp32 decode on one GPU
+        asked = os.environ.get("MISTRAL_CHAT_GEMV_KERNEL")
         os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = "1"
         cuda_gemv, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=True)
-        del os.environ["MISTRAL_CHAT_GEMV_KERNEL"]
+        if asked is None:
+            del os.environ["MISTRAL_CHAT_GEMV_KERNEL"]
+        else:
+            os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = asked
         # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
         int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)

@@ -10,7 +10,7 @@ call); `Int8Linear` uses it for a single activation row on CUDA with Triton inst
 MISTRAL_CHAT_INT8_KERNEL=0), and the plain product otherwise. Inductor's own compiled product converts each int8
 with an int-to-float instruction; alone on an H100, from cold weights, it read Mistral-7B's matrices at 34-87% of
 the copy bandwidth, this kernel at 67-98% (tests/gpu_int8_gemv.py); its GPU path (BYTE_PERMUTE, inline PTX) at
-62-97%, a few percent faster than its portable bit operations. The tests run the portable path on the CPU through
+61-97%, a few percent faster than its portable bit operations. The tests run the portable path on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1) and compile the GPU path for sm_90.
 """
 
