@@ -1,4 +1,5 @@
-"""The eager paths' Triton kernels (engine/fused.py: RMSNorm, RoPE, SwiGLU's activation), run on the CPU by
+"""The eager paths' Triton kernels (engine/fused.py: RMSNorm, RoPE, SwiGLU's activation, and decode's RoPE with
+the cache writes), run on the CPU by
 Triton's interpreter: each equals the formula it replaces on ragged and strided shapes, and a dense and a
 mixture-of-experts model prefill and decode the same greedy tokens (and near-equal logits) with and without them.
 On GPUs the same kernels are compiled; tests/gpu_check.py covers them there."""
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from mistral_chat.bench import random_model
 from mistral_chat.engine import fused
 from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.cache import LayerKVCache
 from mistral_chat.engine.model import RMSNorm, apply_rope, rope_tables
 from tiny_models import greedy_past_the_window
 
@@ -45,12 +47,23 @@ for dtype in (torch.float32, torch.bfloat16):
     q = qkv[..., :48].view(2, 5, 3, 16)  # 3 heads: padded to 4 inside; rows strided like the model's split
     assert fused.rope_fits(q)
     torch.testing.assert_close(apply_rope(q, table), off(lambda: apply_rope(q, table)), **exact)
+    # decode's RoPE and cache writes in one kernel: 2 sequences, 3 tokens each, 4 query heads sharing 2 KV heads
+    qkv = torch.randn(2, 3, (4 + 2 * 2) * 16, generator=gen).to(dtype)
+    slots, table3 = torch.tensor([5, 0, 9]), table[:3]
+    cache = LayerKVCache(2, 2, 12, 16, dtype, torch.device("cpu"))
+    q_got = fused.rope_and_cache(qkv, table3, slots, cache.k, cache.v, 4)
+    k_got, v_got = cache.k.clone(), cache.v.clone()
+    q, k, v = qkv.split([64, 32, 32], dim=-1)
+    q_want = apply_rope(q.view(2, 3, 4, 16), table3)
+    cache.k.zero_(), cache.v.zero_()
+    cache.update(slots, apply_rope(k.view(2, 3, 2, 16), table3).transpose(1, 2), v.view(2, 3, 2, 16).transpose(1, 2))
+    assert torch.equal(q_got, q_want) and torch.equal(k_got, cache.k) and torch.equal(v_got, cache.v), dtype
     for hidden in (37, 1500):
         gate_up = torch.randn(4, 2 * hidden, generator=gen).to(dtype) * 3
         torch.testing.assert_close(fused.silu_and_mul(gate_up), off(lambda: fused.silu_and_mul(gate_up)), **exact)
 
 calls = []
-for name in ("rms_norm", "rope", "swiglu"):
+for name in ("rms_norm", "rope", "swiglu", "rope_and_cache"):
     kernel = getattr(fused, name)
     def counted(*args, kernel=kernel, name=name):
         calls.append(name)
@@ -68,7 +81,7 @@ for moe in (False, True):
         return greedy_past_the_window(model)
     calls.clear()
     with_kernels = greedy("1")
-    assert {"rms_norm", "rope"} <= set(calls) and ("swiglu" in calls), set(calls)
+    assert {"rms_norm", "rope", "swiglu", "rope_and_cache"} <= set(calls), set(calls)
     calls.clear()
     without = greedy("0")
     assert not calls
@@ -84,3 +97,26 @@ def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
     env.pop("MISTRAL_CHAT_FUSED_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_rope_and_cache_compiles_for_hopper():
+    """Decode's RoPE-and-cache kernel compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_chat.engine import fused
+
+    names = ["qkv_ptr", "rope_ptr", "slots_ptr", "q_ptr", "k_ptr", "v_ptr", "t", "n_q", "n_kv", "stride_row",
+             "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
+    types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16"] + ["i32"] * 10
+    signature = dict(zip(names, types)) | {"HALF": "constexpr", "HEADS": "constexpr"}
+    source = ASTSource(fn=fused._rope_and_cache_kernel, signature=signature,
+                       constexprs={"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS})
+    try:
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas here: {e}")
+        raise
+    assert kernel.asm["cubin"]

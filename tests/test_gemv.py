@@ -16,7 +16,7 @@ CHECK = r"""
 import os
 import torch
 import torch.nn.functional as F
-from mistral_chat.engine import gemv
+from mistral_chat.engine import fused, gemv
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
 from tiny_models import count_calls, greedy_past_the_window
@@ -29,6 +29,9 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         got = gemv.linear_row(x, w)
         assert got.shape == (1, 1, n) and got.dtype == dtype, (got.shape, got.dtype)
         torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=tol, atol=tol)
+        if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
+            swiglu = gemv.linear_row(x, w, swiglu=True)
+            assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
 
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)
@@ -86,3 +89,27 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
     assert gemv.use_kernel(row, weight, False)
     monkeypatch.setenv("MISTRAL_CHAT_GEMV_KERNEL", "0")
     assert not gemv.use_kernel(row, weight, True)
+
+
+def test_the_kernel_compiles_for_hopper():
+    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product and SwiGLU's
+    (gate and up rows in one tile, the activation in the last step)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_chat.engine import gemv
+
+    signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+                 "stride_wn": "i32", "UP": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                 "PARTS": "constexpr"}
+    for block_n, block_k, parts in ((4, 512, 1), (8, 256, 2), (1, 2048, 2)):
+        source = ASTSource(fn=gemv._gemv_kernel.fn, signature=signature,
+                           constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts})
+        try:
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except RuntimeError as e:
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert kernel.asm["cubin"]

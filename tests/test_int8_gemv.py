@@ -18,7 +18,7 @@ CHECK = r"""
 import os
 import torch
 import torch.nn.functional as F
-from mistral_chat.engine import int8_gemv
+from mistral_chat.engine import fused, int8_gemv
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.quant import quantize_rows
@@ -34,6 +34,11 @@ for n, k in ((50, 200), (16, 64), (33, 100)):  # neither a multiple of the block
     want = F.linear(x, q.float()) * scale
     assert got.shape == (1, 1, n), got.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # SwiGLU in the kernel's last step (w13): gate rows, then up rows; equal to the activation of the product
+    swiglu = int8_gemv.int8_linear(x, q, scale, swiglu=True) if n % 2 == 0 else None
+    if swiglu is not None:
+        assert swiglu.shape == (1, 1, n // 2), swiglu.shape
+        assert torch.equal(swiglu, fused.silu_and_mul(got))
 
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)
@@ -77,11 +82,11 @@ def test_the_gpu_path_compiles_for_hopper():
     from mistral_chat.engine import int8_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
-                 "WORDS": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr",
-                 "BYTE_PERMUTE": "constexpr"}
-    for block_n, block_w in ((4, 512), (16, 128)):
+                 "WORDS": "i32", "stride_wn": "i32", "UP": "i32", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr",
+                 "BYTE_PERMUTE": "constexpr", "PARTS": "constexpr"}
+    for block_n, block_w, parts in ((4, 512, 1), (16, 128, 1), (8, 256, 2)):  # parts=2: SwiGLU's last step
         source = ASTSource(fn=int8_gemv._int8_gemv_kernel.fn, signature=signature,
-                           constexprs={"BLOCK_N": block_n, "BLOCK_W": block_w, "BYTE_PERMUTE": True})
+                           constexprs={"BLOCK_N": block_n, "BLOCK_W": block_w, "BYTE_PERMUTE": True, "PARTS": parts})
         try:
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         except RuntimeError as e:

@@ -70,6 +70,29 @@ if triton is not None:
         tl.store(out_ptr + bt * heads * 2 * HALF + h * 2 * HALF + d, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _rope_and_cache_kernel(qkv_ptr, rope_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, t, n_q, n_kv, stride_row,
+                               sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, HALF: tl.constexpr, HEADS: tl.constexpr):
+        """One token's row of fused q/k/v heads (q, then k, then v), HEADS of them per program: q and k heads
+        rotated, q heads into q ([B, T, n_q, D]), k and v heads into the cache at the token's slot."""
+        bt = tl.program_id(0)
+        b, pos = bt // t, bt % t
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # head index in the row: q, k, then v
+        d = tl.arange(0, 2 * HALF)[None, :]
+        in_row = h < n_q + 2 * n_kv
+        x = tl.load(qkv_ptr + bt * stride_row + h * 2 * HALF + d, mask=in_row, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (HEADS, HALF, 2)))
+        pair = rope_ptr + pos * 2 * HALF + tl.arange(0, HALF)[None, :] * 2
+        cos, sin = tl.load(pair), tl.load(pair + 1)
+        rotated = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (HEADS, 2 * HALF))
+        out = tl.where(h < n_q + n_kv, rotated.to(x.dtype), x)  # v heads are not rotated
+        tl.store(q_ptr + (bt * n_q + h) * 2 * HALF + d, out, mask=h < n_q)
+        slot = tl.load(slots_ptr + pos)
+        is_k = (h >= n_q) & (h < n_q + n_kv)
+        tl.store(k_ptr + b * sk_b + (h - n_q) * sk_h + slot * sk_s + d, out, mask=is_k)
+        is_v = (h >= n_q + n_kv) & in_row
+        tl.store(v_ptr + b * sv_b + (h - n_q - n_kv) * sv_h + slot * sv_s + d, out, mask=is_v)
+
+    @triton.jit
     def _swiglu_kernel(gate_up_ptr, out_ptr, hidden, stride_row, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -104,6 +127,47 @@ def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     _rope_kernel[(b * t,)](x, table, out, t, heads, x.stride(0), x.stride(1), x.stride(2),
                            HALF=d // 2, HEADS=padded, num_warps=8 if padded * d > 4096 else 4)
     return out
+
+
+ROPE_CACHE_HEADS = 8  # heads per program of rope_and_cache
+
+
+# Declared as not mutating its arguments, though it writes the caches: torch.compile (2.13) fails on custom ops
+# that mutate arguments inside a nested compile region (a transformer block under quick compile). Attention takes
+# the q it returns, so it always runs after the writes; nothing else reads the caches in between.
+@torch.library.custom_op("mistral_chat::rope_and_cache", mutates_args=())
+def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
+    """Decode's step between the q/k/v projection and attention, as one kernel: of qkv ([B, T, (n_q + 2 n_kv)
+    D], q heads then k then v), the q heads rotated by table ([T, D/2, 2] float32) are returned ([B, T, n_q, D]),
+    and the k heads (rotated) and v heads are written into k_cache and v_cache ([B, n_kv, S, D]) at slots ([T]).
+    As apply_rope then LayerKVCache.update compute it, where inductor made three kernels of it."""
+    b, t, width = qkv.shape
+    n_kv, d = k_cache.shape[1], k_cache.shape[-1]
+    rows = qkv.reshape(b * t, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
+    grid = (b * t, triton.cdiv(n_q + 2 * n_kv, ROPE_CACHE_HEADS))
+    _rope_and_cache_kernel[grid](rows, table.contiguous(), slots, q, k_cache, v_cache, t, n_q, n_kv, rows.stride(0),
+                                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                 v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                                 HALF=d // 2, HEADS=ROPE_CACHE_HEADS, num_warps=4)
+    return q
+
+
+@rope_and_cache.register_fake
+def _(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+      n_q: int) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_q, k_cache.shape[-1])
+
+
+def rope_and_cache_fits(qkv: torch.Tensor, head_dim: int) -> bool:
+    """Whether `rope_and_cache` can run: Triton on qkv's device (also under torch.compile, as an opaque op), a
+    power-of-two half head dimension, and not MISTRAL_CHAT_FUSED_KERNELS=0."""
+    half = head_dim // 2
+    return (triton_runs(qkv) and half & (half - 1) == 0
+            and os.environ.get("MISTRAL_CHAT_FUSED_KERNELS", "1") != "0")
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import fused
 from mistral_chat.engine.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.materialize import materialize
 
 try:
     import triton
@@ -39,44 +41,64 @@ if triton is not None:
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows[:, None] < N
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr):
+        """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
+
+        PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
+        program multiplying both rows of its outputs, rounded as the plain formula rounds."""
+        r = tl.arange(0, BLOCK_N * PARTS)
+        units = tl.program_id(0) * BLOCK_N + r // PARTS
+        rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
+        row_ok = units[:, None] < N
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads once, at the end
+        acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads at the end
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             ahead = k0 + BLOCK_K + cols
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rows < N)
+        _store_rows(out_ptr, tl.sum(acc, axis=1), N, BLOCK_N, PARTS)
+
+    @triton.jit
+    def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+        """Store a program's row sums (PARTS=2: gate and up interleaved, stored as SiLU(gate) * up; each rounded
+        to out's dtype first, as the product and then SiLU round in the plain formula). Shared with int8_gemv."""
+        units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dtype = out_ptr.dtype.element_ty
+        if PARTS == 2:
+            gate, up = tl.split(tl.reshape(sums.to(dtype).to(tl.float32), (BLOCK_N, 2)))
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            tl.store(out_ptr + units, (act * up).to(dtype), mask=units < N)
+        else:
+            tl.store(out_ptr + units, sums.to(dtype), mask=units < N)
 
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
-def linear_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed."""
+def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
+    gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2])."""
     assert triton is not None, "linear_row needs Triton"
-    k, n = x.shape[-1], weight.shape[0]
+    k, n, parts = x.shape[-1], weight.shape[0], 2 if swiglu else 1
     x_row = x.reshape(k).contiguous()
-    out = torch.empty(n, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(n // parts, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
+        return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](x_row, weight, out, n, k, weight.stride(0))
-    return out.reshape(*x.shape[:-1], n)
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, PARTS=parts)
+    return out.reshape(*x.shape[:-1], n // parts)
 
 
 @linear_row.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.promote_types(x.dtype, weight.dtype))
+def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    n = weight.shape[0] // (2 if swiglu else 1)
+    return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
@@ -97,3 +119,11 @@ class Linear(nn.Linear):
         if self.bias is None and use_kernel(x, self.weight, self.row_kernel):
             return linear_row(x, self.weight)
         return F.linear(x, self.weight, self.bias)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for this gate/up projection ([w1; w3]) of x: in the kernel's last step where a single
+        row goes to the kernel (no kernel of its own for the activation), else the product, then the activation
+        (stored apart under torch.compile, see materialize.py)."""
+        if self.bias is None and use_kernel(x, self.weight, self.row_kernel):
+            return linear_row(x, self.weight, swiglu=True)
+        return materialize(fused.silu_and_mul(self(x)))

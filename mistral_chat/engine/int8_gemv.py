@@ -35,6 +35,8 @@ BYTE_PERMUTE = not INTERPRETED and os.environ.get("MISTRAL_CHAT_INT8_KERNEL") !=
 
 
 if triton is not None:
+    from mistral_chat.engine.gemv import _store_rows  # the last step, shared with the bf16 kernel
+
     # batch-1 decode streams the weight: the configurations differ in how many bytes each program keeps in
     # flight (rows x words per step, pipelined stages) and in how many programs share the rows
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=s)
@@ -49,11 +51,13 @@ if triton is not None:
     _TOP = tl.constexpr(-65536)  # 0xFFFF0000 as int32
     _FLIP = tl.constexpr(-2139062144)  # 0x80808080 as int32: flips each byte's sign bit, s -> s + 128
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE", "PARTS"])
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr):
-        """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights.
+    def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn, UP,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
+                          PARTS: tl.constexpr):
+        """out[n] = scale[n] * sum_k w[n, k] * x[k], reading w ([N, 4 * WORDS] int8) as int32 words of 4 weights;
+        PARTS=2: SiLU(gate) * up of gate rows and up rows (from row UP), as gemv._gemv_kernel.
 
         Each byte becomes a float by bit operations (its value + 128 placed in the mantissa of 2**23, then one
         subtraction) instead of an int-to-float conversion instruction, which GPUs issue at a fraction of the
@@ -61,11 +65,13 @@ if triton is not None:
         BYTE_PERMUTE (GPUs): one XOR per word, then one PRMT (byte permute) per weight builds those bits, where
         the portable path takes a shift, an AND, an XOR and an OR (integer instructions run at half the rate of
         float ones on Hopper, and at four per weight they, not memory, bounded the smaller matrices)."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        r = tl.arange(0, BLOCK_N * PARTS)
+        units = tl.program_id(0) * BLOCK_N + r // PARTS
+        rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
+        row_ok = units < N
         # partial sums stay per lane through the loop and are reduced across the threads once, at the end (a
         # reduction in every step of the loop stalls the loads behind shuffles)
-        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N * PARTS, BLOCK_W), dtype=tl.float32)
         for w0 in range(0, WORDS, BLOCK_W):
             words = w0 + tl.arange(0, BLOCK_W)
             word_ok = words < WORDS
@@ -98,7 +104,7 @@ if triton is not None:
                     weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
                     acc += weight * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
+        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -107,11 +113,12 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("mistral_chat::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x ([..., K], one row in all) times weight ([N, K] int8) transposed, each output scaled by scale ([N])."""
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """x ([..., K], one row in all) times weight ([N, K] int8) transposed, each output scaled by scale ([N]); with
+    `swiglu`, weight holds gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2])."""
     assert triton is not None, "int8_linear needs Triton"
-    k = x.shape[-1]
-    n = weight.shape[0]
+    k, parts = x.shape[-1], 2 if swiglu else 1
+    n = weight.shape[0] // parts
     x_row = x.reshape(k).contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if weight.storage_offset() % 4:  # a view that starts mid-word (loaded weights never do)
@@ -120,11 +127,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4,
-                            BYTE_PERMUTE=BYTE_PERMUTE and x.is_cuda and x.dtype == torch.bfloat16)
+    _int8_gemv_kernel[grid](x_row, weight.view(torch.int32), scale, out, n, k // 4, weight.stride(0) // 4, n,
+                            PARTS=parts, BYTE_PERMUTE=BYTE_PERMUTE and x.is_cuda and x.dtype == torch.bfloat16)
     return out.reshape(*x.shape[:-1], n)
 
 
 @int8_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1))

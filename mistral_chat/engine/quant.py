@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import int8_gemv
+from mistral_chat.engine import fused, int8_gemv
+from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert
 
@@ -38,6 +39,13 @@ class Int8Linear(nn.Module):
         if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):  # one row: the kernel
             return int8_gemv.int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for this gate/up projection of x: in the kernel's last step for a single row (as
+        gemv.Linear.swiglu), else the product, then the activation."""
+        if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):
+            return int8_gemv.int8_linear(x, self.weight, self.scale, swiglu=True)
+        return materialize(fused.silu_and_mul(self(x)))
 
 
 def use_int8_kernel(x: torch.Tensor) -> bool:
