@@ -1,15 +1,14 @@
 """Decode attention (a few query tokens over the KV cache) as one Triton kernel: "flash-decoding".
 
-model.py's `grouped_attention` runs two matrix products and a softmax between them, three or more kernels that each
-write their result out and read it back; at decode the products are tiny (one to sixteen query rows per head), so
-the launches and round trips cost more than the reading of K and V. Here one program takes one KV head of one
-sequence and all the query rows of its group (G heads x T tokens, padded to BLOCK_M >= 16 rows for `tl.dot`), and
-runs an online softmax (float32) over tiles of BLOCK_S keys, reading each key and value once. A long cache is split
-into ranges of keys handled by separate programs (enough of them to fill the GPU: about PROGRAMS in all), each
-writing its normalized partial output and log-sum-exp; the last of them to finish (an atomic counter) combines
-them, which saved a second kernel a layer. With a single range the first kernel writes the output itself. Head
-dimensions that are not a power of two are padded with masked loads. Fully masked tiles or ranges give zero weight,
-never NaN.
+model.py's `grouped_attention` runs two matrix products and a softmax between them, three or more kernels that
+each write their result out and read it back; at decode the products are tiny (one to sixteen query rows per
+head), so the launches and round trips cost more than the reading of K and V. Here one program takes one KV head
+of one sequence and all the query rows of its group (G heads x T tokens, padded to BLOCK_M >= 16 rows for
+`tl.dot`), and runs an online softmax (float32) over tiles of BLOCK_S keys, reading each key and value once. A
+long cache is split into ranges of keys handled by separate programs (enough of them to fill the GPU: about
+PROGRAMS in all), each writing its normalized partial output and log-sum-exp; a small second kernel combines
+them. With a single range the first kernel writes the output itself. Head dimensions that are not a power of two
+are padded with masked loads. Fully masked tiles or ranges give zero weight, never NaN.
 
 On an H100 (Mistral-7B's 32 query and 8 KV heads of 128, bf16, batch 1, replayed from a CUDA graph over 32
 layers' caches; tests/gpu_decode_attention.py), a layer's attention took 5.3 / 6.7 / 12.0 / 50.7 us at 256 / 512 /
@@ -40,14 +39,14 @@ available = triton_runs  # where the kernel can run: CUDA with Triton, or the CP
 
 BLOCK_S = 64  # keys per tile
 MIN_SPLIT = 128  # fewest keys per range of a split cache (a multiple of BLOCK_S)
-MAX_SPLITS = 64  # most ranges per sequence and head
+MAX_SPLITS = 64  # most ranges per sequence and head (the combine kernel reads them all at once)
 PROGRAMS = 264  # programs to aim for on a long cache: two per SM of a 132-SM H100
 WARPS = 4  # warps per program of the attention kernel
 
 
 if triton is not None:
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, count_ptr, S, SPLIT, D, T, G, HEADS_KV,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_t, sm_s,
                           scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                           DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
@@ -97,37 +96,21 @@ if triton is not None:
             splits = tl.num_programs(1)
             tl.store(part_ptr + (row[:, None] * splits + split) * D + d[None, :], out, mask=ok)
             tl.store(lse_ptr + row * splits + split, m_i + tl.log2(l_i), mask=row_ok)  # -inf if nothing allowed
-            # the last range of these rows to finish combines them all (no second kernel): every program's
-            # stores come before its ticket (barrier, then a release), the last one's loads after its (acquire)
-            tl.debug_barrier()
-            counter = count_ptr + bh * tl.num_programs(2) + tl.program_id(2)
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-            if ticket == splits - 1:
-                tl.debug_barrier()
-                _combine(part_ptr, lse_ptr, out_ptr, row, row_ok, d, d_ok, splits, D, BLOCK_M, BLOCK_D)
-                tl.store(counter, 0)  # ready for the next call
 
     @triton.jit
-    def _combine(part_ptr, lse_ptr, out_ptr, row, row_ok, d, d_ok, splits, D,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[row] = the ranges' partial outputs weighted by their share exp2(lse) of the softmax's sum, in one
-        pass over the ranges (running maximum). Loads skip L1 (.cg): other SMs wrote these."""
-        top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        ok = row_ok[:, None] & d_ok[None, :]
-        for i in range(0, splits):
-            lse = tl.load(lse_ptr + row * splits + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-            new_top = tl.maximum(top, lse)
-            base = tl.where(new_top == float("-inf"), 0.0, new_top)
-            w, alpha = tl.exp2(lse - base), tl.exp2(top - base)
-            part = tl.load(part_ptr + (row[:, None] * splits + i) * D + d[None, :], mask=ok, other=0.0,
-                           cache_modifier=".cg")
-            acc = acc * alpha[:, None] + part * w[:, None]
-            total = total * alpha + w
-            top = new_top
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+    def _combine_kernel(part_ptr, lse_ptr, out_ptr, splits, D, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[row] = the ranges' partial outputs weighted by their share exp2(lse) of the softmax's sum."""
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK_SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        lse = tl.load(lse_ptr + row * splits + i, mask=i < splits, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+        part = tl.load(part_ptr + (row * splits + i[:, None]) * D + d[None, :],
+                       mask=(i[:, None] < splits) & (d[None, :] < D), other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(part * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def split_size(keys: int, programs: int) -> int:
@@ -156,24 +139,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         lse = torch.empty((b * h * t, splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
     _attention_kernel[(b * hkv, splits, row_blocks)](
-        q, k, v, mask, out, part, lse, _counters(q.device, b * hkv * row_blocks), s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
         *mask.stride(), d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
         DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS)
+    if splits > 1:
+        _combine_kernel[(b * h * t,)](part, lse, out, splits, d, BLOCK_SPLITS=triton.next_power_of_2(splits),
+                                      BLOCK_D=block_d, num_warps=4)
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 counters, all 0 between calls (the last program to use one puts it back), one per (sequence, KV head,
-    row block): each call counts there the ranges that are done. Allocated once per device, on the first call
-    (which runs before any CUDA graph records it), and shared by every layer: their calls run one after another."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counters
 
 
 @decode_attention.register_fake
