@@ -56,6 +56,13 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + delta, and its norm: one kernel in eager mode on GPUs (under torch.compile inductor fuses them)."""
+        if fused.available(x) and x.shape == delta.shape:
+            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
 
 def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.device) -> torch.Tensor:
     """[max_positions, head_dim // 2, 2] float32 table of (cos, sin)."""
@@ -115,10 +122,11 @@ class Attention(nn.Module):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x)
         assert self.cache is not None, "call Transformer.setup_cache first"
-        if mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and fused.rope_and_cache_fits(qkv, self.head_dim):
-            # decode: RoPE and the cache writes in one kernel
+        if fused.rope_and_cache_fits(qkv, self.head_dim):  # RoPE and the cache writes in one kernel
             q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
             keys, values = self.cache.k, self.cache.v
+            if mask is None:  # a first chunk: its keys and values are the cache's first t slots
+                k, v = keys[:, :, :t], values[:, :, :t]
         else:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
@@ -173,9 +181,9 @@ class TransformerBlock(nn.Module):
         The last residual add (of the feed-forward's output) is left to the next block (or the final norm), so
         that under torch.compile it shares a kernel with the norm that reads it even when each block is its own
         compiled region (quick compile): one kernel a layer fewer in decode."""
-        x = x + delta
-        h = x + self.attention(materialize(self.attention_norm(x)), rope, slots, mask, key_len)
-        return h, self.feed_forward(materialize(self.ffn_norm(h)))
+        x, normed = self.attention_norm.add_and_norm(x, delta)
+        h, normed = self.ffn_norm.add_and_norm(x, self.attention(materialize(normed), rope, slots, mask, key_len))
+        return h, self.feed_forward(materialize(normed))
 
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor,
@@ -267,5 +275,5 @@ class Transformer(nn.Module):
             h, delta = block(layer, h, delta, rope, slots, masks[window], key_len)
         if not all_logits:
             h, delta = h[:, -1:], delta[:, -1:]
-        logits = self.output(self.norm(h + delta)).float()
+        logits = self.output(self.norm.add_and_norm(h, delta)[1]).float()
         return self.parallel.gather_vocab(logits)
