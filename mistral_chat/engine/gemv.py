@@ -8,9 +8,11 @@ in tiles of rows x columns, keeps per-lane partial sums through the loop, and lo
 `linear_row(x, weight)` is a torch custom op (opaque to torch.compile, captured whole by CUDA graphs). `Linear`
 (the model's projections) sends a single activation row to it on GPUs under tensor parallelism, where the
 matrices are halved (on 2 H200s Mistral-7B decoded at 2.97 ms/token with it, 3.05 without), and runs `F.linear`
-otherwise (on one H100 the whole model decoded at 5.64 ms/token with it, 5.63 without: inductor's own products
-already read the whole matrices at ~96% of the copy bandwidth). MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or
-off. The tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+otherwise (on one H100 the whole model decoded at 5.51 ms/token with it, 5.40 without, though with it SwiGLU's
+activation costs no kernel of its own: inductor's own products read the whole matrices at ~96% of the copy
+bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
+the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. The tests run it on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
