@@ -17,6 +17,8 @@
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
 #   7b-2        bench --tp 1,2: ~3 min
 #   7b-2-gemv   bench --tp 2 with the Triton GEMV kernel (MISTRAL_CHAT_GEMV_KERNEL=1): ~1.5 min
+#   7b-2-unfused  bench --tp 2 with the norms and residual adds as kernels of their own
+#               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
@@ -87,6 +89,7 @@ for step in "${steps[@]}"; do
         7b-lamport) MISTRAL_CHAT_TP_ALL_REDUCE=lamport bench 7b-lamport 300 "${m7[@]}" --tp 1,2 ;;
         7b-2) bench 7b-2 300 "${m7[@]}" --tp 1,2 ;;
         7b-2-gemv) MISTRAL_CHAT_GEMV_KERNEL=1 bench 7b-2-gemv 200 "${m7[@]}" --tp 2 ;;
+        7b-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench 7b-2-unfused 200 "${m7[@]}" --tp 2 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

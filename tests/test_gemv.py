@@ -29,6 +29,11 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         got = gemv.linear_row(x, w)
         assert got.shape == (1, 1, n) and got.dtype == dtype, (got.shape, got.dtype)
         torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=tol, atol=tol)
+        h, g = torch.randn(k, generator=gen).to(dtype), torch.rand(k, generator=gen).to(dtype) + 0.5
+        normed = gemv.linear_row((h * g).view(1, 1, k), w, norm_of=h, eps=1e-5)  # RMSNorm(h) with weight g
+        hf = h.float()
+        want = F.linear((hf * torch.rsqrt(hf.pow(2).mean() + 1e-5) * g.float()).view(1, 1, k), w.float())
+        torch.testing.assert_close(normed.float(), want, rtol=tol * 2, atol=tol * 2)
         if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
@@ -92,8 +97,8 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
 
 
 def test_the_kernel_compiles_for_hopper():
-    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product and SwiGLU's
-    (gate and up rows in one tile, the activation in the last step)."""
+    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product, SwiGLU's (gate
+    and up rows in one tile, the activation in the last step) and with the norm's scale computed first."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -101,11 +106,11 @@ def test_the_kernel_compiles_for_hopper():
     from mistral_chat.engine import gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-                 "stride_wn": "i32", "UP": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                 "PARTS": "constexpr"}
-    for block_n, block_k, parts in ((4, 512, 1), (8, 256, 2), (1, 2048, 2)):
+                 "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "BLOCK_N": "constexpr",
+                 "BLOCK_K": "constexpr", "PARTS": "constexpr", "NORM": "constexpr"}
+    for block_n, block_k, parts, norm in ((4, 512, 1, False), (8, 256, 2, True), (1, 2048, 2, False)):
         source = ASTSource(fn=gemv._gemv_kernel.fn, signature=signature,
-                           constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts})
+                           constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm})
         try:
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         except RuntimeError as e:

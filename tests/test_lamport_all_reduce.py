@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 CAPACITY = 256  # elements per slot: small, so that the interpreter is quick
 BLOCK = 64
 SIZES = [100, 256, 7, 64, 200, 3, 256, 256, 5, 130, 64, 1]
+RESIDUAL_SIZES = [100, 256]  # then calls that add the residual and weigh by a norm's weight
 
 
 def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
@@ -41,6 +42,17 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         outs.append(out.tolist())
         one_step = want.abs().clamp(min=2 ** -126) * 2 ** -7  # one bf16 rounding step
         worst = max(worst, float(((out - want).abs() / one_step).max()))
+    for i, n in enumerate(RESIDUAL_SIZES):  # the residual add and the next norm's weight in the kernel's last step
+        parts = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(world)]
+        residual, weight = torch.randn(n, generator=gen).to(torch.bfloat16), torch.rand(n, generator=gen) + 0.5
+        h, weighted = parallel.all_reduce_residual(parts[rank], residual, weight.to(torch.bfloat16), par)
+        total = sum(p.float() for p in parts)
+        want = residual.float() + total  # two roundings: of the sum, then of the add
+        scale = (residual.float().abs() + total.abs()).clamp(min=2 ** -126) * 2 ** -6
+        worst = max(worst, float(((h.float() - want).abs() / scale).max()))
+        want = h.float() * weight.to(torch.bfloat16).float()
+        worst = max(worst, float(((weighted.float() - want).abs() / (want.abs().clamp(min=2 ** -126) * 2 ** -7)).max()))
+        outs.append(h.tolist() + weighted.tolist())
     results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist()))
 
 
@@ -66,10 +78,10 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
-    assert max(g[1] for g in got) <= 1.0  # within one bf16 rounding of the float32 sum
+    assert max(g[1] for g in got) <= 1.0  # within one bf16 rounding of the float32 sum (two with a residual)
     assert all(g[2] == got[0][2] for g in got)  # the same bits on every rank
     # each program's generation moved on once per call that used it, on every rank
-    calls_per_program = [sum(1 for n in SIZES if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
+    calls_per_program = [sum(1 for n in SIZES + RESIDUAL_SIZES if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
 
 

@@ -28,7 +28,7 @@ mode = sys.argv[6]
 dtype = "bfloat16" if mode == "lamport" else "float32"
 model = load_model(path, device="cpu", dtype=dtype, parallel=Parallel(rank=rank, world=2)).model
 fast_calls = []
-if mode == "fast":  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+if mode in ("fast", "fused"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
     def one_shot(buffer, x, group_name, out):
         fast_calls.append(x.numel())
         out.copy_(x)
@@ -57,14 +57,15 @@ with torch.no_grad():
     for start in range(0, len(ids), 8):
         logits = prefill(model, torch.tensor([ids[start:start + 8]]), start)[:, -1]
     pos = len(ids)
-    for _ in range(24):
+    for _ in range(int(sys.argv[7])):
         token = logits.argmax(-1)
         tokens.append(int(token[0]))
         logits = step(token.view(1, 1), pos)
         logits_seen.append(logits.clone())
         pos += 1
 if rank == 0:
-    torch.save({"tokens": tokens, "logits": torch.cat(logits_seen), "fast_calls": fast_calls}, out)
+    torch.save({"tokens": tokens, "logits": torch.cat(logits_seen), "fast_calls": fast_calls,
+                "rows_fused": model.rows_fused(torch.zeros(1, 1, model.config.dim))}, out)
 dist.destroy_process_group()
 os._exit(0)  # skip interpreter teardown: a compiled gloo rank sometimes aborts there ("terminate called ...")
 """
@@ -76,15 +77,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport")])
+@pytest.mark.parametrize("quick, all_reduce",
+                         [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport"), ("1", "fused")])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
     """"lamport": a bf16 model whose all-reduces run in the Lamport kernel (Triton's interpreter, buffers in
-    files both ranks map), against the single-process bf16 engine."""
+    files both ranks map), against the single-process bf16 engine. "fused": the GEMV kernel (Triton's
+    interpreter) with each norm inside the product that reads it and each residual add after the all-reduce
+    (Transformer.rows_fused), over the symmetric-memory route."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
-    path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 24 tokens: the cache wraps
+    path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 6 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
     dtype = torch.float32
+    if all_reduce == "fused":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     if all_reduce == "lamport":
         pytest.importorskip("triton")
         from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
@@ -96,7 +103,9 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
         dtype = torch.bfloat16
         for r in range(2):  # every slot "empty" at first
             torch.full((buffer_slots(2, 8 * 64),), EMPTY, dtype=torch.int16).numpy().tofile(f"{out}.buffer{r}")
-    args = [str(port), str(path), str(out), ",".join(map(str, ids)), all_reduce]
+    # "fused" decodes fewer tokens: the interpreter's products over the 32000-row vocabulary are slow
+    steps = 6 if all_reduce == "fused" else 24
+    args = [str(port), str(path), str(out), ",".join(map(str, ids)), all_reduce, str(steps)]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     errors = [proc.communicate(timeout=600)[1] for proc in ranks]
@@ -108,16 +117,17 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
         model.setup_cache(300, prefill_chunk=8)
         for start in range(0, len(ids), 8):
             logits = model(torch.tensor([ids[start:start + 8]]), start)[:, -1]
-        for pos in range(len(ids), len(ids) + 24):
+        for pos in range(len(ids), len(ids) + steps):
             token = int(logits.argmax(-1)[0])
             tokens.append(token)
             logits = model(torch.tensor([[token]]), pos)[:, -1]
             logits_seen.append(logits)
     got = torch.load(out)
     assert got["tokens"] == tokens
-    if all_reduce in ("fast", "lamport"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
+    assert got["rows_fused"] == (all_reduce == "fused")
+    if all_reduce in ("fast", "lamport", "fused"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
         layers = len(model.layers)
-        assert got["fast_calls"].count(model.config.dim) >= 24 * (1 + 2 * layers), got["fast_calls"]
+        assert got["fast_calls"].count(model.config.dim) >= steps * (1 + 2 * layers), got["fast_calls"]
     else:
         assert got["fast_calls"] == []
     # bf16: two ranks' rounded partial sums (the interpreter truncates to bf16) against one process's products,

@@ -41,16 +41,27 @@ if triton is not None:
                                        (4, 1024, 8, 1), (16, 256, 8, 1), (4, 256, 4, 2), (2, 512, 4, 2),
                                        (8, 512, 8, 2), (1, 2048, 4, 1))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
-        _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+        _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
-        program multiplying both rows of its outputs, rounded as the plain formula rounds."""
+        program multiplying both rows of its outputs, rounded as the plain formula rounds.
+        NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
+        with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own."""
+        if NORM:  # h is 8 KB for Mistral-7B, read from L2 by every program
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = tl.load(norm_ptr + k0 + tl.arange(0, BLOCK_K), mask=k0 + tl.arange(0, BLOCK_K) < K,
+                            other=0.0).to(tl.float32)
+                squares += h * h
+            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        else:
+            scale = 1.0
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
@@ -65,7 +76,7 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _store_rows(out_ptr, tl.sum(acc, axis=1), N, BLOCK_N, PARTS)
+        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
 
     @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
@@ -82,23 +93,28 @@ if triton is not None:
 
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
-def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
+               eps: float = 0.0) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
-    gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2])."""
+    gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2]); with `norm_of` (h, [K]), the sums
+    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight."""
     assert triton is not None, "linear_row needs Triton"
     k, n, parts = x.shape[-1], weight.shape[0], 2 if swiglu else 1
     x_row = x.reshape(k).contiguous()
+    h_row = x_row if norm_of is None else norm_of.reshape(k).contiguous()
     out = torch.empty(n // parts, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, PARTS=parts)
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, PARTS=parts,
+                       NORM=norm_of is not None)
     return out.reshape(*x.shape[:-1], n // parts)
 
 
 @linear_row.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
+      eps: float = 0.0) -> torch.Tensor:
     n = weight.shape[0] // (2 if swiglu else 1)
     return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
 
@@ -122,10 +138,17 @@ class Linear(nn.Linear):
             return linear_row(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+    def swiglu(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
         """SiLU(gate) * up for this gate/up projection ([w1; w3]) of x: in the kernel's last step where a single
         row goes to the kernel (no kernel of its own for the activation), else the product, then the activation
-        (stored apart under torch.compile, see materialize.py)."""
+        (stored apart under torch.compile, see materialize.py). `norm_of`: as in `normed` (kernel only)."""
+        if norm_of is not None:
+            return linear_row(x, self.weight, swiglu=True, norm_of=norm_of, eps=eps)
         if self.bias is None and use_kernel(x, self.weight, self.row_kernel):
             return linear_row(x, self.weight, swiglu=True)
         return materialize(fused.silu_and_mul(self(x)))
+
+    def normed(self, x: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
+        """The product of RMSNorm(norm_of) given x = norm_of * the norm's weight, in the kernel (its programs
+        compute the norm's scale themselves; see `Transformer.rows_fused`)."""
+        return linear_row(x, self.weight, norm_of=norm_of, eps=eps)

@@ -36,11 +36,13 @@ if triton is not None:
     _EMPTY = tl.constexpr(EMPTY)  # a compiled kernel may read module globals only as constexprs
 
     @triton.jit
-    def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity,
-                                   RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity, residual_ptr,
+                                   weight_ptr, weighted_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                   BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
         """Sum of x (bf16, n elements) over WORLD ranks into out. buffers_ptr: [WORLD] int64 addresses of every
         rank's int16 buffer (buffer_slots elements, all EMPTY at first); counters_ptr: this rank's int32
-        generation per program, all 0 at first."""
+        generation per program, all 0 at first. RESIDUAL: out = residual + the sum (rounded as the eager add),
+        and weighted = out * weight (a norm's weight: see gemv.linear_row's norm_of)."""
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -58,7 +60,13 @@ if triton is not None:
             while tl.max((got == _EMPTY).to(tl.int32), axis=0) > 0:
                 got = tl.load(slot, mask=mask, other=0, volatile=True)
             acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(tl.bfloat16), mask=mask)
+        total = acc.to(tl.bfloat16)
+        if RESIDUAL:
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            total = (residual + total.to(tl.float32)).to(tl.bfloat16)
+            weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(weighted_ptr + offs, (total.to(tl.float32) * weight).to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + offs, total, mask=mask)
         stale = (gen + 2) % 3  # the generation read last call: every peer has written it, none writes it next
         empty = tl.full([BLOCK], _EMPTY, tl.int16)
         for p in tl.static_range(WORLD):
@@ -78,12 +86,17 @@ class LamportAllReduce:
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.counters = torch.zeros(capacity // block, dtype=torch.int32, device=device)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The sum of `x` (contiguous bf16, at most `capacity` elements) over the ranks, into `out` if given."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, weighted: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of `x` (contiguous bf16, at most `capacity` elements) over the ranks, into `out` if given.
+        With `residual`, `weight` and `weighted` (contiguous bf16 like x): residual + the sum, and that times
+        weight into `weighted`."""
         n = x.numel()
         assert x.dtype == torch.bfloat16 and x.is_contiguous() and n <= self.capacity
         out = torch.empty_like(x) if out is None else out
+        add = residual is not None
         _lamport_all_reduce_kernel[(triton.cdiv(n, self.block),)](
-            x, out, self.addresses, self.counters, n, self.capacity,
-            RANK=self.rank, WORLD=self.world, BLOCK=self.block, num_warps=4)
+            x, out, self.addresses, self.counters, n, self.capacity, residual if add else x, weight if add else x,
+            weighted if add else out, RANK=self.rank, WORLD=self.world, BLOCK=self.block, RESIDUAL=add,
+            num_warps=4)
         return out

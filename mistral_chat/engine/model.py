@@ -18,10 +18,10 @@ from torch import nn
 from mistral_chat.engine import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.gemv import Linear
+from mistral_chat.engine.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
-from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice
+from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_residual, embed_vocab_slice
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,13 @@ class Attention(nn.Module):
         self.cache: LayerKVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
-                key_len: int) -> torch.Tensor:
+                key_len: int, norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                reduce: bool = True) -> torch.Tensor:
+        """`norm_of`: x is norm_of * the norm's weight, and the q/k/v product computes the norm's scale itself
+        (Transformer.rows_fused); `reduce=False`: this rank's partial sum, not yet all-reduced."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        qkv = self.wqkv(x)
+        qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
         assert self.cache is not None, "call Transformer.setup_cache first"
         if fused.rope_and_cache_fits(qkv, self.head_dim):  # RoPE and the cache writes in one kernel
             q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
@@ -145,7 +148,7 @@ class Attention(nn.Module):
             values = values[:, :, :key_len].repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
         out = self.wo(out.transpose(1, 2).reshape(b, t, q_size))
-        return all_reduce(out, self.parallel)
+        return all_reduce(out, self.parallel) if reduce else out
 
 
 class FeedForward(nn.Module):
@@ -157,8 +160,12 @@ class FeedForward(nn.Module):
         self.w13 = Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self.w2(self.w13.swiglu(x)), self.parallel)
+    def forward(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                reduce: bool = True) -> torch.Tensor:
+        """`norm_of`, `reduce`: as for Attention.forward."""
+        act = self.w13.swiglu(x) if norm_of is None else self.w13.swiglu(x, norm_of, eps)
+        out = self.w2(act)
+        return all_reduce(out, self.parallel) if reduce else out
 
 
 class TransformerBlock(nn.Module):
@@ -175,20 +182,40 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(config.dim, local.hidden_dim, parallel)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
-                mask: torch.Tensor | None, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None, key_len: int,
+                next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after attention, and the feed-forward's output, for input x + delta.
 
         The last residual add (of the feed-forward's output) is left to the next block (or the final norm), so
         that under torch.compile it shares a kernel with the norm that reads it even when each block is its own
-        compiled region (quick compile): one kernel a layer fewer in decode."""
+        compiled region (quick compile): one kernel a layer fewer in decode.
+
+        With `next_norm` (Transformer.rows_fused): x is the residual stream, delta is x * attention_norm's weight,
+        and the result is the stream after this block and it times next_norm (the next block's attention_norm
+        weight, or the final norm's)."""
+        if next_norm is not None:
+            return self._rows_fused(x, delta, rope, slots, mask, key_len, next_norm)
         x, normed = self.attention_norm.add_and_norm(x, delta)
         h, normed = self.ffn_norm.add_and_norm(x, self.attention(materialize(normed), rope, slots, mask, key_len))
         return h, self.feed_forward(materialize(normed))
 
 
+    def _rows_fused(self, h: torch.Tensor, weighted: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
+                    mask: torch.Tensor | None, key_len: int,
+                    next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each norm inside the product that reads it, each residual add inside the all-reduce before it."""
+        partial = self.attention(weighted, rope, slots, mask, key_len, norm_of=h, eps=self.attention_norm.eps,
+                                 reduce=False)
+        parallel = self.attention.parallel
+        h, weighted = all_reduce_residual(partial, h, self.ffn_norm.weight, parallel)
+        partial = self.feed_forward(weighted, norm_of=h, eps=self.ffn_norm.eps, reduce=False)
+        return all_reduce_residual(partial, h, next_norm, parallel)
+
+
 def run_block(layer: TransformerBlock, h: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor,
-              slots: torch.Tensor, mask: torch.Tensor | None, key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer(h, delta, rope, slots, mask, key_len)
+              slots: torch.Tensor, mask: torch.Tensor | None, key_len: int,
+              next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer(h, delta, rope, slots, mask, key_len, next_norm)
 
 
 # The same call marked as one region that torch.compile traces and compiles once for all layers (they share code
@@ -221,6 +248,18 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
+
+    def rows_fused(self, h: torch.Tensor) -> bool:
+        """Whether this forward pass runs each RMSNorm inside the product that reads it (its programs compute the
+        norm's scale from the residual stream; gemv.linear_row's norm_of) and each residual add inside the
+        all-reduce before it (parallel.all_reduce_residual): two kernels a layer fewer. For one row (batch-1
+        decode) under tensor parallelism, where the bf16 GEMV kernel carries the products, in dense models;
+        MISTRAL_CHAT_NORM_IN_PRODUCTS=0 turns it off, to compare."""
+        wqkv = self.layers[0].attention.wqkv
+        return (self.parallel.enabled and h.numel() == h.shape[-1] and isinstance(wqkv, Linear)
+                and isinstance(self.output, Linear) and not self.config.is_moe
+                and use_kernel(h, wqkv.weight, wqkv.row_kernel)
+                and os.environ.get("MISTRAL_CHAT_NORM_IN_PRODUCTS", "1") != "0")
 
     @property
     def cache_capacity(self) -> int:
@@ -270,6 +309,12 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
             embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
         block = run_block_once if block_regions else run_block
+        if self.rows_fused(h):
+            norms = [layer.attention_norm.weight for layer in self.layers] + [self.norm.weight]
+            weighted = h * norms[0]
+            for layer, window, next_norm in zip(self.layers, windows, norms[1:]):
+                h, weighted = block(layer, h, weighted, rope, slots, masks[window], key_len, next_norm)
+            return self.parallel.gather_vocab(self.output.normed(weighted, h, self.norm.eps).float())
         delta = torch.zeros_like(h)
         for layer, window in zip(self.layers, windows):
             h, delta = block(layer, h, delta, rope, slots, masks[window], key_len)

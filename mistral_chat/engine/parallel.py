@@ -102,6 +102,18 @@ def all_reduce(x: torch.Tensor, parallel: Parallel) -> torch.Tensor:
     return x
 
 
+def all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + the sum of x across ranks, and that times `weight` (the next RMSNorm's weight, for a product that
+    computes the norm's scale itself: gemv.linear_row's norm_of): in the Lamport kernel's last step where it
+    carries the all-reduce (no kernel of their own), else as plain ops after the all-reduce."""
+    group_name = _fast_group(x, parallel)
+    if group_name is not None:
+        return torch.ops.mistral_chat.fast_all_reduce_residual(x, residual, weight, group_name)
+    h = residual + all_reduce(x, parallel)
+    return h, h * weight
+
+
 def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
     """The group's name when `x` may take the symmetric-memory path: a buffer of its dtype holds it, and its size
     is fixed (decode; prefill compiled for any prompt length goes through NCCL)."""
@@ -130,6 +142,28 @@ def fast_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     out = x.new_empty(x.shape)
     _one_shot(buffer, x, group_name, out)
     return out
+
+
+@torch.library.custom_op("mistral_chat::fast_all_reduce_residual", mutates_args=())
+def fast_all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fast_all_reduce`, then residual + the sum and that times weight (see `all_reduce_residual`): inside the
+    Lamport kernel, or after torch's."""
+    if _fast_kernel is None:
+        h = residual + fast_all_reduce(x, group_name)
+        return h, h * weight
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    h, weighted = x.new_empty(x.shape), x.new_empty(x.shape)
+    _fast_kernel(x, h, residual.contiguous(), weight.expand(x.shape).contiguous(), weighted)
+    return h, weighted
+
+
+@fast_all_reduce_residual.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 def _one_shot(buffer: torch.Tensor, x: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
