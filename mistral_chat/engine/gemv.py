@@ -53,15 +53,6 @@ if triton is not None:
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own."""
-        if NORM:  # h is 8 KB for Mistral-7B, read from L2 by every program
-            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                h = tl.load(norm_ptr + k0 + tl.arange(0, BLOCK_K), mask=k0 + tl.arange(0, BLOCK_K) < K,
-                            other=0.0).to(tl.float32)
-                squares += h * h
-            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        else:
-            scale = 1.0
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
@@ -69,6 +60,14 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
+        if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = tl.load(norm_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                squares += h * h
+            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        else:
+            scale = 1.0
         acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads at the end
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
