@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tiny_models import checks_env
+from tiny_models import checks_env, compile_for_hopper
 
 pytest.importorskip("triton")
 
@@ -106,22 +106,12 @@ def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
 
 def test_rope_and_cache_compiles_for_hopper():
     """Decode's RoPE-and-cache kernel compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    pytest.importorskip("triton")
     from mistral_chat.engine import fused
 
     names = ["qkv_ptr", "rope_ptr", "slots_ptr", "q_ptr", "k_ptr", "v_ptr", "t", "n_q", "n_kv", "stride_row",
              "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
     types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16"] + ["i32"] * 10
-    signature = dict(zip(names, types)) | {"HALF": "constexpr", "HEADS": "constexpr"}
-    source = ASTSource(fn=fused._rope_and_cache_kernel, signature=signature,
-                       constexprs={"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS})
-    try:
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except RuntimeError as e:
-        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-            pytest.skip(f"no ptxas here: {e}")
-        raise
+    kernel = compile_for_hopper(fused._rope_and_cache_kernel, dict(zip(names, types)),
+                                {"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS})
     assert kernel.asm["cubin"]

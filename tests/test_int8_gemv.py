@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tiny_models import checks_env
+from tiny_models import checks_env, compile_for_hopper
 
 pytest.importorskip("triton")
 
@@ -75,22 +75,11 @@ def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
 def test_the_gpu_path_compiles_for_hopper():
     """The kernel's GPU path (inline PTX: one PRMT per weight, x read as 64-bit words) cannot run on the CPU; this
     compiles it for an H100 (sm_90) with Triton's own ptxas, as the GPU would, for the shapes decode tunes over."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mistral_chat.engine import int8_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
-                 "WORDS": "i32", "stride_wn": "i32", "UP": "i32", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr",
-                 "BYTE_PERMUTE": "constexpr", "PARTS": "constexpr"}
+                 "WORDS": "i32", "stride_wn": "i32", "UP": "i32"}
     for block_n, block_w, parts in ((4, 512, 1), (16, 128, 1), (8, 256, 2)):  # parts=2: SwiGLU's last step
-        source = ASTSource(fn=int8_gemv._int8_gemv_kernel.fn, signature=signature,
-                           constexprs={"BLOCK_N": block_n, "BLOCK_W": block_w, "BYTE_PERMUTE": True, "PARTS": parts})
-        try:
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        except RuntimeError as e:
-            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-                pytest.skip(f"no ptxas here: {e}")
-            raise
+        kernel = compile_for_hopper(int8_gemv._int8_gemv_kernel.fn, signature, {
+            "BLOCK_N": block_n, "BLOCK_W": block_w, "BYTE_PERMUTE": True, "PARTS": parts})
         assert "prmt.b32" in kernel.asm["ptx"] and kernel.asm["cubin"]

@@ -232,3 +232,22 @@ def checks_env(**extra: str) -> dict[str, str]:
 
     here = str(Path(__file__).resolve().parent)
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])), **extra)
+
+
+def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict, num_warps: int = 4):
+    """A Triton kernel (a JITFunction) compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would
+    compile it: checks what the CPU's interpreter cannot run (inline PTX, GPU-only loads). Skips the test where
+    Triton or its ptxas is missing."""
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=kernel, signature=signature | dict.fromkeys(constexprs, "constexpr"), constexprs=constexprs)
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas here: {e}")
+        raise
