@@ -199,7 +199,6 @@ class TransformerBlock(nn.Module):
         h, normed = self.ffn_norm.add_and_norm(x, self.attention(materialize(normed), rope, slots, mask, key_len))
         return h, self.feed_forward(materialize(normed))
 
-
     def _rows_fused(self, h: torch.Tensor, weighted: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
                     mask: torch.Tensor | None, key_len: int,
                     next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
