@@ -157,8 +157,9 @@ ROPE_CACHE_HEADS = 8  # heads per program of rope_and_cache
 
 
 # Declared as not mutating its arguments, though it writes the caches: torch.compile (2.13) fails on custom ops
-# that mutate arguments inside a nested compile region (a transformer block under quick compile). Attention takes
-# the q it returns, so it always runs after the writes; nothing else reads the caches in between.
+# that mutate arguments inside a nested compile region (a transformer block under quick compile). So compiled
+# code calls it only where the caches' one reader is the decode attention kernel, which takes the q it returns
+# and so runs after the writes (model.Attention.forward); eager code runs in program order.
 @torch.library.custom_op("mistral_chat::rope_and_cache", mutates_args=())
 def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, n_q: int) -> torch.Tensor:

@@ -125,7 +125,10 @@ class Attention(nn.Module):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
         assert self.cache is not None, "call Transformer.setup_cache first"
-        if fused.rope_and_cache_fits(qkv, self.head_dim):  # RoPE and the cache writes in one kernel
+        # RoPE and the cache writes in one kernel. Compiled, only where the decode attention kernel, which takes the
+        # q it returns, is the caches' one reader (the op does not declare its writes: see fused.rope_and_cache)
+        decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and use_attention_kernel(qkv)
+        if fused.rope_and_cache_fits(qkv, self.head_dim) and (decode_kernel or not torch.compiler.is_compiling()):
             q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
             keys, values = self.cache.k, self.cache.v
             if mask is None:  # a first chunk: its keys and values are the cache's first t slots
