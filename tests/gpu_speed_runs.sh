@@ -4,8 +4,8 @@
 #     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
 # Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention pdl profile
-# profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 prefill
-# prefill-2048.
+# profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16
+# mixtral-16-vs-hf prefill prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
 # that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
 # same GPU: default compiled decode against MISTRAL_CHAT_ATTENTION_KERNEL=0 (grouped_attention's products instead
@@ -71,6 +71,8 @@ for step in "${steps[@]}"; do
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
         mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
+        mixtral-16-vs-hf) log mixtral-16-vs-hf 330 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 \
+            --batch 1 --prefill 2048 --steps 32 --vs-hf ;;
         prefill-2048) log prefill-2048 150 "${eager[@]}" --prefill 2048 ;;
         prefill) log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048
             log prefill-unfused 150 env MISTRAL_CHAT_FUSED_KERNELS=0 "${eager[@]}" --prefill 16,512,2048
