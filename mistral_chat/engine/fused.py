@@ -168,11 +168,9 @@ def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, 
     the k heads (rotated) and v heads are written into k_cache and v_cache ([B, n_kv, S, D]) at slots ([T]).
     As apply_rope then LayerKVCache.update compute it, where inductor made three kernels of it in decode and eager
     prefill ran four (RoPE of q and of k, and a copy each into the caches)."""
-    b, t, width = qkv.shape
+    b, t, _ = qkv.shape
     n_kv, d = k_cache.shape[1], k_cache.shape[-1]
-    rows = qkv.reshape(b * t, width)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(qkv)
     q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
     grid = (b * t, triton.cdiv(n_q + 2 * n_kv, ROPE_CACHE_HEADS))
     _rope_and_cache_kernel[grid](rows, table.contiguous(), slots, q, k_cache, v_cache, t, n_q, n_kv, rows.stride(0),

@@ -133,9 +133,12 @@ class Linear(nn.Linear):
     row_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and use_kernel(x, self.weight, self.row_kernel):
+        if self._kernel_takes(x):
             return linear_row(x, self.weight)
         return F.linear(x, self.weight, self.bias)
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        return self.bias is None and use_kernel(x, self.weight, self.row_kernel)
 
     def swiglu(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
         """SiLU(gate) * up for this gate/up projection ([w1; w3]) of x: in the kernel's last step where a single
@@ -143,7 +146,7 @@ class Linear(nn.Linear):
         (stored apart under torch.compile, see materialize.py). `norm_of`: as in `normed` (kernel only)."""
         if norm_of is not None:
             return linear_row(x, self.weight, swiglu=True, norm_of=norm_of, eps=eps)
-        if self.bias is None and use_kernel(x, self.weight, self.row_kernel):
+        if self._kernel_takes(x):
             return linear_row(x, self.weight, swiglu=True)
         return materialize(fused.silu_and_mul(self(x)))
 

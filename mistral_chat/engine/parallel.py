@@ -136,9 +136,7 @@ def fast_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """
     buffer = _fast_buffer
     assert buffer is not None, "enable_fast_all_reduce first"
-    x = x.contiguous()
-    if x.data_ptr() % 16:  # the kernel wants the input aligned like the buffer
-        x = x.clone()
+    x = _aligned(x)
     out = x.new_empty(x.shape)
     _one_shot(buffer, x, group_name, out)
     return out
@@ -152,9 +150,7 @@ def fast_all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: to
     if _fast_kernel is None:
         h = residual + fast_all_reduce(x, group_name)
         return h, h * weight
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    x = _aligned(x)
     h, weighted = x.new_empty(x.shape), x.new_empty(x.shape)
     _fast_kernel(x, h, residual.contiguous(), weight.expand(x.shape).contiguous(), weighted)
     return h, weighted
@@ -174,6 +170,12 @@ def _one_shot(buffer: torch.Tensor, x: torch.Tensor, group_name: str, out: torch
         return
     torch.ops.symm_mem.one_shot_all_reduce_copy_out(buffer.narrow(0, 0, x.numel()).view(x.shape), x, "sum",
                                                     group_name, out)
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous and 16-byte aligned, as the kernels want their input (like the buffer)."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
 
 
 @fast_all_reduce.register_fake

@@ -36,14 +36,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):  # one row: the kernel
+        if self._kernel_takes(x):
             return int8_gemv.int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """One activation row, a weight the kernel takes, and the kernel able to run."""
+        return x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up for this gate/up projection of x: in the kernel's last step for a single row (as
         gemv.Linear.swiglu), else the product, then the activation."""
-        if x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x):
+        if self._kernel_takes(x):
             return int8_gemv.int8_linear(x, self.weight, self.scale, swiglu=True)
         return materialize(fused.silu_and_mul(self(x)))
 
