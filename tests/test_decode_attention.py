@@ -98,7 +98,8 @@ def test_decode_attention_matches_grouped_attention():
 
 
 def test_the_kernel_compiles_for_hopper():
-    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: split into ranges and not."""
+    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: split into ranges and not (with
+    programmatic dependent launch's wait, fused.pdl), and the ranges' combine."""
     triton = pytest.importorskip("triton")
     tl = triton.language
     from mistral_chat.engine import decode_attention
@@ -110,5 +111,10 @@ def test_the_kernel_compiles_for_hopper():
     signature = dict(zip(names, types)) | dict.fromkeys(ints, "i32") | {"scale": "fp32"}
     constexprs = {"BLOCK_M": 16, "BLOCK_S": 64, "BLOCK_D": 128, "DOT": tl.bfloat16, "PRECISION": "tf32"}
     for direct in (False, True):
-        kernel = compile_for_hopper(decode_attention._attention_kernel, signature, constexprs | {"DIRECT": direct})
-        assert kernel.asm["cubin"]
+        kernel = compile_for_hopper(decode_attention._attention_kernel, signature,
+                                    constexprs | {"DIRECT": direct, "PDL": True})
+        assert "griddepcontrol.wait" in kernel.asm["ptx"]
+    combine = compile_for_hopper(decode_attention._combine_kernel,
+                                 {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32",
+                                  "D": "i32"}, {"BLOCK_SPLITS": 8, "BLOCK_D": 128, "PDL": True})
+    assert "griddepcontrol.launch_dependents" in combine.asm["ptx"]

@@ -105,13 +105,15 @@ def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
 
 
 def test_rope_and_cache_compiles_for_hopper():
-    """Decode's RoPE-and-cache kernel compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would."""
+    """Decode's RoPE-and-cache kernel compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would, with
+    programmatic dependent launch's wait (fused.pdl) and without."""
     pytest.importorskip("triton")
     from mistral_chat.engine import fused
 
     names = ["qkv_ptr", "rope_ptr", "slots_ptr", "q_ptr", "k_ptr", "v_ptr", "t", "n_q", "n_kv", "stride_row",
              "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
     types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16"] + ["i32"] * 10
-    kernel = compile_for_hopper(fused._rope_and_cache_kernel, dict(zip(names, types)),
-                                {"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS})
-    assert kernel.asm["cubin"]
+    for pdl in (True, False):
+        kernel = compile_for_hopper(fused._rope_and_cache_kernel, dict(zip(names, types)),
+                                    {"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS, "PDL": pdl})
+        assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl

@@ -99,3 +99,19 @@ def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):
     monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", "fast")
     with pytest.raises(MistralChatError, match="MISTRAL_CHAT_TP_ALL_REDUCE=fast"):
         all_reduce_choice(torch.bfloat16)
+
+
+def test_the_kernel_compiles_for_hopper():
+    """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would (volatile spins, pointers read from
+    memory), with programmatic dependent launch's wait (fused.pdl) before its first read."""
+    from tiny_models import compile_for_hopper
+
+    from mistral_chat.engine import lamport_all_reduce
+
+    signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "buffers_ptr": "*i64", "counters_ptr": "*i32", "n": "i32",
+                 "capacity": "i32", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}
+    for residual in (False, True):
+        kernel = compile_for_hopper(lamport_all_reduce._lamport_all_reduce_kernel, signature, {
+            "RANK": 1, "WORLD": 2, "BLOCK": lamport_all_reduce.BLOCK, "RESIDUAL": residual, "PDL": True})
+        ptx = kernel.asm["ptx"]
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

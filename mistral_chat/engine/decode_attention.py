@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, pdl, triton_runs
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only torch builds ship without Triton: the plain formula is used
     triton = None
+else:
+    from mistral_chat.engine.fused import start_next, wait_previous
 
 available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
 
@@ -49,11 +51,13 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_t, sm_s,
                           scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT).
 
         DOT: the dtype of tl.dot's operands, the inputs' own except under the interpreter, whose tl.dot multiplies
         bfloat16's raw bits as integers (Triton 3.9): there float32, of the same rounded values."""
+        start_next(PDL)
+        wait_previous(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hkv = bh // HEADS_KV, bh % HEADS_KV
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,8 +102,11 @@ if triton is not None:
             tl.store(lse_ptr + row * splits + split, m_i + tl.log2(l_i), mask=row_ok)  # -inf if nothing allowed
 
     @triton.jit
-    def _combine_kernel(part_ptr, lse_ptr, out_ptr, splits, D, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _combine_kernel(part_ptr, lse_ptr, out_ptr, splits, D, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr):
         """out[row] = the ranges' partial outputs weighted by their share exp2(lse) of the softmax's sum."""
+        start_next(PDL)
+        wait_previous(PDL)
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK_SPLITS)
         d = tl.arange(0, BLOCK_D)
@@ -142,10 +149,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
         *mask.stride(), d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
         DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, **pdl(q))
     if splits > 1:
         _combine_kernel[(b * h * t,)](part, lse, out, splits, d, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      BLOCK_D=block_d, num_warps=4)
+                                      BLOCK_D=block_d, num_warps=4, **pdl(q))
     return out
 
 

@@ -17,6 +17,7 @@ MISTRAL_CHAT_FUSED_KERNELS=0 (to compare).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,6 +38,22 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRETED)
 
 
+@functools.cache
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(x: torch.Tensor) -> dict:
+    """Launch options for a kernel on x's device that takes a `PDL` constexpr: programmatic dependent launch on
+    GPUs of compute capability 9.0 and later (H100, H200), unless MISTRAL_CHAT_PDL=0. Such a kernel may be started
+    while the kernel before it still runs: it calls `start_next` first (so the next kernel may start too) and
+    `wait_previous` before it reads anything an earlier kernel wrote (a product loads its first weights before).
+    Every kernel launched so must wait, so that each kernel's wait covers every kernel before it."""
+    on = (x.is_cuda and not INTERPRETED and os.environ.get("MISTRAL_CHAT_PDL", "1") != "0"
+          and _sm90_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels here should run for x (see the module's docstring)."""
     return (triton_runs(x) and not torch.compiler.is_compiling()
@@ -44,6 +61,19 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    @triton.jit
+    def start_next(PDL: tl.constexpr):
+        """PDL: let the next kernel's programs start (they load what no kernel writes, such as weights, then
+        wait in `wait_previous`); called first thing, so that they are ready when this kernel ends."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def wait_previous(PDL: tl.constexpr):
+        """PDL: wait until the previous kernel has finished and its writes show (and so every kernel before it)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, dim, stride_x, eps, delta_ptr, stride_delta, sum_ptr,
                          BLOCK: tl.constexpr, ADD: tl.constexpr):
@@ -79,9 +109,12 @@ if triton is not None:
 
     @triton.jit
     def _rope_and_cache_kernel(qkv_ptr, rope_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, t, n_q, n_kv, stride_row,
-                               sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, HALF: tl.constexpr, HEADS: tl.constexpr):
+                               sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, HALF: tl.constexpr, HEADS: tl.constexpr,
+                               PDL: tl.constexpr):
         """One token's row of fused q/k/v heads (q, then k, then v), HEADS of them per program: q and k heads
         rotated, q heads into q ([B, T, n_q, D]), k and v heads into the cache at the token's slot."""
+        start_next(PDL)
+        wait_previous(PDL)
         bt = tl.program_id(0)
         b, pos = bt // t, bt % t
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # head index in the row: q, k, then v
@@ -176,7 +209,7 @@ def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, 
     _rope_and_cache_kernel[grid](rows, table.contiguous(), slots, q, k_cache, v_cache, t, n_q, n_kv, rows.stride(0),
                                  k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                  v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                                 HALF=d // 2, HEADS=ROPE_CACHE_HEADS, num_warps=4)
+                                 HALF=d // 2, HEADS=ROPE_CACHE_HEADS, num_warps=4, **pdl(qkv))
     return q
 
 

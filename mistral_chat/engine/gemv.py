@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine import fused
-from mistral_chat.engine.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, pdl, triton_runs
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -35,6 +35,8 @@ except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
 
 
 if triton is not None:
+    from mistral_chat.engine.fused import start_next, wait_previous
+
     # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
                 for n, k, warps, s in ((4, 512, 4, 1), (8, 256, 4, 1), (2, 1024, 4, 1), (8, 512, 4, 1),
@@ -45,14 +47,18 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, prefetch_bytes,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr,
+                     PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
-        with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own."""
+        with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run, and the programs
+        holding the matrix's first prefetch_bytes ask L2 for the rest of their rows then too (see `linear_row`)."""
+        start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
@@ -60,6 +66,13 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
+        if PDL:
+            if tl.program_id(0).to(tl.int64) * BLOCK_N * PARTS * K * 2 < prefetch_bytes:
+                lines = tl.arange(0, BLOCK_K // 64) * 64  # 128-byte lines of bf16
+                for k0 in range(BLOCK_K, K, BLOCK_K):
+                    ok = row_ok & (k0 + lines[None, :] < K)
+                    _prefetch_l2(tl.where(ok, w_rows + k0 + lines[None, :], w_ptr))
+        wait_previous(PDL)
         if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -76,6 +89,12 @@ if triton is not None:
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
         _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
+
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte lines at ptrs (a hint: nothing is loaded into registers, nothing waits)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
@@ -106,8 +125,9 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, PARTS=parts,
-                       NORM=norm_of is not None)
+    prefetch = prefetch_bytes() if weight.element_size() == 2 else 0
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, prefetch,
+                       PARTS=parts, NORM=norm_of is not None, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
@@ -116,6 +136,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torc
       eps: float = 0.0) -> torch.Tensor:
     n = weight.shape[0] // (2 if swiglu else 1)
     return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def prefetch_bytes() -> int:
+    """How much of each matrix (its first rows) the kernel's programs ask L2 for before they wait for the previous
+    kernel (programmatic dependent launch only, fused.pdl): MISTRAL_CHAT_GEMV_PREFETCH_MB, default 0."""
+    return int(float(os.environ.get("MISTRAL_CHAT_GEMV_PREFETCH_MB", "0")) * (1 << 20))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:

@@ -33,16 +33,20 @@ def buffer_slots(world: int, capacity: int) -> int:
 
 
 if triton is not None:
+    from mistral_chat.engine.fused import pdl, start_next, wait_previous
+
     _EMPTY = tl.constexpr(EMPTY)  # a compiled kernel may read module globals only as constexprs
 
     @triton.jit
     def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity, residual_ptr,
                                    weight_ptr, weighted_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                   BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                                   BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         """Sum of x (bf16, n elements) over WORLD ranks into out. buffers_ptr: [WORLD] int64 addresses of every
         rank's int16 buffer (buffer_slots elements, all EMPTY at first); counters_ptr: this rank's int32
         generation per program, all 0 at first. RESIDUAL: out = residual + the sum (rounded as the eager add),
-        and weighted = out * weight (a norm's weight: see gemv.linear_row's norm_of)."""
+        and weighted = out * weight (a norm's weight: see gemv.linear_row's norm_of). PDL: see fused.pdl."""
+        start_next(PDL)
+        wait_previous(PDL)
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -98,5 +102,5 @@ class LamportAllReduce:
         _lamport_all_reduce_kernel[(triton.cdiv(n, self.block),)](
             x, out, self.addresses, self.counters, n, self.capacity, residual if add else x, weight if add else x,
             weighted if add else out, RANK=self.rank, WORLD=self.world, BLOCK=self.block, RESIDUAL=add,
-            num_warps=4)
+            num_warps=4, **pdl(x))
         return out
