@@ -117,3 +117,14 @@ def test_rope_and_cache_compiles_for_hopper():
         kernel = compile_for_hopper(fused._rope_and_cache_kernel, dict(zip(names, types)),
                                     {"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS, "PDL": pdl})
         assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl
+
+
+def test_programmatic_dependent_launch_only_on_gpus(monkeypatch):
+    """fused.pdl: off the GPU (the CPU, the interpreter) the kernels take PDL=False and no launch option, so they
+    neither wait nor let the next kernel start early (on sm_90+ GPUs they do, unless MISTRAL_CHAT_PDL=0)."""
+    import torch
+
+    from mistral_chat.engine import fused
+
+    monkeypatch.delenv("MISTRAL_CHAT_PDL", raising=False)
+    assert fused.pdl(torch.zeros(4)) == {"PDL": False}

@@ -45,19 +45,26 @@ if triton is not None:
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
+    def _whole_pairs(configs: list, named_args: dict, **kwargs) -> list:
+        """With ROPE, only configurations whose programs hold whole (even, odd) pairs of rows."""
+        return [c for c in configs if c.kwargs["BLOCK_N"] % 2 == 0] if kwargs.get("ROPE") else configs
+
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "ROPE"],
+                     prune_configs_by={"early_config_prune": _whole_pairs})
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, prefetch_bytes,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, rope_ptr, slots_ptr, k_ptr, v_ptr,
+                     q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr,
-                     PDL: tl.constexpr):
+                     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run, and the programs
-        holding the matrix's first prefetch_bytes ask L2 for the rest of their rows then too (see `linear_row`)."""
+        ROPE (PARTS=1, a q/k/v projection's fused rows): the results go where rope_and_cache would put them (see
+        `_store_rope`); out_ptr is q.
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
@@ -66,12 +73,6 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-        if PDL:
-            if tl.program_id(0).to(tl.int64) * BLOCK_N * PARTS * K * 2 < prefetch_bytes:
-                lines = tl.arange(0, BLOCK_K // 64) * 64  # 128-byte lines of bf16
-                for k0 in range(BLOCK_K, K, BLOCK_K):
-                    ok = row_ok & (k0 + lines[None, :] < K)
-                    _prefetch_l2(tl.where(ok, w_rows + k0 + lines[None, :], w_ptr))
         wait_previous(PDL)
         if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -88,13 +89,38 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
+        sums = tl.sum(acc, axis=1) * scale
+        if ROPE:
+            _store_rope(out_ptr, sums, rope_ptr, slots_ptr, k_ptr, v_ptr, q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
+                        BLOCK_N, HEAD_DIM)
+        else:
+            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte lines at ptrs (a hint: nothing is loaded into registers, nothing waits)."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+    def _store_rope(q_ptr, sums, rope_ptr, slots_ptr, k_ptr, v_ptr, q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """A q/k/v product's row sums (q heads' rows, then k's, then v's) stored as fused.rope_and_cache stores
+        them, rounded as it rounds: each (even, odd) pair of q and k rows rotated by the token's angles at
+        rope_ptr ([HEAD_DIM / 2, 2] float32), q rows to q_ptr, k and v rows into the caches ([n_kv, S, HEAD_DIM]
+        with strides sk_h, sk_s and sv_h, sv_s) at the slot at slots_ptr. BLOCK_N is even: whole pairs."""
+        dtype = q_ptr.dtype.element_ty
+        pairs = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # each pair's even row
+        x0, x1 = tl.split(tl.reshape(sums.to(dtype).to(tl.float32), (BLOCK_N // 2, 2)))
+        angle = rope_ptr + (pairs % HEAD_DIM) // 2 * 2
+        cos, sin = tl.load(angle), tl.load(angle + 1)
+        rotate = pairs < q_rows + kv_rows  # v rows are not rotated
+        y0 = tl.where(rotate, x0 * cos - x1 * sin, x0)
+        y1 = tl.where(rotate, x0 * sin + x1 * cos, x1)
+        units = tl.reshape(tl.join(pairs, pairs + 1), (BLOCK_N,))
+        out = tl.reshape(tl.join(y0, y1), (BLOCK_N,)).to(dtype)
+        tl.store(q_ptr + units, out, mask=units < q_rows)
+        slot = tl.load(slots_ptr)
+        k_row = units - q_rows
+        tl.store(k_ptr + k_row // HEAD_DIM * sk_h + slot * sk_s + k_row % HEAD_DIM, out,
+                 mask=(k_row >= 0) & (k_row < kv_rows))
+        v_row = k_row - kv_rows
+        tl.store(v_ptr + v_row // HEAD_DIM * sv_h + slot * sv_s + v_row % HEAD_DIM, out,
+                 mask=(v_row >= 0) & (v_row < kv_rows))
 
     @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
@@ -125,9 +151,9 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    prefetch = prefetch_bytes() if weight.element_size() == 2 else 0
-    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, prefetch,
-                       PARTS=parts, NORM=norm_of is not None, **pdl(x))
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps,
+                       *(out, out, out, out), *(0,) * 6, PARTS=parts, NORM=norm_of is not None, ROPE=False,
+                       HEAD_DIM=1, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
@@ -138,10 +164,34 @@ def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torc
     return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-def prefetch_bytes() -> int:
-    """How much of each matrix (its first rows) the kernel's programs ask L2 for before they wait for the previous
-    kernel (programmatic dependent launch only, fused.pdl): MISTRAL_CHAT_GEMV_PREFETCH_MB, default 0."""
-    return int(float(os.environ.get("MISTRAL_CHAT_GEMV_PREFETCH_MB", "0")) * (1 << 20))
+# Declared as not mutating its arguments, though it writes the caches, as fused.rope_and_cache (see there)
+@torch.library.custom_op("mistral_chat::linear_rope_cache", mutates_args=())
+def linear_rope_cache(x: torch.Tensor, weight: torch.Tensor, norm_of: torch.Tensor, eps: float, table: torch.Tensor,
+                      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
+    """fused.rope_and_cache(linear_row(x, weight, norm_of=norm_of, eps=eps), table, slots, k_cache, v_cache, n_q)
+    in one kernel, for one token (x [1, 1, K]) of one sequence: the q/k/v product's q rows rotated are returned
+    ([1, 1, n_q, D]), its k rows (rotated) and v rows are written into the caches ([1, n_kv, S, D]) at slots[0]."""
+    assert triton is not None, "linear_rope_cache needs Triton"
+    k, n = x.shape[-1], weight.shape[0]
+    n_kv, d = k_cache.shape[1], k_cache.shape[-1]
+    assert x.numel() == k and n == (n_q + 2 * n_kv) * d and d % 2 == 0
+    x_row = x.reshape(k).contiguous()
+    q = torch.empty(n_q * d, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _gemv_kernel[grid](x_row, weight, q, n, k, weight.stride(0), n, norm_of.reshape(k).contiguous(), eps,
+                       table.reshape(-1, d // 2, 2)[0].contiguous(), slots, k_cache, v_cache, n_q * d, n_kv * d,
+                       k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+                       PARTS=1, NORM=True, ROPE=True, HEAD_DIM=d, **pdl(x))
+    return q.view(1, 1, n_q, d)
+
+
+@linear_rope_cache.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, norm_of: torch.Tensor, eps: float, table: torch.Tensor,
+      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
+    return x.new_empty(1, 1, n_q, k_cache.shape[-1], dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
