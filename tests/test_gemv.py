@@ -38,21 +38,6 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
 
-# the q/k/v product with RoPE and the cache writes in its last step: as the product, then rope_and_cache, bit for bit
-from mistral_chat.engine.model import rope_tables
-for n_q, n_kv, d, k in ((4, 2, 16, 64), (3, 1, 8, 40)):  # the second: a matrix the kernel's blocks do not divide
-    w = torch.randn((n_q + 2 * n_kv) * d, k, generator=gen).to(torch.bfloat16)
-    h, g = torch.randn(k, generator=gen).to(torch.bfloat16), torch.rand(k, generator=gen).to(torch.bfloat16) + 0.5
-    x = (h * g).view(1, 1, k)
-    table, slots = rope_tables(d, 32, 10000.0, torch.device("cpu"))[[13]], torch.tensor([5])
-    cache = torch.randn(2, 1, n_kv, 8, d, generator=gen).to(torch.bfloat16)  # k and v
-    caches = [cache, cache.clone()]
-    want_q = fused.rope_and_cache(gemv.linear_row(x, w, norm_of=h, eps=1e-5), table, slots, caches[0][0],
-                                  caches[0][1], n_q)
-    got_q = gemv.linear_rope_cache(x, w, h, 1e-5, table, slots, caches[1][0], caches[1][1], n_q)
-    assert got_q.shape == (1, 1, n_q, d) and torch.equal(got_q, want_q)
-    assert torch.equal(caches[1], caches[0])  # the same k and v written at slot 5, nothing else touched
-
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)
 torch.manual_seed(0)
@@ -113,21 +98,19 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
 
 def test_the_kernel_compiles_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product, SwiGLU's (gate
-    and up rows in one tile, the activation in the last step), with the norm's scale computed first, and with
-    RoPE and the cache writes in the last step; with
-    programmatic dependent launch (fused.pdl), the first weights are loaded before the wait."""
+    and up rows in one tile, the activation in the last step) and with the norm's scale computed first; with
+    programmatic dependent launch (fused.pdl), the first weights are loaded, and the rest asked into L2, before
+    the wait."""
     from mistral_chat.engine import gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-                 "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "rope_ptr": "*fp32",
-                 "slots_ptr": "*i64", "k_ptr": "*bf16", "v_ptr": "*bf16", "q_rows": "i32", "kv_rows": "i32",
-                 "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32"}
-    for block_n, block_k, parts, norm, rope, pdl in ((4, 512, 1, False, False, True), (8, 256, 2, True, False, True),
-                                                     (1, 2048, 2, False, False, False), (4, 512, 1, True, True, True)):
+                 "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32"}
+    for block_n, block_k, parts, norm, pdl in ((4, 512, 1, False, True), (8, 256, 2, True, True),
+                                               (1, 2048, 2, False, False)):
         kernel = compile_for_hopper(gemv._gemv_kernel.fn, signature, {
-            "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm, "ROPE": rope,
-            "HEAD_DIM": 128 if rope else 1, "PDL": pdl})
+            "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm, "PDL": pdl, "PREFETCH": pdl})
         ptx = kernel.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
-        if pdl:  # a weight load is issued before the wait
+        if pdl:  # a weight load and the L2 prefetches are issued before the wait
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
+            assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")

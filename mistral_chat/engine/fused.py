@@ -13,6 +13,9 @@ before RMSNorm (alone or after the residual add) and RoPE, and `rope_and_cache_f
 custom op, so compiled decode calls it too). `available(x)`: CUDA with Triton (or the CPU under Triton's
 interpreter, TRITON_INTERPRET=1, which the tests use), not while torch.compile traces, and not with
 MISTRAL_CHAT_FUSED_KERNELS=0 (to compare).
+
+`pdl(x)`, `start_next` and `wait_previous`: programmatic dependent launch for the engine's kernels that run in
+decode (rope_and_cache, the GEMV and decode attention kernels, the Lamport all-reduce) on H100/H200 GPUs.
 """
 
 from __future__ import annotations

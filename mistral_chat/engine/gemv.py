@@ -11,8 +11,10 @@ matrices are halved (on 2 H200s Mistral-7B decoded at 2.97 ms/token with it, 3.0
 otherwise (on one H100 the whole model decoded at 5.51 ms/token with it, 5.40 without, though with it SwiGLU's
 activation costs no kernel of its own: inductor's own products read the whole matrices at ~96% of the copy
 bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
-the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. The tests run it on the CPU through
-Triton's interpreter (TRITON_INTERPRET=1).
+the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. On H100 and H200 GPUs the kernel's
+programs start while the kernel before it still runs (fused.pdl): they load their first weights and, for a small
+matrix, ask L2 for the rest of it (`prefetch_limit`), then wait. The tests run it on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -45,26 +47,19 @@ if triton is not None:
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
-    def _whole_pairs(configs: list, named_args: dict, **kwargs) -> list:
-        """With ROPE, only configurations whose programs hold whole (even, odd) pairs of rows."""
-        return [c for c in configs if c.kwargs["BLOCK_N"] % 2 == 0] if kwargs.get("ROPE") else configs
-
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "ROPE"],
-                     prune_configs_by={"early_config_prune": _whole_pairs})
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, rope_ptr, slots_ptr, k_ptr, v_ptr,
-                     q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr,
-                     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
-        ROPE (PARTS=1, a q/k/v projection's fused rows): the results go where rope_and_cache would put them (see
-        `_store_rope`); out_ptr is q.
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run; PREFETCH (2-byte
+        weights): then each program asks L2 for the rest of its rows too."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
@@ -73,6 +68,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
+        if PDL and PREFETCH:
+            lines = tl.arange(0, BLOCK_K // 64) * 64  # 128-byte lines of 2-byte weights
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                ok = row_ok & (k0 + lines[None, :] < K)
+                _prefetch_l2(tl.where(ok, w_rows + k0 + lines[None, :], w_ptr))
         wait_previous(PDL)
         if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -89,38 +89,13 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        sums = tl.sum(acc, axis=1) * scale
-        if ROPE:
-            _store_rope(out_ptr, sums, rope_ptr, slots_ptr, k_ptr, v_ptr, q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
-                        BLOCK_N, HEAD_DIM)
-        else:
-            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
+        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
 
     @triton.jit
-    def _store_rope(q_ptr, sums, rope_ptr, slots_ptr, k_ptr, v_ptr, q_rows, kv_rows, sk_h, sk_s, sv_h, sv_s,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """A q/k/v product's row sums (q heads' rows, then k's, then v's) stored as fused.rope_and_cache stores
-        them, rounded as it rounds: each (even, odd) pair of q and k rows rotated by the token's angles at
-        rope_ptr ([HEAD_DIM / 2, 2] float32), q rows to q_ptr, k and v rows into the caches ([n_kv, S, HEAD_DIM]
-        with strides sk_h, sk_s and sv_h, sv_s) at the slot at slots_ptr. BLOCK_N is even: whole pairs."""
-        dtype = q_ptr.dtype.element_ty
-        pairs = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # each pair's even row
-        x0, x1 = tl.split(tl.reshape(sums.to(dtype).to(tl.float32), (BLOCK_N // 2, 2)))
-        angle = rope_ptr + (pairs % HEAD_DIM) // 2 * 2
-        cos, sin = tl.load(angle), tl.load(angle + 1)
-        rotate = pairs < q_rows + kv_rows  # v rows are not rotated
-        y0 = tl.where(rotate, x0 * cos - x1 * sin, x0)
-        y1 = tl.where(rotate, x0 * sin + x1 * cos, x1)
-        units = tl.reshape(tl.join(pairs, pairs + 1), (BLOCK_N,))
-        out = tl.reshape(tl.join(y0, y1), (BLOCK_N,)).to(dtype)
-        tl.store(q_ptr + units, out, mask=units < q_rows)
-        slot = tl.load(slots_ptr)
-        k_row = units - q_rows
-        tl.store(k_ptr + k_row // HEAD_DIM * sk_h + slot * sk_s + k_row % HEAD_DIM, out,
-                 mask=(k_row >= 0) & (k_row < kv_rows))
-        v_row = k_row - kv_rows
-        tl.store(v_ptr + v_row // HEAD_DIM * sv_h + slot * sv_s + v_row % HEAD_DIM, out,
-                 mask=(v_row >= 0) & (v_row < kv_rows))
+    def _prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte lines at ptrs (a hint: nothing is loaded into registers, nothing waits)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
@@ -138,10 +113,12 @@ if triton is not None:
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
 def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-               eps: float = 0.0) -> torch.Tensor:
+               eps: float = 0.0, prefetch: bool = False) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
     gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2]); with `norm_of` (h, [K]), the sums
-    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight."""
+    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight.
+    `prefetch`: the programs that start before the previous kernel ends ask L2 for their rows (see
+    `prefetch_limit`)."""
     assert triton is not None, "linear_row needs Triton"
     k, n, parts = x.shape[-1], weight.shape[0], 2 if swiglu else 1
     x_row = x.reshape(k).contiguous()
@@ -151,47 +128,25 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
+    prefetch = prefetch and weight.element_size() == 2 and weight.numel() * 2 <= prefetch_limit()
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps,
-                       *(out, out, out, out), *(0,) * 6, PARTS=parts, NORM=norm_of is not None, ROPE=False,
-                       HEAD_DIM=1, **pdl(x))
+                       PARTS=parts, NORM=norm_of is not None, PREFETCH=prefetch, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
 @linear_row.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-      eps: float = 0.0) -> torch.Tensor:
+      eps: float = 0.0, prefetch: bool = False) -> torch.Tensor:
     n = weight.shape[0] // (2 if swiglu else 1)
     return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-# Declared as not mutating its arguments, though it writes the caches, as fused.rope_and_cache (see there)
-@torch.library.custom_op("mistral_chat::linear_rope_cache", mutates_args=())
-def linear_rope_cache(x: torch.Tensor, weight: torch.Tensor, norm_of: torch.Tensor, eps: float, table: torch.Tensor,
-                      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
-    """fused.rope_and_cache(linear_row(x, weight, norm_of=norm_of, eps=eps), table, slots, k_cache, v_cache, n_q)
-    in one kernel, for one token (x [1, 1, K]) of one sequence: the q/k/v product's q rows rotated are returned
-    ([1, 1, n_q, D]), its k rows (rotated) and v rows are written into the caches ([1, n_kv, S, D]) at slots[0]."""
-    assert triton is not None, "linear_rope_cache needs Triton"
-    k, n = x.shape[-1], weight.shape[0]
-    n_kv, d = k_cache.shape[1], k_cache.shape[-1]
-    assert x.numel() == k and n == (n_q + 2 * n_kv) * d and d % 2 == 0
-    x_row = x.reshape(k).contiguous()
-    q = torch.empty(n_q * d, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _gemv_kernel[grid](x_row, weight, q, n, k, weight.stride(0), n, norm_of.reshape(k).contiguous(), eps,
-                       table.reshape(-1, d // 2, 2)[0].contiguous(), slots, k_cache, v_cache, n_q * d, n_kv * d,
-                       k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-                       PARTS=1, NORM=True, ROPE=True, HEAD_DIM=d, **pdl(x))
-    return q.view(1, 1, n_q, d)
-
-
-@linear_rope_cache.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, norm_of: torch.Tensor, eps: float, table: torch.Tensor,
-      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
-    return x.new_empty(1, 1, n_q, k_cache.shape[-1], dtype=torch.promote_types(x.dtype, weight.dtype))
+def prefetch_limit() -> int:
+    """Bytes of the largest matrix a `Linear.prefetch` product asks into L2 while it waits for the kernel before it
+    (fused.pdl): MISTRAL_CHAT_GEMV_PREFETCH_MB, default 32 (Mistral-7B's q/k/v and attention output projections
+    halved under tensor parallelism at 2 GPUs are 25 and 17 MB; a larger matrix would not stay in the 50 MB L2 of
+    an H100 or H200 until read); 0 turns it off."""
+    return int(float(os.environ.get("MISTRAL_CHAT_GEMV_PREFETCH_MB", "32")) * (1 << 20))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
@@ -204,13 +159,16 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear (no bias) whose single-row products may run on the kernel (see `use_kernel`); `row_kernel`: its
-    default, which the model sets under tensor parallelism."""
+    default, which the model sets under tensor parallelism. `prefetch`: in the kernel, ask L2 for the weights
+    while the kernel before runs (the model sets it on the products that follow kernels that leave memory idle:
+    attention, the all-reduce)."""
 
     row_kernel = False
+    prefetch = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_takes(x):
-            return linear_row(x, self.weight)
+            return linear_row(x, self.weight, prefetch=self.prefetch)
         return F.linear(x, self.weight, self.bias)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
@@ -229,4 +187,4 @@ class Linear(nn.Linear):
     def normed(self, x: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
         """The product of RMSNorm(norm_of) given x = norm_of * the norm's weight, in the kernel (its programs
         compute the norm's scale themselves; see `Transformer.rows_fused`)."""
-        return linear_row(x, self.weight, norm_of=norm_of, eps=eps)
+        return linear_row(x, self.weight, norm_of=norm_of, eps=eps, prefetch=self.prefetch)

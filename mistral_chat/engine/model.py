@@ -18,7 +18,7 @@ from torch import nn
 from mistral_chat.engine import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.gemv import Linear, linear_rope_cache, use_kernel
+from mistral_chat.engine.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_residual, embed_vocab_slice
@@ -114,6 +114,7 @@ class Attention(nn.Module):
         qkv_rows = (local.n_heads + 2 * local.n_kv_heads) * config.head_dim
         self.wqkv = Linear(config.dim, qkv_rows, bias=False)
         self.wo = Linear(local.n_heads * config.head_dim, config.dim, bias=False)
+        self.wqkv.prefetch = self.wo.prefetch = True  # after the all-reduce and after attention (gemv.Linear)
         self.cache: LayerKVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
@@ -123,26 +124,17 @@ class Attention(nn.Module):
         (Transformer.rows_fused); `reduce=False`: this rank's partial sum, not yet all-reduced."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
         assert self.cache is not None, "call Transformer.setup_cache first"
         # RoPE and the cache writes in one kernel. Compiled, only where the decode attention kernel, which takes the
         # q it returns, is the caches' one reader (the op does not declare its writes: see fused.rope_and_cache)
-        decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and use_attention_kernel(x)
-        rope_kernel = (fused.rope_and_cache_fits(x, self.head_dim)
-                       and (decode_kernel or not torch.compiler.is_compiling()))
-        if rope_kernel:
-            if norm_of is not None and os.environ.get("MISTRAL_CHAT_ROPE_IN_PRODUCT", "1") != "0":
-                # in the q/k/v product's last step (one row: Transformer.rows_fused)
-                q = linear_rope_cache(x, self.wqkv.weight, norm_of, eps, rope, slots, self.cache.k, self.cache.v,
-                                      self.n_heads)
-            else:
-                qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
-                q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads)
-            q = q.transpose(1, 2)
+        decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and use_attention_kernel(qkv)
+        if fused.rope_and_cache_fits(qkv, self.head_dim) and (decode_kernel or not torch.compiler.is_compiling()):
+            q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
             keys, values = self.cache.k, self.cache.v
             if mask is None:  # a first chunk: its keys and values are the cache's first t slots
                 k, v = keys[:, :, :t], values[:, :, :t]
         else:
-            qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
             k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
