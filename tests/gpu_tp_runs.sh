@@ -21,8 +21,6 @@
 #               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~1.5 min
 #   7b-2-no-pdl  bench --tp 2 without programmatic dependent launch (MISTRAL_CHAT_PDL=0): ~1.5 min
 #   7b-1-no-pdl  bench --tp 1 without it: ~1.5 min
-#   7b-2-no-prefetch  bench --tp 2 without the GEMV kernel's programs asking L2 for small matrices' rows before
-#               they wait (MISTRAL_CHAT_GEMV_PREFETCH_MB=0): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
@@ -96,7 +94,6 @@ for step in "${steps[@]}"; do
         7b-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench 7b-2-unfused 200 "${m7[@]}" --tp 2 ;;
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
-        7b-2-no-prefetch) MISTRAL_CHAT_GEMV_PREFETCH_MB=0 bench 7b-2-no-prefetch 200 "${m7[@]}" --tp 2 ;;
         7b-int8) bench 7b-int8 120 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

@@ -12,9 +12,8 @@ otherwise (on one H100 the whole model decoded at 5.51 ms/token with it, 5.40 wi
 activation costs no kernel of its own: inductor's own products read the whole matrices at ~96% of the copy
 bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
 the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. On H100 and H200 GPUs the kernel's
-programs start while the kernel before it still runs (fused.pdl): they load their first weights and, for a small
-matrix, ask L2 for the rest of it (`prefetch_limit`), then wait. The tests run it on the CPU through Triton's
-interpreter (TRITON_INTERPRET=1).
+programs start while the kernel before it still runs (fused.pdl): they load their first weights, then wait. The
+tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -51,15 +50,14 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                     PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run; PREFETCH (2-byte
-        weights): then each program asks L2 for the rest of its rows too."""
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
@@ -68,11 +66,6 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-        if PDL and PREFETCH:
-            lines = tl.arange(0, BLOCK_K // 64) * 64  # 128-byte lines of 2-byte weights
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                ok = row_ok & (k0 + lines[None, :] < K)
-                _prefetch_l2(tl.where(ok, w_rows + k0 + lines[None, :], w_ptr))
         wait_previous(PDL)
         if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -92,12 +85,6 @@ if triton is not None:
         _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte lines at ptrs (a hint: nothing is loaded into registers, nothing waits)."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
         """Store a program's row sums (PARTS=2: gate and up interleaved, stored as SiLU(gate) * up; each rounded
         to out's dtype first, as the product and then SiLU round in the plain formula). Shared with int8_gemv."""
@@ -113,12 +100,10 @@ if triton is not None:
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
 def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-               eps: float = 0.0, prefetch: bool = False) -> torch.Tensor:
+               eps: float = 0.0) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
     gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2]); with `norm_of` (h, [K]), the sums
-    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight.
-    `prefetch`: the programs that start before the previous kernel ends ask L2 for their rows (see
-    `prefetch_limit`)."""
+    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight."""
     assert triton is not None, "linear_row needs Triton"
     k, n, parts = x.shape[-1], weight.shape[0], 2 if swiglu else 1
     x_row = x.reshape(k).contiguous()
@@ -128,25 +113,16 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    prefetch = prefetch and weight.element_size() == 2 and weight.numel() * 2 <= prefetch_limit()
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps,
-                       PARTS=parts, NORM=norm_of is not None, PREFETCH=prefetch, **pdl(x))
+                       PARTS=parts, NORM=norm_of is not None, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
 @linear_row.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-      eps: float = 0.0, prefetch: bool = False) -> torch.Tensor:
+      eps: float = 0.0) -> torch.Tensor:
     n = weight.shape[0] // (2 if swiglu else 1)
     return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
-
-
-def prefetch_limit() -> int:
-    """Bytes of the largest matrix a `Linear.prefetch` product asks into L2 while it waits for the kernel before it
-    (fused.pdl): MISTRAL_CHAT_GEMV_PREFETCH_MB, default 32 (Mistral-7B's q/k/v and attention output projections
-    halved under tensor parallelism at 2 GPUs are 25 and 17 MB; a larger matrix would not stay in the 50 MB L2 of
-    an H100 or H200 until read); 0 turns it off."""
-    return int(float(os.environ.get("MISTRAL_CHAT_GEMV_PREFETCH_MB", "32")) * (1 << 20))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
@@ -159,16 +135,13 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear (no bias) whose single-row products may run on the kernel (see `use_kernel`); `row_kernel`: its
-    default, which the model sets under tensor parallelism. `prefetch`: in the kernel, ask L2 for the weights
-    while the kernel before runs (the model sets it on the products that follow kernels that leave memory idle:
-    attention, the all-reduce)."""
+    default, which the model sets under tensor parallelism."""
 
     row_kernel = False
-    prefetch = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_takes(x):
-            return linear_row(x, self.weight, prefetch=self.prefetch)
+            return linear_row(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
@@ -187,4 +160,4 @@ class Linear(nn.Linear):
     def normed(self, x: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
         """The product of RMSNorm(norm_of) given x = norm_of * the norm's weight, in the kernel (its programs
         compute the norm's scale themselves; see `Transformer.rows_fused`)."""
-        return linear_row(x, self.weight, norm_of=norm_of, eps=eps, prefetch=self.prefetch)
+        return linear_row(x, self.weight, norm_of=norm_of, eps=eps)

@@ -114,7 +114,6 @@ class Attention(nn.Module):
         qkv_rows = (local.n_heads + 2 * local.n_kv_heads) * config.head_dim
         self.wqkv = Linear(config.dim, qkv_rows, bias=False)
         self.wo = Linear(local.n_heads * config.head_dim, config.dim, bias=False)
-        self.wqkv.prefetch = self.wo.prefetch = True  # after the all-reduce and after attention (gemv.Linear)
         self.cache: LayerKVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
