@@ -21,6 +21,8 @@
 #               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~1.5 min
 #   7b-2-no-pdl  bench --tp 2 without programmatic dependent launch (MISTRAL_CHAT_PDL=0): ~1.5 min
 #   7b-1-no-pdl  bench --tp 1 without it: ~1.5 min
+#   7b-2-send   bench --tp 2 with wo and w2 pushing their outputs straight into the Lamport all-reduce's buffers
+#               (MISTRAL_CHAT_SEND_IN_PRODUCTS=1, off by default until measured): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
@@ -94,6 +96,7 @@ for step in "${steps[@]}"; do
         7b-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench 7b-2-unfused 200 "${m7[@]}" --tp 2 ;;
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
+        7b-2-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=1 bench 7b-2-send 200 "${m7[@]}" --tp 2 ;;
         7b-int8) bench 7b-int8 300 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

@@ -2,12 +2,16 @@
 interpreter, in 2 and 3 processes whose buffers are shared memory (on GPUs they are symmetric memory reached over
 NVLink). Through tensor parallelism's own route (`parallel.all_reduce` and its custom op), eager and under
 torch.compile, every rank gets the sum of every rank's input, the same bits on each, over many calls of mixed
-sizes (the buffer generations rotate and are cleared as they go). (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
+sizes (the buffer generations rotate and are cleared as they go), also where the GEMV kernel pushes a product's
+outputs into the buffers itself. (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -15,6 +19,7 @@ CAPACITY = 256  # elements per slot: small, so that the interpreter is quick
 BLOCK = 64
 SIZES = [100, 256, 7, 64, 200, 3, 256, 256, 5, 130, 64, 1]
 RESIDUAL_SIZES = [100, 256]  # then calls that add the residual and weigh by a norm's weight
+SEND_SHAPES = [(200, 48), (64, 40)]  # then products (rows, columns) that push their outputs into the buffers
 
 
 def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
@@ -53,7 +58,29 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         want = h.float() * weight.to(torch.bfloat16).float()
         worst = max(worst, float(((weighted.float() - want).abs() / (want.abs().clamp(min=2 ** -126) * 2 ** -7)).max()))
         outs.append(h.tolist() + weighted.tolist())
-    results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist()))
+    # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1), against the
+    # product, then the all-reduce: the same bits
+    from mistral_chat.engine import gemv
+
+    same = True
+    for n, k in SEND_SHAPES:
+        weights = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
+        xs = [torch.randn(1, 1, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
+        residual = torch.randn(1, 1, n, generator=gen).to(torch.bfloat16)
+        weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16)
+        linear = gemv.Linear(k, n, bias=False)
+        linear.weight.data, linear.row_kernel = weights[rank], True
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
+        sent = parallel.linear_all_reduce_residual(xs[rank], linear, residual, weight, par)
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
+        plain = parallel.linear_all_reduce_residual(xs[rank], linear, residual, weight, par)
+        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
+        partials = [F.linear(xs[r].float(), weights[r].float()) for r in range(world)]
+        want = residual.float() + sum(partials)
+        scale = (residual.float().abs() + sum(p.abs() for p in partials)) * 2 ** -6  # three bf16 roundings
+        worst = max(worst, float(((sent[0].float() - want).abs() / scale).max()))
+        outs.append(sent[0].flatten().tolist())
+    results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -80,8 +107,10 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     assert all(p.exitcode == 0 for p in procs)
     assert max(g[1] for g in got) <= 1.0  # within one bf16 rounding of the float32 sum (two with a residual)
     assert all(g[2] == got[0][2] for g in got)  # the same bits on every rank
+    assert all(g[4] for g in got)  # products pushed into the buffers sum to the same bits as products then sent
     # each program's generation moved on once per call that used it, on every rank
-    calls_per_program = [sum(1 for n in SIZES + RESIDUAL_SIZES if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
+    sizes = SIZES + RESIDUAL_SIZES + [n for n, _ in SEND_SHAPES for _ in range(2)]
+    calls_per_program = [sum(1 for n in sizes if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
 
 
@@ -103,15 +132,17 @@ def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):
 
 def test_the_kernel_compiles_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would (volatile spins, pointers read from
-    memory), with programmatic dependent launch's wait (fused.pdl) before its first read."""
+    memory), with programmatic dependent launch's wait (fused.pdl) before its first read; also the variant that
+    only sums what the products pushed (SENT)."""
     from tiny_models import compile_for_hopper
 
     from mistral_chat.engine import lamport_all_reduce
 
     signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "buffers_ptr": "*i64", "counters_ptr": "*i32", "n": "i32",
                  "capacity": "i32", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}
-    for residual in (False, True):
+    for residual, sent in ((False, False), (True, False), (True, True)):
         kernel = compile_for_hopper(lamport_all_reduce._lamport_all_reduce_kernel, signature, {
-            "RANK": 1, "WORLD": 2, "BLOCK": lamport_all_reduce.BLOCK, "RESIDUAL": residual, "PDL": True})
+            "RANK": 1, "WORLD": 2, "BLOCK": lamport_all_reduce.BLOCK, "RESIDUAL": residual, "SENT": sent,
+            "PDL": True})
         ptx = kernel.asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

@@ -28,7 +28,7 @@ mode = sys.argv[6]
 dtype = "bfloat16" if mode == "lamport" else "float32"
 model = load_model(path, device="cpu", dtype=dtype, parallel=Parallel(rank=rank, world=2)).model
 fast_calls = []
-if mode in ("fast", "fused"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+if mode in ("fast", "fused", "fused-send"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
     def one_shot(buffer, x, group_name, out):
         fast_calls.append(x.numel())
         out.copy_(x)
@@ -77,21 +77,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quick, all_reduce",
-                         [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport"), ("1", "fused")])
+@pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport"),
+                                               ("1", "fused"), ("1", "fused-send")])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
     """"lamport": a bf16 model whose all-reduces run in the Lamport kernel (Triton's interpreter, buffers in
     files both ranks map), against the single-process bf16 engine. "fused": the GEMV kernel (Triton's
     interpreter) with each norm inside the product that reads it and each residual add after the all-reduce
-    (Transformer.rows_fused), over the symmetric-memory route."""
+    (Transformer.rows_fused), over the symmetric-memory route; "fused-send": the same through the op that lets
+    `wo` and `w2` push their outputs into the Lamport kernel's buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; with
+    gloo standing in for the Lamport kernel it multiplies, then all-reduces; the push itself:
+    tests/test_lamport_all_reduce.py)."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 6 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
     dtype = torch.float32
-    if all_reduce == "fused":
+    if all_reduce in ("fused", "fused-send"):
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1" if all_reduce == "fused-send" else "0")
     if all_reduce == "lamport":
         pytest.importorskip("triton")
         from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
@@ -104,7 +108,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
         for r in range(2):  # every slot "empty" at first
             torch.full((buffer_slots(2, 8 * 64),), EMPTY, dtype=torch.int16).numpy().tofile(f"{out}.buffer{r}")
     # "fused" decodes fewer tokens: the interpreter's products over the 32000-row vocabulary are slow
-    steps = 6 if all_reduce == "fused" else 24
+    steps = 6 if all_reduce.startswith("fused") else 24
     args = [str(port), str(path), str(out), ",".join(map(str, ids)), all_reduce, str(steps)]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
@@ -124,8 +128,8 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
             logits_seen.append(logits)
     got = torch.load(out)
     assert got["tokens"] == tokens
-    assert got["rows_fused"] == (all_reduce == "fused")
-    if all_reduce in ("fast", "lamport", "fused"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
+    assert got["rows_fused"] == all_reduce.startswith("fused")
+    if all_reduce in ("fast", "lamport", "fused", "fused-send"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
         layers = len(model.layers)
         assert got["fast_calls"].count(model.config.dim) >= steps * (1 + 2 * layers), got["fast_calls"]
     else:

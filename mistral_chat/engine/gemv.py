@@ -37,6 +37,7 @@ except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
+    from mistral_chat.engine.lamport_all_reduce import push
 
     # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
@@ -48,15 +49,19 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr,
-                     PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
+                     capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
+                     NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                     SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
         program multiplying both rows of its outputs, rounded as the plain formula rounds.
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]), which each program computes first:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
+        SEND (PARTS=1, bf16): instead of storing out, each program pushes its outputs into every rank's Lamport
+        all-reduce buffer (buffers_ptr, counters_ptr, capacity, RANK, WORLD, SEND_BLOCK: those of a
+        LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`.
         PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
@@ -82,7 +87,13 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
+        sums = tl.sum(acc, axis=1) * scale
+        if SEND:
+            units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
+            push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
+        else:
+            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
     @triton.jit
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
@@ -113,9 +124,33 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps,
-                       PARTS=parts, NORM=norm_of is not None, **pdl(x))
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
+                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
+
+
+def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
+    """x ([..., K], one row, bf16) times weight ([N, K], bf16, rows contiguous) transposed, its outputs pushed
+    straight into every rank's buffer of `lamport` (a LamportAllReduce) instead of into a tensor, for
+    `lamport.receive` to sum: the all-reduce's kernel then neither reads this rank's input nor sends it, and each
+    program's outputs leave for the peers as soon as they are computed."""
+    assert triton is not None, "linear_row_to_peers needs Triton"
+    k, n = x.shape[-1], weight.shape[0]
+    assert x.dtype == weight.dtype == torch.bfloat16 and n <= lamport.capacity
+    x_row = x.reshape(k).contiguous()
+    # Not autotuned itself: trying configurations would push each one's outputs to the peers, which may read any
+    # of them. It takes the configuration tuned for the plain product of the same shape (run once, first).
+    config = _send_configs.get((n, k, weight.stride(0)))
+    if config is None:
+        linear_row(x, weight)
+        config = _send_configs[(n, k, weight.stride(0))] = _gemv_kernel.best_config
+    _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
+        x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
+        lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
+        SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
+
+
+_send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's tuned triton.Config
 
 
 @linear_row.register_fake

@@ -38,24 +38,33 @@ if triton is not None:
     _EMPTY = tl.constexpr(EMPTY)  # a compiled kernel may read module globals only as constexprs
 
     @triton.jit
+    def push(values, offs, mask, gen, buffers_ptr, capacity, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """Write values (bf16) at offs into slot RANK of generation gen in every rank's buffer (buffers_ptr: their
+        addresses), -0.0 as +0.0. Also called from the GEMV kernel's last step (gemv.linear_row_to_peers)."""
+        bits = values.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        bits = tl.where(bits == _EMPTY, 0, bits)  # -0.0 would read as "not written yet": send +0.0
+        for p in tl.static_range(WORLD):
+            peer = tl.load(buffers_ptr + p).to(tl.pointer_type(tl.int16))
+            tl.store(peer + (gen * WORLD + RANK) * capacity + offs, bits, mask=mask)
+
+    @triton.jit
     def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity, residual_ptr,
                                    weight_ptr, weighted_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                   BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                                   BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, SENT: tl.constexpr,
+                                   PDL: tl.constexpr):
         """Sum of x (bf16, n elements) over WORLD ranks into out. buffers_ptr: [WORLD] int64 addresses of every
         rank's int16 buffer (buffer_slots elements, all EMPTY at first); counters_ptr: this rank's int32
         generation per program, all 0 at first. RESIDUAL: out = residual + the sum (rounded as the eager add),
-        and weighted = out * weight (a norm's weight: see gemv.linear_row's norm_of). PDL: see fused.pdl."""
+        and weighted = out * weight (a norm's weight: see gemv.linear_row's norm_of). SENT: every rank's input is
+        already in the buffers (`push`ed by the kernel that computed it); x is not read. PDL: see fused.pdl."""
         start_next(PDL)
         wait_previous(PDL)
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         gen = tl.load(counters_ptr + pid)
-        bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True)
-        bits = tl.where(bits == _EMPTY, 0, bits)  # -0.0 would read as "not written yet": send +0.0
-        for p in tl.static_range(WORLD):  # push this rank's slice into slot RANK of every rank's buffer
-            peer = tl.load(buffers_ptr + p).to(tl.pointer_type(tl.int16))
-            tl.store(peer + (gen * WORLD + RANK) * capacity + offs, bits, mask=mask)
+        if not SENT:  # this rank's slice into slot RANK of every rank's buffer
+            push(tl.load(x_ptr + offs, mask=mask, other=0.0), offs, mask, gen, buffers_ptr, capacity, RANK, WORLD)
         own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
         acc = tl.zeros([BLOCK], tl.float32)
         for p in tl.static_range(WORLD):  # rank order: every rank adds the same values in the same order
@@ -98,9 +107,20 @@ class LamportAllReduce:
         n = x.numel()
         assert x.dtype == torch.bfloat16 and x.is_contiguous() and n <= self.capacity
         out = torch.empty_like(x) if out is None else out
+        self._launch(x, n, out, residual, weight, weighted, sent=False)
+        return out
+
+    def receive(self, out: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                weighted: torch.Tensor) -> None:
+        """As `__call__` with `residual`, `weight` and `weighted`, for inputs that every rank has already
+        pushed into the buffers (gemv.linear_row_to_peers), out.numel() elements of them."""
+        assert out.dtype == torch.bfloat16 and out.numel() <= self.capacity
+        self._launch(out, out.numel(), out, residual, weight, weighted, sent=True)
+
+    def _launch(self, x: torch.Tensor, n: int, out: torch.Tensor, residual: torch.Tensor | None,
+                weight: torch.Tensor | None, weighted: torch.Tensor | None, sent: bool) -> None:
         add = residual is not None
         _lamport_all_reduce_kernel[(triton.cdiv(n, self.block),)](
             x, out, self.addresses, self.counters, n, self.capacity, residual if add else x, weight if add else x,
-            weighted if add else out, RANK=self.rank, WORLD=self.world, BLOCK=self.block, RESIDUAL=add,
+            weighted if add else out, RANK=self.rank, WORLD=self.world, BLOCK=self.block, RESIDUAL=add, SENT=sent,
             num_warps=4, **pdl(x))
-        return out

@@ -21,7 +21,7 @@ from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
-from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_residual, embed_vocab_slice
+from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice, linear_all_reduce_residual
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,13 @@ class Attention(nn.Module):
         self.cache: LayerKVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
-                key_len: int, norm_of: torch.Tensor | None = None, eps: float = 0.0,
-                reduce: bool = True) -> torch.Tensor:
-        """`norm_of`: x is norm_of * the norm's weight, and the q/k/v product computes the norm's scale itself
-        (Transformer.rows_fused); `reduce=False`: this rank's partial sum, not yet all-reduced."""
+                key_len: int) -> torch.Tensor:
+        return all_reduce(self.wo(self.attend(x, rope, slots, mask, key_len)), self.parallel)
+
+    def attend(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+               key_len: int, norm_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """The heads' outputs ([B, T, n_heads * head_dim]) before `wo`. `norm_of`: x is norm_of * the norm's
+        weight, and the q/k/v product computes the norm's scale itself (Transformer.rows_fused)."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x) if norm_of is None else self.wqkv.normed(x, norm_of, eps)
@@ -150,8 +153,7 @@ class Attention(nn.Module):
             keys = keys[:, :, :key_len].repeat_interleave(group, dim=1)
             values = values[:, :, :key_len].repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
-        out = self.wo(out.transpose(1, 2).reshape(b, t, q_size))
-        return all_reduce(out, self.parallel) if reduce else out
+        return out.transpose(1, 2).reshape(b, t, q_size)
 
 
 class FeedForward(nn.Module):
@@ -163,12 +165,8 @@ class FeedForward(nn.Module):
         self.w13 = Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0,
-                reduce: bool = True) -> torch.Tensor:
-        """`norm_of`, `reduce`: as for Attention.forward."""
-        act = self.w13.swiglu(x) if norm_of is None else self.w13.swiglu(x, norm_of, eps)
-        out = self.w2(act)
-        return all_reduce(out, self.parallel) if reduce else out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.w2(self.w13.swiglu(x)), self.parallel)
 
 
 class TransformerBlock(nn.Module):
@@ -206,12 +204,11 @@ class TransformerBlock(nn.Module):
                     mask: torch.Tensor | None, key_len: int,
                     next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each norm inside the product that reads it, each residual add inside the all-reduce before it."""
-        partial = self.attention(weighted, rope, slots, mask, key_len, norm_of=h, eps=self.attention_norm.eps,
-                                 reduce=False)
-        parallel = self.attention.parallel
-        h, weighted = all_reduce_residual(partial, h, self.ffn_norm.weight, parallel)
-        partial = self.feed_forward(weighted, norm_of=h, eps=self.ffn_norm.eps, reduce=False)
-        return all_reduce_residual(partial, h, next_norm, parallel)
+        attention, feed_forward = self.attention, self.feed_forward
+        heads = attention.attend(weighted, rope, slots, mask, key_len, norm_of=h, eps=self.attention_norm.eps)
+        h, weighted = linear_all_reduce_residual(heads, attention.wo, h, self.ffn_norm.weight, attention.parallel)
+        act = feed_forward.w13.swiglu(weighted, h, self.ffn_norm.eps)
+        return linear_all_reduce_residual(act, feed_forward.w2, h, next_norm, attention.parallel)
 
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor,

@@ -16,7 +16,8 @@ peer's buffer and the data is its own flag, no barrier; bf16 models), `torch` (t
 wait for every peer, sum, wait again), `nccl` (no symmetric memory), or `auto` (the default: lamport for bf16
 where Triton is installed, else torch's). On 4x H100, for 8 KB at 2 ranks inside CUDA graphs: Lamport 2.8 us,
 torch's 8.6 us, NCCL 21.0 us; a compiled Mistral-7B decode step at 2 ranks 3.60 ms with Lamport's, 4.03 with
-torch's (BENCHMARKS.md).
+torch's (BENCHMARKS.md). `linear_all_reduce_residual` can also let the product before an all-reduce push its
+outputs into the Lamport buffers itself (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; off until measured on GPUs).
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     return h, h * weight
 
 
+def linear_all_reduce_residual(x: torch.Tensor, linear: Any, residual: torch.Tensor, weight: torch.Tensor,
+                               parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """`all_reduce_residual(linear(x), residual, weight, parallel)` for a row-parallel projection `linear` (a
+    gemv.Linear) of one row. With MISTRAL_CHAT_SEND_IN_PRODUCTS=1, where the Lamport kernel carries the
+    all-reduces, the product's kernel pushes its outputs straight into the ranks' buffers and the all-reduce only
+    sums them (no kernel reads and sends this rank's part); otherwise the product, then the all-reduce."""
+    group_name = _fast_group(residual, parallel)
+    if (group_name is not None and os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS") == "1"
+            and linear.bias is None and linear.weight.stride(-1) == 1 and x.numel() == x.shape[-1]
+            and residual.numel() == linear.weight.shape[0]):
+        return torch.ops.mistral_chat.linear_all_reduce_residual(x, linear.weight, residual, weight, group_name)
+    return all_reduce_residual(linear(x), residual, weight, parallel)
+
+
 def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
     """The group's name when `x` may take the symmetric-memory path: a buffer of its dtype holds it, and its size
     is fixed (decode; prefill compiled for any prompt length goes through NCCL)."""
@@ -154,6 +169,28 @@ def fast_all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: to
     h, weighted = x.new_empty(x.shape), x.new_empty(x.shape)
     _fast_kernel(x, h, residual.contiguous(), weight.expand(x.shape).contiguous(), weighted)
     return h, weighted
+
+
+@torch.library.custom_op("mistral_chat::linear_all_reduce_residual", mutates_args=())
+def linear_all_reduce_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                                  norm_weight: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `linear_all_reduce_residual`: the GEMV kernel pushes x @ weight.T into the Lamport buffers, then the
+    Lamport kernel sums them, adds the residual and weighs by the norm's weight (the product, then
+    `fast_all_reduce_residual`, where torch's kernel carries the all-reduces)."""
+    from mistral_chat.engine import gemv
+
+    if _fast_kernel is None:
+        return fast_all_reduce_residual(gemv.linear_row(x, weight), residual, norm_weight, group_name)
+    gemv.linear_row_to_peers(x, weight, _fast_kernel)
+    h, weighted = residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+    _fast_kernel.receive(h, residual.contiguous(), norm_weight.expand(residual.shape).contiguous(), weighted)
+    return h, weighted
+
+
+@linear_all_reduce_residual_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
 
 
 @fast_all_reduce_residual.register_fake
