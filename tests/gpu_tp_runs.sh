@@ -20,7 +20,8 @@
 #   7b-2-unfused  bench --tp 2 with the norms and residual adds as kernels of their own
 #               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~1.5 min
 #   7b-2-no-pdl  bench --tp 2 without programmatic dependent launch (MISTRAL_CHAT_PDL=0): ~1.5 min
-#   7b-1-no-pdl  bench --tp 1 without it: ~1.5 min
+#   7b-1-no-pdl  bench --tp 1 without it (--tp 1 runs the one-GPU bench, whose table is not the --tp bench's
+#               world 1 line): ~1.5 min
 #   7b-2-send   bench --tp 2 with wo and w2 pushing their outputs straight into the Lamport all-reduce's buffers
 #               (MISTRAL_CHAT_SEND_IN_PRODUCTS=1, off by default until measured): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
