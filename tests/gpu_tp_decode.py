@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="then profile 20 compiled steps; rank 0 prints "
                                                                 "its kernels' device time by kind")
+    parser.add_argument("--launcher", action="store_true", help="then time the compiled step with what `--tp`'s "
+                                                                 "launcher adds to it, one piece at a time")
     args = parser.parse_args()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -95,10 +97,54 @@ def main() -> None:
     diff = float((out - eager(token, position + 4)).abs().max())
     say(rank, f"compiled decode {compiled_ms:.2f} ms/step back to back, {read_ms:.2f} ms/step reading each token; "
               f"last logits differ from eager by at most {diff:.3g}")
+    if args.launcher:
+        launcher_costs(rank, compiled, token, position, args.steps)
     if args.profile:
         profile_steps(rank, compiled, token, position)
     dist.barrier()
     _leave_process_group()
+
+
+def launcher_costs(rank: int, step: DecodeStep, token: torch.Tensor, position: int, n: int) -> None:
+    """Milliseconds per compiled step as `--tp`'s rank 0 and followers run it (launch.py, Session.generate), adding
+    one piece per line: the argmax fed back as the next token, the host reading each token one step behind
+    (TokenReader), the NCCL broadcast of the token (share_token), the gloo command (CommandChannel)."""
+    from mistral_chat.engine.generate import TokenReader
+    from mistral_chat.engine.launch import _DECODE, CommandChannel, share_token
+
+    commands = CommandChannel(dist.new_group(backend="gloo"))
+    group = step.model.parallel.group
+    pieces = ["argmax", "read", "share", "command"]
+
+    def run(upto: int) -> float:
+        used = set(pieces[:upto])
+        reader = TokenReader(token.device)
+        current = token.clone()
+        sync()
+        started = time.perf_counter()
+        out = step(current, position)
+        for i in range(1, n):
+            if "argmax" in used:
+                current = out.argmax(-1).view(1, 1)
+            if "read" in used:
+                reader.start(current)
+            if "command" in used:
+                if rank == 0:
+                    commands.send(_DECODE, position=position + i)
+                else:
+                    commands.receive()
+            if "share" in used:
+                share_token(current, group)
+            out = step(current, position + i)
+            if "read" in used:
+                reader.value()
+        sync()
+        return (time.perf_counter() - started) / n * 1e3
+
+    for upto in range(len(pieces) + 1):
+        run(upto)  # warm up (the NCCL broadcast's first call sets up its channel)
+        ms = run(upto)
+        say(rank, f"step{''.join(' + ' + piece for piece in pieces[:upto])}: {ms:.3f} ms/step")
 
 
 def profile_steps(rank: int, step: DecodeStep, token: torch.Tensor, position: int, n: int = 20) -> None:

@@ -12,6 +12,9 @@
 #   profile-1   the same at 1 rank (one GPU's kernels, to set world 2's against)
 #   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
+#   launcher    `direct` at 2 ranks, then the compiled step with what `--tp`'s launcher adds to each step, one piece
+#               at a time (argmax, the host reading the token, its NCCL broadcast, the gloo command): ~2 min
+#   launcher-send  the same with MISTRAL_CHAT_SEND_IN_PRODUCTS=1: ~2 min
 #   direct-kernels  `direct` at 2 ranks with each symmetric-memory kernel (torch's, then Lamport's)
 #   7b-lamport  bench --tp 1,2 with MISTRAL_CHAT_TP_ALL_REDUCE=lamport: ~3 min
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
@@ -89,6 +92,8 @@ for step in "${steps[@]}"; do
                 timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks tests/gpu_lamport_all_reduce.py 2>&1 \
                     | grep -v '^[WI][0-9]\{4\} ' | tee "$out/lamport-$ranks.txt"
             done ;;
+        launcher) direct launcher-2 150 2 auto --launcher ;;
+        launcher-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=1 direct launcher-2-send 150 2 auto --launcher ;;
         direct-kernels) direct direct-2-torch 100 2 torch; direct direct-2-lamport 100 2 lamport ;;
         7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
         7b-lamport) MISTRAL_CHAT_TP_ALL_REDUCE=lamport bench 7b-lamport 300 "${m7[@]}" --tp 1,2 ;;
