@@ -213,7 +213,11 @@ class WorldRun:
     warmup_s: float = 0.0  # the first (untimed) greedy run: compiles prefill and decode when compiling
     ttft_ms: float = 0.0
     tokens_per_s: float = 0.0
-    ms_per_token: float = 0.0
+    ms_per_token: float = 0.0  # the median timed run's
+    timed_ms: list[float] = field(default_factory=list)  # ms/token of each timed run
+    # of the median run's decode time, rank 0's host waited for the GPU's tokens (~100: GPU-bound; on GPUs only,
+    # where the host queues each step before it reads the token before)
+    host_wait_pct: float | None = None
     generated: int = 0
     finish_reason: str = ""
     repeatable: bool = True  # the timed run produced the ids of the first (warm-up) run
@@ -289,8 +293,9 @@ def _release(device_type: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> torch.Tensor:
-    """Two greedy runs of the prompt: the first warms up and records logits, the second is timed."""
+def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun, timed_runs: int = 3) -> torch.Tensor:
+    """Greedy runs of the prompt: the first warms up and records logits, the next `timed_runs` are timed (the
+    median run's figures are kept: one run of a few hundred milliseconds can catch a hiccup of the host)."""
     from mistral_chat.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=steps)
@@ -304,18 +309,23 @@ def _measure(session: Any, prompt_ids: list[int], steps: int, run: WorldRun) -> 
         first_logits, margins = recorder.detach()
     run.warmup_s = time.perf_counter() - started
     warm_ids = list(session.generated_ids)
-    session.reset()
-    for _ in session.generate(prompt_ids, params):
-        pass
-    stats = session.stats
-    run.ids = list(session.generated_ids)
+    timed = []
+    for _ in range(timed_runs):
+        session.reset()
+        for _ in session.generate(prompt_ids, params):
+            pass
+        timed.append((session.stats, list(session.generated_ids)))
+    run.timed_ms = [1000 / stats.tokens_per_second if stats.tokens_per_second else 0.0 for stats, _ in timed]
+    stats, run.ids = sorted(timed, key=lambda t: -t[0].tokens_per_second)[len(timed) // 2]
     run.margins = margins[:len(run.ids)]
-    run.repeatable = run.ids == warm_ids
+    run.repeatable = all(ids == warm_ids for _, ids in timed)
     run.generated = stats.generated_tokens
     run.finish_reason = stats.finish_reason
     run.ttft_ms = stats.time_to_first_token * 1000
     run.tokens_per_s = stats.tokens_per_second
     run.ms_per_token = 1000 / run.tokens_per_s if run.tokens_per_s else 0.0
+    if session.run_ahead and stats.decode_seconds > 0:
+        run.host_wait_pct = 100 * stats.host_wait_seconds / stats.decode_seconds
     if run.generated < steps:
         run.note = f"stopped after {run.generated} of {steps} tokens ({run.finish_reason})"
     return first_logits
@@ -535,12 +545,15 @@ def describe_run(run: WorldRun) -> str:
     if run.status != "ok":
         return f"world {run.world}: {run.status}: {run.note}"
     return (f"world {run.world}: loaded in {run.load_s:.1f} s, warm-up run {run.warmup_s:.1f} s, "
-            f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s), {run.generated} tokens"
+            f"{run.ms_per_token:.2f} ms/token ({run.tokens_per_s:.1f} tokens/s; median of "
+            f"{' / '.join(f'{ms:.2f}' for ms in run.timed_ms)}), {run.generated} tokens"
+            + (f", the host waiting for the GPU {run.host_wait_pct:.0f}% of the time" if run.host_wait_pct is not None
+               else "")
             + (f", all-reduces through {run.all_reduce}" if run.all_reduce else "")
             + (f", reference's argmax at {_percent(run.forced_same_fraction)} of its tokens (at most "
                f"{run.forced_worst_gap:.3g} below this world's top logit)" if run.forced_same_fraction is not None
                else "")
-            + ("" if run.repeatable else "; its two greedy runs gave different tokens"))
+            + ("" if run.repeatable else "; its greedy runs gave different tokens"))
 
 
 def format_parallel_table(result: ParallelBenchResult) -> str:

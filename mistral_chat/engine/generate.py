@@ -28,6 +28,7 @@ class GenerationStats:
     generated_tokens: int = 0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
+    host_wait_seconds: float = 0.0  # of decode_seconds, the host waited for the GPU's tokens (all of it: GPU-bound)
     finish_reason: str = "stop"  # stop (EOS) | length (max tokens or context) | cancelled
 
     @property
@@ -56,6 +57,7 @@ class TokenReader:
         self.host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
         self.ready = torch.cuda.Event() if cuda else None
         self.poll = poll  # called while waiting (it may raise), instead of blocking in CUDA
+        self.waited = 0.0  # seconds spent in `value` waiting for the device
 
     def start(self, token: torch.Tensor) -> None:
         self.host.copy_(token.reshape(-1)[:1], non_blocking=True)
@@ -64,10 +66,12 @@ class TokenReader:
 
     def value(self) -> int:
         if self.ready is not None:
+            started = time.perf_counter()
             if self.poll is not None:
                 while not self.ready.query():
                     self.poll()
             self.ready.synchronize()
+            self.waited += time.perf_counter() - started
         return int(self.host[0])
 
 
@@ -206,12 +210,14 @@ class Session:
                 if i == 0:
                     first_at = time.perf_counter()
                     stats.time_to_first_token = first_at - started
+                    reader.waited = 0.0
                 if token == tokenizer.eos_id:
                     stats.finish_reason = "stop"
                     break
                 stats.generated_tokens += 1
                 self.generated_ids.append(token)
                 stats.decode_seconds = time.perf_counter() - first_at
+                stats.host_wait_seconds = reader.waited
                 delta = stops.push(decoder.push(token))
                 if delta:
                     yield delta

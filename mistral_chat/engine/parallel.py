@@ -17,7 +17,7 @@ wait for every peer, sum, wait again), `nccl` (no symmetric memory), or `auto` (
 where Triton is installed, else torch's). On 4x H100, for 8 KB at 2 ranks inside CUDA graphs: Lamport 2.8 us,
 torch's 8.6 us, NCCL 21.0 us; a compiled Mistral-7B decode step at 2 ranks 3.60 ms with Lamport's, 4.03 with
 torch's (BENCHMARKS.md). `linear_all_reduce_residual` can also let the product before an all-reduce push its
-outputs into the Lamport buffers itself (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; off until measured on GPUs).
+outputs into the Lamport buffers itself (MISTRAL_CHAT_SEND_IN_PRODUCTS=0 turns it off).
 """
 
 from __future__ import annotations
@@ -118,11 +118,11 @@ def all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 def linear_all_reduce_residual(x: torch.Tensor, linear: Any, residual: torch.Tensor, weight: torch.Tensor,
                                parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
     """`all_reduce_residual(linear(x), residual, weight, parallel)` for a row-parallel projection `linear` (a
-    gemv.Linear) of one row. With MISTRAL_CHAT_SEND_IN_PRODUCTS=1, where the Lamport kernel carries the
-    all-reduces, the product's kernel pushes its outputs straight into the ranks' buffers and the all-reduce only
-    sums them (no kernel reads and sends this rank's part); otherwise the product, then the all-reduce."""
+    gemv.Linear) of one row. Where the Lamport kernel carries the all-reduces, the product's kernel pushes its
+    outputs straight into the ranks' buffers and the all-reduce only sums them (no kernel reads and sends this
+    rank's part; MISTRAL_CHAT_SEND_IN_PRODUCTS=0 turns it off); otherwise the product, then the all-reduce."""
     group_name = _fast_group(residual, parallel)
-    if (group_name is not None and os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS") == "1"
+    if (group_name is not None and os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1") == "1"
             and linear.bias is None and linear.weight.stride(-1) == 1 and x.numel() == x.shape[-1]
             and residual.numel() == linear.weight.shape[0]):
         return torch.ops.mistral_chat.linear_all_reduce_residual(x, linear.weight, residual, weight, group_name)
