@@ -14,7 +14,7 @@
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
 #   launcher    `direct` at 2 ranks, then the compiled step with what `--tp`'s launcher adds to each step, one piece
 #               at a time (argmax, the host reading the token, its NCCL broadcast, the gloo command): ~2 min
-#   launcher-send  the same with MISTRAL_CHAT_SEND_IN_PRODUCTS=1: ~2 min
+#   launcher-no-send  the same with MISTRAL_CHAT_SEND_IN_PRODUCTS=0: ~2 min
 #   direct-kernels  `direct` at 2 ranks with each symmetric-memory kernel (torch's, then Lamport's)
 #   7b-lamport  bench --tp 1,2 with MISTRAL_CHAT_TP_ALL_REDUCE=lamport: ~3 min
 #   7b          bench --tp 1,2,4, bf16, compiled decode (CUDA graphs): ~4 min
@@ -25,8 +25,8 @@
 #   7b-2-no-pdl  bench --tp 2 without programmatic dependent launch (MISTRAL_CHAT_PDL=0): ~1.5 min
 #   7b-1-no-pdl  bench --tp 1 without it (--tp 1 runs the one-GPU bench, whose table is not the --tp bench's
 #               world 1 line): ~1.5 min
-#   7b-2-send   bench --tp 2 with wo and w2 pushing their outputs straight into the Lamport all-reduce's buffers
-#               (MISTRAL_CHAT_SEND_IN_PRODUCTS=1, off by default until measured): ~1.5 min
+#   7b-2-no-send  bench --tp 2 with wo and w2 handing their outputs to the all-reduce kernel instead of pushing
+#               them into the Lamport buffers themselves (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
@@ -93,7 +93,7 @@ for step in "${steps[@]}"; do
                     | grep -v '^[WI][0-9]\{4\} ' | tee "$out/lamport-$ranks.txt"
             done ;;
         launcher) direct launcher-2 150 2 auto --launcher ;;
-        launcher-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=1 direct launcher-2-send 150 2 auto --launcher ;;
+        launcher-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 direct launcher-2-no-send 150 2 auto --launcher ;;
         direct-kernels) direct direct-2-torch 100 2 torch; direct direct-2-lamport 100 2 lamport ;;
         7b) bench 7b 300 "${m7[@]}" --tp 1,2,4 ;;
         7b-lamport) MISTRAL_CHAT_TP_ALL_REDUCE=lamport bench 7b-lamport 300 "${m7[@]}" --tp 1,2 ;;
@@ -102,7 +102,7 @@ for step in "${steps[@]}"; do
         7b-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench 7b-2-unfused 200 "${m7[@]}" --tp 2 ;;
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
-        7b-2-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=1 bench 7b-2-send 200 "${m7[@]}" --tp 2 ;;
+        7b-2-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 bench 7b-2-no-send 200 "${m7[@]}" --tp 2 ;;
         7b-int8) bench 7b-int8 300 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2
