@@ -32,6 +32,7 @@
 #               first (~100 s): ~5 min
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
+#   mixtral-24  bench --tp 2,4 of the same checkpoint (on 4 GPUs, where world 1 was measured apart): ~5 min
 # Prefill runs eagerly (the default; the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
@@ -109,6 +110,7 @@ for step in "${steps[@]}"; do
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
+        mixtral-24) bench mixtral-24 450 "${mx[@]}" --tp 2,4 ;;
         mixtral-checkpoint) random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
