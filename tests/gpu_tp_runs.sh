@@ -55,11 +55,11 @@ direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines s
     local name=$1 limit=$2 ranks=$3 all_reduce=${4:-auto}
     shift 4 2>/dev/null || shift $#
     echo "== $name (limit $limit s)"
-    stacks_after "$limit" & local watch=$!
+    stacks_after "$limit" >/dev/null 2>&1 & local watch=$!  # not on the pipe: `| tail` would wait for its sleep
     MISTRAL_CHAT_TP_ALL_REDUCE=$all_reduce PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$ranks" \
         tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
         | grep -v '^\[rank [1-9]'
-    kill $watch 2>/dev/null
+    pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
 
 random_checkpoint() {  # random_checkpoint SHAPE FOLDER: random bf16 weights of a bench shape, made on the GPU
@@ -72,10 +72,10 @@ bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)"
-    stacks_after "$limit" & local watch=$!
+    stacks_after "$limit" >/dev/null 2>&1 & local watch=$!  # not on the pipe: `| tail` would wait for its sleep
     timeout $((limit + 20)) python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" \
         "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt"
-    kill $watch 2>/dev/null
+    pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
 
 nvidia-smi -L
