@@ -33,6 +33,10 @@
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
 #   mixtral-24  bench --tp 2,4 of the same checkpoint (on 4 GPUs, where world 1 was measured apart): ~5 min
+#   routing     tests/gpu_moe_routing.py at 1, 2 and 4 ranks on random Mixtral-8x7B weights cut to 8 layers (written
+#               to /dev/shm first, ~25 s), bf16: which experts each layer's gate picks for a 512-token prompt,
+#               compared with world 1's (is --tp's disagreement on Mixtral the routing flipping at near ties?): ~2 min
+#   routing-f32 the same loaded in float32 (there rounding should flip almost no choice): ~2 min
 # Prefill runs eagerly (the default; the prompt's speed is not what these measure). Tables and
 # JSON go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit; at
 # the limit every mistral-chat Python process prints its stacks (faulthandler, SIGABRT), so a stuck step shows
@@ -62,10 +66,26 @@ direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines s
     pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
 
-random_checkpoint() {  # random_checkpoint SHAPE FOLDER: random bf16 weights of a bench shape, made on the GPU
+random_checkpoint() {  # random_checkpoint SHAPE FOLDER [LAYERS]: random bf16 weights of a bench shape, made on the GPU
     python3 -c "import sys, torch; from mistral_chat.bench import bench_shape
 from mistral_chat.bench_parallel import write_random_checkpoint
-write_random_checkpoint(sys.argv[2], bench_shape(sys.argv[1]), torch.bfloat16, device='cuda')" "$1" "$2"
+write_random_checkpoint(sys.argv[2], bench_shape(sys.argv[1], int(sys.argv[3]) or None), torch.bfloat16, device='cuda')" \
+        "$1" "$2" "${3:-0}"
+}
+
+routing() {  # routing DTYPE WORLD...: tests/gpu_moe_routing.py on the 8-layer Mixtral at each world, then compared
+    local dtype=$1 files=()
+    shift
+    [ -d /dev/shm/mistral-chat-mixtral-8 ] || random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral-8 8
+    for ranks in "$@"; do
+        [ "$ranks" -gt "$(nvidia-smi -L | wc -l)" ] && continue
+        echo "== routing-$dtype-$ranks (limit 150 s)"
+        PYTHONPATH=$PWD timeout 150 python3 -m torch.distributed.run --nproc_per_node "$ranks" tests/gpu_moe_routing.py \
+            /dev/shm/mistral-chat-mixtral-8 "$out/routing-$dtype-$ranks.pt" --dtype "$dtype" 2>&1 \
+            | grep -v '^[WI][0-9]\{4\} ' | tail -3
+        files+=("$out/routing-$dtype-$ranks.pt")
+    done
+    PYTHONPATH=$PWD python3 tests/gpu_moe_routing.py --compare "${files[@]}" | tee "$out/routing-$dtype.txt"
 }
 
 bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit; table and JSON under $out
@@ -111,6 +131,8 @@ for step in "${steps[@]}"; do
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         mixtral-24) bench mixtral-24 450 "${mx[@]}" --tp 2,4 ;;
+        routing) routing bfloat16 1 2 4 ;;
+        routing-f32) routing float32 1 2 4 ;;
         mixtral-checkpoint) random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac

@@ -34,6 +34,11 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         hf = h.float()
         want = F.linear((hf * torch.rsqrt(hf.pow(2).mean() + 1e-5) * g.float()).view(1, 1, k), w.float())
         torch.testing.assert_close(normed.float(), want, rtol=tol * 2, atol=tol * 2)
+        wide = gemv.linear_row(x, w, float_out=True)  # the logits' product keeps its float32 sums
+        assert wide.dtype == torch.float32
+        torch.testing.assert_close(wide, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
+        if dtype == torch.bfloat16:
+            assert not torch.equal(wide, got.float())  # not rounded to bf16
         if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
@@ -85,6 +90,7 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
     linears = [m for m in one.modules() if isinstance(m, gemv.Linear)]
     assert len(linears) == 5 and not any(m.row_kernel for m in linears)  # wqkv, wo, w13, w2, output
     assert all(m.row_kernel for m in two.modules() if isinstance(m, gemv.Linear))
+    assert two.output.float_out and one.output.float_out  # logits keep the kernel's float32 sums
     monkeypatch.setattr(gemv, "triton_runs", lambda x: True)
     row, weight = torch.zeros(1, 1, 8), torch.zeros(4, 8)
     monkeypatch.delenv("MISTRAL_CHAT_GEMV_KERNEL", raising=False)

@@ -111,15 +111,16 @@ if triton is not None:
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
 def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-               eps: float = 0.0) -> torch.Tensor:
+               eps: float = 0.0, float_out: bool = False) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
     gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2]); with `norm_of` (h, [K]), the sums
-    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight."""
+    are divided by rms(h) (eps inside the root) first: RMSNorm(h)'s product when x = h * the norm's weight.
+    `float_out`: the float32 sums are stored as they are instead of rounded to x's dtype (the logits)."""
     assert triton is not None, "linear_row needs Triton"
     k, n, parts = x.shape[-1], weight.shape[0], 2 if swiglu else 1
     x_row = x.reshape(k).contiguous()
     h_row = x_row if norm_of is None else norm_of.reshape(k).contiguous()
-    out = torch.empty(n // parts, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(n // parts, dtype=_out_dtype(x, weight, float_out), device=x.device)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
@@ -155,9 +156,13 @@ _send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's t
 
 @linear_row.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
-      eps: float = 0.0) -> torch.Tensor:
+      eps: float = 0.0, float_out: bool = False) -> torch.Tensor:
     n = weight.shape[0] // (2 if swiglu else 1)
-    return x.new_empty(*x.shape[:-1], n, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return x.new_empty(*x.shape[:-1], n, dtype=_out_dtype(x, weight, float_out))
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, float_out: bool) -> torch.dtype:
+    return torch.float32 if float_out else torch.promote_types(x.dtype, weight.dtype)
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
@@ -170,13 +175,17 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear (no bias) whose single-row products may run on the kernel (see `use_kernel`); `row_kernel`: its
-    default, which the model sets under tensor parallelism."""
+    default, which the model sets under tensor parallelism. `float_out` (the output projection): the kernel keeps
+    its float32 sums, as inductor's product does when its float32 cast is fused in (logits not rounded to bf16,
+    so no exact ties between tokens, and a tensor-parallel run's logits as close to one GPU's as the sums allow);
+    F.linear still rounds to x's dtype."""
 
     row_kernel = False
+    float_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_takes(x):
-            return linear_row(x, self.weight)
+            return linear_row(x, self.weight, float_out=self.float_out)
         return F.linear(x, self.weight, self.bias)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
@@ -195,4 +204,4 @@ class Linear(nn.Linear):
     def normed(self, x: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
         """The product of RMSNorm(norm_of) given x = norm_of * the norm's weight, in the kernel (its programs
         compute the norm's scale themselves; see `Transformer.rows_fused`)."""
-        return linear_row(x, self.weight, norm_of=norm_of, eps=eps)
+        return linear_row(x, self.weight, norm_of=norm_of, eps=eps, float_out=self.float_out)

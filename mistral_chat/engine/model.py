@@ -234,6 +234,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = Linear(config.dim, local.vocab_size, bias=False)
+        self.output.float_out = True
         self.slots: SlotPositions | None = None
         self.rope: torch.Tensor | None = None
         for module in self.modules():  # halved matrices: the GEMV kernel reads them faster than inductor's products
