@@ -38,12 +38,15 @@ def record(path: str, out: str, prompt: int, dtype: str) -> None:
     model = load_model(path, device=str(device), dtype=dtype, parallel=Parallel(rank=rank, world=world)).model
     assert model.config.is_moe, f"{path} is not a mixture of experts"
     gates: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    chosen: list[list[torch.Tensor]] = [[] for _ in model.layers]
     for i, layer in enumerate(model.layers):
         moe = layer.feed_forward
 
         def route(x: torch.Tensor, moe=moe, route=moe.route, i=i) -> tuple[torch.Tensor, torch.Tensor]:
             gates[i].append(moe.gate(x).float().cpu())
-            return route(x)
+            experts, weights = route(x)
+            chosen[i].append(experts.cpu())  # as the GPU's topk picked them (at an exact tie, either may win)
+            return experts, weights
         moe.route = route
     model.setup_cache(prompt + 16, prefill_chunk=512)
     vocab = model.config.vocab_size
@@ -53,7 +56,8 @@ def record(path: str, out: str, prompt: int, dtype: str) -> None:
         logits = model(ids, 0)[0, -1].float().cpu()
     if rank == 0:
         torch.save({"world": world, "dtype": dtype, "logits": logits,
-                    "gates": [torch.cat(g) for g in gates], "top_k": model.layers[0].feed_forward.top_k}, out)
+                    "gates": [torch.cat(g) for g in gates], "experts": [torch.cat(c) for c in chosen],
+                    "top_k": model.layers[0].feed_forward.top_k}, out)
         print(f"world {world}: {len(gates)} layers, {prompt} tokens -> {out}", flush=True)
     dist.barrier()
     _leave_process_group()
@@ -61,16 +65,26 @@ def record(path: str, out: str, prompt: int, dtype: str) -> None:
 
 def compare(ref: dict, other: dict) -> list[dict]:
     """Per layer: tokens routed to another set of experts, the gate logits' largest move, and the reference's gap
-    between its k-th and (k+1)-th expert at the tokens that differ (and over all tokens)."""
+    between its k-th and (k+1)-th expert at the tokens that differ (and over all tokens). A difference is "first
+    hand" where no token up to this one chose differently at an earlier layer (attention mixes earlier tokens
+    in): there only rounding moved the gate's input, so the gap must be about as small as the gate's move."""
     k, rows = ref["top_k"], []
+    upstream = torch.zeros(len(ref["gates"][0]), dtype=torch.bool)  # a token chose differently at an earlier layer
     for layer, (a, b) in enumerate(zip(ref["gates"], other["gates"])):
         top_a = a.topk(k + 1, dim=-1)
-        chosen_a = top_a.indices[:, :k].sort(dim=-1).values
-        chosen_b = b.topk(k, dim=-1).indices.sort(dim=-1).values
+        if "experts" in ref and "experts" in other:  # the GPU's own picks (a tie may go either way)
+            chosen_a, chosen_b = ref["experts"][layer].sort(dim=-1).values, other["experts"][layer].sort(dim=-1).values
+        else:  # files of the first version of this script
+            chosen_a = top_a.indices[:, :k].sort(dim=-1).values
+            chosen_b = b.topk(k, dim=-1).indices.sort(dim=-1).values
         differ = (chosen_a != chosen_b).any(dim=-1)
+        first_hand = differ & ~(torch.cumsum(upstream.int(), 0) > 0)
+        upstream |= differ
         gap = top_a.values[:, k - 1] - top_a.values[:, k]
         moved = (a - b).abs().amax(dim=-1)
         rows.append({"layer": layer, "tokens": len(a), "differ": int(differ.sum()),
+                     "first_hand": int(first_hand.sum()),
+                     "gap_first_hand_max": float(gap[first_hand].max()) if first_hand.any() else None,
                      "moved_median": float(moved.median()), "moved_max": float(moved.max()),
                      "gap_at_differ_max": float(gap[differ].max()) if differ.any() else None,
                      "gap_median": float(gap.median()),
@@ -85,15 +99,19 @@ def print_comparison(files: list[str]) -> None:
         rows = compare(ref, other)
         print(f"\nworld {other['world']} against world {ref['world']} ({other['dtype']}): prompt's last logits differ "
               f"by at most {float((ref['logits'] - other['logits']).abs().max()):.3g}")
-        print("layer  tokens with other experts  first at token  gate logits moved (median / max)  "
-              "ref's k-th minus (k+1)-th gate logit: where they differ (max) / all tokens (median)")
+        print("layer  tokens with other experts (first hand)  first at token  gate logits moved (median / max)  "
+              "ref's k-th minus (k+1)-th gate logit: where they differ first hand (max) / anywhere (max) / "
+              "all tokens (median)")
         for r in rows:
             at = "-" if r["gap_at_differ_max"] is None else f"{r['gap_at_differ_max']:.4f}"
+            hand = "-" if r["gap_first_hand_max"] is None else f"{r['gap_first_hand_max']:.4f}"
             first = "-" if r["first_differ_token"] is None else str(r["first_differ_token"])
-            print(f"{r['layer']:5d}  {r['differ']:6d} of {r['tokens']:<6d}          {first:>6}        "
-                  f"{r['moved_median']:.4f} / {r['moved_max']:.4f}                 {at} / {r['gap_median']:.4f}")
+            print(f"{r['layer']:5d}  {r['differ']:6d} of {r['tokens']:<6d} ({r['first_hand']:3d})          {first:>6}"
+                  f"        {r['moved_median']:.4f} / {r['moved_max']:.4f}                 "
+                  f"{hand} / {at} / {r['gap_median']:.4f}")
         total = sum(r["differ"] for r in rows)
-        print(f"in all {total} of {sum(r['tokens'] for r in rows)} (token, layer) choices differ")
+        print(f"in all {total} of {sum(r['tokens'] for r in rows)} (token, layer) choices differ, "
+              f"{sum(r['first_hand'] for r in rows)} of them first hand")
 
 
 def main() -> None:
