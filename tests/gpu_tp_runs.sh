@@ -27,8 +27,6 @@
 #               world 1 line): ~1.5 min
 #   7b-2-no-send  bench --tp 2 with wo and w2 handing their outputs to the all-reduce kernel instead of pushing
 #               them into the Lamport buffers themselves (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~1.5 min
-#   7b-2-late   bench --tp 2 with the GEMV kernel's first weights loaded after the PDL wait instead of before
-#               (MISTRAL_CHAT_GEMV_EARLY_LOAD=0): ~1.5 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
@@ -126,7 +124,6 @@ for step in "${steps[@]}"; do
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
         7b-2-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 bench 7b-2-no-send 200 "${m7[@]}" --tp 2 ;;
-        7b-2-late) MISTRAL_CHAT_GEMV_EARLY_LOAD=0 bench 7b-2-late 200 "${m7[@]}" --tp 2 ;;
         7b-int8) bench 7b-int8 300 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

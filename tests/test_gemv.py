@@ -39,9 +39,6 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         torch.testing.assert_close(wide, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
         if dtype == torch.bfloat16:
             assert not torch.equal(wide, got.float())  # not rounded to bf16
-        os.environ["MISTRAL_CHAT_GEMV_EARLY_LOAD"] = "0"  # first weights loaded after the wait: the same sums
-        assert torch.equal(gemv.linear_row(x, w), got)
-        os.environ["MISTRAL_CHAT_GEMV_EARLY_LOAD"] = "1"
         if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
@@ -119,13 +116,8 @@ def test_the_kernel_compiles_for_hopper():
                                                      (1, 2048, 2, False, False, False), (4, 512, 1, False, True, True)):
         kernel = compile_for_hopper(gemv._gemv_kernel.fn, signature, {
             "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm, "SEND": send,
-            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1, "PDL": pdl,
-            "EARLY": True})
+            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1, "PDL": pdl})
         ptx = kernel.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # a weight load is issued before the wait
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
-    late = compile_for_hopper(gemv._gemv_kernel.fn, signature, {  # MISTRAL_CHAT_GEMV_EARLY_LOAD=0: after it
-        "BLOCK_N": 4, "BLOCK_K": 512, "PARTS": 1, "NORM": False, "SEND": False, "RANK": 0, "WORLD": 1,
-        "SEND_BLOCK": 1, "PDL": True, "EARLY": False}).asm["ptx"]
-    assert late.index("ld.global") > late.index("griddepcontrol.wait")

@@ -52,7 +52,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
                      capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
                      NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                     SEND_BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                     SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
@@ -62,8 +62,7 @@ if triton is not None:
         SEND (PARTS=1, bf16): instead of storing out, each program pushes its outputs into every rank's Lamport
         all-reduce buffer (buffers_ptr, counters_ptr, capacity, RANK, WORLD, SEND_BLOCK: those of a
         LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`.
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run (EARLY; without
-        it, after the wait: `early_load`)."""
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
@@ -71,11 +70,8 @@ if triton is not None:
         row_ok = units[:, None] < N
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None] * stride_wn
-        if EARLY:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         wait_previous(PDL)
-        if not EARLY:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         if NORM:  # after the first weights' load, which it overlaps: h is 8 KB for Mistral-7B, read from L2
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -130,8 +126,7 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
-                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
-                       EARLY=early_load(), **pdl(x))
+                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
@@ -153,7 +148,7 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
-        SEND_BLOCK=lamport.block, EARLY=early_load(), **config.all_kwargs(), **pdl(x))
+        SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
 
 
 _send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's tuned triton.Config
@@ -168,12 +163,6 @@ def _(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torc
 
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor, float_out: bool) -> torch.dtype:
     return torch.float32 if float_out else torch.promote_types(x.dtype, weight.dtype)
-
-
-def early_load() -> bool:
-    """Whether the kernel's programs load their first weights before the PDL wait (MISTRAL_CHAT_GEMV_EARLY_LOAD,
-    1 by default; 0 to compare)."""
-    return os.environ.get("MISTRAL_CHAT_GEMV_EARLY_LOAD", "1") != "0"
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
