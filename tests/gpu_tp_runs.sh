@@ -33,6 +33,8 @@
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
 #   mixtral-24  bench --tp 2,4 of the same checkpoint (on 4 GPUs, where world 1 was measured apart): ~5 min
+#   profile-mixtral  `profile` at 2 ranks on the full Mixtral-8x7B checkpoint (written first if missing, ~110 s):
+#               where a Mixtral decode step's time goes under --tp: ~5 min
 #   routing     tests/gpu_moe_routing.py at 1, 2 and 4 ranks on random Mixtral-8x7B weights cut to 8 layers (written
 #               to /dev/shm first, ~25 s), bf16: which experts each layer's gate picks for a 512-token prompt,
 #               compared with world 1's (is --tp's disagreement on Mixtral the routing flipping at near ties?): ~2 min
@@ -61,7 +63,7 @@ direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines s
     echo "== $name (limit $limit s)"
     stacks_after "$limit" >/dev/null 2>&1 & local watch=$!  # not on the pipe: `| tail` would wait for its sleep
     MISTRAL_CHAT_TP_ALL_REDUCE=$all_reduce PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$ranks" \
-        tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
+        tests/gpu_tp_decode.py "${CKPT:-/dev/shm/mistral-chat-m7}" "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
         | grep -v '^\[rank [1-9]'
     pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
@@ -131,6 +133,9 @@ for step in "${steps[@]}"; do
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         mixtral-24) bench mixtral-24 450 "${mx[@]}" --tp 2,4 ;;
+        profile-mixtral)
+            [ -d /dev/shm/mistral-chat-mixtral ] || random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral
+            CKPT=/dev/shm/mistral-chat-mixtral direct profile-mixtral-2 300 2 auto --profile ;;
         routing) routing bfloat16 1 2 4 ;;
         routing-f32) routing float32 1 2 4 ;;
         mixtral-checkpoint) random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral ;;
