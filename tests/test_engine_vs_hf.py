@@ -93,3 +93,19 @@ def test_rotating_cache_logits_equal_full_window_attention(tiny):
         for p in range(4, 70):
             got.append(model(ids[:, p:p + 1], start_pos=p)[0])
     torch.testing.assert_close(torch.cat(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_moe_top_k_equals_torch_topk():
+    """The experts' top-k as rounds of argmax (fused by inductor under torch.compile) gives torch.topk's values and
+    indices, largest first, on any leading shape; at an exact tie the lower index wins."""
+    from mistral_chat.engine.moe import top_k
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((1, 8), (37, 8), (2, 5, 8), (4, 16)):
+        logits = torch.randn(shape, generator=gen)
+        for k in (1, 2, 3):
+            values, indices = top_k(logits, k)
+            want = torch.topk(logits, k, dim=-1)
+            assert torch.equal(values, want.values) and torch.equal(indices, want.indices)
+    values, indices = top_k(torch.tensor([[0.5, 2.0, 1.0, 2.0, 1.0]]), 3)
+    assert indices.tolist() == [[1, 3, 2]] and values.tolist() == [[2.0, 2.0, 1.0]]
