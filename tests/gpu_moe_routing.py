@@ -45,7 +45,7 @@ def record(path: str, out: str, prompt: int, dtype: str) -> None:
         def route(x: torch.Tensor, moe=moe, route=moe.route, i=i) -> tuple[torch.Tensor, torch.Tensor]:
             gates[i].append(moe.gate(x).float().cpu())
             experts, weights = route(x)
-            chosen[i].append(experts.cpu())  # as the GPU's topk picked them (at an exact tie, either may win)
+            chosen[i].append(experts.cpu())  # as the GPU picked them
             return experts, weights
         moe.route = route
     model.setup_cache(prompt + 16, prefill_chunk=512)
