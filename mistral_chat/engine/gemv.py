@@ -121,7 +121,6 @@ if triton is not None:
         else:
             tl.store(out_ptr + units, sums.to(dtype), mask=units < N)
 
-
     # the same tiles, and how many programs each SM runs at once (the grid: SMs x PER_SM, at most one per block)
     _PERSISTENT_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PER_SM": per_sm}, num_warps=warps)
                            for n, k, warps, per_sm in ((4, 512, 4, 4), (4, 512, 4, 8), (8, 256, 4, 4),
