@@ -524,3 +524,27 @@ async def test_a_chat_left_waiting_for_a_tool_result_asks_for_it_when_opened(tmp
             await pilot.pause()
         assert screen.answering_call == call
         assert "get_weather" in str(screen.prompt.border_title)
+
+
+async def test_a_message_view_takes_notes_and_text_before_compose_and_while_removed() -> None:
+    """An answer may end before its view is composed, or while the chat log is shown again and the view's label and
+    body are already gone: the note and text are kept (compose uses them), nothing raises."""
+    from textual.app import App, ComposeResult
+    from textual.widgets import Label
+
+    from mistral_chat.tui.widgets.message_view import MessageView
+
+    view = MessageView("assistant", "Hello")
+    view.set_note("(stopped)")  # not composed yet
+
+    class One(App):
+        def compose(self) -> ComposeResult:
+            yield view
+
+    async with One().run_test():
+        assert "(stopped)" in str(view.query_one(".role", Label).render())
+        await view.remove_children()
+        view.set_note("(cancelled)")
+        await view.append(" there")
+        await view.finish("Hello there!")
+        assert (view.note, view.text, view.markdown) == ("(cancelled)", "Hello there!", None)

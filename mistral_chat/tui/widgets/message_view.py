@@ -61,20 +61,26 @@ class MessageView(Vertical, can_focus=True):
         label = ROLE_LABELS.get(self.role, self.role)
         return Content(f"{label}  {self.note}" if self.note else label)
 
+    # The label and the body may be missing: before compose (which then reads self.note and self.text) and while
+    # the view is being removed (the chat log shown again as an answer ends); then only the fields change.
+
     def set_note(self, note: str) -> None:
         self.note = note
-        if self.is_mounted:
-            self.query_one(".role", Label).update(self._label())
+        for label in self.query(".role").results(Label):
+            label.update(self._label())
 
     @property
-    def markdown(self) -> Markdown:
-        return self.query_one(Markdown)
+    def markdown(self) -> Markdown | None:
+        return next(iter(self.query(Markdown).results(Markdown)), None)
 
     async def append(self, fragment: str) -> None:
         """Stream more text in (the Markdown widget parses only the new tail)."""
         self.text += fragment
         if self._stream is None:
-            self._stream = Markdown.get_stream(self.markdown)
+            markdown = self.markdown
+            if markdown is None:
+                return
+            self._stream = Markdown.get_stream(markdown)
         await self._stream.write(fragment)
 
     async def finish(self, text: str | None = None) -> None:
@@ -84,7 +90,9 @@ class MessageView(Vertical, can_focus=True):
             self._stream = None
         if text is not None and text != self.text:
             self.text = text
-            await self.markdown.update(text)
+            markdown = self.markdown
+            if markdown is not None:
+                await markdown.update(text)
 
     def action_copy_message(self) -> None:
         self.app.copy_to_clipboard(self.text)
