@@ -51,24 +51,24 @@ def graph_time(fn, copies: int, reps: int = 50, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1000 / (replays * reps)
 
 
-def byte_permute(on: bool):
-    """fn(i) -> fn(i) with int8_gemv.BYTE_PERMUTE set for its call (read at each launch, so at capture)."""
+def setting(apply):
+    """fn(i) -> fn(i) that calls apply() first: a kernel choice read at each launch, so at capture."""
     def wrap(fn):
         def call(i):
-            int8_gemv.BYTE_PERMUTE = on
+            apply()
             return fn(i)
         return call
     return wrap
+
+
+def byte_permute(on: bool):
+    """With int8_gemv.BYTE_PERMUTE set to `on` for the call."""
+    return setting(lambda: setattr(int8_gemv, "BYTE_PERMUTE", on))
 
 
 def persistent(on: bool):
-    """fn(i) -> fn(i) with MISTRAL_CHAT_GEMV_PERSISTENT set for its call (read at each launch, so at capture)."""
-    def wrap(fn):
-        def call(i):
-            os.environ["MISTRAL_CHAT_GEMV_PERSISTENT"] = "1" if on else "0"
-            return fn(i)
-        return call
-    return wrap
+    """With MISTRAL_CHAT_GEMV_PERSISTENT set to `on` for the call."""
+    return setting(lambda: os.environ.__setitem__("MISTRAL_CHAT_GEMV_PERSISTENT", "1" if on else "0"))
 
 
 def main() -> None:
@@ -94,12 +94,10 @@ def main() -> None:
         # the two paths sum in another order across threads: their bf16 outputs may differ by one rounding step
         torch.testing.assert_close(got[True], got[False], rtol=8e-3, atol=1e-3 * want.abs().max().item())
         want = F.linear(x.float(), w[0].float())
-        got = persistent(False)(lambda i: gemv.linear_row(x, w[i]))(0).float()
-        error = ((got - want).abs().max() / want.abs().max()).item()
-        assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
-        got = persistent(True)(lambda i: gemv.linear_row(x, w[i]))(0).float()
-        error = ((got - want).abs().max() / want.abs().max()).item()
-        assert error < 1e-2, f"{name}: the persistent bf16 kernel is off by {error:.3g} of the largest output"
+        for on, kernel in ((False, "bf16 kernel"), (True, "persistent bf16 kernel")):
+            got = persistent(on)(lambda i: gemv.linear_row(x, w[i]))(0).float()
+            error = ((got - want).abs().max() / want.abs().max()).item()
+            assert error < 1e-2, f"{name}: the {kernel} is off by {error:.3g} of the largest output"
 
         def produced(fn):  # the activation written by a small kernel just before the product, as in decode
             return lambda i: (torch.mul(source, 1.0, out=x), fn(i))[1]

@@ -72,11 +72,8 @@ def compare(ref: dict, other: dict) -> list[dict]:
     upstream = torch.zeros(len(ref["gates"][0]), dtype=torch.bool)  # a token chose differently at an earlier layer
     for layer, (a, b) in enumerate(zip(ref["gates"], other["gates"])):
         top_a = a.topk(k + 1, dim=-1)
-        if "experts" in ref and "experts" in other:  # the GPU's own picks (a tie may go either way)
-            chosen_a, chosen_b = ref["experts"][layer].sort(dim=-1).values, other["experts"][layer].sort(dim=-1).values
-        else:  # files of the first version of this script
-            chosen_a = top_a.indices[:, :k].sort(dim=-1).values
-            chosen_b = b.topk(k, dim=-1).indices.sort(dim=-1).values
+        # the GPU's own picks: top-k re-run here could break an exact tie of bf16 gate logits another way
+        chosen_a, chosen_b = ref["experts"][layer].sort(dim=-1).values, other["experts"][layer].sort(dim=-1).values
         differ = (chosen_a != chosen_b).any(dim=-1)
         first_hand = differ & ~(torch.cumsum(upstream.int(), 0) > 0)
         upstream |= differ

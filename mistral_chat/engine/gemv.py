@@ -82,13 +82,21 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        sums = tl.sum(acc, axis=1) * scale
+        _block_done(tl.sum(acc, axis=1) * scale, tl.program_id(0), out_ptr, N, buffers_ptr, counters_ptr, capacity,
+                    BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
+
+    @triton.jit
+    def _block_done(sums, block, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                    PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                    SEND_BLOCK: tl.constexpr):
+        """The finished sums of block `block` (outputs block * BLOCK_N ...): pushed into every rank's Lamport
+        buffer (SEND), or stored (`_store_block`)."""
         if SEND:
-            units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            units = block * BLOCK_N + tl.arange(0, BLOCK_N)
             gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
         else:
-            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
+            _store_block(out_ptr, sums, block, N, BLOCK_N, PARTS)
 
     @triton.jit
     def _norm_scale(norm_ptr, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
@@ -165,14 +173,8 @@ if triton is not None:
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
             if k0 + BLOCK_K >= K:  # the block's last tile: its outputs are done
-                block = pid + (t // k_steps) * programs
-                sums = tl.sum(acc, axis=1) * scale
-                if SEND:
-                    done = block * BLOCK_N + tl.arange(0, BLOCK_N)
-                    gen = tl.load(counters_ptr + done // SEND_BLOCK, mask=done < N, other=0)
-                    push(sums.to(tl.bfloat16), done, done < N, gen, buffers_ptr, capacity, RANK, WORLD)
-                else:
-                    _store_block(out_ptr, sums, block, N, BLOCK_N, PARTS)
+                _block_done(tl.sum(acc, axis=1) * scale, pid + (t // k_steps) * programs, out_ptr, N, buffers_ptr,
+                            counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
                 acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)
 
 
@@ -182,10 +184,14 @@ def persistent() -> bool:
     return os.environ.get("MISTRAL_CHAT_GEMV_PERSISTENT", "0") == "1"
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _programs(outputs: int, config: dict, device: torch.device, persistent_kernel: bool) -> int:
+    """Grid size for `outputs` outputs under a configuration's BLOCK_N (and PER_SM, for the persistent kernel:
+    that many programs per SM, at most one per block)."""
+    blocks = triton.cdiv(outputs, config["BLOCK_N"])
+    if not persistent_kernel:
+        return blocks
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return min(blocks, sms * config["PER_SM"])
 
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
@@ -201,11 +207,10 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     h_row = x_row if norm_of is None else norm_of.reshape(k).contiguous()
     out = torch.empty(n // parts, dtype=_out_dtype(x, weight, float_out), device=x.device)
 
-    kernel, sms = (_gemv_persistent_kernel, _sm_count(x.device)) if persistent() else (_gemv_kernel, 0)
+    kernel = _gemv_persistent_kernel if persistent() else _gemv_kernel
 
     def grid(meta: dict) -> tuple[int]:
-        blocks = triton.cdiv(n // parts, meta["BLOCK_N"])
-        return (min(blocks, sms * meta["PER_SM"]) if sms else blocks,)
+        return (_programs(n // parts, meta, x.device, kernel is _gemv_persistent_kernel),)
 
     kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
                  PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
@@ -229,10 +234,7 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     if config is None:
         linear_row(x, weight)
         config = _send_configs[key] = kernel.best_config
-    blocks = triton.cdiv(n, config.kwargs["BLOCK_N"])
-    if kernel is _gemv_persistent_kernel:
-        blocks = min(blocks, _sm_count(x.device) * config.kwargs["PER_SM"])
-    kernel.fn[(blocks,)](
+    kernel.fn[(_programs(n, config.kwargs, x.device, kernel is _gemv_persistent_kernel),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
         SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
