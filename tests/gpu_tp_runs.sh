@@ -33,6 +33,10 @@
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min
+#   mixtral-2-no-moe-kernel  bench --tp 2 of the same checkpoint with the experts as inductor's products over the
+#               gathered experts (MISTRAL_CHAT_MOE_KERNEL=0; norms then outside the products too): ~3 min
+#   mixtral-2-unfused  bench --tp 2 with experts_gemv's kernels but the norms as kernels of their own
+#               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~3 min
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
 #   mixtral-4   bench --tp 4 of the same checkpoint: ~3 min
 #   mixtral-24  bench --tp 2,4 of the same checkpoint (on 4 GPUs, where world 1 was measured apart): ~5 min
@@ -136,6 +140,8 @@ for step in "${steps[@]}"; do
             first=2
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
             bench mixtral 400 "${mx[@]}" --tp $first ;;
+        mixtral-2-no-moe-kernel) MISTRAL_CHAT_MOE_KERNEL=0 bench mixtral-2-no-moe-kernel 250 "${mx[@]}" --tp 2 ;;
+        mixtral-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench mixtral-2-unfused 250 "${mx[@]}" --tp 2 ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         mixtral-24) bench mixtral-24 450 "${mx[@]}" --tp 2,4 ;;
         profile-mixtral)

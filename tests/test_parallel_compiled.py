@@ -28,7 +28,7 @@ mode = sys.argv[6]
 dtype = "bfloat16" if mode == "lamport" else "float32"
 model = load_model(path, device="cpu", dtype=dtype, parallel=Parallel(rank=rank, world=2)).model
 fast_calls = []
-if mode in ("fast", "fused", "fused-send"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+if mode == "fast" or mode.startswith("fused"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
     def one_shot(buffer, x, group_name, out):
         fast_calls.append(x.numel())
         out.copy_(x)
@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport"),
-                                               ("1", "fused"), ("1", "fused-send")])
+                                               ("1", "fused"), ("1", "fused-send"), ("1", "fused-mixtral")])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
     """"lamport": a bf16 model whose all-reduces run in the Lamport kernel (Triton's interpreter, buffers in
     files both ranks map), against the single-process bf16 engine. "fused": the GEMV kernel (Triton's
@@ -86,13 +86,15 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     (Transformer.rows_fused), over the symmetric-memory route; "fused-send": the same through the op that lets
     `wo` and `w2` push their outputs into the Lamport kernel's buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; with
     gloo standing in for the Lamport kernel it multiplies, then all-reduces; the push itself:
-    tests/test_lamport_all_reduce.py)."""
+    tests/test_lamport_all_reduce.py). "fused-mixtral": "fused" on a Mixtral model, whose experts go through
+    experts_gemv's kernels (the gate and w13 computing the norm's scale, the residual add after the all-reduce)."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
-    path = write_tiny_model(tmp_path / "m", "mistral")["native"]  # window 16 < 20 + 6 tokens: the cache wraps
+    kind = "mixtral" if all_reduce == "fused-mixtral" else "mistral"
+    path = write_tiny_model(tmp_path / "m", kind)["native"]  # Mistral's window 16 < 20 + 6 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
     dtype = torch.float32
-    if all_reduce in ("fused", "fused-send"):
+    if all_reduce.startswith("fused"):
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1" if all_reduce == "fused-send" else "0")
@@ -129,7 +131,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     got = torch.load(out)
     assert got["tokens"] == tokens
     assert got["rows_fused"] == all_reduce.startswith("fused")
-    if all_reduce in ("fast", "lamport", "fused", "fused-send"):  # every decode all-reduce (the embedding's, 2 a layer) took the fast route
+    if all_reduce in ("fast", "lamport") or all_reduce.startswith("fused"):  # every decode all-reduce took the fast route
         layers = len(model.layers)
         assert got["fast_calls"].count(model.config.dim) >= steps * (1 + 2 * layers), got["fast_calls"]
     else:

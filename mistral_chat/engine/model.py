@@ -20,6 +20,7 @@ from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacit
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
+from mistral_chat.engine.experts_gemv import use_experts_kernel
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice, linear_all_reduce_residual
 
@@ -168,6 +169,13 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.w2(self.w13.swiglu(x)), self.parallel)
 
+    def rows_fused(self, weighted: torch.Tensor, h: torch.Tensor, eps: float,
+                   next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + this feed-forward of RMSNorm(h) (weighted: h times the norm's weight), and that times next_norm:
+        the norm inside w13's product, the residual add inside w2's all-reduce (Transformer.rows_fused)."""
+        act = self.w13.swiglu(weighted, h, eps)
+        return linear_all_reduce_residual(act, self.w2, h, next_norm, self.parallel)
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
@@ -207,8 +215,7 @@ class TransformerBlock(nn.Module):
         attention, feed_forward = self.attention, self.feed_forward
         heads = attention.attend(weighted, rope, slots, mask, key_len, norm_of=h, eps=self.attention_norm.eps)
         h, weighted = linear_all_reduce_residual(heads, attention.wo, h, self.ffn_norm.weight, attention.parallel)
-        act = feed_forward.w13.swiglu(weighted, h, self.ffn_norm.eps)
-        return linear_all_reduce_residual(act, feed_forward.w2, h, next_norm, attention.parallel)
+        return feed_forward.rows_fused(weighted, h, self.ffn_norm.eps, next_norm)
 
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor,
@@ -253,11 +260,13 @@ class Transformer(nn.Module):
         """Whether this forward pass runs each RMSNorm inside the product that reads it (its programs compute the
         norm's scale from the residual stream; gemv.linear_row's norm_of) and each residual add inside the
         all-reduce before it (parallel.all_reduce_residual): two kernels a layer fewer. For one row (batch-1
-        decode) under tensor parallelism, where the bf16 GEMV kernel carries the products, in dense models;
-        MISTRAL_CHAT_NORM_IN_PRODUCTS=0 turns it off, to compare."""
-        wqkv = self.layers[0].attention.wqkv
+        decode) under tensor parallelism, where the bf16 GEMV kernel carries the products (and experts_gemv's
+        kernels Mixtral's experts); MISTRAL_CHAT_NORM_IN_PRODUCTS=0 turns it off, to compare."""
+        wqkv, feed_forward = self.layers[0].attention.wqkv, self.layers[0].feed_forward
+        experts_ok = not isinstance(feed_forward, MoEFeedForward) or use_experts_kernel(
+            h, feed_forward.w13, feed_forward.row_kernel)
         return (self.parallel.enabled and h.numel() == h.shape[-1] and isinstance(wqkv, Linear)
-                and isinstance(self.output, Linear) and not self.config.is_moe
+                and isinstance(self.output, Linear) and experts_ok
                 and use_kernel(h, wqkv.weight, wqkv.row_kernel)
                 and os.environ.get("MISTRAL_CHAT_NORM_IN_PRODUCTS", "1") != "0")
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import fused
+from mistral_chat.engine import experts_gemv, fused, gemv
 from mistral_chat.engine.materialize import materialize
-from mistral_chat.engine.parallel import Parallel, all_reduce
+from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_residual
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
@@ -42,6 +42,7 @@ class MoEFeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py)
         self.w2_scale: torch.Tensor | None = None
+        self.row_kernel = parallel.enabled  # one row's experts through experts_gemv's kernels by default
 
     def quantize_int8(self, dtype: torch.dtype) -> None:
         """Hold int8 expert weights with per-row scales (filled by the loader)."""
@@ -54,18 +55,34 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ([N, k]) and their weights ([N, k], x's dtype) for tokens x ([N, dim])."""
-        top_logits, experts = top_k(self.gate(x), self.top_k)
-        return experts, F.softmax(top_logits.float(), dim=-1).to(x.dtype)
+        return self._choose(self.gate(x))
+
+    def _choose(self, gate_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_logits, experts = top_k(gate_logits, self.top_k)
+        return experts, F.softmax(top_logits.float(), dim=-1).to(gate_logits.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
-        if experts.numel() <= GATHER_MAX_PAIRS:
+        if experts_gemv.use_experts_kernel(x, self.w13, self.row_kernel):
+            act = experts_gemv.experts_swiglu(x, self.w13, experts)
+            out = experts_gemv.experts_down(act, self.w2, experts, weights)
+        elif experts.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(x, experts, weights)
         else:
             out = self._grouped(x, experts, weights)
         return all_reduce(out.reshape(shape), self.parallel)
+
+    def rows_fused(self, weighted: torch.Tensor, h: torch.Tensor, eps: float,
+                   next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + this layer of RMSNorm(h) (weighted: h times the norm's weight, one row), and that times next_norm:
+        the gate's and w13's products compute the norm's scale themselves, the residual add and next_norm are in
+        the all-reduce (Transformer.rows_fused; experts_gemv's kernels carry the experts)."""
+        experts, weights = self._choose(gemv.linear_row(weighted, self.gate.weight, norm_of=h, eps=eps))
+        act = experts_gemv.experts_swiglu(weighted, self.w13, experts, norm_of=h, eps=eps)
+        out = experts_gemv.experts_down(act, self.w2, experts, weights)
+        return all_reduce_residual(out.view(h.shape), h, next_norm, self.parallel)
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""

@@ -1,0 +1,114 @@
+"""The Triton kernels for Mixtral's chosen experts of one token (engine/experts_gemv.py), run on the CPU by Triton's
+interpreter: they equal MoEFeedForward's gathered formula on ragged shapes, a Mixtral model decodes the same greedy
+tokens with them as without, eager and compiled; they are the default only under tensor parallelism; and they
+compile for an H100."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_models import checks_env, compile_for_hopper
+
+CHECK = r"""
+import os
+import torch
+from mistral_chat.engine import experts_gemv, fused
+from mistral_chat.bench import random_model
+from mistral_chat.engine.config import ModelConfig
+from tiny_models import count_calls, greedy_past_the_window
+
+gen = torch.Generator().manual_seed(0)
+for experts_n, dim, hidden, k in ((8, 64, 96, 2), (4, 33, 50, 2), (5, 100, 70, 3), (3, 16, 8, 1)):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        w13 = torch.randn(experts_n, 2 * hidden, dim, generator=gen).to(dtype)
+        w2 = torch.randn(experts_n, dim, hidden, generator=gen).to(dtype)
+        x = torch.randn(1, 1, dim, generator=gen).to(dtype)
+        experts = torch.randperm(experts_n, generator=gen)[:k].view(1, k)
+        weights = torch.softmax(torch.randn(1, k, generator=gen), -1).to(dtype)
+        act = experts_gemv.experts_swiglu(x, w13, experts)
+        assert act.shape == (k, hidden) and act.dtype == dtype
+        gate_up = torch.einsum("d,khd->kh", x.view(dim).float(), w13[experts[0]].float()).to(dtype)
+        torch.testing.assert_close(act.float(), fused.silu_and_mul(gate_up).float(), rtol=tol, atol=tol)
+        out = experts_gemv.experts_down(act, w2, experts, weights)
+        assert out.shape == (dim,) and out.dtype == dtype
+        each = torch.einsum("kh,kdh->kd", act.float(), w2[experts[0]].float()).to(dtype).float()
+        want = (each * weights.view(k, 1).float()).sum(0)
+        # (bf16: each expert's product rounded first, then summed; errors scale with the products, not the sum)
+        torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol * float(each.abs().max()))
+
+config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                     sliding_window=16, max_seq_len=64, num_experts=4, num_experts_per_tok=2)
+torch.manual_seed(0)
+model = random_model(config, torch.device("cpu"), torch.float32, None)
+swiglus, downs = count_calls(experts_gemv, "experts_swiglu"), count_calls(experts_gemv, "experts_down")
+
+def greedy(kernel):
+    os.environ["MISTRAL_CHAT_MOE_KERNEL"] = kernel
+    return greedy_past_the_window(model)
+without = greedy("0")
+assert not swiglus and not downs
+with_kernel = greedy("1")
+assert len(swiglus) == len(downs) == 20 * 2, (len(swiglus), len(downs))  # each decode step, each layer; not the prompt
+assert with_kernel[0] == without[0], (with_kernel[0], without[0])
+torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
+
+# compiled decode calls them as opaque custom ops (as CUDA graphs will on a GPU): same tokens
+ids = greedy_past_the_window(model, compiled=True)[0]
+assert ids == with_kernel[0], (ids, with_kernel[0])
+assert len(downs) > 20 * 2
+print("ok")
+"""
+
+
+def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
+                          env=checks_env(TRITON_INTERPRET="1"), timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monkeypatch):
+    """One GPU keeps inductor's products over the gathered experts (already near its floor); each rank's halved
+    experts take the kernels; MISTRAL_CHAT_MOE_KERNEL forces either; int8 experts and several rows never."""
+    from mistral_chat.engine import experts_gemv
+    from mistral_chat.engine.config import ModelConfig
+    from mistral_chat.engine.model import Transformer
+    from mistral_chat.engine.moe import MoEFeedForward
+    from mistral_chat.engine.parallel import Parallel
+
+    config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                         num_experts=4, num_experts_per_tok=2)
+    with torch.device("meta"):
+        one, two = Transformer(config), Transformer(config, Parallel(rank=0, world=2))
+    assert [m.row_kernel for m in one.modules() if isinstance(m, MoEFeedForward)] == [False]
+    assert [m.row_kernel for m in two.modules() if isinstance(m, MoEFeedForward)] == [True]
+    monkeypatch.setattr(experts_gemv, "triton_runs", lambda x: True)
+    row, w13 = torch.zeros(1, 1, 8), torch.zeros(4, 6, 8)
+    monkeypatch.delenv("MISTRAL_CHAT_MOE_KERNEL", raising=False)
+    use = experts_gemv.use_experts_kernel
+    assert use(row, w13, True) and not use(row, w13, False)
+    assert not use(torch.zeros(2, 8), w13, True) and not use(row, w13.to(torch.int8), True)
+    monkeypatch.setenv("MISTRAL_CHAT_MOE_KERNEL", "1")
+    assert use(row, w13, False)
+    monkeypatch.setenv("MISTRAL_CHAT_MOE_KERNEL", "0")
+    assert not use(row, w13, True)
+
+
+def test_the_experts_kernels_compile_for_hopper():
+    """Compiled for an H100 (sm_90) with Triton's own ptxas: w13's (SwiGLU, one expert a program) and w2's (the k
+    experts summed in each program), with programmatic dependent launch: the wait comes before any load, since the
+    expert ids come from the kernel before."""
+    from mistral_chat.engine import experts_gemv
+
+    signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",
+                 "weights_ptr": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i64",
+                 "stride_wn": "i32", "UP": "i32"}
+    for block_n, block_k, parts, summed in ((4, 512, 2, False), (8, 256, 1, True), (1, 2048, 1, True)):
+        ptx = compile_for_hopper(experts_gemv._experts_kernel.fn, signature, {
+            "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "SLOTS": 2, "SUM": summed,
+            "PDL": True}).asm["ptx"]
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
