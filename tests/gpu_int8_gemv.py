@@ -2,8 +2,7 @@
 halved as each of 2 tensor-parallel ranks holds them, each as the GB/s it reads its weight at next to the
 device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (MISTRAL_CHAT_INT8_KERNEL=0) and the
 Triton kernel of engine/int8_gemv.py, with its portable bit operations and with its GPU path (one PRMT per
-weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernels of engine/gemv.py (plain,
-and persistent: MISTRAL_CHAT_GEMV_PERSISTENT=1). As in
+weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
 decode, a small kernel writes the activation before each product, and the weights come from memory, not the
 50 MB L2 cache: each timed call reads another copy, out of enough copies to fill 400 MB. It checks the kernels
 against the plain products (the int8 kernel's two paths against each other: equal to a bf16 rounding) and
@@ -66,18 +65,13 @@ def byte_permute(on: bool):
     return setting(lambda: setattr(int8_gemv, "BYTE_PERMUTE", on))
 
 
-def persistent(on: bool):
-    """With MISTRAL_CHAT_GEMV_PERSISTENT set to `on` for the call."""
-    return setting(lambda: os.environ.__setitem__("MISTRAL_CHAT_GEMV_PERSISTENT", "1" if on else "0"))
-
-
 def main() -> None:
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     torch._inductor.config.coordinate_descent_tuning = True  # as compiled decode sets it
     plain = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
-    columns = ["int8 inductor", "int8 bit ops", "int8 PRMT", "bf16 cuBLAS", "bf16 kernel", "bf16 persistent"]
+    columns = ["int8 inductor", "int8 bit ops", "int8 PRMT", "bf16 cuBLAS", "bf16 kernel"]
     print(f"{'matrix':9} {'MB int8':>8} " + " ".join(f"{c:>17}" for c in columns))
     for name, (n, k) in SHAPES.items():
         copies = max(1, (400 << 20) // (2 * n * k))
@@ -94,10 +88,8 @@ def main() -> None:
         # the two paths sum in another order across threads: their bf16 outputs may differ by one rounding step
         torch.testing.assert_close(got[True], got[False], rtol=8e-3, atol=1e-3 * want.abs().max().item())
         want = F.linear(x.float(), w[0].float())
-        for on, kernel in ((False, "bf16 kernel"), (True, "persistent bf16 kernel")):
-            got = persistent(on)(lambda i: gemv.linear_row(x, w[i]))(0).float()
-            error = ((got - want).abs().max() / want.abs().max()).item()
-            assert error < 1e-2, f"{name}: the {kernel} is off by {error:.3g} of the largest output"
+        error = ((gemv.linear_row(x, w[0]).float() - want).abs().max() / want.abs().max()).item()
+        assert error < 1e-2, f"{name}: the bf16 kernel is off by {error:.3g} of the largest output"
 
         def produced(fn):  # the activation written by a small kernel just before the product, as in decode
             return lambda i: (torch.mul(source, 1.0, out=x), fn(i))[1]
@@ -106,15 +98,14 @@ def main() -> None:
                 (byte_permute(False)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
                 (byte_permute(True)(lambda i: int8_gemv.int8_linear(x, q[i], scale[i])), n * k),
                 (lambda i: F.linear(x, w[i]), 2 * n * k),
-                (persistent(False)(lambda i: gemv.linear_row(x, w[i])), 2 * n * k),
-                (persistent(True)(lambda i: gemv.linear_row(x, w[i])), 2 * n * k)]
+                (lambda i: gemv.linear_row(x, w[i]), 2 * n * k)]
         cells = []
         for fn, nbytes in runs:
             seconds = graph_time(produced(fn), copies)
             cells.append(f"{seconds * 1e6:6.1f} us {nbytes / seconds / bandwidth:4.0%}")
         print(f"{name:9} {n * k / 1e6:8.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
     int8_gemv.BYTE_PERMUTE = True
-    for kernel in (int8_gemv._int8_gemv_kernel, gemv._gemv_kernel, gemv._gemv_persistent_kernel):
+    for kernel in (int8_gemv._int8_gemv_kernel, gemv._gemv_kernel):
         for key, config in kernel.cache.items():
             print("autotuned", getattr(kernel.fn, "__name__", "kernel"), key, config)
 

@@ -1,7 +1,7 @@
 """The Triton kernels for Mixtral's chosen experts of one token (engine/experts_gemv.py), run on the CPU by Triton's
-interpreter: they equal MoEFeedForward's gathered formula on ragged shapes, a Mixtral model decodes the same greedy
-tokens with them as without, eager and compiled; they are the default only under tensor parallelism; and they
-compile for an H100."""
+interpreter: they equal MoEFeedForward's gathered formula on ragged shapes (w13's also with RMSNorm's scale
+inside), a Mixtral model decodes the same greedy tokens with them as without, eager and compiled; they are the
+default only under tensor parallelism; and they compile for an H100."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ for experts_n, dim, hidden, k in ((8, 64, 96, 2), (4, 33, 50, 2), (5, 100, 70, 3
         assert act.shape == (k, hidden) and act.dtype == dtype
         gate_up = torch.einsum("d,khd->kh", x.view(dim).float(), w13[experts[0]].float()).to(dtype)
         torch.testing.assert_close(act.float(), fused.silu_and_mul(gate_up).float(), rtol=tol, atol=tol)
+        h, g = torch.randn(dim, generator=gen).to(dtype), (torch.rand(dim, generator=gen) + 0.5).to(dtype)
+        normed = experts_gemv.experts_swiglu((h * g).view(1, 1, dim), w13, experts, norm_of=h, eps=1e-5)
+        hf = h.float()  # RMSNorm(h) with weight g, h * g rounded as the kernel's input is
+        rms_normed = (h * g).float() * torch.rsqrt(hf.pow(2).mean() + 1e-5)
+        gate_up = torch.einsum("d,khd->kh", rms_normed, w13[experts[0]].float()).to(dtype)
+        torch.testing.assert_close(normed.float(), fused.silu_and_mul(gate_up).float(), rtol=tol * 2, atol=tol * 2)
         out = experts_gemv.experts_down(act, w2, experts, weights)
         assert out.shape == (dim,) and out.dtype == dtype
         each = torch.einsum("kh,kdh->kd", act.float(), w2[experts[0]].float()).to(dtype).float()
@@ -99,16 +105,17 @@ def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monke
 
 
 def test_the_experts_kernels_compile_for_hopper():
-    """Compiled for an H100 (sm_90) with Triton's own ptxas: w13's (SwiGLU, one expert a program) and w2's (the k
-    experts summed in each program), with programmatic dependent launch: the wait comes before any load, since the
+    """Compiled for an H100 (sm_90) with Triton's own ptxas: w13's (SwiGLU, one expert a program, with and without
+    the norm's scale) and w2's (the k experts summed in each program), with programmatic dependent launch: the wait comes before any load, since the
     expert ids come from the kernel before."""
     from mistral_chat.engine import experts_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",
                  "weights_ptr": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i64",
-                 "stride_wn": "i32", "UP": "i32"}
-    for block_n, block_k, parts, summed in ((4, 512, 2, False), (8, 256, 1, True), (1, 2048, 1, True)):
+                 "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32"}
+    for block_n, block_k, parts, summed, norm in ((4, 512, 2, False, True), (8, 256, 2, False, False),
+                                                  (8, 256, 1, True, False), (1, 2048, 1, True, False)):
         ptx = compile_for_hopper(experts_gemv._experts_kernel.fn, signature, {
-            "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "SLOTS": 2, "SUM": summed,
+            "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "SLOTS": 2, "SUM": summed, "NORM": norm,
             "PDL": True}).asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

@@ -43,19 +43,6 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
 
-
-# the persistent kernel (2 programs here, each taking every other block of 64 outputs): the plain kernel's bits
-for n, k in ((50, 200), (33, 100), (300, 130), (260, 64)):
-    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-    x, h = (torch.randn(k, generator=gen).to(torch.bfloat16) for _ in range(2))
-    cases = [dict(), dict(norm_of=h, eps=1e-5), dict(float_out=True)] + ([dict(swiglu=True)] if n % 2 == 0 else [])
-    for kwargs in cases:
-        os.environ["MISTRAL_CHAT_GEMV_PERSISTENT"] = "0"
-        plain = gemv.linear_row(x.view(1, 1, k), w, **kwargs)
-        os.environ["MISTRAL_CHAT_GEMV_PERSISTENT"] = "1"
-        assert torch.equal(gemv.linear_row(x.view(1, 1, k), w, **kwargs), plain), (n, k, kwargs)
-os.environ["MISTRAL_CHAT_GEMV_PERSISTENT"] = "0"
-
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)
 torch.manual_seed(0)
@@ -134,8 +121,3 @@ def test_the_kernel_compiles_for_hopper():
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # a weight load is issued before the wait
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
-    for parts, norm, send in ((1, False, False), (2, True, False), (1, False, True)):  # the persistent kernel
-        ptx = compile_for_hopper(gemv._gemv_persistent_kernel.fn, signature, {
-            "BLOCK_N": 4, "BLOCK_K": 512, "PARTS": parts, "NORM": norm, "SEND": send, "RANK": 1 if send else 0,
-            "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1, "PDL": True, "PER_SM": 4}).asm["ptx"]
-        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")

@@ -13,9 +13,7 @@ activation costs no kernel of its own: inductor's own products read the whole ma
 bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
 the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. On H100 and H200 GPUs the kernel's
 programs start while the kernel before it still runs (fused.pdl): they load their first weights, then wait. The
-tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1). MISTRAL_CHAT_GEMV_PERSISTENT=1 runs
-a persistent variant (a few programs per SM, each taking block after block of rows in one loop; for the same
-tile shape, the same sums); off until measured on GPUs (`tests/gpu_tp_runs.sh gemv 7b-2-persistent`).
+tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -129,70 +127,6 @@ if triton is not None:
         else:
             tl.store(out_ptr + units, sums.to(dtype), mask=units < N)
 
-    # the same tiles, and how many programs each SM runs at once (the grid: SMs x PER_SM, at most one per block)
-    _PERSISTENT_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PER_SM": per_sm}, num_warps=warps)
-                           for n, k, warps, per_sm in ((4, 512, 4, 4), (4, 512, 4, 8), (8, 256, 4, 4),
-                                                       (8, 256, 4, 8), (2, 1024, 4, 8), (8, 512, 8, 2),
-                                                       (8, 512, 8, 4), (4, 1024, 8, 4), (16, 256, 8, 2))]
-    if INTERPRETED:
-        _PERSISTENT_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "PER_SM": 2}, num_warps=4)]  # 2 programs
-
-    @triton.autotune(configs=_PERSISTENT_CONFIGS, key=["N", "K", "PARTS"])
-    @triton.jit
-    def _gemv_persistent_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr,
-                                counters_ptr, capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                PARTS: tl.constexpr, NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr,
-                                WORLD: tl.constexpr, SEND_BLOCK: tl.constexpr, PDL: tl.constexpr,
-                                PER_SM: tl.constexpr):
-        """_gemv_kernel's products (the same arguments, the same sums in the same order) from a grid of about
-        PER_SM programs per SM, each taking blocks pid, pid + programs, ... of BLOCK_N outputs in one loop over
-        (block, tile) pairs: the next block's first tile is loaded while the last one's is multiplied, so a
-        program's stream of weights does not stop between blocks, and the last wave is a short one. Each program
-        reads the norm's h once, not once per block."""
-        start_next(PDL)
-        pid, programs = tl.program_id(0), tl.num_programs(0)
-        k_steps = tl.cdiv(K, BLOCK_K)
-        total = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * k_steps  # (block, tile) pairs of this program
-        r = tl.arange(0, BLOCK_N * PARTS)
-        cols = tl.arange(0, BLOCK_K)
-        units = pid * BLOCK_N + r // PARTS
-        rows = units + (r % PARTS) * UP
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :],
-                    mask=(units[:, None] < N) & (cols[None, :] < K), other=0.0)
-        wait_previous(PDL)
-        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)
-        acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)
-        for t in range(0, total):
-            k0 = (t % k_steps) * BLOCK_K
-            x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            k1 = ((t + 1) % k_steps) * BLOCK_K  # the next pair's tile, maybe the next block's first
-            units1 = (pid + ((t + 1) // k_steps) * programs) * BLOCK_N + r // PARTS
-            rows1 = units1 + (r % PARTS) * UP
-            ok1 = (units1[:, None] < N) & (k1 + cols[None, :] < K)  # past the last pair: a block >= N's, masked
-            w_next = tl.load(w_ptr + rows1[:, None] * stride_wn + k1 + cols[None, :], mask=ok1, other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-            w = w_next
-            if k0 + BLOCK_K >= K:  # the block's last tile: its outputs are done
-                _block_done(tl.sum(acc, axis=1) * scale, pid + (t // k_steps) * programs, out_ptr, N, buffers_ptr,
-                            counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
-                acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)
-
-
-def persistent() -> bool:
-    """MISTRAL_CHAT_GEMV_PERSISTENT=1: one-row products through _gemv_persistent_kernel (off by default until
-    measured on GPUs)."""
-    return os.environ.get("MISTRAL_CHAT_GEMV_PERSISTENT", "0") == "1"
-
-
-def _programs(outputs: int, config: dict, device: torch.device, persistent_kernel: bool) -> int:
-    """Grid size for `outputs` outputs under a configuration's BLOCK_N (and PER_SM, for the persistent kernel:
-    that many programs per SM, at most one per block)."""
-    blocks = triton.cdiv(outputs, config["BLOCK_N"])
-    if not persistent_kernel:
-        return blocks
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return min(blocks, sms * config["PER_SM"])
-
 
 @torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
 def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
@@ -207,12 +141,10 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     h_row = x_row if norm_of is None else norm_of.reshape(k).contiguous()
     out = torch.empty(n // parts, dtype=_out_dtype(x, weight, float_out), device=x.device)
 
-    kernel = _gemv_persistent_kernel if persistent() else _gemv_kernel
-
     def grid(meta: dict) -> tuple[int]:
-        return (_programs(n // parts, meta, x.device, kernel is _gemv_persistent_kernel),)
+        return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
+    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
                  PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
@@ -228,19 +160,18 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     x_row = x.reshape(k).contiguous()
     # Not autotuned itself: trying configurations would push each one's outputs to the peers, which may read any
     # of them. It takes the configuration tuned for the plain product of the same shape (run once, first).
-    kernel = _gemv_persistent_kernel if persistent() else _gemv_kernel
-    key = (kernel.fn.__name__, n, k, weight.stride(0))
+    key = (n, k, weight.stride(0))
     config = _send_configs.get(key)
     if config is None:
         linear_row(x, weight)
-        config = _send_configs[key] = kernel.best_config
-    kernel.fn[(_programs(n, config.kwargs, x.device, kernel is _gemv_persistent_kernel),)](
+        config = _send_configs[key] = _gemv_kernel.best_config
+    _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
         SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
 
 
-_send_configs: dict = {}  # (kernel, rows, columns, row stride) -> the plain product's tuned triton.Config
+_send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's tuned triton.Config
 
 
 @linear_row.register_fake
