@@ -2,8 +2,8 @@
 interpreter, in 2 and 3 processes whose buffers are shared memory (on GPUs they are symmetric memory reached over
 NVLink). Through tensor parallelism's own route (`parallel.all_reduce` and its custom op), eager and under
 torch.compile, every rank gets the sum of every rank's input, the same bits on each, over many calls of mixed
-sizes (the buffer generations rotate and are cleared as they go), also where the GEMV kernel pushes a product's
-outputs into the buffers itself. (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
+sizes (the buffer generations rotate and are cleared as they go), also where the GEMV kernel (or Mixtral's experts'
+kernel) pushes a product's outputs into the buffers itself. (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ BLOCK = 64
 SIZES = [100, 256, 7, 64, 200, 3, 256, 256, 5, 130, 64, 1]
 RESIDUAL_SIZES = [100, 256]  # then calls that add the residual and weigh by a norm's weight
 SEND_SHAPES = [(200, 48), (64, 40)]  # then products (rows, columns) that push their outputs into the buffers
+EXPERTS_SHAPES = [(130, 40)]  # then Mixtral's chosen experts' w2 (dim, hidden; 2 of 3 experts) pushing theirs
 
 
 def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
@@ -83,6 +84,25 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         worst = max(worst, float(((sent[0].detach().float() - want).abs() / scale).max()))
         phases[f"send {n}x{k}"] = (worst, [torch.equal(a, b) for a, b in zip(sent, plain)])
         outs.append(sent[0].flatten().tolist())
+    from mistral_chat.engine import experts_gemv
+
+    for n, k in EXPERTS_SHAPES:
+        w2s = [torch.randn(3, n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
+        acts = [torch.randn(2, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
+        experts, routing = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]]).to(torch.bfloat16)  # the same on all
+        residual = torch.randn(1, 1, n, generator=gen).to(torch.bfloat16)
+        weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16)
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
+        sent = parallel.experts_all_reduce_residual(acts[rank], w2s[rank], experts, routing, residual, weight, par)
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
+        plain = parallel.experts_all_reduce_residual(acts[rank], w2s[rank], experts, routing, residual, weight, par)
+        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
+        partials = [experts_gemv.experts_down(acts[r], w2s[r], experts, routing).float() for r in range(world)]
+        want = residual.float().view(n) + sum(partials)
+        scale = (residual.float().abs().view(n) + sum(p.abs() for p in partials)) * 2 ** -6
+        worst = max(worst, float(((sent[0].float().view(n) - want).abs() / scale).max()))
+        phases[f"experts {n}x{k}"] = (worst, [torch.equal(a, b) for a, b in zip(sent, plain)])
+        outs.append(sent[0].flatten().tolist())
     results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases))
 
 
@@ -113,7 +133,7 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     assert all(g[2] == got[0][2] for g in got)  # the same bits on every rank
     assert all(g[4] for g in got)  # products pushed into the buffers sum to the same bits as products then sent
     # each program's generation moved on once per call that used it, on every rank
-    sizes = SIZES + RESIDUAL_SIZES + [n for n, _ in SEND_SHAPES for _ in range(2)]
+    sizes = SIZES + RESIDUAL_SIZES + [n for n, _ in SEND_SHAPES + EXPERTS_SHAPES for _ in range(2)]
     calls_per_program = [sum(1 for n in sizes if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
 

@@ -28,7 +28,7 @@ mode = sys.argv[6]
 dtype = "bfloat16" if mode == "lamport" else "float32"
 model = load_model(path, device="cpu", dtype=dtype, parallel=Parallel(rank=rank, world=2)).model
 fast_calls = []
-if mode == "fast" or mode.startswith("fused"):  # the symmetric-memory route, with a gloo all-reduce standing in for its GPU kernel
+if mode == "fast" or mode.startswith("fused"):  # the symmetric-memory route, gloo standing in for its GPU kernel
     def one_shot(buffer, x, group_name, out):
         fast_calls.append(x.numel())
         out.copy_(x)
@@ -86,8 +86,8 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     (Transformer.rows_fused), over the symmetric-memory route; "fused-send": the same through the op that lets
     `wo` and `w2` push their outputs into the Lamport kernel's buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; with
     gloo standing in for the Lamport kernel it multiplies, then all-reduces; the push itself:
-    tests/test_lamport_all_reduce.py). "fused-mixtral": "fused" on a Mixtral model, whose experts go through
-    experts_gemv's kernels (the gate and w13 computing the norm's scale, the residual add after the all-reduce)."""
+    tests/test_lamport_all_reduce.py). "fused-mixtral": "fused-send" on a Mixtral model, whose experts go through
+    experts_gemv's kernels (the gate and w13 computing the norm's scale, w2 through the sending op)."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     kind = "mixtral" if all_reduce == "fused-mixtral" else "mistral"
     path = write_tiny_model(tmp_path / "m", kind)["native"]  # Mistral's window 16 < 20 + 6 tokens: the cache wraps
@@ -97,7 +97,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     if all_reduce.startswith("fused"):
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1" if all_reduce == "fused-send" else "0")
+        monkeypatch.setenv("MISTRAL_CHAT_SEND_IN_PRODUCTS", "0" if all_reduce == "fused" else "1")
     if all_reduce == "lamport":
         pytest.importorskip("triton")
         from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
@@ -131,7 +131,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     got = torch.load(out)
     assert got["tokens"] == tokens
     assert got["rows_fused"] == all_reduce.startswith("fused")
-    if all_reduce in ("fast", "lamport") or all_reduce.startswith("fused"):  # every decode all-reduce took the fast route
+    if all_reduce in ("fast", "lamport") or all_reduce.startswith("fused"):  # each decode all-reduce went the fast way
         layers = len(model.layers)
         assert got["fast_calls"].count(model.config.dim) >= steps * (1 + 2 * layers), got["fast_calls"]
     else:

@@ -12,7 +12,7 @@ from torch import nn
 
 from mistral_chat.engine import experts_gemv, fused, gemv
 from mistral_chat.engine.materialize import materialize
-from mistral_chat.engine.parallel import Parallel, all_reduce, all_reduce_residual
+from mistral_chat.engine.parallel import Parallel, all_reduce, experts_all_reduce_residual
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
@@ -78,11 +78,11 @@ class MoEFeedForward(nn.Module):
                    next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h + this layer of RMSNorm(h) (weighted: h times the norm's weight, one row), and that times next_norm:
         the gate's and w13's products compute the norm's scale themselves, the residual add and next_norm are in
-        the all-reduce (Transformer.rows_fused; experts_gemv's kernels carry the experts)."""
+        the all-reduce (Transformer.rows_fused; experts_gemv's kernels carry the experts, w2's pushing its
+        outputs into the Lamport buffers where that kernel carries the all-reduces)."""
         experts, weights = self._choose(gemv.linear_row(weighted, self.gate.weight, norm_of=h, eps=eps))
         act = experts_gemv.experts_swiglu(weighted, self.w13, experts, norm_of=h, eps=eps)
-        out = experts_gemv.experts_down(act, self.w2, experts, weights)
-        return all_reduce_residual(out.view(h.shape), h, next_norm, self.parallel)
+        return experts_all_reduce_residual(act, self.w2, experts, weights, h, next_norm, self.parallel)
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""

@@ -122,11 +122,30 @@ def linear_all_reduce_residual(x: torch.Tensor, linear: Any, residual: torch.Ten
     outputs straight into the ranks' buffers and the all-reduce only sums them (no kernel reads and sends this
     rank's part; MISTRAL_CHAT_SEND_IN_PRODUCTS=0 turns it off); otherwise the product, then the all-reduce."""
     group_name = _fast_group(residual, parallel)
-    if (group_name is not None and os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1") == "1"
-            and linear.bias is None and linear.weight.stride(-1) == 1 and x.numel() == x.shape[-1]
-            and residual.numel() == linear.weight.shape[0]):
+    if (group_name is not None and _send_in_products() and linear.bias is None and linear.weight.stride(-1) == 1
+            and x.numel() == x.shape[-1] and residual.numel() == linear.weight.shape[0]):
         return torch.ops.mistral_chat.linear_all_reduce_residual(x, linear.weight, residual, weight, group_name)
     return all_reduce_residual(linear(x), residual, weight, parallel)
+
+
+def experts_all_reduce_residual(act: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor, routing: torch.Tensor,
+                                residual: torch.Tensor, weight: torch.Tensor,
+                                parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_all_reduce_residual` for the chosen experts' w2 (experts_gemv.experts_down of act ([k, hidden])
+    with the routing weights): pushed into the Lamport buffers by the experts' kernel where it can, else the
+    product, then the all-reduce."""
+    group_name = _fast_group(residual, parallel)
+    if group_name is not None and _send_in_products() and residual.numel() == w2.shape[1]:
+        return torch.ops.mistral_chat.linear_all_reduce_residual(act, w2, residual, weight, group_name, experts,
+                                                                 routing)
+    from mistral_chat.engine import experts_gemv
+
+    out = experts_gemv.experts_down(act, w2, experts, routing)
+    return all_reduce_residual(out.view(residual.shape), residual, weight, parallel)
+
+
+def _send_in_products() -> bool:
+    return os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1") == "1"
 
 
 def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
@@ -173,23 +192,30 @@ def fast_all_reduce_residual(x: torch.Tensor, residual: torch.Tensor, weight: to
 
 @torch.library.custom_op("mistral_chat::linear_all_reduce_residual", mutates_args=())
 def linear_all_reduce_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                                  norm_weight: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                  norm_weight: torch.Tensor, group_name: str, experts: torch.Tensor | None = None,
+                                  routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See `linear_all_reduce_residual`: the GEMV kernel pushes x @ weight.T into the Lamport buffers, then the
     Lamport kernel sums them, adds the residual and weighs by the norm's weight (the product, then
-    `fast_all_reduce_residual`, where torch's kernel carries the all-reduces)."""
-    from mistral_chat.engine import gemv
+    `fast_all_reduce_residual`, where torch's kernel carries the all-reduces). With `experts` and `routing`,
+    weight is the stacked experts' w2 and the product experts_gemv.experts_down's (`experts_all_reduce_residual`)."""
+    from mistral_chat.engine import experts_gemv, gemv
 
     if _fast_kernel is None:
-        return fast_all_reduce_residual(gemv.linear_row(x, weight), residual, norm_weight, group_name)
-    gemv.linear_row_to_peers(x, weight, _fast_kernel)
+        product = gemv.linear_row(x, weight) if experts is None else experts_gemv.experts_down(x, weight, experts,
+                                                                                               routing)
+        return fast_all_reduce_residual(product.view(residual.shape), residual, norm_weight, group_name)
+    if experts is None:
+        gemv.linear_row_to_peers(x, weight, _fast_kernel)
+    else:
+        experts_gemv.experts_down_to_peers(x, weight, experts, routing, _fast_kernel)
     h, weighted = residual.new_empty(residual.shape), residual.new_empty(residual.shape)
     _fast_kernel.receive(h, residual.contiguous(), norm_weight.expand(residual.shape).contiguous(), weighted)
     return h, weighted
 
 
 @linear_all_reduce_residual_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, group_name: str,
+      experts: torch.Tensor | None = None, routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
 
 
