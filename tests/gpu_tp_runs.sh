@@ -34,6 +34,9 @@
 #               first (~100 s): ~5 min
 #   mixtral-2-no-moe-kernel  bench --tp 2 of the same checkpoint with the experts as inductor's products over the
 #               gathered experts (MISTRAL_CHAT_MOE_KERNEL=0; norms then outside the products too): ~3 min
+#   mixtral-2-no-send  bench --tp 2 with the experts' w2 kernel handing its outputs to the all-reduce kernel
+#               instead of pushing them into the Lamport buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~3 min
+#   mixtral-1-moe-kernel  bench --tp 1 with experts_gemv's kernels on one GPU (MISTRAL_CHAT_MOE_KERNEL=1): ~3 min
 #   mixtral-2-unfused  bench --tp 2 with experts_gemv's kernels but the norms as kernels of their own
 #               (MISTRAL_CHAT_NORM_IN_PRODUCTS=0): ~3 min
 #   mixtral-checkpoint  write the random full Mixtral-8x7B checkpoint to /dev/shm (~110 s; mixtral does it if missing)
@@ -139,6 +142,8 @@ for step in "${steps[@]}"; do
             [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)" -gt 120000 ] && first=1,2
             bench mixtral 400 "${mx[@]}" --tp $first ;;
         mixtral-2-no-moe-kernel) MISTRAL_CHAT_MOE_KERNEL=0 bench mixtral-2-no-moe-kernel 250 "${mx[@]}" --tp 2 ;;
+        mixtral-2-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 bench mixtral-2-no-send 250 "${mx[@]}" --tp 2 ;;
+        mixtral-1-moe-kernel) MISTRAL_CHAT_MOE_KERNEL=1 bench mixtral-1-moe-kernel 250 "${mx[@]}" --tp 1 ;;
         mixtral-2-unfused) MISTRAL_CHAT_NORM_IN_PRODUCTS=0 bench mixtral-2-unfused 250 "${mx[@]}" --tp 2 ;;
         mixtral-4) bench mixtral-4 250 "${mx[@]}" --tp 4 ;;
         mixtral-24) bench mixtral-24 450 "${mx[@]}" --tp 2,4 ;;
