@@ -95,3 +95,30 @@ def test_prefill_is_eager_unless_asked(monkeypatch):
     assert Prefill(gpu_model).compiled
     assert not Prefill(gpu_model, compile=False).compiled  # --no-compile wins
     assert not Prefill(SimpleNamespace(device=torch.device("cpu"))).compiled
+
+
+def test_compiled_batched_mixtral_decode_equals_eager(monkeypatch):
+    """Batch 8 with 2 experts a token is more than the gathered path takes (8 pairs): eager runs each expert on its
+    tokens, which a compiled block cannot (data-dependent shapes; `bench --shape mixtral-8x7b` failed at batch 8),
+    so compiled decode runs every expert on every token, weighted by zero where not chosen: the same logits."""
+    from mistral_chat.bench import random_model
+    from mistral_chat.engine.config import ModelConfig
+
+    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", "1")
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                         max_seq_len=64, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = random_model(config, torch.device("cpu"), torch.float32, None)
+    prompt = torch.randint(0, 200, (8, 8), generator=torch.Generator().manual_seed(1))
+
+    def decode(compile: bool) -> torch.Tensor:
+        step = DecodeStep(model, compile=True) if compile else (lambda tokens, pos: model(tokens, pos)[:, -1])
+        with torch.no_grad():
+            model.setup_cache(64, batch=8, prefill_chunk=8)
+            logits, seen = model(prompt, 0)[:, -1], []
+            for pos in range(8, 12):
+                logits = step(logits.argmax(-1).view(8, 1), pos)
+                seen.append(logits)
+        return torch.stack(seen)
+
+    torch.testing.assert_close(decode(compile=True), decode(compile=False), rtol=1e-4, atol=1e-4)

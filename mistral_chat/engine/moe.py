@@ -17,6 +17,9 @@ from mistral_chat.engine.parallel import Parallel, all_reduce, experts_all_reduc
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
 GATHER_MAX_PAIRS = 8
+# Above GATHER_MAX_PAIRS under torch.compile (batched decode), up to this many tokens run every expert on every
+# token, weighted by zero where not chosen: no data-dependent shapes, which a compiled block cannot hold.
+EVERY_EXPERT_MAX_TOKENS = 64
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +73,8 @@ class MoEFeedForward(nn.Module):
             out = experts_gemv.experts_down(act, self.w2, experts, weights)
         elif experts.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(x, experts, weights)
+        elif torch.compiler.is_compiling() and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+            out = self._every_expert(x, experts, weights)
         else:
             out = self._grouped(x, experts, weights)
         return all_reduce(out.reshape(shape), self.parallel)
@@ -96,6 +101,26 @@ class MoEFeedForward(nn.Module):
             y = y * self.w2_scale[experts]
         return torch.einsum("nkd,nk->nd", y, weights)
 
+    def _every_expert(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each expert on every token, weighted by its routing weight (zero where not chosen): the same weights read
+        as `_grouped` reads once every expert has a token, without its data-dependent shapes (compiled batched
+        decode)."""
+        out = torch.zeros_like(x)
+        for e in range(self.w13.shape[0]):
+            coef = (weights * (experts == e)).sum(dim=-1, keepdim=True)  # [N, 1]
+            out = out + self._expert(x, e) * coef
+        return out
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU feed-forward of the rows x."""
+        h = F.linear(x, self.w13[e].to(x.dtype))
+        if self.w13_scale is not None:
+            h = h * self.w13_scale[e]
+        y = F.linear(fused.silu_and_mul(h), self.w2[e].to(x.dtype))
+        if self.w2_scale is not None:
+            y = y * self.w2_scale[e]
+        return y
+
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run each expert once on the tokens routed to it: best for prefill."""
         out = torch.zeros_like(x)
@@ -103,12 +128,6 @@ class MoEFeedForward(nn.Module):
             token_idx, slot = torch.where(experts == e)
             if token_idx.numel() == 0:
                 continue
-            h = F.linear(x[token_idx], self.w13[e].to(x.dtype))
-            if self.w13_scale is not None:
-                h = h * self.w13_scale[e]
-            y = F.linear(fused.silu_and_mul(h), self.w2[e].to(x.dtype))
-            if self.w2_scale is not None:
-                y = y * self.w2_scale[e]
-            y = y * weights[token_idx, slot, None]
+            y = self._expert(x[token_idx], e) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y)
         return out
