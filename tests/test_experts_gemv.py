@@ -1,7 +1,8 @@
 """The Triton kernels for Mixtral's chosen experts of one token (engine/experts_gemv.py), run on the CPU by Triton's
 interpreter: they equal MoEFeedForward's gathered formula on ragged shapes (w13's also with RMSNorm's scale
-inside), a Mixtral model decodes the same greedy tokens with them as without, eager and compiled; they are the
-default only under tensor parallelism; and they compile for an H100."""
+inside), a Mixtral model decodes the same greedy tokens with them as without; they are the default only under
+tensor parallelism; and they compile for an H100. (Compiled, at 2 ranks: test_parallel_compiled.py's
+"fused-send".)"""
 
 from __future__ import annotations
 
@@ -61,11 +62,6 @@ with_kernel = greedy("1")
 assert len(swiglus) == len(downs) == 20 * 2, (len(swiglus), len(downs))  # each decode step, each layer; not the prompt
 assert with_kernel[0] == without[0], (with_kernel[0], without[0])
 torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
-
-# compiled decode calls them as opaque custom ops (as CUDA graphs will on a GPU): same tokens
-ids = greedy_past_the_window(model, compiled=True)[0]
-assert ids == with_kernel[0], (ids, with_kernel[0])
-assert len(downs) > 20 * 2
 print("ok")
 """
 

@@ -78,18 +78,18 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("quick, all_reduce", [("0", "nccl"), ("1", "nccl"), ("1", "fast"), ("1", "lamport"),
-                                               ("1", "fused"), ("1", "fused-send"), ("1", "fused-mixtral")])
+                                               ("1", "fused"), ("1", "fused-send")])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, quick, all_reduce):
     """"lamport": a bf16 model whose all-reduces run in the Lamport kernel (Triton's interpreter, buffers in
     files both ranks map), against the single-process bf16 engine. "fused": the GEMV kernel (Triton's
     interpreter) with each norm inside the product that reads it and each residual add after the all-reduce
-    (Transformer.rows_fused), over the symmetric-memory route; "fused-send": the same through the op that lets
-    `wo` and `w2` push their outputs into the Lamport kernel's buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; with
-    gloo standing in for the Lamport kernel it multiplies, then all-reduces; the push itself:
-    tests/test_lamport_all_reduce.py). "fused-mixtral": "fused-send" on a Mixtral model, whose experts go through
-    experts_gemv's kernels (the gate and w13 computing the norm's scale, w2 through the sending op)."""
+    (Transformer.rows_fused), over the symmetric-memory route; "fused-send": the same on a Mixtral model, whose
+    experts go through experts_gemv's kernels (the gate and w13 computing the norm's scale), through the op that
+    lets `wo` and the experts' `w2` push their outputs into the Lamport kernel's buffers
+    (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; with gloo standing in for the Lamport kernel it multiplies, then
+    all-reduces; the push itself: tests/test_lamport_all_reduce.py)."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
-    kind = "mixtral" if all_reduce == "fused-mixtral" else "mistral"
+    kind = "mixtral" if all_reduce == "fused-send" else "mistral"
     path = write_tiny_model(tmp_path / "m", kind)["native"]  # Mistral's window 16 < 20 + 6 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
