@@ -18,9 +18,9 @@ from torch import nn
 from mistral_chat.engine import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.experts_gemv import use_experts_kernel
 from mistral_chat.engine.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
-from mistral_chat.engine.experts_gemv import use_experts_kernel
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice, linear_all_reduce_residual
 

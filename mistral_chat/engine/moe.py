@@ -2,6 +2,11 @@
 
 `w13` is [experts, 2 * hidden, dim] (w1 and w3 of each expert) and `w2` is [experts, dim, hidden]. The gate
 keeps the k largest logits per token and weighs the chosen experts by a softmax over those k logits.
+
+How the chosen experts run (`forward`): one token under tensor parallelism, through experts_gemv's kernels (which
+read the expert ids on the GPU; `rows_fused` when the norms run inside the products); a few (token, expert) pairs,
+through the gathered experts' weights; a compiled batch, every expert on every token; else (prefill) each expert
+on the tokens routed to it.
 """
 
 from __future__ import annotations
