@@ -11,8 +11,14 @@ expert's rows in place, as gemv.py's kernel streams a matrix:
   each program summing its block of outputs over the k experts, each expert's product rounded to x's dtype first,
   as MoEFeedForward's gathered formula rounds.
 
-MoEFeedForward uses them for one row of float (not int8) experts where Triton runs (see `use_experts_kernel`); the
-tests run them on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+`experts_down_to_peers` is `experts_down` pushing its outputs into the Lamport all-reduce's buffers (under `--tp`,
+as gemv.linear_row_to_peers does for dense products).
+
+MoEFeedForward uses them for one row of float (not int8) experts where Triton runs (see `use_experts_kernel`), by
+default under tensor parallelism: full Mixtral-8x7B at two H200s decoded at 4.23 ms/token with them (and the norms
+inside the products, `MoEFeedForward.rows_fused`) against 4.53 without. One GPU keeps inductor's products, which
+read whole experts at about the copy bandwidth (16 layers on an H100: 4.61-4.62 against 4.67-4.73 ms/token with
+the kernels). The tests run them on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
