@@ -4,7 +4,7 @@ cache), over short caches, ragged tiles, caches split into many ranges (tiles an
 and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
 too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Dense and MoE tiny
 models decode the same greedy tokens past their window with it as with grouped_attention
-(MISTRAL_CHAT_ATTENTION_KERNEL=0), eager and compiled."""
+(MISTRAL_CHAT_ATTENTION_KERNEL=0), eager, and compiled (dense)."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ for experts in (0, 4):
     assert len(calls) == 20 * 2, len(calls)  # each decode step, each layer (the 8-token prompt: SDPA)
     assert fast[0] == plain[0], (experts, fast[0], plain[0])
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-4)
-    ids = greedy_past_the_window(model, compiled=True)[0]  # the kernel as one opaque op, compiled: same tokens
-    assert ids == fast[0], (experts, ids, fast[0])
+    if not experts:  # the kernel as one opaque op, compiled: same tokens (once: the MoE layers change nothing here)
+        ids = greedy_past_the_window(model, compiled=True)[0]
+        assert ids == fast[0], (experts, ids, fast[0])
 print("ok")
 """
 
