@@ -50,19 +50,14 @@ def graph_time(fn, copies: int, reps: int = 50, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1000 / (replays * reps)
 
 
-def setting(apply):
-    """fn(i) -> fn(i) that calls apply() first: a kernel choice read at each launch, so at capture."""
+def byte_permute(on: bool):
+    """fn(i) -> fn(i) with int8_gemv.BYTE_PERMUTE set for its call (read at each launch, so at capture)."""
     def wrap(fn):
         def call(i):
-            apply()
+            int8_gemv.BYTE_PERMUTE = on
             return fn(i)
         return call
     return wrap
-
-
-def byte_permute(on: bool):
-    """With int8_gemv.BYTE_PERMUTE set to `on` for the call."""
-    return setting(lambda: setattr(int8_gemv, "BYTE_PERMUTE", on))
 
 
 def main() -> None:

@@ -28,7 +28,7 @@
 #   7b-2-no-send  bench --tp 2 with wo and w2 handing their outputs to the all-reduce kernel instead of pushing
 #               them into the Lamport buffers themselves (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~1.5 min
 #   gemv        tests/gpu_int8_gemv.py on one GPU: each product of Mistral-7B, whole and halved, alone in CUDA
-#               graphs, with the plain and the persistent GEMV kernel among the others: ~2 min
+#               graphs: int8 (inductor's, the kernel's two paths) and bf16 (cuBLAS, the GEMV kernel): ~2 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
 #               first (~100 s): ~5 min

@@ -63,9 +63,24 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
     phases["residual"] = worst
     # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1), against the
     # product, then the all-reduce: the same bits
-    from mistral_chat.engine import gemv
+    from mistral_chat.engine import experts_gemv, gemv
 
     same = True
+
+    def sent_and_plain(name: str, call, partials: list[torch.Tensor], residual: torch.Tensor) -> None:
+        nonlocal same, worst
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
+        sent = call()
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
+        plain = call()
+        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
+        partials = [p.float().flatten() for p in partials]
+        want = residual.float().flatten() + sum(partials)
+        scale = (residual.float().abs().flatten() + sum(p.abs() for p in partials)) * 2 ** -6  # three bf16 roundings
+        worst = max(worst, float(((sent[0].detach().float().flatten() - want).abs() / scale).max()))
+        phases[name] = (worst, [torch.equal(a, b) for a, b in zip(sent, plain)])
+        outs.append(sent[0].flatten().tolist())
+
     for n, k in SEND_SHAPES:
         weights = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
         xs = [torch.randn(1, 1, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
@@ -73,36 +88,18 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16)
         linear = gemv.Linear(k, n, bias=False)
         linear.weight.data, linear.row_kernel = weights[rank], True
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
-        sent = parallel.linear_all_reduce_residual(xs[rank], linear, residual, weight, par)
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
-        plain = parallel.linear_all_reduce_residual(xs[rank], linear, residual, weight, par)
-        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
-        partials = [F.linear(xs[r].float(), weights[r].float()) for r in range(world)]
-        want = residual.float() + sum(partials)
-        scale = (residual.float().abs() + sum(p.abs() for p in partials)) * 2 ** -6  # three bf16 roundings
-        worst = max(worst, float(((sent[0].detach().float() - want).abs() / scale).max()))
-        phases[f"send {n}x{k}"] = (worst, [torch.equal(a, b) for a, b in zip(sent, plain)])
-        outs.append(sent[0].flatten().tolist())
-    from mistral_chat.engine import experts_gemv
-
+        sent_and_plain(f"send {n}x{k}", lambda: parallel.linear_all_reduce_residual(xs[rank], linear, residual,
+                                                                                    weight, par),
+                       [F.linear(xs[r].float(), weights[r].float()) for r in range(world)], residual)
     for n, k in EXPERTS_SHAPES:
         w2s = [torch.randn(3, n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
         acts = [torch.randn(2, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
         experts, routing = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]]).to(torch.bfloat16)  # the same on all
         residual = torch.randn(1, 1, n, generator=gen).to(torch.bfloat16)
         weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16)
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
-        sent = parallel.experts_all_reduce_residual(acts[rank], w2s[rank], experts, routing, residual, weight, par)
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
-        plain = parallel.experts_all_reduce_residual(acts[rank], w2s[rank], experts, routing, residual, weight, par)
-        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
-        partials = [experts_gemv.experts_down(acts[r], w2s[r], experts, routing).float() for r in range(world)]
-        want = residual.float().view(n) + sum(partials)
-        scale = (residual.float().abs().view(n) + sum(p.abs() for p in partials)) * 2 ** -6
-        worst = max(worst, float(((sent[0].float().view(n) - want).abs() / scale).max()))
-        phases[f"experts {n}x{k}"] = (worst, [torch.equal(a, b) for a, b in zip(sent, plain)])
-        outs.append(sent[0].flatten().tolist())
+        sent_and_plain(f"experts {n}x{k}", lambda: parallel.experts_all_reduce_residual(
+                           acts[rank], w2s[rank], experts, routing, residual, weight, par),
+                       [experts_gemv.experts_down(acts[r], w2s[r], experts, routing) for r in range(world)], residual)
     results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases))
 
 

@@ -90,7 +90,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
     all-reduces; the push itself: tests/test_lamport_all_reduce.py)."""
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # the ranks inherit it
     kind = "mixtral" if all_reduce == "fused-send" else "mistral"
-    path = write_tiny_model(tmp_path / "m", kind)["native"]  # Mistral's window 16 < 20 + 6 tokens: the cache wraps
+    path = write_tiny_model(tmp_path / "m", kind)["native"]  # Mistral's window 16 < 20 + 3 tokens: the cache wraps
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     out, port = tmp_path / "rank0.pt", free_port()
     dtype = torch.float32

@@ -38,7 +38,7 @@ except ImportError:  # CPU-only torch builds ship without Triton
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.gemv import _CONFIGS, _block_done, _norm_scale, _store_block
+    from mistral_chat.engine.gemv import _CONFIGS, _norm_scale, _store_rows, _sums_done
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit
@@ -82,10 +82,10 @@ if triton is not None:
             if SUM:
                 total += sums.to(dtype).to(tl.float32) * tl.load(weights_ptr + slot).to(tl.float32)
             else:
-                _store_block(out_ptr + slot * N, sums, tl.program_id(0), N, BLOCK_N, PARTS)
+                _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
         if SUM:
-            _block_done(total, tl.program_id(0), out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS,
-                        SEND, RANK, WORLD, SEND_BLOCK)
+            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                       SEND_BLOCK)
 
 
 def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, default: bool) -> bool:

@@ -80,25 +80,26 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _block_done(tl.sum(acc, axis=1) * scale, tl.program_id(0), out_ptr, N, buffers_ptr, counters_ptr, capacity,
-                    BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
+        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS,
+                   SEND, RANK, WORLD, SEND_BLOCK)
 
     @triton.jit
-    def _block_done(sums, block, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
-                    PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                    SEND_BLOCK: tl.constexpr):
-        """The finished sums of block `block` (outputs block * BLOCK_N ...): pushed into every rank's Lamport
-        buffer (SEND), or stored (`_store_block`)."""
+    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                   PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                   SEND_BLOCK: tl.constexpr):
+        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND), or stored
+        (`_store_rows`). Shared with experts_gemv."""
         if SEND:
-            units = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
         else:
-            _store_block(out_ptr, sums, block, N, BLOCK_N, PARTS)
+            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
     @triton.jit
     def _norm_scale(norm_ptr, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-        """1 / rms(h) of h at norm_ptr ([K], 8 KB for Mistral-7B, read from L2) with NORM, else 1."""
+        """1 / rms(h) of h at norm_ptr ([K], 8 KB for Mistral-7B, read from L2) with NORM, else 1. Shared with
+        experts_gemv."""
         if NORM:
             cols = tl.arange(0, BLOCK_K)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -113,12 +114,7 @@ if triton is not None:
     def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
         """Store a program's row sums (PARTS=2: gate and up interleaved, stored as SiLU(gate) * up; each rounded
         to out's dtype first, as the product and then SiLU round in the plain formula). Shared with int8_gemv."""
-        _store_block(out_ptr, sums, tl.program_id(0), N, BLOCK_N, PARTS)
-
-    @triton.jit
-    def _store_block(out_ptr, sums, block, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
-        """_store_rows for the outputs of block `block` (rows block * BLOCK_N ...)."""
-        units = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
         if PARTS == 2:
             gate, up = tl.split(tl.reshape(sums.to(dtype).to(tl.float32), (BLOCK_N, 2)))
@@ -145,7 +141,8 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
-                 PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
+                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                       **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
