@@ -54,6 +54,34 @@ def print_kinds(events, steps: int, wall: float) -> None:
     print(f"kernel time {total / steps / 1000:.3f} ms per step; wall (profiled) {wall / steps * 1000:.3f} ms")
 
 
+def print_timeline(prof, steps: int, layers: int) -> None:
+    """What each kernel costs inside the pipeline: kernels of one stream end in order, so the time from the previous
+    kernel's end to a kernel's end is what it adds to a step, whatever it overlapped before (with programmatic
+    dependent launch a kernel starts, and its profiled time begins, while the one before still runs). Prints that
+    time per kernel name (mean per call, and per step), then one middle layer's kernels in order."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.end)
+    if len(kernels) < 2:
+        return
+    added: dict[str, list[float]] = defaultdict(list)
+    sequence = []
+    for before, e in zip(kernels, kernels[1:]):
+        us = e.time_range.end - before.time_range.end
+        added[e.name].append(us)
+        sequence.append((e.name, us, e.time_range.end - e.time_range.start))
+    print(f"time each kernel adds to a step (previous kernel's end to its end), {steps} steps:")
+    for name, values in sorted(added.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {sum(values) / steps:8.1f} us/step  {len(values) / steps:5.1f} calls/step  "
+              f"{sum(values) / len(values):6.2f} us/call  {name[:90]}")
+    per_step = len(sequence) // steps
+    start = (steps // 2) * per_step + per_step // 2  # a middle layer of a middle step
+    print(f"kernels of one layer in order (~{per_step} kernels a step, {layers} layers): added us, own us, name")
+    for name, us, own in sequence[start:start + max(per_step // max(layers, 1), 1) + 2]:
+        print(f"  {us:7.2f} {own:7.2f}  {name[:100]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
@@ -126,6 +154,7 @@ def main() -> None:
     print(events.table(sort_by=sort, row_limit=25, max_name_column_width=80))
     if device.type == "cuda":
         print_kinds(events, a.steps, wall)
+        print_timeline(prof, a.steps, config.n_layers)
 
 
 if __name__ == "__main__":

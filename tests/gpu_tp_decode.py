@@ -151,7 +151,7 @@ def profile_steps(rank: int, step: DecodeStep, token: torch.Tensor, position: in
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_profile_decode import print_kinds
+    from gpu_profile_decode import print_kinds, print_timeline
 
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -166,6 +166,7 @@ def profile_steps(rank: int, step: DecodeStep, token: torch.Tensor, position: in
                            max_name_column_width=70), flush=True)
         if cuda:
             print_kinds(events, n, wall)
+            print_timeline(prof, n, step.model.config.n_layers)
 
 
 if __name__ == "__main__":
