@@ -25,6 +25,8 @@ interpreter, TRITON_INTERPRET=1, which the tests use).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mistral_chat.engine.fused import INTERPRETED, pdl, triton_runs
@@ -51,12 +53,14 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_t, sm_s,
                           scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+                          LATE: tl.constexpr):
         """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT).
 
         DOT: the dtype of tl.dot's operands, the inputs' own except under the interpreter, whose tl.dot multiplies
         bfloat16's raw bits as integers (Triton 3.9): there float32, of the same rounded values."""
-        start_next(PDL)
+        if not LATE:
+            start_next(PDL)
         wait_previous(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hkv = bh // HEADS_KV, bh % HEADS_KV
@@ -100,12 +104,15 @@ if triton is not None:
             splits = tl.num_programs(1)
             tl.store(part_ptr + (row[:, None] * splits + split) * D + d[None, :], out, mask=ok)
             tl.store(lse_ptr + row * splits + split, m_i + tl.log2(l_i), mask=row_ok)  # -inf if nothing allowed
+        if LATE:
+            start_next(PDL)
 
     @triton.jit
     def _combine_kernel(part_ptr, lse_ptr, out_ptr, splits, D, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, LATE: tl.constexpr):
         """out[row] = the ranges' partial outputs weighted by their share exp2(lse) of the softmax's sum."""
-        start_next(PDL)
+        if not LATE:
+            start_next(PDL)
         wait_previous(PDL)
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK_SPLITS)
@@ -118,12 +125,15 @@ if triton is not None:
         total = tl.sum(w, axis=0)
         out = tl.sum(part * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+        if LATE:
+            start_next(PDL)
 
 
 def split_size(keys: int, programs: int) -> int:
     """Keys per range: whole tiles, at least MIN_SPLIT, and ranges enough for about PROGRAMS programs in all
     (`programs`: the programs per range), at most MAX_SPLITS."""
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS, programs), triton.cdiv(keys, MIN_SPLIT)))
+    min_split = int(os.environ.get("MISTRAL_CHAT_ATTENTION_MIN_SPLIT", MIN_SPLIT))
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS, programs), triton.cdiv(keys, min_split)))
     return triton.cdiv(triton.cdiv(keys, splits), BLOCK_S) * BLOCK_S
 
 
@@ -145,14 +155,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         part = torch.empty((b * h * t, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b * h * t, splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
+    late = os.environ.get("MISTRAL_CHAT_ATTENTION_NEXT", "") == "late"
     _attention_kernel[(b * hkv, splits, row_blocks)](
         q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
         *mask.stride(), d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
         DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, **pdl(q))
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, LATE=late, **pdl(q))
     if splits > 1:
         _combine_kernel[(b * h * t,)](part, lse, out, splits, d, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      BLOCK_D=block_d, num_warps=4, **pdl(q))
+                                      BLOCK_D=block_d, num_warps=4, LATE=late, **pdl(q))
     return out
 
 
