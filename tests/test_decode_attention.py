@@ -113,9 +113,9 @@ def test_the_kernel_compiles_for_hopper():
     constexprs = {"BLOCK_M": 16, "BLOCK_S": 64, "BLOCK_D": 128, "DOT": tl.bfloat16, "PRECISION": "tf32"}
     for direct in (False, True):
         kernel = compile_for_hopper(decode_attention._attention_kernel, signature,
-                                    constexprs | {"DIRECT": direct, "PDL": True, "LATE": False})
+                                    constexprs | {"DIRECT": direct, "PDL": True})
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
     combine = compile_for_hopper(decode_attention._combine_kernel,
                                  {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32",
-                                  "D": "i32"}, {"BLOCK_SPLITS": 8, "BLOCK_D": 128, "PDL": True, "LATE": False})
+                                  "D": "i32"}, {"BLOCK_SPLITS": 8, "BLOCK_D": 128, "PDL": True})
     assert "griddepcontrol.launch_dependents" in combine.asm["ptx"]

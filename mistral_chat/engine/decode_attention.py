@@ -42,7 +42,7 @@ else:
 available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
 
 BLOCK_S = 64  # keys per tile
-MIN_SPLIT = 128  # fewest keys per range of a split cache (a multiple of BLOCK_S)
+MIN_SPLIT = 64  # fewest keys per range of a split cache (a multiple of BLOCK_S)
 MAX_SPLITS = 64  # most ranges per sequence and head (the combine kernel reads them all at once)
 PROGRAMS = 264  # programs to aim for on a long cache: two per SM of a 132-SM H100
 WARPS = 4  # warps per program of the attention kernel
@@ -53,14 +53,12 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_t, sm_s,
                           scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                          LATE: tl.constexpr):
+                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT).
 
         DOT: the dtype of tl.dot's operands, the inputs' own except under the interpreter, whose tl.dot multiplies
         bfloat16's raw bits as integers (Triton 3.9): there float32, of the same rounded values."""
-        if not LATE:
-            start_next(PDL)
+        start_next(PDL)
         wait_previous(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hkv = bh // HEADS_KV, bh % HEADS_KV
@@ -104,15 +102,12 @@ if triton is not None:
             splits = tl.num_programs(1)
             tl.store(part_ptr + (row[:, None] * splits + split) * D + d[None, :], out, mask=ok)
             tl.store(lse_ptr + row * splits + split, m_i + tl.log2(l_i), mask=row_ok)  # -inf if nothing allowed
-        if LATE:
-            start_next(PDL)
 
     @triton.jit
     def _combine_kernel(part_ptr, lse_ptr, out_ptr, splits, D, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr, LATE: tl.constexpr):
+                        PDL: tl.constexpr):
         """out[row] = the ranges' partial outputs weighted by their share exp2(lse) of the softmax's sum."""
-        if not LATE:
-            start_next(PDL)
+        start_next(PDL)
         wait_previous(PDL)
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK_SPLITS)
@@ -125,8 +120,6 @@ if triton is not None:
         total = tl.sum(w, axis=0)
         out = tl.sum(part * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-        if LATE:
-            start_next(PDL)
 
 
 def split_size(keys: int, programs: int) -> int:
@@ -155,15 +148,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         part = torch.empty((b * h * t, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b * h * t, splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
-    late = os.environ.get("MISTRAL_CHAT_ATTENTION_NEXT", "") == "late"
     _attention_kernel[(b * hkv, splits, row_blocks)](
         q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
         *mask.stride(), d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
         DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, LATE=late, **pdl(q))
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, **pdl(q))
     if splits > 1:
         _combine_kernel[(b * h * t,)](part, lse, out, splits, d, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      BLOCK_D=block_d, num_warps=4, LATE=late, **pdl(q))
+                                      BLOCK_D=block_d, num_warps=4, **pdl(q))
     return out
 
 
