@@ -110,8 +110,7 @@ def test_the_experts_kernels_compile_for_hopper():
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",
                  "weights_ptr": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i64",
                  "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "buffers_ptr": "*i64",
-                 "counters_ptr": "*i32", "capacity": "i32",
-                 "residual_ptr": "*bf16", "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}
+                 "counters_ptr": "*i32", "capacity": "i32"}
     cases = ((4, 512, 2, False, True, False), (8, 256, 2, False, False, False), (8, 256, 1, True, False, False),
              (1, 2048, 1, True, False, False), (4, 512, 1, True, False, True))
     for block_n, block_k, parts, summed, norm, send in cases:

@@ -26,14 +26,11 @@ EXPERTS_SHAPES = [(130, 40)]  # then Mixtral's chosen experts' w2 (dim, hidden; 
 def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
     """One rank (a spawned process, TRITON_INTERPRET=1 inherited): all-reduces through parallel's route."""
     from mistral_chat.engine import parallel
-    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce, buffer_slots
+    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
 
     torch.set_num_threads(1)
     parallel._fast_kernel = LamportAllReduce([b.data_ptr() for b in buffers], rank, CAPACITY, torch.device("cpu"),
                                              block=BLOCK)
-    half = buffer_slots(world, CAPACITY) * 2  # bytes: the products receiving their own sums use the second half
-    parallel._fast_receiving = LamportAllReduce([b.data_ptr() + half for b in buffers], rank, CAPACITY,
-                                                torch.device("cpu"), block=1)
     parallel._fast_buffer = buffers[rank]
     parallel._fast_route = ("cpu-test", torch.bfloat16, CAPACITY)
     par = parallel.Parallel(rank=rank, world=world)
@@ -64,23 +61,19 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         worst = max(worst, float(((weighted.float() - want).abs() / (want.abs().clamp(min=2 ** -126) * 2 ** -7)).max()))
         outs.append(h.tolist() + weighted.tolist())
     phases["residual"] = worst
-    # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1; a dense one also
-    # receiving its outputs' sums itself, unless MISTRAL_CHAT_RECEIVE_IN_PRODUCTS=0), against the product, then
-    # the all-reduce: the same bits
+    # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1), against the
+    # product, then the all-reduce: the same bits
     from mistral_chat.engine import experts_gemv, gemv
 
     same = True
 
-    def sent_and_plain(name: str, call, partials: list[torch.Tensor], residual: torch.Tensor,
-                       receiving: tuple[str, ...] = ("1",)) -> None:
+    def sent_and_plain(name: str, call, partials: list[torch.Tensor], residual: torch.Tensor) -> None:
         nonlocal same, worst
+        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
+        sent = call()
         os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
         plain = call()
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
-        for receive in receiving:
-            os.environ["MISTRAL_CHAT_RECEIVE_IN_PRODUCTS"] = receive
-            sent = call()
-            same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
+        same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
         partials = [p.float().flatten() for p in partials]
         want = residual.float().flatten() + sum(partials)
         scale = (residual.float().abs().flatten() + sum(p.abs() for p in partials)) * 2 ** -6  # three bf16 roundings
@@ -97,7 +90,7 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         linear.weight.data, linear.row_kernel = weights[rank], True
         sent_and_plain(f"send {n}x{k}", lambda: parallel.linear_all_reduce_residual(xs[rank], linear, residual,
                                                                                     weight, par),
-                       [F.linear(xs[r].float(), weights[r].float()) for r in range(world)], residual, ("1", "0"))
+                       [F.linear(xs[r].float(), weights[r].float()) for r in range(world)], residual)
     for n, k in EXPERTS_SHAPES:
         w2s = [torch.randn(3, n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
         acts = [torch.randn(2, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
@@ -107,8 +100,7 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         sent_and_plain(f"experts {n}x{k}", lambda: parallel.experts_all_reduce_residual(
                            acts[rank], w2s[rank], experts, routing, residual, weight, par),
                        [experts_gemv.experts_down(acts[r], w2s[r], experts, routing) for r in range(world)], residual)
-    results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases,
-                 parallel._fast_receiving.counters.tolist()))
+    results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -119,7 +111,7 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the spawned ranks import the kernel
     ctx = mp.get_context("spawn")
-    buffers = [torch.full((2 * buffer_slots(world, CAPACITY),), EMPTY, dtype=torch.int16).share_memory_()
+    buffers = [torch.full((buffer_slots(world, CAPACITY),), EMPTY, dtype=torch.int16).share_memory_()
                for _ in range(world)]
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, world, buffers, results)) for r in range(world)]
@@ -141,9 +133,6 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     sizes = SIZES + RESIDUAL_SIZES + [n for n, _ in SEND_SHAPES + EXPERTS_SHAPES for _ in range(2)]
     calls_per_program = [sum(1 for n in sizes if n > p * BLOCK) for p in range(CAPACITY // BLOCK)]
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
-    # and each element's of the products that received their own sums, once per such call
-    calls_per_element = [sum(1 for n, _ in SEND_SHAPES if n > u) for u in range(CAPACITY)]
-    assert all(g[6] == [c % 3 for c in calls_per_element] for g in got)
 
 
 def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):

@@ -43,8 +43,7 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit
     def _experts_kernel(x_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, N, K, stride_x, stride_we, stride_wn, UP,
-                        norm_ptr, eps, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr, weighted_ptr,
-                        BLOCK_N: tl.constexpr,
+                        norm_ptr, eps, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PARTS: tl.constexpr, SLOTS: tl.constexpr, SUM: tl.constexpr,
                         NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                         SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -85,8 +84,8 @@ if triton is not None:
             else:
                 _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
         if SUM:
-            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr,
-                       weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
+            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                       SEND_BLOCK)
 
 
 def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, default: bool) -> bool:
@@ -113,8 +112,7 @@ def experts_swiglu(x: torch.Tensor, w13: torch.Tensor, experts: torch.Tensor, no
         return (triton.cdiv(rows // 2, meta["BLOCK_N"]), slots)
 
     _experts_kernel[grid](x_row, w13, out, experts.reshape(slots).contiguous(), x_row, rows // 2, dim, 0,
-                          w13.stride(0), w13.stride(1), rows // 2, h_row, eps, out, out, 0, out, out, out, PARTS=2,
-                          SLOTS=slots,
+                          w13.stride(0), w13.stride(1), rows // 2, h_row, eps, out, out, 0, PARTS=2, SLOTS=slots,
                           SUM=False, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
     return out
 
@@ -138,8 +136,8 @@ def experts_down(act: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor, wei
         return (triton.cdiv(dim, meta["BLOCK_N"]),)
 
     _experts_kernel[grid](act, w2, out, experts.reshape(slots).contiguous(), weights.reshape(slots).contiguous(),
-                          dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0, out, out, 0, out,
-                          out, out, PARTS=1, SLOTS=slots, SUM=True, NORM=False, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                          dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0, out, out, 0,
+                          PARTS=1, SLOTS=slots, SUM=True, NORM=False, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
                           **pdl(act))
     return out
 
@@ -161,7 +159,7 @@ def experts_down_to_peers(act: torch.Tensor, w2: torch.Tensor, experts: torch.Te
         config = _send_configs[key] = _experts_kernel.best_config
     _experts_kernel.fn[(triton.cdiv(dim, config.kwargs["BLOCK_N"]),)](
         act, w2, act, experts, weights, dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0,
-        lamport.addresses, lamport.counters, lamport.capacity, act, act, act, PARTS=1, SLOTS=slots, SUM=True, NORM=False,
+        lamport.addresses, lamport.counters, lamport.capacity, PARTS=1, SLOTS=slots, SUM=True, NORM=False,
         SEND=True, RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block, **config.all_kwargs(),
         **pdl(act))
 

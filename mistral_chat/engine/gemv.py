@@ -37,7 +37,7 @@ except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.lamport_all_reduce import push, receive_own_units
+    from mistral_chat.engine.lamport_all_reduce import push
 
     # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
@@ -50,7 +50,7 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
-                     capacity, residual_ptr, weight_ptr, weighted_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
+                     capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
                      NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                      SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
@@ -61,9 +61,7 @@ if triton is not None:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
         SEND (PARTS=1, bf16): instead of storing out, each program pushes its outputs into every rank's Lamport
         all-reduce buffer (buffers_ptr, counters_ptr, capacity, RANK, WORLD, SEND_BLOCK: those of a
-        LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`. SEND=2 (SEND_BLOCK 1): each
-        program then also waits for every rank's values of its outputs, and stores residual + their sum into out
-        and that times weight into weighted (the all-reduce's RESIDUAL), with no all-reduce kernel after it.
+        LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`.
         PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
         start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
@@ -82,22 +80,19 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, counters_ptr, capacity, residual_ptr,
-                   weight_ptr, weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK)
+        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS,
+                   SEND, RANK, WORLD, SEND_BLOCK)
 
     @triton.jit
-    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr, weighted_ptr,
-                   BLOCK_N: tl.constexpr, PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr,
-                   WORLD: tl.constexpr, SEND_BLOCK: tl.constexpr):
-        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND; SEND=2: then received
-        back summed, see _gemv_kernel), or stored (`_store_rows`). Shared with experts_gemv."""
+    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                   PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                   SEND_BLOCK: tl.constexpr):
+        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND), or stored
+        (`_store_rows`). Shared with experts_gemv."""
         if SEND:
             units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
-            if SEND == 2:
-                receive_own_units(units, units < N, gen, buffers_ptr, counters_ptr, capacity, residual_ptr,
-                                  weight_ptr, weighted_ptr, out_ptr, RANK, WORLD)
         else:
             _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
@@ -146,21 +141,16 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
-                       out, out, out, PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
                        **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
-def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport, residual: torch.Tensor | None = None,
-                        norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     """x ([..., K], one row, bf16) times weight ([N, K], bf16, rows contiguous) transposed, its outputs pushed
     straight into every rank's buffer of `lamport` (a LamportAllReduce) instead of into a tensor, for
     `lamport.receive` to sum: the all-reduce's kernel then neither reads this rank's input nor sends it, and each
-    program's outputs leave for the peers as soon as they are computed.
-
-    With `residual` and `norm_weight` (bf16, N elements; `lamport` with one counter per element, block=1), each
-    program also waits for the peers' values of its own outputs and sums them itself: returns residual + the sum
-    over the ranks, and that times norm_weight, as `lamport.receive` would, with no all-reduce kernel."""
+    program's outputs leave for the peers as soon as they are computed."""
     assert triton is not None, "linear_row_to_peers needs Triton"
     k, n = x.shape[-1], weight.shape[0]
     assert x.dtype == weight.dtype == torch.bfloat16 and n <= lamport.capacity
@@ -172,18 +162,10 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport, residual
     if config is None:
         linear_row(x, weight)
         config = _send_configs[key] = _gemv_kernel.best_config
-    receiving = residual is not None
-    if receiving:
-        assert lamport.block == 1 and norm_weight is not None and residual.numel() == n
-        residual, norm_weight = residual.contiguous(), norm_weight.contiguous()
-        h, weighted = torch.empty_like(residual), torch.empty_like(residual)
-    else:
-        h = weighted = residual = norm_weight = x_row
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
-        x_row, weight, h, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
-        lamport.capacity, residual, norm_weight, weighted, PARTS=1, NORM=False, SEND=2 if receiving else 1,
-        RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
-    return (h, weighted) if receiving else None
+        x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
+        lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
+        SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
 
 
 _send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's tuned triton.Config

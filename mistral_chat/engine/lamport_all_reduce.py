@@ -48,51 +48,6 @@ if triton is not None:
             tl.store(peer + (gen * WORLD + RANK) * capacity + offs, bits, mask=mask)
 
     @triton.jit
-    def receive(offs, mask, gen, buffers_ptr, capacity, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """The sum (bf16) of every rank's values at offs of generation gen in this rank's buffer, once none is
-        EMPTY any more; added in rank order, so that every rank gets the same bits."""
-        own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
-        acc = tl.zeros(offs.shape, tl.float32)
-        for p in tl.static_range(WORLD):
-            slot = own + (gen * WORLD + p) * capacity + offs
-            got = tl.load(slot, mask=mask, other=0, volatile=True)
-            while tl.max((got == _EMPTY).to(tl.int32), axis=0) > 0:
-                got = tl.load(slot, mask=mask, other=0, volatile=True)
-            acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        return acc.to(tl.bfloat16)
-
-    @triton.jit
-    def add_residual(total, offs, mask, residual_ptr, weight_ptr, weighted_ptr):
-        """residual + total (rounded as the eager add), returned; and that times weight stored into weighted."""
-        residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        total = (residual + total.to(tl.float32)).to(tl.bfloat16)
-        weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(weighted_ptr + offs, (total.to(tl.float32) * weight).to(tl.bfloat16), mask=mask)
-        return total
-
-    @triton.jit
-    def receive_own_units(units, mask, gen, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr,
-                          weighted_ptr, out_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """For a product that pushed `units` (its own: no other program of its kernel touches them) at generation
-        gen, read from counters_ptr, one counter per unit: wait for every rank's values of them, store residual
-        + their sum into out and that times weight into weighted (as the kernel's RESIDUAL), clear the
-        generation before for them and advance their counters (gemv.linear_row_to_peers with a residual)."""
-        total = add_residual(receive(units, mask, gen, buffers_ptr, capacity, RANK, WORLD), units, mask,
-                             residual_ptr, weight_ptr, weighted_ptr)
-        tl.store(out_ptr + units, total, mask=mask)
-        clear_before(units, mask, gen, buffers_ptr, capacity, RANK, WORLD)
-        tl.store(counters_ptr + units, (gen + 1) % 3, mask=mask)
-
-    @triton.jit
-    def clear_before(offs, mask, gen, buffers_ptr, capacity, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """EMPTY into every rank's slot at offs of the generation before gen in this rank's buffer: every peer has
-        written it and read what it needed; none writes it before this rank has sent its next input."""
-        own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
-        stale = (gen + 2) % 3
-        for p in tl.static_range(WORLD):
-            tl.store(own + (stale * WORLD + p) * capacity + offs, tl.full(offs.shape, _EMPTY, tl.int16), mask=mask)
-
-    @triton.jit
     def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity, residual_ptr,
                                    weight_ptr, weighted_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                    BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, SENT: tl.constexpr,
@@ -110,12 +65,25 @@ if triton is not None:
         gen = tl.load(counters_ptr + pid)
         if not SENT:  # this rank's slice into slot RANK of every rank's buffer
             push(tl.load(x_ptr + offs, mask=mask, other=0.0), offs, mask, gen, buffers_ptr, capacity, RANK, WORLD)
-        total = receive(offs, mask, gen, buffers_ptr, capacity, RANK, WORLD)
+        own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
+        acc = tl.zeros([BLOCK], tl.float32)
+        for p in tl.static_range(WORLD):  # rank order: every rank adds the same values in the same order
+            slot = own + (gen * WORLD + p) * capacity + offs
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+            while tl.max((got == _EMPTY).to(tl.int32), axis=0) > 0:
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+            acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        total = acc.to(tl.bfloat16)
         if RESIDUAL:
-            total = add_residual(total, offs, mask, residual_ptr, weight_ptr, weighted_ptr)
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            total = (residual + total.to(tl.float32)).to(tl.bfloat16)
+            weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(weighted_ptr + offs, (total.to(tl.float32) * weight).to(tl.bfloat16), mask=mask)
         tl.store(out_ptr + offs, total, mask=mask)
-        # the whole block, also past n: a call of another size may have written there
-        clear_before(offs, offs < capacity, gen, buffers_ptr, capacity, RANK, WORLD)
+        stale = (gen + 2) % 3  # the generation read last call: every peer has written it, none writes it next
+        empty = tl.full([BLOCK], _EMPTY, tl.int16)
+        for p in tl.static_range(WORLD):
+            tl.store(own + (stale * WORLD + p) * capacity + pid * BLOCK + tl.arange(0, BLOCK), empty)
         tl.store(counters_ptr + pid, (gen + 1) % 3)
 
 

@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 FAST_ALL_REDUCE_BYTES = 1 << 20  # the largest all-reduce sent through symmetric memory (decode: 8 KB a token)
 _fast_buffer: torch.Tensor | None = None  # this rank's symmetric-memory buffer (read by the op, outside tracing)
 _fast_kernel: Any = None  # a LamportAllReduce when that kernel carries the fast route, else None (torch's kernel)
-# with it, a LamportAllReduce of one counter per element, in the buffer's second half: for products that receive
-# their own outputs' sums (gemv.linear_row_to_peers with a residual)
-_fast_receiving: Any = None
 # what the traced code may read (plain values: torch.compile guards on them instead of lifting a tensor); one
 # model group per process: (group name, dtype, elements) of its buffer, or None
 _fast_route: tuple[str, torch.dtype, int] | None = None
@@ -151,10 +148,6 @@ def _send_in_products() -> bool:
     return os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1") == "1"
 
 
-def _receive_in_products() -> bool:
-    return os.environ.get("MISTRAL_CHAT_RECEIVE_IN_PRODUCTS", "1") == "1"
-
-
 def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
     """The group's name when `x` may take the symmetric-memory path: a buffer of its dtype holds it, and its size
     is fixed (decode; prefill compiled for any prompt length goes through NCCL)."""
@@ -211,8 +204,6 @@ def linear_all_reduce_residual_op(x: torch.Tensor, weight: torch.Tensor, residua
         product = gemv.linear_row(x, weight) if experts is None else experts_gemv.experts_down(x, weight, experts,
                                                                                                routing)
         return fast_all_reduce_residual(product.view(residual.shape), residual, norm_weight, group_name)
-    if experts is None and _fast_receiving is not None and _receive_in_products():
-        return gemv.linear_row_to_peers(x, weight, _fast_receiving, residual, norm_weight.expand(residual.shape))
     if experts is None:
         gemv.linear_row_to_peers(x, weight, _fast_kernel)
     else:
@@ -285,7 +276,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
     choice = all_reduce_choice(dtype)
     if not parallel.enabled or device.type != "cuda" or choice == "nccl":
         return False
-    global _fast_buffer, _fast_kernel, _fast_receiving, _fast_route, _symmetric_memory_used
+    global _fast_buffer, _fast_kernel, _fast_route, _symmetric_memory_used
     group_name = parallel.process_group.group_name
     capacity = FAST_ALL_REDUCE_BYTES // dtype.itemsize  # elements
 
@@ -304,9 +295,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
             if choice == "lamport":
                 from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
 
-                # two halves: one for the all-reduce kernel, one for products receiving their own outputs' sums
-                buffer = symm_mem.empty(2 * buffer_slots(parallel.world, capacity), dtype=torch.int16,
-                                        device=device)
+                buffer = symm_mem.empty(buffer_slots(parallel.world, capacity), dtype=torch.int16, device=device)
                 buffer.fill_(EMPTY)
             else:
                 buffer = symm_mem.empty(capacity, dtype=dtype, device=device)
@@ -322,13 +311,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         if choice == "lamport":
             from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
 
-            from mistral_chat.engine.lamport_all_reduce import buffer_slots
-
-            addresses = list(handle.buffer_ptrs)
-            _fast_kernel = LamportAllReduce(addresses, parallel.rank, capacity, device)
-            half = buffer_slots(parallel.world, capacity) * buffer.element_size()
-            _fast_receiving = LamportAllReduce([a + half for a in addresses], parallel.rank, capacity, device,
-                                               block=1)
+            _fast_kernel = LamportAllReduce(list(handle.buffer_ptrs), parallel.rank, capacity, device)
         probe = torch.full((4096,), float(parallel.rank + 1), dtype=dtype, device=device)
         expected = parallel.world * (parallel.world + 1) / 2
         ok = bool((fast_all_reduce(probe, group_name) == expected).all())
@@ -352,10 +335,10 @@ def fast_all_reduce_kernel() -> str | None:
 
 def disable_fast_all_reduce() -> None:
     """Forget the buffer (before leaving the process group)."""
-    global _fast_buffer, _fast_kernel, _fast_receiving, _fast_route
+    global _fast_buffer, _fast_kernel, _fast_route
     _fast_route = None
     _fast_buffer = None
-    _fast_kernel = _fast_receiving = None
+    _fast_kernel = None
 
 
 def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Parallel) -> torch.Tensor:
