@@ -164,6 +164,6 @@ def test_the_kernel_compiles_for_hopper():
     for residual, sent in ((False, False), (True, False), (True, True)):
         kernel = compile_for_hopper(lamport_all_reduce._lamport_all_reduce_kernel, signature, {
             "RANK": 1, "WORLD": 2, "BLOCK": lamport_all_reduce.BLOCK, "RESIDUAL": residual, "SENT": sent,
-            "PDL": True, "WORLD_P2": 2})
+            "PDL": True})
         ptx = kernel.asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

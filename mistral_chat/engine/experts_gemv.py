@@ -38,7 +38,7 @@ except ImportError:  # CPU-only torch builds ship without Triton
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.gemv import _CONFIGS, _generations, _norm_scale, _store_rows, _sums_done
+    from mistral_chat.engine.gemv import _CONFIGS, _norm_scale, _store_rows, _sums_done
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit
@@ -57,7 +57,6 @@ if triton is not None:
         gemv._gemv_kernel's SEND does (see `experts_down_to_peers`)."""
         start_next(PDL)
         wait_previous(PDL)  # the expert ids (and x) come from the kernels before
-        gen = _generations(counters_ptr, N, BLOCK_N, SEND, SEND_BLOCK)
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
@@ -85,7 +84,8 @@ if triton is not None:
             else:
                 _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
         if SUM:
-            _sums_done(total, out_ptr, N, buffers_ptr, gen, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD)
+            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                       SEND_BLOCK)
 
 
 def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, default: bool) -> bool:

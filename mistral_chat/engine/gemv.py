@@ -72,7 +72,6 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         wait_previous(PDL)
-        gen = _generations(counters_ptr, N, BLOCK_N, SEND, SEND_BLOCK)
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)  # after the first weights' load, which it overlaps
         acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads at the end
         for k0 in range(0, K, BLOCK_K):
@@ -81,27 +80,18 @@ if triton is not None:
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, gen, capacity, BLOCK_N, PARTS, SEND, RANK,
-                   WORLD)
+        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS,
+                   SEND, RANK, WORLD, SEND_BLOCK)
 
     @triton.jit
-    def _generations(counters_ptr, N, BLOCK_N: tl.constexpr, SEND: tl.constexpr, SEND_BLOCK: tl.constexpr):
-        """SEND: the Lamport generation of each of this program's outputs, read after the PDL wait and before the
-        products (not after them, where the read's latency would lengthen every program's end); else 0. Shared
-        with experts_gemv."""
+    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                   PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                   SEND_BLOCK: tl.constexpr):
+        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND), or stored
+        (`_store_rows`). Shared with experts_gemv."""
         if SEND:
             units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-            return tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
-        else:
-            return 0
-
-    @triton.jit
-    def _sums_done(sums, out_ptr, N, buffers_ptr, gen, capacity, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
-                   SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND, at generations gen:
-        `_generations`), or stored (`_store_rows`). Shared with experts_gemv."""
-        if SEND:
-            units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
         else:
             _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)

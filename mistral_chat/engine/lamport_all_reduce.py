@@ -51,7 +51,7 @@ if triton is not None:
     def _lamport_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, n, capacity, residual_ptr,
                                    weight_ptr, weighted_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                    BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, SENT: tl.constexpr,
-                                   PDL: tl.constexpr, WORLD_P2: tl.constexpr):
+                                   PDL: tl.constexpr):
         """Sum of x (bf16, n elements) over WORLD ranks into out. buffers_ptr: [WORLD] int64 addresses of every
         rank's int16 buffer (buffer_slots elements, all EMPTY at first); counters_ptr: this rank's int32
         generation per program, all 0 at first. RESIDUAL: out = residual + the sum (rounded as the eager add),
@@ -63,26 +63,21 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         gen = tl.load(counters_ptr + pid)
-        if RESIDUAL:  # loaded with the generation, not after the wait for the peers
-            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if not SENT:  # this rank's slice into slot RANK of every rank's buffer
             push(tl.load(x_ptr + offs, mask=mask, other=0.0), offs, mask, gen, buffers_ptr, capacity, RANK, WORLD)
         own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
-        # every rank's slot read at once, [WORLD_P2, BLOCK], then again until none holds EMPTY
-        ranks = tl.arange(0, WORLD_P2)
-        slots = own + (gen * WORLD + ranks[:, None]) * capacity + offs[None, :]
-        ok = (ranks[:, None] < WORLD) & mask[None, :]
-        got = tl.load(slots, mask=ok, other=0, volatile=True)
-        while tl.max(tl.max((got == _EMPTY).to(tl.int32), axis=1), axis=0) > 0:
-            got = tl.load(slots, mask=ok, other=0, volatile=True)
-        values = got.to(tl.bfloat16, bitcast=True).to(tl.float32)
         acc = tl.zeros([BLOCK], tl.float32)
         for p in tl.static_range(WORLD):  # rank order: every rank adds the same values in the same order
-            acc += tl.sum(tl.where(ranks[:, None] == p, values, 0.0), axis=0)  # rank p's row (adding zeros)
+            slot = own + (gen * WORLD + p) * capacity + offs
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+            while tl.max((got == _EMPTY).to(tl.int32), axis=0) > 0:
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+            acc += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
         total = acc.to(tl.bfloat16)
         if RESIDUAL:
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             total = (residual + total.to(tl.float32)).to(tl.bfloat16)
+            weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(weighted_ptr + offs, (total.to(tl.float32) * weight).to(tl.bfloat16), mask=mask)
         tl.store(out_ptr + offs, total, mask=mask)
         stale = (gen + 2) % 3  # the generation read last call: every peer has written it, none writes it next
@@ -128,4 +123,4 @@ class LamportAllReduce:
         _lamport_all_reduce_kernel[(triton.cdiv(n, self.block),)](
             x, out, self.addresses, self.counters, n, self.capacity, residual if add else x, weight if add else x,
             weighted if add else out, RANK=self.rank, WORLD=self.world, BLOCK=self.block, RESIDUAL=add, SENT=sent,
-            WORLD_P2=triton.next_power_of_2(self.world), num_warps=4, **pdl(x))
+            num_warps=4, **pdl(x))
