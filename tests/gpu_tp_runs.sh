@@ -8,7 +8,8 @@
 #   direct      tests/gpu_tp_decode.py under torchrun: compiled decode without the launcher (no command
 #               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
-#   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes)
+#   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes),
+#               and what each kernel adds to a step in the pipeline (the previous kernel's end to its end)
 #   profile-1   the same at 1 rank (one GPU's kernels, to set world 2's against)
 #   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)

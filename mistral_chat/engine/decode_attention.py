@@ -15,7 +15,10 @@ layers' caches; tests/gpu_decode_attention.py), a layer's attention took 5.3 / 6
 4096 / 32768 keys, against 6.8 / 9.6 / 24.0 / 88.0 us for inductor's compiled `grouped_attention`; at 32768 keys
 it reads K and V at about 2.7 TB/s. Without the split (one program per KV head) 32768 keys took 574 us. In a
 whole compiled decode step after a 512-token prompt the two were level (5.61 and 5.60 ms/token): the gain is at
-long conversations.
+long conversations. A range holds at least MIN_SPLIT = 64 keys (one tile): after a 512-token prompt that makes 9
+ranges instead of 5, each program a single tile; in a compiled step at two H100s under `--tp` (4 KV heads a GPU)
+a layer's attention took 4.6 us instead of 6.4 in the pipeline, 3.7 instead of 4.5 at one GPU (BENCHMARKS.md,
+2026-11-28).
 
 `decode_attention(q, k, v, mask)` is a torch custom op (one opaque call for torch.compile and CUDA graphs) that
 computes what `grouped_attention` computes, for strided q ([B, H, T, D]), k and v ([B, Hkv, S, D], slices of the
@@ -24,8 +27,6 @@ interpreter, TRITON_INTERPRET=1, which the tests use).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -125,8 +126,7 @@ if triton is not None:
 def split_size(keys: int, programs: int) -> int:
     """Keys per range: whole tiles, at least MIN_SPLIT, and ranges enough for about PROGRAMS programs in all
     (`programs`: the programs per range), at most MAX_SPLITS."""
-    min_split = int(os.environ.get("MISTRAL_CHAT_ATTENTION_MIN_SPLIT", MIN_SPLIT))
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS, programs), triton.cdiv(keys, min_split)))
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS, programs), triton.cdiv(keys, MIN_SPLIT)))
     return triton.cdiv(triton.cdiv(keys, splits), BLOCK_S) * BLOCK_S
 
 
