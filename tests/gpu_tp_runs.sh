@@ -11,6 +11,9 @@
 #   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes),
 #               and what each kernel adds to a step in the pipeline (the previous kernel's end to its end)
 #   profile-1   the same at 1 rank (one GPU's kernels, to set world 2's against)
+#   variants    `profile` once per entry of $VARIANTS (space-separated; each `base` or VAR=VALUE[,VAR=VALUE...],
+#               set for that run), printing each run's step time and one layer's kernels in the pipeline: several
+#               settings compared in one call, e.g. VARIANTS="base MISTRAL_CHAT_PDL=0 base MISTRAL_CHAT_PDL=0"
 #   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
 #   launcher    `direct` at 2 ranks, then the compiled step with what `--tp`'s launcher adds to each step, one piece
@@ -120,6 +123,11 @@ for step in "${steps[@]}"; do
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         profile) direct profile-2 120 2 auto --profile ;;
         profile-1) direct profile-1 120 1 auto --profile ;;
+        variants) for v in ${VARIANTS:-base}; do
+                (if [ "$v" != base ]; then export ${v//,/ }; fi
+                 direct "profile-2-$(echo "$v" | tr -c 'A-Za-z0-9\n' _)" 120 2 auto --profile) \
+                    | grep -E '^== |back to back|calls/step|^ +[0-9.]+ +[0-9.]+  ' | cut -c1-110
+            done ;;
         lamport) for ranks in 2 4; do
                 echo "== lamport-$ranks (limit 150 s)"
                 timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks tests/gpu_lamport_all_reduce.py 2>&1 \
