@@ -28,6 +28,7 @@ import os
 import torch
 
 from mistral_chat.engine.fused import pdl, triton_runs
+from mistral_chat.engine.gemv import send_config
 
 try:
     import triton
@@ -38,7 +39,7 @@ except ImportError:  # CPU-only torch builds ship without Triton
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.gemv import _CONFIGS, _norm_scale, _store_rows, _sums_done
+    from mistral_chat.engine.gemv import _CONFIGS, _norm_scale, _row_sums, _store_rows, _sums_done
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit
@@ -71,14 +72,7 @@ if triton is not None:
             w_rows = w_ptr + expert * stride_we + rows[:, None] * stride_wn
             x_row = x_ptr + slot * stride_x
             w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-            acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):  # each tile loaded one step ahead, as in gemv._gemv_kernel
-                x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-                ahead = k0 + BLOCK_K + cols
-                w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
-                acc += w.to(tl.float32) * x[None, :]
-                w = w_next
-            sums = tl.sum(acc, axis=1) * scale
+            sums = _row_sums(w, w_rows, row_ok, x_row, K, BLOCK_N * PARTS, BLOCK_K) * scale
             if SUM:
                 total += sums.to(dtype).to(tl.float32) * tl.load(weights_ptr + slot).to(tl.float32)
             else:
@@ -150,21 +144,13 @@ def experts_down_to_peers(act: torch.Tensor, w2: torch.Tensor, experts: torch.Te
     slots, (_, dim, hidden) = experts.numel(), w2.shape
     assert act.dtype == w2.dtype == torch.bfloat16 and dim <= lamport.capacity
     act, experts, weights = act.contiguous(), experts.reshape(slots).contiguous(), weights.reshape(slots).contiguous()
-    # Not autotuned itself (trying configurations would push each one's outputs to the peers): the configuration
-    # tuned for the plain product of the same shape (run once, first).
-    key = (dim, hidden, slots, w2.stride(0), w2.stride(1))
-    config = _send_configs.get(key)
-    if config is None:
-        experts_down(act, w2, experts, weights)
-        config = _send_configs[key] = _experts_kernel.best_config
+    config = send_config(_experts_kernel, (dim, hidden, slots, w2.stride(0), w2.stride(1)),
+                         lambda: experts_down(act, w2, experts, weights))
     _experts_kernel.fn[(triton.cdiv(dim, config.kwargs["BLOCK_N"]),)](
         act, w2, act, experts, weights, dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0,
         lamport.addresses, lamport.counters, lamport.capacity, PARTS=1, SLOTS=slots, SUM=True, NORM=False,
         SEND=True, RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block, **config.all_kwargs(),
         **pdl(act))
-
-
-_send_configs: dict = {}  # (dim, hidden, slots, strides) -> the plain product's tuned triton.Config
 
 
 @experts_down.register_fake

@@ -73,15 +73,24 @@ if triton is not None:
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         wait_previous(PDL)
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)  # after the first weights' load, which it overlaps
-        acc = tl.zeros((BLOCK_N * PARTS, BLOCK_K), dtype=tl.float32)  # per lane; reduced across threads at the end
+        sums = _row_sums(w, w_rows, row_ok, x_ptr, K, BLOCK_N * PARTS, BLOCK_K) * scale
+        _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                   SEND_BLOCK)
+
+    @triton.jit
+    def _row_sums(w, w_rows, row_ok, x_ptr, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The float32 sums of each row at w_rows (ROWS rows, row_ok masking the missing ones) times x ([K]), given
+        the first tile w (columns 0 to BLOCK_K) already loaded: each next tile is loaded one step ahead, and the
+        sums are kept per lane through the loop, reduced across threads at the end. Shared with experts_gemv."""
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             ahead = k0 + BLOCK_K + cols
             w_next = tl.load(w_rows + ahead[None, :], mask=row_ok & (ahead[None, :] < K), other=0.0)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
-        _sums_done(tl.sum(acc, axis=1) * scale, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS,
-                   SEND, RANK, WORLD, SEND_BLOCK)
+        return tl.sum(acc, axis=1)
 
     @triton.jit
     def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
@@ -155,20 +164,26 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     k, n = x.shape[-1], weight.shape[0]
     assert x.dtype == weight.dtype == torch.bfloat16 and n <= lamport.capacity
     x_row = x.reshape(k).contiguous()
-    # Not autotuned itself: trying configurations would push each one's outputs to the peers, which may read any
-    # of them. It takes the configuration tuned for the plain product of the same shape (run once, first).
-    key = (n, k, weight.stride(0))
-    config = _send_configs.get(key)
-    if config is None:
-        linear_row(x, weight)
-        config = _send_configs[key] = _gemv_kernel.best_config
+    config = send_config(_gemv_kernel, (n, k, weight.stride(0)), lambda: linear_row(x, weight))
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
         SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
 
 
-_send_configs: dict = {}  # (rows, columns, row stride) -> the plain product's tuned triton.Config
+def send_config(kernel, shape: tuple, plain) -> "triton.Config":
+    """The configuration of autotuned `kernel` for a launch that pushes its outputs to the peers: such a launch is
+    not autotuned itself (trying configurations would push each one's outputs to the peers, which may read any of
+    them), so it takes the one tuned for the plain product of the same `shape`, running `plain()` once first."""
+    key = (kernel.fn.__name__, *shape)
+    config = _send_configs.get(key)
+    if config is None:
+        plain()
+        config = _send_configs[key] = kernel.best_config
+    return config
+
+
+_send_configs: dict = {}  # (kernel name, *shape) -> the plain product's tuned triton.Config
 
 
 @linear_row.register_fake
