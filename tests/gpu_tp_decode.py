@@ -96,7 +96,7 @@ def main() -> None:
     read_ms = timed_steps(compiled, token, position, args.steps, read=True)
     diff = float((out - eager(token, position + 4)).abs().max())
     say(rank, f"compiled decode {compiled_ms:.2f} ms/step back to back, {read_ms:.2f} ms/step reading each token; "
-              f"last logits differ from eager by at most {diff:.3g}")
+              f"last logits sum {float(out.float().sum()):.8g}, differ from eager by at most {diff:.3g}")
     if args.launcher:
         launcher_costs(rank, compiled, token, position, args.steps)
     if args.profile:

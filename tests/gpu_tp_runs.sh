@@ -126,7 +126,7 @@ for step in "${steps[@]}"; do
         variants) for v in ${VARIANTS:-base}; do
                 (if [ "$v" != base ]; then export ${v//,/ }; fi
                  direct "profile-2-$(echo "$v" | tr -c 'A-Za-z0-9\n' _)" 120 2 auto --profile) \
-                    | grep -E '^== |back to back|calls/step|^ +[0-9.]+ +[0-9.]+  ' | cut -c1-110
+                    | grep -E '^== |back to back|calls/step|^ +[0-9.]+ +[0-9.]+  ' | cut -c1-170
             done ;;
         lamport) for ranks in 2 4; do
                 echo "== lamport-$ranks (limit 150 s)"
