@@ -103,8 +103,8 @@ def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monke
 def test_the_experts_kernels_compile_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas: w13's (SwiGLU, one expert a program, with and without
     the norm's scale) and w2's (the k experts summed in each program; storing, or pushing into the Lamport
-    all-reduce's buffers, and summing them there), with programmatic dependent launch: the wait comes before any load, since the
-    expert ids come from the kernel before."""
+    all-reduce's buffers, and summing them there), with programmatic dependent launch: the wait comes before any
+    load, since the expert ids come from the kernel before."""
     from mistral_chat.engine import experts_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",

@@ -105,8 +105,8 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
 def test_the_kernel_compiles_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product, SwiGLU's (gate
     and up rows in one tile, the activation in the last step), with the norm's scale computed first, and pushing
-    its outputs into the Lamport all-reduce's buffers (and summing them, the last program of a block); with programmatic dependent launch (fused.pdl), the first
-    weights are loaded before the wait."""
+    its outputs into the Lamport all-reduce's buffers (and summing them, the last program of a block); with
+    programmatic dependent launch (fused.pdl), the first weights are loaded before the wait."""
     from mistral_chat.engine import gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
