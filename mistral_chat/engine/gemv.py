@@ -109,8 +109,10 @@ if triton is not None:
             if RECEIVE:  # BLOCK_N divides SEND_BLOCK: each program's outputs lie in one block
                 block = tl.program_id(0) * BLOCK_N // SEND_BLOCK
                 programs = tl.cdiv(tl.minimum(N - block * SEND_BLOCK, SEND_BLOCK), BLOCK_N)
-                tl.debug_barrier()  # every warp has read the generation (the last program moves it on) and pushed
-                if tl.atomic_add(done_ptr + block, 1) == programs - 1:  # every other program of the block has pushed
+                # relaxed: no fence making the program wait for its pushes to land (the data is its own flag); the
+                # barrier: every warp has read the generation (the block's last program moves it on) and pushed
+                tl.debug_barrier()
+                if tl.atomic_add(done_ptr + block, 1, sem="relaxed") == programs - 1:  # the block's last to push
                     tl.store(done_ptr + block, 0)
                     receive_block(block, N, out_ptr, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr,
                                   weighted_ptr, RANK, WORLD, SEND_BLOCK, True)
