@@ -58,7 +58,7 @@ if triton is not None:
         SEND (SUM, bf16): the sums are pushed into every rank's Lamport all-reduce buffer instead of stored, as
         gemv._gemv_kernel's SEND does (see `experts_down_to_peers`), and with RECEIVE summed as its RECEIVE
         does."""
-        start_next(PDL)
+        start_next(PDL and not RECEIVE)  # with RECEIVE once every program has its sums, as in gemv._gemv_kernel
         wait_previous(PDL)  # the expert ids (and x) come from the kernels before
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)
         r = tl.arange(0, BLOCK_N * PARTS)
@@ -80,6 +80,7 @@ if triton is not None:
             else:
                 _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
         if SUM:
+            start_next(PDL and RECEIVE)
             _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
                        weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK, RECEIVE)
 

@@ -65,8 +65,10 @@ if triton is not None:
         LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`. RECEIVE (with SEND): the last
         program to finish each block of SEND_BLOCK outputs (done_ptr: a count per block, 0 between launches) does
         that block's receive itself, into out_ptr (residual_ptr, weight_ptr, weighted_ptr: as the receive's).
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
-        start_next(PDL)
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run; the next kernel's
+        programs start at once, or with RECEIVE once every program has its sums (early, they would take the GPU's
+        places and bandwidth from this kernel's programs, as no all-reduce kernel stands between the two)."""
+        start_next(PDL and not RECEIVE)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
@@ -77,6 +79,7 @@ if triton is not None:
         wait_previous(PDL)
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)  # after the first weights' load, which it overlaps
         sums = _row_sums(w, w_rows, row_ok, x_ptr, K, BLOCK_N * PARTS, BLOCK_K) * scale
+        start_next(PDL and RECEIVE)
         _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
                    weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK, RECEIVE)
 
