@@ -31,8 +31,6 @@
 #               world 1 line): ~1.5 min
 #   7b-2-no-send  bench --tp 2 with wo and w2 handing their outputs to the all-reduce kernel instead of pushing
 #               them into the Lamport buffers themselves (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~1.5 min
-#   7b-2-no-receive  bench --tp 2 with the all-reduce's kernel summing what wo and w2 pushed, instead of their last
-#               programs (MISTRAL_CHAT_RECEIVE_IN_PRODUCTS=0): ~1.5 min
 #   gemv        tests/gpu_int8_gemv.py on one GPU: each product of Mistral-7B, whole and halved, alone in CUDA
 #               graphs: int8 (inductor's, the kernel's two paths) and bf16 (cuBLAS, the GEMV kernel): ~2 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
@@ -146,7 +144,6 @@ for step in "${steps[@]}"; do
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
         7b-2-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 bench 7b-2-no-send 200 "${m7[@]}" --tp 2 ;;
-        7b-2-no-receive) MISTRAL_CHAT_RECEIVE_IN_PRODUCTS=0 bench 7b-2-no-receive 200 "${m7[@]}" --tp 2 ;;
         gemv) timeout 300 python3 tests/gpu_int8_gemv.py 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/gemv.txt" ;;
         7b-int8) bench 7b-int8 300 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)

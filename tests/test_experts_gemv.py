@@ -103,20 +103,19 @@ def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monke
 def test_the_experts_kernels_compile_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas: w13's (SwiGLU, one expert a program, with and without
     the norm's scale) and w2's (the k experts summed in each program; storing, or pushing into the Lamport
-    all-reduce's buffers, and summing them there), with programmatic dependent launch: the wait comes before any
-    load, since the expert ids come from the kernel before."""
+    all-reduce's buffers), with programmatic dependent launch: the wait comes before any load, since the
+    expert ids come from the kernel before."""
     from mistral_chat.engine import experts_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",
                  "weights_ptr": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i64",
                  "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "buffers_ptr": "*i64",
-                 "counters_ptr": "*i32", "capacity": "i32", "done_ptr": "*i32", "residual_ptr": "*bf16",
-                 "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}
+                 "counters_ptr": "*i32", "capacity": "i32"}
     cases = ((4, 512, 2, False, True, False), (8, 256, 2, False, False, False), (8, 256, 1, True, False, False),
-             (1, 2048, 1, True, False, False), (4, 512, 1, True, False, True), (4, 512, 1, True, False, "receive"))
+             (1, 2048, 1, True, False, False), (4, 512, 1, True, False, True))
     for block_n, block_k, parts, summed, norm, send in cases:
         ptx = compile_for_hopper(experts_gemv._experts_kernel.fn, signature, {
             "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "SLOTS": 2, "SUM": summed, "NORM": norm,
-            "SEND": bool(send), "RANK": 1 if send else 0, "WORLD": 2 if send else 1,
-            "SEND_BLOCK": 1024 if send else 1, "RECEIVE": send == "receive", "PDL": True}).asm["ptx"]
+            "SEND": send, "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1,
+            "PDL": True}).asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

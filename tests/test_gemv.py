@@ -105,24 +105,19 @@ def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
 def test_the_kernel_compiles_for_hopper():
     """Compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would: the plain product, SwiGLU's (gate
     and up rows in one tile, the activation in the last step), with the norm's scale computed first, and pushing
-    its outputs into the Lamport all-reduce's buffers (and summing them, the last program of a block); with
-    programmatic dependent launch (fused.pdl), the first weights are loaded before the wait."""
+    its outputs into the Lamport all-reduce's buffers; with programmatic dependent launch (fused.pdl), the first
+    weights are loaded before the wait."""
     from mistral_chat.engine import gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
                  "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "buffers_ptr": "*i64",
-                 "counters_ptr": "*i32", "capacity": "i32", "done_ptr": "*i32", "residual_ptr": "*bf16",
-                 "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}
-    cases = ((4, 512, 1, False, False, False, True), (8, 256, 2, True, False, False, True),
-             (1, 2048, 2, False, False, False, False), (4, 512, 1, False, True, False, True),
-             (4, 512, 1, False, True, True, True))
-    for block_n, block_k, parts, norm, send, receive, pdl in cases:
+                 "counters_ptr": "*i32", "capacity": "i32"}
+    for block_n, block_k, parts, norm, send, pdl in ((4, 512, 1, False, False, True), (8, 256, 2, True, False, True),
+                                                     (1, 2048, 2, False, False, False), (4, 512, 1, False, True, True)):
         kernel = compile_for_hopper(gemv._gemv_kernel.fn, signature, {
             "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm, "SEND": send,
-            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1,
-            "RECEIVE": receive, "PDL": pdl})
+            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1, "PDL": pdl})
         ptx = kernel.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # a weight load is issued before the wait
             assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
-        assert ptx.count("atom.") == receive  # the receive: one count of pushed programs per program

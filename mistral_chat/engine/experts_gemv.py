@@ -44,11 +44,10 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit
     def _experts_kernel(x_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, N, K, stride_x, stride_we, stride_wn, UP,
-                        norm_ptr, eps, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
-                        weighted_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
-                        SLOTS: tl.constexpr, SUM: tl.constexpr, NORM: tl.constexpr, SEND: tl.constexpr,
-                        RANK: tl.constexpr, WORLD: tl.constexpr, SEND_BLOCK: tl.constexpr, RECEIVE: tl.constexpr,
-                        PDL: tl.constexpr):
+                        norm_ptr, eps, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PARTS: tl.constexpr, SLOTS: tl.constexpr, SUM: tl.constexpr,
+                        NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                        SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """For expert slot s (expert e = experts[s], x row x_ptr + s * stride_x), sums[n] = w[e, n, :] . x.
 
         SUM=False (w13, PARTS=2: gate rows, then up rows from row UP): program (block, s) stores
@@ -56,9 +55,8 @@ if triton is not None:
         sum over the SLOTS slots of weights[s] * sums (each rounded to out's dtype first).
         NORM: the sums are scaled by 1 / rms(h) of h at norm_ptr ([K]) first, as in gemv._gemv_kernel.
         SEND (SUM, bf16): the sums are pushed into every rank's Lamport all-reduce buffer instead of stored, as
-        gemv._gemv_kernel's SEND does (see `experts_down_to_peers`), and with RECEIVE summed as its RECEIVE
-        does."""
-        start_next(PDL and not RECEIVE)  # with RECEIVE once every program has its sums, as in gemv._gemv_kernel
+        gemv._gemv_kernel's SEND does (see `experts_down_to_peers`)."""
+        start_next(PDL)
         wait_previous(PDL)  # the expert ids (and x) come from the kernels before
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)
         r = tl.arange(0, BLOCK_N * PARTS)
@@ -80,9 +78,8 @@ if triton is not None:
             else:
                 _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
         if SUM:
-            start_next(PDL and RECEIVE)
-            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
-                       weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK, RECEIVE)
+            _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                       SEND_BLOCK)
 
 
 def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, default: bool) -> bool:
@@ -109,9 +106,8 @@ def experts_swiglu(x: torch.Tensor, w13: torch.Tensor, experts: torch.Tensor, no
         return (triton.cdiv(rows // 2, meta["BLOCK_N"]), slots)
 
     _experts_kernel[grid](x_row, w13, out, experts.reshape(slots).contiguous(), x_row, rows // 2, dim, 0,
-                          w13.stride(0), w13.stride(1), rows // 2, h_row, eps, out, out, 0, out, out, out, out,
-                          PARTS=2, SLOTS=slots, SUM=False, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1,
-                          SEND_BLOCK=1, RECEIVE=False, **pdl(x))
+                          w13.stride(0), w13.stride(1), rows // 2, h_row, eps, out, out, 0, PARTS=2, SLOTS=slots,
+                          SUM=False, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1, **pdl(x))
     return out
 
 
@@ -134,32 +130,27 @@ def experts_down(act: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor, wei
         return (triton.cdiv(dim, meta["BLOCK_N"]),)
 
     _experts_kernel[grid](act, w2, out, experts.reshape(slots).contiguous(), weights.reshape(slots).contiguous(),
-                          dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0, out, out, 0, out,
-                          out, out, out, PARTS=1, SLOTS=slots, SUM=True, NORM=False, SEND=False, RANK=0, WORLD=1,
-                          SEND_BLOCK=1, RECEIVE=False, **pdl(act))
+                          dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0, out, out, 0,
+                          PARTS=1, SLOTS=slots, SUM=True, NORM=False, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                          **pdl(act))
     return out
 
 
 def experts_down_to_peers(act: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                          lamport, receive: tuple | None = None) -> None:
+                          lamport) -> None:
     """`experts_down` (bf16), its outputs pushed straight into every rank's buffer of `lamport` (a
-    LamportAllReduce) for `lamport.receive` to sum, and `receive` done, as gemv.linear_row_to_peers does for a
-    dense product's."""
+    LamportAllReduce) for `lamport.receive` to sum, as gemv.linear_row_to_peers pushes a dense product's."""
     assert triton is not None, "experts_down_to_peers needs Triton"
     slots, (_, dim, hidden) = experts.numel(), w2.shape
     assert act.dtype == w2.dtype == torch.bfloat16 and dim <= lamport.capacity
     act, experts, weights = act.contiguous(), experts.reshape(slots).contiguous(), weights.reshape(slots).contiguous()
     config = send_config(_experts_kernel, (dim, hidden, slots, w2.stride(0), w2.stride(1)),
                          lambda: experts_down(act, w2, experts, weights))
-    inside = lamport.in_products(receive, config.kwargs["BLOCK_N"])
     _experts_kernel.fn[(triton.cdiv(dim, config.kwargs["BLOCK_N"]),)](
-        act, w2, receive[0] if inside else act, experts, weights, dim, hidden, act.stride(0), w2.stride(0),
-        w2.stride(1), dim, act, 0.0, lamport.addresses, lamport.counters, lamport.capacity,
-        *lamport.receive_pointers(receive if inside else None, act), PARTS=1, SLOTS=slots, SUM=True, NORM=False,
-        SEND=True, RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block, RECEIVE=inside,
-        **config.all_kwargs(), **pdl(act))
-    if receive is not None and not inside:
-        lamport.receive(*receive)
+        act, w2, act, experts, weights, dim, hidden, act.stride(0), w2.stride(0), w2.stride(1), dim, act, 0.0,
+        lamport.addresses, lamport.counters, lamport.capacity, PARTS=1, SLOTS=slots, SUM=True, NORM=False,
+        SEND=True, RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block, **config.all_kwargs(),
+        **pdl(act))
 
 
 @experts_down.register_fake

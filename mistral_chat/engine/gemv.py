@@ -37,7 +37,7 @@ except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
 
 if triton is not None:
     from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.lamport_all_reduce import push, receive_block
+    from mistral_chat.engine.lamport_all_reduce import push
 
     # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
@@ -50,10 +50,9 @@ if triton is not None:
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
-                     capacity, done_ptr, residual_ptr, weight_ptr, weighted_ptr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr, SEND: tl.constexpr,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, SEND_BLOCK: tl.constexpr, RECEIVE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
+                     NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                     SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
@@ -62,13 +61,9 @@ if triton is not None:
         with x = h * (the norm's weight), that is the product of RMSNorm(h), with no kernel of its own.
         SEND (PARTS=1, bf16): instead of storing out, each program pushes its outputs into every rank's Lamport
         all-reduce buffer (buffers_ptr, counters_ptr, capacity, RANK, WORLD, SEND_BLOCK: those of a
-        LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`. RECEIVE (with SEND): the last
-        program to finish each block of SEND_BLOCK outputs (done_ptr: a count per block, 0 between launches) does
-        that block's receive itself, into out_ptr (residual_ptr, weight_ptr, weighted_ptr: as the receive's).
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run; the next kernel's
-        programs start at once, or with RECEIVE once every program has its sums (early, they would take the GPU's
-        places and bandwidth from this kernel's programs, as no all-reduce kernel stands between the two)."""
-        start_next(PDL and not RECEIVE)
+        LamportAllReduce), for its `receive` to sum; see `linear_row_to_peers`.
+        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run."""
+        start_next(PDL)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP  # PARTS=2: tile rows 2i and 2i + 1 are output i's gate and up rows
@@ -79,9 +74,8 @@ if triton is not None:
         wait_previous(PDL)
         scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)  # after the first weights' load, which it overlaps
         sums = _row_sums(w, w_rows, row_ok, x_ptr, K, BLOCK_N * PARTS, BLOCK_K) * scale
-        start_next(PDL and RECEIVE)
-        _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
-                   weighted_ptr, BLOCK_N, PARTS, SEND, RANK, WORLD, SEND_BLOCK, RECEIVE)
+        _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
+                   SEND_BLOCK)
 
     @triton.jit
     def _row_sums(w, w_rows, row_ok, x_ptr, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -99,26 +93,15 @@ if triton is not None:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, done_ptr, residual_ptr, weight_ptr,
-                   weighted_ptr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, SEND: tl.constexpr,
-                   RANK: tl.constexpr, WORLD: tl.constexpr, SEND_BLOCK: tl.constexpr, RECEIVE: tl.constexpr):
-        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND; with RECEIVE, the last
-        program of a block of SEND_BLOCK outputs to push then sums that block: see _gemv_kernel), or stored
+    def _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,
+                   PARTS: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                   SEND_BLOCK: tl.constexpr):
+        """A program's finished row sums: pushed into every rank's Lamport buffer (SEND), or stored
         (`_store_rows`). Shared with experts_gemv."""
         if SEND:
             units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
-            if RECEIVE:  # BLOCK_N divides SEND_BLOCK: each program's outputs lie in one block
-                block = tl.program_id(0) * BLOCK_N // SEND_BLOCK
-                programs = tl.cdiv(tl.minimum(N - block * SEND_BLOCK, SEND_BLOCK), BLOCK_N)
-                # relaxed: no fence making the program wait for its pushes to land (the data is its own flag); the
-                # barrier: every warp has read the generation (the block's last program moves it on) and pushed
-                tl.debug_barrier()
-                if tl.atomic_add(done_ptr + block, 1, sem="relaxed") == programs - 1:  # the block's last to push
-                    tl.store(done_ptr + block, 0)
-                    receive_block(block, N, out_ptr, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr,
-                                  weighted_ptr, RANK, WORLD, SEND_BLOCK, True)
         else:
             _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
@@ -167,31 +150,25 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
-                       out, out, out, out, PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1,
-                       SEND_BLOCK=1, RECEIVE=False, **pdl(x))
+                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                       **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
 
 
-def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport, receive: tuple | None = None) -> None:
+def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     """x ([..., K], one row, bf16) times weight ([N, K], bf16, rows contiguous) transposed, its outputs pushed
     straight into every rank's buffer of `lamport` (a LamportAllReduce) instead of into a tensor, for
     `lamport.receive` to sum: the all-reduce's kernel then neither reads this rank's input nor sends it, and each
-    program's outputs leave for the peers as soon as they are computed. `receive`: `lamport.receive`'s arguments
-    (out, residual, weight, weighted), received here: by the last of each block's programs to push (the block
-    summed in the product's kernel, no all-reduce kernel; see LamportAllReduce.in_products), else by the receive."""
+    program's outputs leave for the peers as soon as they are computed."""
     assert triton is not None, "linear_row_to_peers needs Triton"
     k, n = x.shape[-1], weight.shape[0]
     assert x.dtype == weight.dtype == torch.bfloat16 and n <= lamport.capacity
     x_row = x.reshape(k).contiguous()
     config = send_config(_gemv_kernel, (n, k, weight.stride(0)), lambda: linear_row(x, weight))
-    inside = lamport.in_products(receive, config.kwargs["BLOCK_N"])
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
-        x_row, weight, receive[0] if inside else x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses,
-        lamport.counters, lamport.capacity, *lamport.receive_pointers(receive if inside else None, x_row),
-        PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world, SEND_BLOCK=lamport.block,
-        RECEIVE=inside, **config.all_kwargs(), **pdl(x))
-    if receive is not None and not inside:
-        lamport.receive(*receive)
+        x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
+        lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
+        SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
 
 
 def send_config(kernel, shape: tuple, plain) -> "triton.Config":

@@ -15,8 +15,6 @@ Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -62,24 +60,11 @@ if triton is not None:
         start_next(PDL)
         wait_previous(PDL)
         pid = tl.program_id(0)
-        if not SENT:  # this rank's slice into slot RANK of every rank's buffer
-            offs = pid * BLOCK + tl.arange(0, BLOCK)
-            gen = tl.load(counters_ptr + pid)
-            push(tl.load(x_ptr + offs, mask=offs < n, other=0.0), offs, offs < n, gen, buffers_ptr, capacity, RANK,
-                 WORLD)
-        receive_block(pid, n, out_ptr, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr, weighted_ptr,
-                      RANK, WORLD, BLOCK, RESIDUAL)
-
-    @triton.jit
-    def receive_block(pid, n, out_ptr, buffers_ptr, counters_ptr, capacity, residual_ptr, weight_ptr, weighted_ptr,
-                      RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
-        """Block pid's part of the all-reduce once every rank pushes its values: wait for them in this rank's
-        buffer, sum them in rank order into out (with RESIDUAL: residual + the sum, and weighted), clear the
-        generation read last time and move the block's generation on. Also called from the GEMV kernel
-        (gemv.linear_row_to_peers with `receive`) by the last of a block's programs to finish."""
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         gen = tl.load(counters_ptr + pid)
+        if not SENT:  # this rank's slice into slot RANK of every rank's buffer
+            push(tl.load(x_ptr + offs, mask=mask, other=0.0), offs, mask, gen, buffers_ptr, capacity, RANK, WORLD)
         own = tl.load(buffers_ptr + RANK).to(tl.pointer_type(tl.int16))
         acc = tl.zeros([BLOCK], tl.float32)
         for p in tl.static_range(WORLD):  # rank order: every rank adds the same values in the same order
@@ -104,8 +89,7 @@ if triton is not None:
 
 class LamportAllReduce:
     """One rank's side: the addresses of every rank's buffer (EMPTY-filled, `buffer_slots` int16 elements each,
-    this rank's at index `rank`), this rank's generation counters, and a count per block of the programs that have
-    pushed, for products that receive their sums themselves (`in_products`)."""
+    this rank's at index `rank`) and this rank's generation counters."""
 
     def __init__(self, addresses: list[int], rank: int, capacity: int, device: torch.device,
                  block: int = BLOCK) -> None:
@@ -114,8 +98,6 @@ class LamportAllReduce:
         self.rank, self.world, self.capacity, self.block = rank, len(addresses), capacity, block
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.counters = torch.zeros(capacity // block, dtype=torch.int32, device=device)
-        self.done = torch.zeros(capacity // block, dtype=torch.int32, device=device)
-        self.receive_in_products = os.environ.get("MISTRAL_CHAT_RECEIVE_IN_PRODUCTS", "1") == "1"
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None, weighted: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,21 +116,6 @@ class LamportAllReduce:
         pushed into the buffers (gemv.linear_row_to_peers), out.numel() elements of them."""
         assert out.dtype == torch.bfloat16 and out.numel() <= self.capacity
         self._launch(out, out.numel(), out, residual, weight, weighted, sent=True)
-
-    def in_products(self, receive: tuple | None, block_n: int) -> bool:
-        """Whether a product pushing its outputs in programs of `block_n` outputs does `receive` (`receive`'s
-        arguments, or None) itself: where each program's outputs lie in one block, unless
-        MISTRAL_CHAT_RECEIVE_IN_PRODUCTS=0 (read when this object is made) asks for the all-reduce's kernel."""
-        return receive is not None and self.block % block_n == 0 and self.receive_in_products
-
-    def receive_pointers(self, receive: tuple | None, filler: torch.Tensor) -> tuple:
-        """The receive's tensors as a pushing product's kernel takes them (done, residual, weight, weighted):
-        `receive`'s (out, residual, weight, weighted), or `filler` where the kernel does not receive."""
-        if receive is None:
-            return self.done, filler, filler, filler
-        out, residual, weight, weighted = receive
-        assert out.dtype == torch.bfloat16 and out.numel() <= self.capacity
-        return self.done, residual, weight, weighted
 
     def _launch(self, x: torch.Tensor, n: int, out: torch.Tensor, residual: torch.Tensor | None,
                 weight: torch.Tensor | None, weighted: torch.Tensor | None, sent: bool) -> None:

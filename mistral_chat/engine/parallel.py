@@ -204,12 +204,12 @@ def linear_all_reduce_residual_op(x: torch.Tensor, weight: torch.Tensor, residua
         product = gemv.linear_row(x, weight) if experts is None else experts_gemv.experts_down(x, weight, experts,
                                                                                                routing)
         return fast_all_reduce_residual(product.view(residual.shape), residual, norm_weight, group_name)
-    h, weighted = residual.new_empty(residual.shape), residual.new_empty(residual.shape)
-    receive = (h, residual.contiguous(), norm_weight.expand(residual.shape).contiguous(), weighted)
     if experts is None:
-        gemv.linear_row_to_peers(x, weight, _fast_kernel, receive)
+        gemv.linear_row_to_peers(x, weight, _fast_kernel)
     else:
-        experts_gemv.experts_down_to_peers(x, weight, experts, routing, _fast_kernel, receive)
+        experts_gemv.experts_down_to_peers(x, weight, experts, routing, _fast_kernel)
+    h, weighted = residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+    _fast_kernel.receive(h, residual.contiguous(), norm_weight.expand(residual.shape).contiguous(), weighted)
     return h, weighted
 
 
