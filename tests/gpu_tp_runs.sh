@@ -123,10 +123,12 @@ for step in "${steps[@]}"; do
         direct) direct direct-2 100 2; direct direct-2-nccl 100 2 nccl; direct direct-4 100 4 ;;
         profile) direct profile-2 120 2 auto --profile ;;
         profile-1) direct profile-1 120 1 auto --profile ;;
-        variants) for v in ${VARIANTS:-base}; do
+        variants) i=0
+            for v in ${VARIANTS:-base}; do  # files numbered: a setting run twice keeps both
+                i=$((i + 1))
                 (if [ "$v" != base ]; then export ${v//,/ }; fi
-                 direct "profile-2-$(echo "$v" | tr -c 'A-Za-z0-9\n' _)" 120 2 auto --profile) \
-                    | grep -E '^== |back to back|calls/step|^ +[0-9.]+ +[0-9.]+  ' | cut -c1-170
+                 direct "profile-2-$i-$(echo "$v" | tr -c 'A-Za-z0-9\n' _)" 120 2 auto --profile) \
+                    | grep -E '^== |back to back|^ +[0-9.]+ +[0-9.]+  ' | cut -c1-170
             done ;;
         lamport) for ranks in 2 4; do
                 echo "== lamport-$ranks (limit 150 s)"
