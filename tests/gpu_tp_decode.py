@@ -97,12 +97,27 @@ def main() -> None:
     diff = float((out - eager(token, position + 4)).abs().max())
     say(rank, f"compiled decode {compiled_ms:.2f} ms/step back to back, {read_ms:.2f} ms/step reading each token; "
               f"last logits sum {float(out.float().sum()):.8g}, differ from eager by at most {diff:.3g}")
+    say(rank, f"autotuned configurations: {tuned_configs()}")
     if args.launcher:
         launcher_costs(rank, compiled, token, position, args.steps)
     if args.profile:
         profile_steps(rank, compiled, token, position)
     dist.barrier()
     _leave_process_group()
+
+
+def tuned_configs() -> str:
+    """The configuration this process's autotuning picked for each product shape (the GEMV and experts kernels):
+    runs can differ in them, and so in speed and in their logits' last bits."""
+    from mistral_chat.engine import experts_gemv, gemv
+
+    picked = []
+    for kernel in (gemv._gemv_kernel, experts_gemv._experts_kernel) if gemv.triton is not None else ():
+        for key, config in kernel.cache.items():
+            shape = ",".join(str(k) for k in key[:len(kernel.keys)])
+            picked.append(f"{kernel.fn.__name__.strip('_')}({shape}) {config.kwargs['BLOCK_N']}x"
+                          f"{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}")
+    return "; ".join(picked) or "none"
 
 
 def launcher_costs(rank: int, step: DecodeStep, token: torch.Tensor, position: int, n: int) -> None:
