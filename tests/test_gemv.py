@@ -116,7 +116,8 @@ def test_the_kernel_compiles_for_hopper():
                                                      (1, 2048, 2, False, False, False), (4, 512, 1, False, True, True)):
         kernel = compile_for_hopper(gemv._gemv_kernel.fn, signature, {
             "BLOCK_N": block_n, "BLOCK_K": block_k, "PARTS": parts, "NORM": norm, "SEND": send,
-            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1, "PDL": pdl})
+            "RANK": 1 if send else 0, "WORLD": 2 if send else 1, "SEND_BLOCK": 1024 if send else 1,
+            "NORM_BLOCK": 4096 if norm else 0, "PDL": pdl})
         ptx = kernel.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         if pdl:  # a weight load is issued before the wait

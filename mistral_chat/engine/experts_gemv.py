@@ -58,7 +58,7 @@ if triton is not None:
         gemv._gemv_kernel's SEND does (see `experts_down_to_peers`)."""
         start_next(PDL)
         wait_previous(PDL)  # the expert ids (and x) come from the kernels before
-        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)
+        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM, 0)
         r = tl.arange(0, BLOCK_N * PARTS)
         units = tl.program_id(0) * BLOCK_N + r // PARTS
         rows = units + (r % PARTS) * UP

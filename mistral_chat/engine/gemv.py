@@ -52,7 +52,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
                      capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
                      NORM: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                     SEND_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     SEND_BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w[n, k] * x[k], float32 sums, for w [N, K] with contiguous rows (PARTS=1).
 
         PARTS=2 (SwiGLU): w holds gate rows, then up rows from row UP; out[n] = SiLU(gate[n]) * up[n], each
@@ -72,7 +72,7 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         wait_previous(PDL)
-        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM)  # after the first weights' load, which it overlaps
+        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM, NORM_BLOCK)  # after the first weights' load, which it overlaps
         sums = _row_sums(w, w_rows, row_ok, x_ptr, K, BLOCK_N * PARTS, BLOCK_K) * scale
         _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
                    SEND_BLOCK)
@@ -106,10 +106,13 @@ if triton is not None:
             _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
 
     @triton.jit
-    def _norm_scale(norm_ptr, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    def _norm_scale(norm_ptr, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
         """1 / rms(h) of h at norm_ptr ([K], 8 KB for Mistral-7B, read from L2) with NORM, else 1. Shared with
         experts_gemv."""
-        if NORM:
+        if NORM and NORM_BLOCK > 0:  # h in one load (NORM_BLOCK >= K)
+            h = tl.load(norm_ptr + tl.arange(0, NORM_BLOCK), mask=tl.arange(0, NORM_BLOCK) < K, other=0.0)
+            return 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / K + eps)
+        elif NORM:
             cols = tl.arange(0, BLOCK_K)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -151,8 +154,13 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
 
     _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
                        PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
-                       **pdl(x))
+                       NORM_BLOCK=_norm_block(k) if norm_of is not None else 0, **pdl(x))
     return out.reshape(*x.shape[:-1], n // parts)
+
+
+def _norm_block(k: int) -> int:
+    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "1") == "1" and k <= 8192
+    return triton.next_power_of_2(k) if one else 0
 
 
 def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
@@ -168,7 +176,7 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
-        SEND_BLOCK=lamport.block, **config.all_kwargs(), **pdl(x))
+        SEND_BLOCK=lamport.block, NORM_BLOCK=0, **config.all_kwargs(), **pdl(x))
 
 
 def send_config(kernel, shape: tuple, plain) -> "triton.Config":
