@@ -159,7 +159,7 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
 
 
 def _norm_block(k: int) -> int:
-    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "1") == "1" and k <= 8192
+    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "0") == "1" and k <= 8192
     return triton.next_power_of_2(k) if one else 0
 
 
