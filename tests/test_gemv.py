@@ -16,6 +16,7 @@ CHECK = r"""
 import os
 import torch
 import torch.nn.functional as F
+import triton
 from mistral_chat.engine import fused, gemv
 from mistral_chat.bench import random_model
 from mistral_chat.engine.config import ModelConfig
@@ -34,6 +35,10 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         hf = h.float()
         want = F.linear((hf * torch.rsqrt(hf.pow(2).mean() + 1e-5) * g.float()).view(1, 1, k), w.float())
         torch.testing.assert_close(normed.float(), want, rtol=tol * 2, atol=tol * 2)
+        os.environ["MISTRAL_CHAT_NORM_ONE_LOAD"] = "0"  # the norm's scale from h in a loop, not one load
+        looped = gemv.linear_row((h * g).view(1, 1, k), w, norm_of=h, eps=1e-5)
+        del os.environ["MISTRAL_CHAT_NORM_ONE_LOAD"]
+        torch.testing.assert_close(looped.float(), want, rtol=tol * 2, atol=tol * 2)
         wide = gemv.linear_row(x, w, float_out=True)  # the logits' product keeps its float32 sums
         assert wide.dtype == torch.float32
         torch.testing.assert_close(wide, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
@@ -42,6 +47,19 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
             swiglu = gemv.linear_row(x, w, swiglu=True)
             assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
+
+# a configuration given for the shape (gemv.measured_config, as on Hopper GPUs) replaces autotuning's
+measured = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=4)
+asked = []
+gemv.measured_config = lambda x, *shape: asked.append(shape) or measured
+w, x = torch.randn(50, 200, generator=gen), torch.randn(1, 1, 200, generator=gen)
+h = torch.randn(200, generator=gen)
+tuned = len(gemv._gemv_kernel.cache)
+torch.testing.assert_close(gemv.linear_row(x, w, swiglu=True, norm_of=h, eps=1e-5),
+                           fused.silu_and_mul(F.linear(x * torch.rsqrt(h.pow(2).mean() + 1e-5), w)),
+                           rtol=1e-4, atol=1e-4)
+assert asked == [(25, 200, 2, 200)] and len(gemv._gemv_kernel.cache) == tuned, (asked, tuned)
+gemv.measured_config = lambda *shape: None
 
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)

@@ -47,6 +47,17 @@ if triton is not None:
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
+    # Mistral-7B's products, whole and as each of 2 ranks holds them, (outputs, K, PARTS) -> the configuration
+    # fastest in CUDA graphs as decode runs them (tests/gpu_gemv_configs.py on an H200, 2026-11-28). On GPUs of
+    # compute capability 9.0 they replace autotuning, which times one launch at a time: its picks there were
+    # 0-1.3 us slower a product, and on 2 GPUs each process picked among near-equal ones differently.
+    _HOPPER_CONFIGS = {shape: triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
+                       for shape, (n, k, warps, s) in {
+                           (6144, 4096, 1): (8, 512, 4, 1), (4096, 4096, 1): (4, 512, 4, 1),
+                           (14336, 4096, 2): (4, 512, 4, 1), (4096, 14336, 1): (2, 512, 4, 2),
+                           (3072, 4096, 1): (2, 1024, 4, 1), (4096, 2048, 1): (4, 512, 4, 1),
+                           (7168, 4096, 2): (2, 512, 4, 2), (4096, 7168, 1): (2, 512, 4, 2)}.items()}
+
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
@@ -152,15 +163,33 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n // parts, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0,
-                       PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
-                       NORM_BLOCK=_norm_block(k) if norm_of is not None else 0, **pdl(x))
+    args = (x_row, weight, out, n // parts, k, weight.stride(0), n // parts, h_row, eps, out, out, 0)
+    options = dict(PARTS=parts, NORM=norm_of is not None, SEND=False, RANK=0, WORLD=1, SEND_BLOCK=1,
+                   NORM_BLOCK=_norm_block(k) if norm_of is not None else 0, **pdl(x))
+    config = measured_config(x, n // parts, k, parts, weight.stride(0))
+    if config is None:
+        _gemv_kernel[grid](*args, **options)
+    else:
+        _gemv_kernel.fn[grid(config.kwargs)](*args, **options, **config.all_kwargs())
     return out.reshape(*x.shape[:-1], n // parts)
 
 
 def _norm_block(k: int) -> int:
-    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "0") == "1" and k <= 8192
+    """NORM_BLOCK: h read in one load of this many columns (K <= 8192), or 0: in a loop of BLOCK_K columns
+    (MISTRAL_CHAT_NORM_ONE_LOAD=0). On 2 H200s one load made a Mistral-7B step 2.39-2.42 ms against 2.44-2.52."""
+    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "1") == "1" and k <= 8192
     return triton.next_power_of_2(k) if one else 0
+
+
+def measured_config(x: torch.Tensor, outputs: int, k: int, parts: int, stride: int) -> "triton.Config | None":
+    """The configuration measured fastest for this product on x's GPU (_HOPPER_CONFIGS), or None: autotune.
+    MISTRAL_CHAT_GEMV_MEASURED=0 autotunes every product."""
+    if not x.is_cuda or INTERPRETED or stride != k or os.environ.get("MISTRAL_CHAT_GEMV_MEASURED", "1") == "0":
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index)[0] != 9:
+        return None
+    return _HOPPER_CONFIGS.get((outputs, k, parts))
 
 
 def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
@@ -172,7 +201,8 @@ def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
     k, n = x.shape[-1], weight.shape[0]
     assert x.dtype == weight.dtype == torch.bfloat16 and n <= lamport.capacity
     x_row = x.reshape(k).contiguous()
-    config = send_config(_gemv_kernel, (n, k, weight.stride(0)), lambda: linear_row(x, weight))
+    config = (measured_config(x, n, k, 1, weight.stride(0))
+              or send_config(_gemv_kernel, (n, k, weight.stride(0)), lambda: linear_row(x, weight)))
     _gemv_kernel.fn[(triton.cdiv(n, config.kwargs["BLOCK_N"]),)](
         x_row, weight, x_row, n, k, weight.stride(0), n, x_row, 0.0, lamport.addresses, lamport.counters,
         lamport.capacity, PARTS=1, NORM=False, SEND=True, RANK=lamport.rank, WORLD=lamport.world,
