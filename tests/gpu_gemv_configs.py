@@ -80,10 +80,13 @@ def main() -> None:
             print(f"  {c:16} {t * 1e6:7.2f} us {2 * n * k / t / bandwidth:5.0%}" + (" *" if c == fastest else ""))
         for i, p in enumerate(picks):
             print(f"  autotune round {i + 1}: {p}  -> graph {times[p.split(' (')[0]] * 1e6:.2f} us")
-    print("\nshape     fastest in graph          us   picks' graph us")
+    print("\nshape     fastest in graph          us   gemv._HOPPER_CONFIGS' us   picks' graph us")
     for shape, (times, nbytes, picks) in table.items():
         fastest = min(times, key=times.get)
+        n, k, swiglu, _ = SHAPES[shape]
+        given = gemv._HOPPER_CONFIGS.get((n // (2 if swiglu else 1), k, 2 if swiglu else 1))
         print(f"{shape:9} {fastest:18} {times[fastest] * 1e6:8.2f}   "
+              + (f"{name(given):16} {times[name(given)] * 1e6:6.2f}" if given else f"{'-':23}") + "   "
               + " ".join(f"{times[p.split(' (')[0]] * 1e6:.2f}" for p in picks))
 
 
