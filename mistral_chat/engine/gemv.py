@@ -48,14 +48,14 @@ if triton is not None:
         _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
     # Mistral-7B's products, whole and as each of 2 ranks holds them, (outputs, K, PARTS) -> the configuration
-    # fastest in CUDA graphs as decode runs them (tests/gpu_gemv_configs.py on an H200, 2026-11-28). On GPUs of
+    # fastest in CUDA graphs as decode runs them (tests/gpu_gemv_configs.py on two H200s, 2026-11-28). On GPUs of
     # compute capability 9.0 they replace autotuning, which times one launch at a time: its picks there were
     # 0-1.3 us slower a product, and on 2 GPUs each process picked among near-equal ones differently.
     _HOPPER_CONFIGS = {shape: triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
                        for shape, (n, k, warps, s) in {
                            (6144, 4096, 1): (8, 512, 4, 1), (4096, 4096, 1): (4, 512, 4, 1),
                            (14336, 4096, 2): (4, 512, 4, 1), (4096, 14336, 1): (2, 512, 4, 2),
-                           (3072, 4096, 1): (2, 1024, 4, 1), (4096, 2048, 1): (4, 512, 4, 1),
+                           (3072, 4096, 1): (2, 512, 4, 2), (4096, 2048, 1): (4, 512, 4, 1),
                            (7168, 4096, 2): (2, 512, 4, 2), (4096, 7168, 1): (2, 512, 4, 2)}.items()}
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
