@@ -12,8 +12,9 @@ otherwise (on one H100 the whole model decoded at 5.51 ms/token with it, 5.40 wi
 activation costs no kernel of its own: inductor's own products read the whole matrices at ~96% of the copy
 bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
 the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. On H100 and H200 GPUs the kernel's
-programs start while the kernel before it still runs (fused.pdl): they load their first weights, then wait. The
-tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+programs start while the kernel before it still runs (fused.pdl): they load their first weights, then wait, and
+Mistral-7B's products take the configuration measured fastest as decode runs them (_HOPPER_CONFIGS; other shapes
+and GPUs are autotuned). The tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
