@@ -41,9 +41,14 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRETED)
 
 
+def capability_major(x: torch.Tensor) -> int:
+    """The major compute capability of the GPU holding x (a CUDA tensor): 9 for H100 and H200."""
+    return _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def _sm90_or_later(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def pdl(x: torch.Tensor) -> dict:
@@ -53,7 +58,7 @@ def pdl(x: torch.Tensor) -> dict:
     `wait_previous` before it reads anything an earlier kernel wrote (a product loads its first weights before).
     Every kernel launched so must wait, so that each kernel's wait covers every kernel before it."""
     on = (x.is_cuda and not INTERPRETED and os.environ.get("MISTRAL_CHAT_PDL", "1") != "0"
-          and _sm90_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+          and capability_major(x) >= 9)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine import fused
-from mistral_chat.engine.fused import INTERPRETED, pdl, triton_runs
+from mistral_chat.engine.fused import INTERPRETED, capability_major, pdl, triton_runs
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -187,10 +187,7 @@ def measured_config(x: torch.Tensor, outputs: int, k: int, parts: int, stride: i
     MISTRAL_CHAT_GEMV_MEASURED=0 autotunes every product."""
     if not x.is_cuda or INTERPRETED or stride != k or os.environ.get("MISTRAL_CHAT_GEMV_MEASURED", "1") == "0":
         return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(index)[0] != 9:
-        return None
-    return _HOPPER_CONFIGS.get((outputs, k, parts))
+    return _HOPPER_CONFIGS.get((outputs, k, parts)) if capability_major(x) == 9 else None
 
 
 def linear_row_to_peers(x: torch.Tensor, weight: torch.Tensor, lamport) -> None:
