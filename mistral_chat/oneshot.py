@@ -17,7 +17,7 @@ from mistral_chat.engine.sampling import SamplingParams
 from mistral_chat.errors import MistralChatError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from mistral_chat.cli import RunOptions
+    from mistral_chat.cli.main import RunOptions
     from mistral_chat.engine.loader import LoadedModel
 
 
@@ -102,7 +102,7 @@ def format_stats(stats: GenerationStats) -> str:
 def run_one_shot(opts: "RunOptions") -> None:
     request = read_request(opts, sys.stdin)
     if opts.tp > 1:
-        from mistral_chat.engine.launch import run_parallel_one_shot
+        from mistral_chat.engine.parallel.launcher import run_parallel_one_shot
 
         run_parallel_one_shot(opts, request)
         return

@@ -10,7 +10,7 @@ import sys
 
 def test_bench_json_and_table_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    base = [sys.executable, "-m", "mistral_chat.bench", "--shape", "tiny", "--device", "cpu", "--prefill", "16",
+    base = [sys.executable, "-m", "mistral_chat.bench.run", "--shape", "tiny", "--device", "cpu", "--prefill", "16",
             "--batch", "1,2", "--steps", "4", "--prompt", "24", "--no-compile"]
     proc = subprocess.run(base + ["--json-file", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

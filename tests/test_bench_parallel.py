@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from mistral_chat.bench import SHAPES
-from mistral_chat.bench_parallel import (format_parallel_table, run_parallel_bench, special_count,
+from mistral_chat.bench.run import SHAPES
+from mistral_chat.bench.parallel import (format_parallel_table, run_parallel_bench, special_count,
                                          synthetic_tekken, write_random_checkpoint)
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.loader import load_model
@@ -67,7 +67,7 @@ def test_world_2_decodes_the_tokens_of_world_1():
 
 def test_bench_cli_with_tp(tmp_path):
     out = tmp_path / "tp.json"
-    proc = subprocess.run([sys.executable, "-m", "mistral_chat.bench", "--shape", "tiny", "--tp", "1,2", "--device",
+    proc = subprocess.run([sys.executable, "-m", "mistral_chat.bench.run", "--shape", "tiny", "--tp", "1,2", "--device",
                            "cpu", "--dtype", "float32", "--steps", "8", "--prompt", "16", "--json-file", str(out)],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr

@@ -65,7 +65,7 @@ def run_cli(run: Run, env: dict[str, str], cwd: Path) -> Result:
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "mistral_chat.cli", *run.args], input=run.stdin,
+    proc = subprocess.run([sys.executable, "-m", "mistral_chat.cli.main", *run.args], input=run.stdin,
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
                           preexec_fn=limit_memory if limit is not None else None)
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -277,7 +277,7 @@ def test_debug_shows_the_traceback(results):
 
 def test_closed_stdout_ends_quietly(workdir, tiny):
     """`mistral-chat ... | head -c 1`: the reader goes away while tokens still come."""
-    proc = subprocess.Popen([sys.executable, "-m", "mistral_chat.cli",
+    proc = subprocess.Popen([sys.executable, "-m", "mistral_chat.cli.main",
                              *answer_args(tiny["native"], "--prompt", PROMPT, "--max-tokens", "300")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=cli_env(workdir), cwd=workdir)

@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def cli(model_dir: Path, tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "MISTRAL_CHAT_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run([sys.executable, "-m", "mistral_chat.cli", "--model", str(model_dir), "--device", "cpu",
+    return subprocess.run([sys.executable, "-m", "mistral_chat.cli.main", "--model", str(model_dir), "--device", "cpu",
                            *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
 
 

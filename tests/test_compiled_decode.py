@@ -70,7 +70,7 @@ def test_stored_activations_change_no_value(monkeypatch, setting):
     same output compiled (either way) as eager, and eager is untouched."""
     from mistral_chat.engine.materialize import materialize
     from mistral_chat.engine.model import FeedForward
-    from mistral_chat.engine.parallel import Parallel
+    from mistral_chat.engine.parallel.sharding import Parallel
 
     monkeypatch.setenv("MISTRAL_CHAT_MATERIALIZE", setting)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_compiled_batched_mixtral_decode_equals_eager(monkeypatch):
     """Batch 8 with 2 experts a token is more than the gathered path takes (8 pairs): eager runs each expert on its
     tokens, which a compiled block cannot (data-dependent shapes; `bench --shape mixtral-8x7b` failed at batch 8),
     so compiled decode runs every expert on every token, weighted by zero where not chosen: the same logits."""
-    from mistral_chat.bench import random_model
+    from mistral_chat.bench.run import random_model
     from mistral_chat.engine.config import ModelConfig
 
     monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", "1")

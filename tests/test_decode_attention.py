@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import torch
-from mistral_chat.engine import decode_attention as module
+from mistral_chat.engine.kernels import decode_attention as module
 from mistral_chat.engine.model import grouped_attention
 
 module.BLOCK_S, module.MIN_SPLIT = 16, 16  # small tiles and ranges: many of each in a short cache
@@ -67,7 +67,7 @@ for key_len in (33, 40):
 assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for both key lengths
 
 import os
-from mistral_chat.bench import random_model
+from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
 from tiny_models import count_calls, greedy_past_the_window
 module.BLOCK_S, module.MIN_SPLIT = 64, 128
@@ -103,7 +103,7 @@ def test_the_kernel_compiles_for_hopper():
     programmatic dependent launch's wait, fused.pdl), and the ranges' combine."""
     triton = pytest.importorskip("triton")
     tl = triton.language
-    from mistral_chat.engine import decode_attention
+    from mistral_chat.engine.kernels import decode_attention
 
     names = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "part_ptr", "lse_ptr"]
     types = ["*bf16", "*bf16", "*bf16", "*i1", "*bf16", "*fp32", "*fp32"]

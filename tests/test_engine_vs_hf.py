@@ -7,7 +7,7 @@ import torch
 
 from mistral_chat.engine.config import load_config
 from mistral_chat.engine.model import Transformer
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel.sharding import Parallel
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert
 from tiny_models import write_tiny_model
 

@@ -17,8 +17,8 @@ from tiny_models import checks_env, compile_for_hopper
 CHECK = r"""
 import os
 import torch
-from mistral_chat.engine import experts_gemv, fused
-from mistral_chat.bench import random_model
+from mistral_chat.engine.kernels import experts_gemv, fused
+from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
 from tiny_models import count_calls, greedy_past_the_window
 
@@ -76,11 +76,11 @@ def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
 def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monkeypatch):
     """One GPU keeps inductor's products over the gathered experts (already near its floor); each rank's halved
     experts take the kernels; MISTRAL_CHAT_MOE_KERNEL forces either; int8 experts and several rows never."""
-    from mistral_chat.engine import experts_gemv
+    from mistral_chat.engine.kernels import experts_gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
     from mistral_chat.engine.moe import MoEFeedForward
-    from mistral_chat.engine.parallel import Parallel
+    from mistral_chat.engine.parallel.sharding import Parallel
 
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          num_experts=4, num_experts_per_tok=2)
@@ -105,7 +105,7 @@ def test_the_experts_kernels_compile_for_hopper():
     the norm's scale) and w2's (the k experts summed in each program; storing, or pushing into the Lamport
     all-reduce's buffers), with programmatic dependent launch: the wait comes before any load, since the
     expert ids come from the kernel before."""
-    from mistral_chat.engine import experts_gemv
+    from mistral_chat.engine.kernels import experts_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "experts_ptr": "*i64",
                  "weights_ptr": "*bf16", "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i64",

@@ -2,7 +2,7 @@
 the cache writes), run on the CPU by
 Triton's interpreter: each equals the formula it replaces on ragged and strided shapes, and a dense and a
 mixture-of-experts model prefill and decode the same greedy tokens (and near-equal logits) with and without them.
-On GPUs the same kernels are compiled; tests/gpu_check.py covers them there."""
+On GPUs the same kernels are compiled; benchmarks/gpu/check.py covers them there."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ CHECK = r"""
 import os
 import torch
 import torch.nn.functional as F
-from mistral_chat.bench import random_model
-from mistral_chat.engine import fused
+from mistral_chat.bench.run import random_model
+from mistral_chat.engine.kernels import fused
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.cache import LayerKVCache
 from mistral_chat.engine.model import RMSNorm, apply_rope, rope_tables
@@ -108,7 +108,7 @@ def test_rope_and_cache_compiles_for_hopper():
     """Decode's RoPE-and-cache kernel compiled for an H100 (sm_90) with Triton's own ptxas, as the GPU would, with
     programmatic dependent launch's wait (fused.pdl) and without."""
     pytest.importorskip("triton")
-    from mistral_chat.engine import fused
+    from mistral_chat.engine.kernels import fused
 
     names = ["qkv_ptr", "rope_ptr", "slots_ptr", "q_ptr", "k_ptr", "v_ptr", "t", "n_q", "n_kv", "stride_row",
              "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
@@ -124,7 +124,7 @@ def test_programmatic_dependent_launch_only_on_gpus(monkeypatch):
     neither wait nor let the next kernel start early (on sm_90+ GPUs they do, unless MISTRAL_CHAT_PDL=0)."""
     import torch
 
-    from mistral_chat.engine import fused
+    from mistral_chat.engine.kernels import fused
 
     monkeypatch.delenv("MISTRAL_CHAT_PDL", raising=False)
     assert fused.pdl(torch.zeros(4)) == {"PDL": False}

@@ -17,8 +17,8 @@ import os
 import torch
 import torch.nn.functional as F
 import triton
-from mistral_chat.engine import fused, gemv
-from mistral_chat.bench import random_model
+from mistral_chat.engine.kernels import fused, gemv
+from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
 from tiny_models import count_calls, greedy_past_the_window
 
@@ -97,10 +97,10 @@ def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
 def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
     """Whole matrices (one GPU) keep inductor's products; each rank's halved ones take the kernel; the variable
     forces either."""
-    from mistral_chat.engine import gemv
+    from mistral_chat.engine.kernels import gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
-    from mistral_chat.engine.parallel import Parallel
+    from mistral_chat.engine.parallel.sharding import Parallel
 
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200)
     with torch.device("meta"):
@@ -125,7 +125,7 @@ def test_the_kernel_compiles_for_hopper():
     and up rows in one tile, the activation in the last step), with the norm's scale computed first, and pushing
     its outputs into the Lamport all-reduce's buffers; with programmatic dependent launch (fused.pdl), the first
     weights are loaded before the wait."""
-    from mistral_chat.engine import gemv
+    from mistral_chat.engine.kernels import gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
                  "stride_wn": "i32", "UP": "i32", "norm_ptr": "*bf16", "eps": "fp32", "buffers_ptr": "*i64",

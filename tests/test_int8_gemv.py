@@ -1,6 +1,6 @@
 """The Triton int8 matrix-vector kernel (engine/int8_gemv.py), run on the CPU by Triton's interpreter: it equals
 the dequantize-and-multiply product on ragged shapes, and an int8 model decodes the same greedy tokens with it
-as without it, eager and compiled. (On a GPU the same kernel is compiled; tests/gpu_check.py and the bench
+as without it, eager and compiled. (On a GPU the same kernel is compiled; benchmarks/gpu/check.py and the bench
 cover that.)"""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ CHECK = r"""
 import os
 import torch
 import torch.nn.functional as F
-from mistral_chat.engine import fused, int8_gemv
-from mistral_chat.bench import random_model
+from mistral_chat.engine.kernels import fused, int8_gemv
+from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.quant import quantize_rows
 from tiny_models import count_calls, greedy_past_the_window
@@ -75,7 +75,7 @@ def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
 def test_the_gpu_path_compiles_for_hopper():
     """The kernel's GPU path (inline PTX: one PRMT per weight, x read as 64-bit words) cannot run on the CPU; this
     compiles it for an H100 (sm_90) with Triton's own ptxas, as the GPU would, for the shapes decode tunes over."""
-    from mistral_chat.engine import int8_gemv
+    from mistral_chat.engine.kernels import int8_gemv
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                  "WORDS": "i32", "stride_wn": "i32", "UP": "i32"}

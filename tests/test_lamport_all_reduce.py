@@ -3,7 +3,7 @@ interpreter, in 2 and 3 processes whose buffers are shared memory (on GPUs they 
 NVLink). Through tensor parallelism's own route (`parallel.all_reduce` and its custom op), eager and under
 torch.compile, every rank gets the sum of every rank's input, the same bits on each, over many calls of mixed
 sizes (the buffer generations rotate and are cleared as they go), also where the GEMV kernel (or Mixtral's experts'
-kernel) pushes a product's outputs into the buffers itself. (On GPUs: tests/gpu_lamport_all_reduce.py.)"""
+kernel) pushes a product's outputs into the buffers itself. (On GPUs: benchmarks/gpu/lamport_all_reduce.py.)"""
 
 from __future__ import annotations
 
@@ -25,15 +25,17 @@ EXPERTS_SHAPES = [(130, 40)]  # then Mixtral's chosen experts' w2 (dim, hidden; 
 
 def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
     """One rank (a spawned process, TRITON_INTERPRET=1 inherited): all-reduces through parallel's route."""
-    from mistral_chat.engine import parallel
-    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
+    from mistral_chat.engine.parallel import collectives as parallel
+    from mistral_chat.engine.kernels.lamport_all_reduce import LamportAllReduce
 
     torch.set_num_threads(1)
     parallel._fast_kernel = LamportAllReduce([b.data_ptr() for b in buffers], rank, CAPACITY, torch.device("cpu"),
                                              block=BLOCK)
     parallel._fast_buffer = buffers[rank]
     parallel._fast_route = ("cpu-test", torch.bfloat16, CAPACITY)
-    par = parallel.Parallel(rank=rank, world=world)
+    from mistral_chat.engine.parallel.sharding import Parallel
+
+    par = Parallel(rank=rank, world=world)
     compiled = torch.compile(lambda x: parallel.all_reduce(x * 2, par) * 0.5, fullgraph=True)  # exact scalings
     gen = torch.Generator().manual_seed(0)  # the same inputs on every rank: rank r's are inputs[r]
     inputs = [[torch.randn(s, generator=gen).to(torch.bfloat16) for s in SIZES] for _ in range(world)]
@@ -63,7 +65,7 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
     phases["residual"] = worst
     # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1), against the
     # product, then the all-reduce: the same bits
-    from mistral_chat.engine import experts_gemv, gemv
+    from mistral_chat.engine.kernels import experts_gemv, gemv
 
     same = True
 
@@ -107,7 +109,7 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
 def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     import torch.multiprocessing as mp
 
-    from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+    from mistral_chat.engine.kernels.lamport_all_reduce import EMPTY, buffer_slots
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the spawned ranks import the kernel
     ctx = mp.get_context("spawn")
@@ -136,7 +138,7 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
 
 
 def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):
-    from mistral_chat.engine.parallel import all_reduce_choice
+    from mistral_chat.engine.parallel.collectives import all_reduce_choice
     from mistral_chat.errors import MistralChatError
 
     monkeypatch.delenv("MISTRAL_CHAT_TP_ALL_REDUCE", raising=False)
@@ -157,7 +159,7 @@ def test_the_kernel_compiles_for_hopper():
     only sums what the products pushed (SENT)."""
     from tiny_models import compile_for_hopper
 
-    from mistral_chat.engine import lamport_all_reduce
+    from mistral_chat.engine.kernels import lamport_all_reduce
 
     signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "buffers_ptr": "*i64", "counters_ptr": "*i32", "n": "i32",
                  "capacity": "i32", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "weighted_ptr": "*bf16"}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from mistral_chat.engine.config import load_config
 from mistral_chat.engine.lora import DEFAULT_SCALING, LoraError, load_adapter
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel.sharding import Parallel
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert
 from tiny_models import write_tiny_model
 

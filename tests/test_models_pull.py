@@ -20,7 +20,8 @@ from hub_server import HubServer
 from tiny_models import write_tiny_model
 
 from mistral_chat.errors import ModelFilesError, ModelNotFoundError
-from mistral_chat.models import commands, download, pull
+from mistral_chat.cli import models as commands
+from mistral_chat.models import download, pull
 from mistral_chat.models.download import RetryPolicy
 from mistral_chat.models.progress import PullProgress
 from mistral_chat.models.store import last_used_model, list_models, mark_used, resolve_model
@@ -455,11 +456,11 @@ def test_registry_is_plain_json(hub: HubServer, tmp_path: Path) -> None:
 
 
 def test_pulled_model_answers_one_shot_prompt(hub: HubServer, tmp_path: Path) -> None:
-    if importlib.util.find_spec("mistral_chat.cli") is None:
-        pytest.skip("mistral_chat.cli is not written yet")
+    if importlib.util.find_spec("mistral_chat.cli.main") is None:
+        pytest.skip("mistral_chat.cli.main is not written yet")
     assert run_cli("pull", "mistral-7b-instruct")[0] == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "mistral_chat.cli", "--model", "mistral-7b-instruct", "--prompt", "hi",
+        [sys.executable, "-m", "mistral_chat.cli.main", "--model", "mistral-7b-instruct", "--prompt", "hi",
          "--max-tokens", "3"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

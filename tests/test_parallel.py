@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from mistral_chat.engine.generate import Session
-from mistral_chat.engine.launch import (ParallelModelLoader, ParallelRunError, RankOptions, check_launch,
+from mistral_chat.engine.parallel.launcher import (ParallelModelLoader, ParallelRunError, RankOptions, check_launch,
                                         check_model_splits, start_parallel_session)
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import check_tensor_parallel
+from mistral_chat.engine.parallel.sharding import check_tensor_parallel
 from mistral_chat.engine.sampling import SamplingParams
 from mistral_chat.errors import DeviceError, MistralChatError
 from tiny_models import write_tiny_model
@@ -143,7 +143,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_dead_follower_ends_the_run_within_seconds(tiny):
     """Started through the hooks the engine worker takes (loader, session_factory), as the TUI does."""
-    from mistral_chat.engine.worker import LoadRequest
+    from mistral_chat.service.worker import LoadRequest
 
     hooks = ParallelModelLoader(2)
     progress: list[tuple[int, int]] = []
@@ -182,7 +182,7 @@ def test_rank_0_stuck_with_a_dead_follower_is_told_within_seconds(tiny):
 
 RANK0_THEN_DIE = """
 import os, signal, sys
-from mistral_chat.engine.launch import RankOptions, start_parallel_session
+from mistral_chat.engine.parallel.launcher import RankOptions, start_parallel_session
 loaded, session = start_parallel_session(RankOptions(path=sys.argv[1], device="cpu", dtype="float32"), 2)
 print(session.followers.pids[1], flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -202,7 +202,7 @@ def test_followers_exit_when_rank_0_dies(tiny):
 
 def test_one_shot_cli_with_tp_2_equals_without(tiny, tmp_path):
     env = dict(os.environ, MISTRAL_CHAT_HOME=str(tmp_path / "home"))
-    base = [sys.executable, "-m", "mistral_chat.cli", "--model", str(tiny["mistral"]), "--device", "cpu",
+    base = [sys.executable, "-m", "mistral_chat.cli.main", "--model", str(tiny["mistral"]), "--device", "cpu",
             "--prompt", "hi", "--max-tokens", "8"]
     plain = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
     parallel = subprocess.run(base + ["--tp", "2"], capture_output=True, text=True, env=env, timeout=120)
@@ -252,7 +252,7 @@ def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
     import torch._inductor.cudagraph_trees as cudagraph_trees
     import torch.distributed as dist
 
-    from mistral_chat.engine import launch
+    from mistral_chat.engine.parallel import launcher as launch
 
     hang, calls = threading.Event(), []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -272,7 +272,7 @@ def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
 def test_rank_0_leaves_the_group_with_the_followers_not_after_them(tiny, monkeypatch):
     """Rank 0 leaves the process group as soon as it has told the followers to stop, and only then waits for
     them: waiting first deadlocked NCCL teardown (the followers waited in it for rank 0) on GPUs."""
-    from mistral_chat.engine import launch
+    from mistral_chat.engine.parallel import launcher as launch
 
     order: list[str] = []
     leave = launch._leave_process_group

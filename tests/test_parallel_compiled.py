@@ -19,8 +19,8 @@ RANK = r"""
 import os, sys, torch, torch.distributed as dist
 from mistral_chat.engine.decode import DecodeStep, _prefill
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine import parallel
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel import collectives as parallel
+from mistral_chat.engine.parallel.sharding import Parallel
 rank, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
@@ -38,7 +38,7 @@ if mode == "fast" or mode.startswith("fused"):  # the symmetric-memory route, gl
     parallel._fast_buffer = torch.empty(parallel.FAST_ALL_REDUCE_BYTES // 4)
     parallel._fast_route = (name, torch.float32, parallel.FAST_ALL_REDUCE_BYTES // 4)
 if mode == "lamport":  # the real Lamport kernel in Triton's interpreter, over buffers the two processes share
-    from mistral_chat.engine.lamport_all_reduce import LamportAllReduce, buffer_slots
+    from mistral_chat.engine.kernels.lamport_all_reduce import LamportAllReduce, buffer_slots
     capacity = 8 * model.config.dim  # a prefill chunk fits, so prefill takes the kernel too
     buffers = [torch.from_file(f"{out}.buffer{r}", shared=True, size=buffer_slots(2, capacity), dtype=torch.int16)
                for r in range(2)]
@@ -100,7 +100,7 @@ def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, m
         monkeypatch.setenv("MISTRAL_CHAT_SEND_IN_PRODUCTS", "0" if all_reduce == "fused" else "1")
     if all_reduce == "lamport":
         pytest.importorskip("triton")
-        from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+        from mistral_chat.engine.kernels.lamport_all_reduce import EMPTY, buffer_slots
 
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         # not the GEMV kernel (the tensor-parallel default where Triton runs): the interpreter rounds its bf16

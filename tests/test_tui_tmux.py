@@ -66,7 +66,7 @@ def test_chat_in_a_real_terminal(tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / "model", "mistral")["native"]
     home = tmp_path / "home"
     env = {"MISTRAL_CHAT_HOME": str(home), "TERM": "xterm-256color", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = (f"{shlex.quote(sys.executable)} -m mistral_chat.cli --model {shlex.quote(str(model))} "
+    command = (f"{shlex.quote(sys.executable)} -m mistral_chat.cli.main --model {shlex.quote(str(model))} "
                "--device cpu --max-tokens 12 --context 256")
     tmux = Tmux(f"mc-{uuid.uuid4().hex[:8]}", f"mc-{uuid.uuid4().hex[:8]}")
     try:

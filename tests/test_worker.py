@@ -10,7 +10,7 @@ from tiny_models import write_tiny_model
 
 from mistral_chat.chat.templates import ChatMessage
 from mistral_chat.engine.sampling import SamplingParams
-from mistral_chat.engine.worker import (EngineFailed, EngineWorker, GenerationDone, GenerationStarted, LoadProgress,
+from mistral_chat.service.worker import (EngineFailed, EngineWorker, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
 
 
@@ -113,7 +113,7 @@ def test_tool_calls_are_read_from_real_token_ids(tiny_model: Path, tmp_path: Pat
     from tiny_models import copy_tokenizer
 
     from mistral_chat.chat.tools import ToolCall, encode_tool_calls, tool_format
-    from mistral_chat.engine.worker import read_tool_calls
+    from mistral_chat.service.worker import read_tool_calls
     from mistral_chat.text.tokenizer import load_tokenizer
 
     calls = (ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}'), ToolCall("xyz987QWE", "get_time", "{}"))

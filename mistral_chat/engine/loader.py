@@ -13,7 +13,7 @@ import torch
 from mistral_chat.engine.config import ModelConfig, load_config
 from mistral_chat.engine.memory import check_fits, estimate_memory, free_memory, session_context
 from mistral_chat.engine.model import Transformer
-from mistral_chat.engine.parallel import Parallel, check_tensor_parallel
+from mistral_chat.engine.parallel.sharding import Parallel, check_tensor_parallel
 from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
 from mistral_chat.errors import DeviceError, MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import Tokenizer, load_tokenizer

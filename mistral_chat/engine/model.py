@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import decode_attention, fused
+from mistral_chat.engine.kernels import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.experts_gemv import use_experts_kernel
-from mistral_chat.engine.gemv import Linear, use_kernel
+from mistral_chat.engine.kernels.experts_gemv import use_experts_kernel
+from mistral_chat.engine.kernels.gemv import Linear, use_kernel
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
-from mistral_chat.engine.parallel import Parallel, all_reduce, embed_vocab_slice, linear_all_reduce_residual
+from mistral_chat.engine.parallel.collectives import (all_reduce, embed_vocab_slice, gather_vocab,
+                                                      linear_all_reduce_residual)
+from mistral_chat.engine.parallel.sharding import Parallel
 
 
 @dataclass(frozen=True)
@@ -323,11 +325,11 @@ class Transformer(nn.Module):
             weighted = h * norms[0]
             for layer, window, next_norm in zip(self.layers, windows, norms[1:]):
                 h, weighted = block(layer, h, weighted, rope, slots, masks[window], key_len, next_norm)
-            return self.parallel.gather_vocab(self.output.normed(weighted, h, self.norm.eps).float())
+            return gather_vocab(self.output.normed(weighted, h, self.norm.eps).float(), self.parallel)
         delta = torch.zeros_like(h)
         for layer, window in zip(self.layers, windows):
             h, delta = block(layer, h, delta, rope, slots, masks[window], key_len)
         if not all_logits:
             h, delta = h[:, -1:], delta[:, -1:]
         logits = self.output(self.norm.add_and_norm(h, delta)[1]).float()
-        return self.parallel.gather_vocab(logits)
+        return gather_vocab(logits, self.parallel)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import experts_gemv, fused, gemv
+from mistral_chat.engine.kernels import experts_gemv, fused, gemv
 from mistral_chat.engine.materialize import materialize
-from mistral_chat.engine.parallel import Parallel, all_reduce, experts_all_reduce_residual
+from mistral_chat.engine.parallel.collectives import all_reduce, experts_all_reduce_residual
+from mistral_chat.engine.parallel.sharding import Parallel
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import fused, int8_gemv
+from mistral_chat.engine.kernels import fused, int8_gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral_chat.engine.config import CheckpointFormat, ModelConfig
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel.sharding import Parallel
 from mistral_chat.errors import ModelFilesError
 
 if TYPE_CHECKING:

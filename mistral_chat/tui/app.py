@@ -22,7 +22,7 @@ from textual.screen import Screen
 
 from mistral_chat.chat.conversation import GenerationSettings
 from mistral_chat.chat.store import ChatStore
-from mistral_chat.engine.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
+from mistral_chat.service.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
 from mistral_chat.errors import MistralChatError
 from mistral_chat.paths import app_home, database_path
 from mistral_chat.tui.engine_messages import EngineMessage
@@ -33,7 +33,7 @@ from mistral_chat.tui.screens.welcome import WelcomeScreen
 from mistral_chat.tui.themes import DEFAULT_THEME, load_themes
 
 if TYPE_CHECKING:
-    from mistral_chat.cli import RunOptions
+    from mistral_chat.cli.main import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class MistralChatApp(App[None]):
         self.post_message(EngineMessage(event))  # type: ignore[arg-type]
 
     async def on_engine_message(self, message: EngineMessage) -> None:
-        from mistral_chat.engine.worker import EngineFailed, ModelReady
+        from mistral_chat.service.worker import EngineFailed, ModelReady
 
         event = message.event
         if isinstance(event, ModelReady):
@@ -243,7 +243,7 @@ def run_tui(opts: "RunOptions") -> None:
     hooks = None
     engine_hooks: dict = {}
     if opts.tp > 1:  # rank 0 of a tensor-parallel run: the followers load and decode alongside
-        from mistral_chat.engine.launch import ParallelModelLoader
+        from mistral_chat.engine.parallel.launcher import ParallelModelLoader
 
         hooks = ParallelModelLoader(opts.tp)
         engine_hooks = {"loader": hooks.load, "session_factory": hooks.session_factory}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from mistral_chat.engine.worker import EngineEvent
+from mistral_chat.service.worker import EngineEvent
 
 
 class EngineMessage(Message):

@@ -26,7 +26,7 @@ from textual.widgets import Footer, Input
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, title_from
 from mistral_chat.chat.tools import Tool, ToolCall, ToolsFileError, load_tools
-from mistral_chat.engine.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
+from mistral_chat.service.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
 from mistral_chat.paths import app_home
 from mistral_chat.tui.screens.confirm import ConfirmScreen

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from mistral_chat.engine.parallel.sharding import Parallel
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger(__name__)
@@ -48,41 +48,19 @@ _fast_route: tuple[str, torch.dtype, int] | None = None
 _symmetric_memory_used = False
 
 
-@dataclass(frozen=True)
-class Parallel:
-    """This process's place in a tensor-parallel group."""
-
-    rank: int = 0
-    world: int = 1
-    group: Any = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def local_kv_heads(self, n_kv_heads: int) -> int:
-        """KV heads held here: split when the world divides them, else each rank keeps the copies it needs."""
-        if n_kv_heads % self.world == 0:
-            return n_kv_heads // self.world
-        return 1  # the world is a multiple of n_kv_heads: this rank's query heads share one KV head
-
-    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Concatenate each rank's vocabulary slice of the logits."""
-        if not self.enabled:
-            return logits
-        if torch.compiler.is_compiling():
-            gathered = _all_gather(logits.contiguous(), 0, self.process_group)  # [world * B, ...]
-            return torch.cat(gathered.chunk(self.world, dim=0), dim=-1)
-        parts = [torch.empty_like(logits) for _ in range(self.world)]
-        dist.all_gather(parts, logits.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
-
-    @property
-    def process_group(self) -> Any:
-        return self.group if self.group is not None else dist.group.WORLD
-
-
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.13
+
+
+def gather_vocab(logits: torch.Tensor, parallel: Parallel) -> torch.Tensor:
+    """Concatenate each rank's vocabulary slice of the logits."""
+    if not parallel.enabled:
+        return logits
+    if torch.compiler.is_compiling():
+        gathered = _all_gather(logits.contiguous(), 0, parallel.process_group)  # [world * B, ...]
+        return torch.cat(gathered.chunk(parallel.world, dim=0), dim=-1)
+    parts = [torch.empty_like(logits) for _ in range(parallel.world)]
+    dist.all_gather(parts, logits.contiguous(), group=parallel.group)
+    return torch.cat(parts, dim=-1)
 
 
 def all_reduce(x: torch.Tensor, parallel: Parallel) -> torch.Tensor:
@@ -138,7 +116,7 @@ def experts_all_reduce_residual(act: torch.Tensor, w2: torch.Tensor, experts: to
     if group_name is not None and _send_in_products() and residual.numel() == w2.shape[1]:
         return torch.ops.mistral_chat.linear_all_reduce_residual(act, w2, residual, weight, group_name, experts,
                                                                  routing)
-    from mistral_chat.engine import experts_gemv
+    from mistral_chat.engine.kernels import experts_gemv
 
     out = experts_gemv.experts_down(act, w2, experts, routing)
     return all_reduce_residual(out.view(residual.shape), residual, weight, parallel)
@@ -198,7 +176,7 @@ def linear_all_reduce_residual_op(x: torch.Tensor, weight: torch.Tensor, residua
     Lamport kernel sums them, adds the residual and weighs by the norm's weight (the product, then
     `fast_all_reduce_residual`, where torch's kernel carries the all-reduces). With `experts` and `routing`,
     weight is the stacked experts' w2 and the product experts_gemv.experts_down's (`experts_all_reduce_residual`)."""
-    from mistral_chat.engine import experts_gemv, gemv
+    from mistral_chat.engine.kernels import experts_gemv, gemv
 
     if _fast_kernel is None:
         product = gemv.linear_row(x, weight) if experts is None else experts_gemv.experts_down(x, weight, experts,
@@ -260,7 +238,7 @@ def all_reduce_choice(dtype: torch.dtype) -> str:
     if dtype not in (torch.bfloat16, torch.float32):
         return "nccl"
     if asked in ("auto", "lamport"):
-        from mistral_chat.engine import lamport_all_reduce
+        from mistral_chat.engine.kernels import lamport_all_reduce
 
         return "lamport" if dtype == torch.bfloat16 and lamport_all_reduce.triton is not None else "torch"
     return asked
@@ -293,7 +271,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
             import torch.distributed._symmetric_memory as symm_mem
 
             if choice == "lamport":
-                from mistral_chat.engine.lamport_all_reduce import EMPTY, buffer_slots
+                from mistral_chat.engine.kernels.lamport_all_reduce import EMPTY, buffer_slots
 
                 buffer = symm_mem.empty(buffer_slots(parallel.world, capacity), dtype=torch.int16, device=device)
                 buffer.fill_(EMPTY)
@@ -309,7 +287,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         handle = symm_mem.rendezvous(buffer, group_name)
         _fast_buffer = buffer
         if choice == "lamport":
-            from mistral_chat.engine.lamport_all_reduce import LamportAllReduce
+            from mistral_chat.engine.kernels.lamport_all_reduce import LamportAllReduce
 
             _fast_kernel = LamportAllReduce(list(handle.buffer_ptrs), parallel.rank, capacity, device)
         probe = torch.full((4096,), float(parallel.rank + 1), dtype=dtype, device=device)
@@ -354,22 +332,3 @@ def embed_vocab_slice(tokens: torch.Tensor, weight: torch.Tensor, parallel: Para
     outside = (local < 0) | (local >= rows)
     h = F.embedding(local.masked_fill(outside, 0), weight)
     return all_reduce(h.masked_fill(outside.unsqueeze(-1), 0.0), parallel)
-
-
-def check_tensor_parallel(world: int, n_heads: int, n_kv_heads: int, hidden_dim: int, vocab_size: int) -> None:
-    """MistralChatError unless a model of these sizes can be split over `world` ranks.
-
-    The world must divide the attention heads, hidden units and vocabulary; and either divide the KV heads
-    (each rank holds n_kv_heads / world of them) or be a multiple of them (each KV head is replicated on
-    world / n_kv_heads ranks, so that no rank's query heads straddle two KV groups).
-    """
-    if world < 1:
-        raise MistralChatError(f"--tp {world} is not a process count: use --tp 1 or more")
-    for what, size in (("attention heads", n_heads), ("hidden units", hidden_dim),
-                       ("vocabulary entries", vocab_size)):
-        if size % world:
-            raise MistralChatError(f"--tp {world} does not divide the model's {size} {what}: "
-                                   "choose a --tp that does")
-    if n_kv_heads % world and world % n_kv_heads:
-        raise MistralChatError(f"--tp {world} neither divides nor is a multiple of the model's {n_kv_heads} "
-                               "KV heads: choose a --tp that is")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Manual GPU runs for the open speed work, on a machine with one GPU (not run by pytest):
 #
-#     bash tests/gpu_speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
+#     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
 # Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention pdl profile
 # profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16
@@ -13,7 +13,7 @@
 # speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), bf16 with the
 # Triton GEMV kernel (MISTRAL_CHAT_GEMV_KERNEL=1), the int8 kernel's portable bit operations instead of its GPU
 # path (MISTRAL_CHAT_INT8_KERNEL=portable), whether programmatic dependent launch hides a product's start in a
-# CUDA graph (pdl: tests/gpu_pdl.py), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
+# CUDA graph (pdl: benchmarks/gpu/pdl.py), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
 # --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
 # HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
 # prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
@@ -36,12 +36,12 @@ log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
 startup() {  # a random Mistral-7B folder, then the one-shot CLI twice with the same (first empty) compile cache
     local model=/dev/shm/mistral-chat-m7 home=/tmp/mistral-chat-startup-home
     rm -rf "$home"
-    python3 -c "import torch; from mistral_chat.bench import bench_shape
-from mistral_chat.bench_parallel import write_random_checkpoint
+    python3 -c "import torch; from mistral_chat.bench.run import bench_shape
+from mistral_chat.bench.parallel import write_random_checkpoint
 write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')"
     for cache in empty warm; do
         local started=$(date +%s%N)
-        MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli --model "$model" --prompt "Hello" --max-tokens 8 --verbose \
+        MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli.main --model "$model" --prompt "Hello" --max-tokens 8 --verbose \
             | { IFS= read -r -n 1 _; echo "compile cache $cache: first answer byte $(( ($(date +%s%N) - started) / 1000000 )) ms after launch"; cat > /dev/null; }
         echo "compile cache $cache: $(( ($(date +%s%N) - started) / 1000000 )) ms from launch to exit"
     done
@@ -49,8 +49,8 @@ write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, dev
 export -f startup
 
 nvidia-smi -L
-bench=(python3 -m mistral_chat.bench --shape mistral-7b --prefill "" --batch 1 --steps 64)
-eager=(python3 -m mistral_chat.bench --shape mistral-7b --no-compile --batch 1 --steps 8)
+bench=(python3 -m mistral_chat.bench.run --shape mistral-7b --prefill "" --batch 1 --steps 64)
+eager=(python3 -m mistral_chat.bench.run --shape mistral-7b --no-compile --batch 1 --steps 8)
 for step in "${steps[@]}"; do
     case $step in
         bf16) log bf16 150 "${bench[@]}" ;;
@@ -60,18 +60,18 @@ for step in "${steps[@]}"; do
         int8-inductor) log int8-inductor 150 env MISTRAL_CHAT_INT8_KERNEL=0 "${bench[@]}" --quantize int8 ;;
         int8-bit-ops) log int8-bit-ops 150 env MISTRAL_CHAT_INT8_KERNEL=portable "${bench[@]}" --quantize int8 ;;
         bf16-gemv) log bf16-gemv 150 env MISTRAL_CHAT_GEMV_KERNEL=1 "${bench[@]}" ;;
-        int8-gemv) log int8-gemv 150 python3 tests/gpu_int8_gemv.py ;;
-        attention) log attention 150 python3 tests/gpu_decode_attention.py ;;
-        pdl) log pdl 120 python3 tests/gpu_pdl.py ;;
-        profile) log profile 150 python3 tests/gpu_profile_decode.py --shape mistral-7b ;;
-        profile-int8) log profile-int8 150 python3 tests/gpu_profile_decode.py --shape mistral-7b --quantize int8 ;;
+        int8-gemv) log int8-gemv 150 python3 benchmarks/gpu/int8_gemv.py ;;
+        attention) log attention 150 python3 benchmarks/gpu/decode_attention.py ;;
+        pdl) log pdl 120 python3 benchmarks/gpu/pdl.py ;;
+        profile) log profile 150 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b ;;
+        profile-int8) log profile-int8 150 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
-        check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 tests/gpu_check.py $kind; done ;;
-        check-mistral|check-mixtral|check-nemo) log $step 200 python3 tests/gpu_check.py ${step#check-} ;;
-        vs-hf) log vs-hf 330 python3 -m mistral_chat.bench --shape mistral-7b --vs-hf --steps 64 ;;
-        mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 --batch 1 \
+        check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 benchmarks/gpu/check.py $kind; done ;;
+        check-mistral|check-mixtral|check-nemo) log $step 200 python3 benchmarks/gpu/check.py ${step#check-} ;;
+        vs-hf) log vs-hf 330 python3 -m mistral_chat.bench.run --shape mistral-7b --vs-hf --steps 64 ;;
+        mixtral-16) log mixtral-16 180 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --batch 1 \
             --prefill 2048 --steps 32 ;;
-        mixtral-16-vs-hf) log mixtral-16-vs-hf 330 python3 -m mistral_chat.bench --shape mixtral-8x7b --layers 16 \
+        mixtral-16-vs-hf) log mixtral-16-vs-hf 330 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 \
             --batch 1 --prefill 2048 --steps 32 --vs-hf ;;
         prefill-2048) log prefill-2048 150 "${eager[@]}" --prefill 2048 ;;
         prefill) log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048

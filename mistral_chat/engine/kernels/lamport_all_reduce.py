@@ -33,7 +33,7 @@ def buffer_slots(world: int, capacity: int) -> int:
 
 
 if triton is not None:
-    from mistral_chat.engine.fused import pdl, start_next, wait_previous
+    from mistral_chat.engine.kernels.fused import pdl, start_next, wait_previous
 
     _EMPTY = tl.constexpr(EMPTY)  # a compiled kernel may read module globals only as constexprs
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine import fused
-from mistral_chat.engine.fused import INTERPRETED, capability_major, pdl, triton_runs
+from mistral_chat.engine.kernels import fused
+from mistral_chat.engine.kernels.fused import INTERPRETED, capability_major, pdl, triton_runs
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -37,8 +37,8 @@ except ImportError:  # CPU-only torch builds ship without Triton: F.linear runs
 
 
 if triton is not None:
-    from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.lamport_all_reduce import push
+    from mistral_chat.engine.kernels.fused import start_next, wait_previous
+    from mistral_chat.engine.kernels.lamport_all_reduce import push
 
     # rows x columns of bf16 per program and step, warps, pipelined stages: how many bytes stay in flight
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)
@@ -49,7 +49,7 @@ if triton is not None:
         _CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
 
     # Mistral-7B's products, whole and as each of 2 ranks holds them, (outputs, K, PARTS) -> the configuration
-    # fastest in CUDA graphs as decode runs them (tests/gpu_gemv_configs.py on two H200s, 2026-11-28). On GPUs of
+    # fastest in CUDA graphs as decode runs them (benchmarks/gpu/gemv_configs.py on two H200s, 2026-11-28). On GPUs of
     # compute capability 9.0 they replace autotuning, which times one launch at a time: its picks there were
     # 0-1.3 us slower a product, and on 2 GPUs each process picked among near-equal ones differently.
     _HOPPER_CONFIGS = {shape: triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=s)

@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from mistral_chat.engine.fused import pdl, triton_runs
-from mistral_chat.engine.gemv import send_config
+from mistral_chat.engine.kernels.fused import pdl, triton_runs
+from mistral_chat.engine.kernels.gemv import send_config
 
 try:
     import triton
@@ -38,8 +38,8 @@ except ImportError:  # CPU-only torch builds ship without Triton
 
 
 if triton is not None:
-    from mistral_chat.engine.fused import start_next, wait_previous
-    from mistral_chat.engine.gemv import _CONFIGS, _norm_scale, _row_sums, _store_rows, _sums_done
+    from mistral_chat.engine.kernels.fused import start_next, wait_previous
+    from mistral_chat.engine.kernels.gemv import _CONFIGS, _norm_scale, _row_sums, _store_rows, _sums_done
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
     @triton.jit

@@ -6,7 +6,7 @@ kernel wrote its activation. Next to them, what the autotuner picks in several r
 the times it measured (triton.testing.do_bench, one launch at a time): do its picks vary between processes, and
 do they match the fastest configuration in the graph?
 
-    python3 tests/gpu_gemv_configs.py [ROUNDS]
+    python3 benchmarks/gpu/gemv_configs.py [ROUNDS]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_int8_gemv import graph_time  # noqa: E402
 
-from mistral_chat.bench import copy_bandwidth  # noqa: E402
-from mistral_chat.engine import gemv  # noqa: E402
+from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
+from mistral_chat.engine.kernels import gemv  # noqa: E402
 
 # name: (rows, columns, SwiGLU, normed): the products as decode runs them
 SHAPES = {"wqkv": (6144, 4096, False, True), "wo": (4096, 4096, False, False), "w13": (28672, 4096, True, True),

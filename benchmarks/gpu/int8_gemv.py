@@ -8,7 +8,7 @@ decode, a small kernel writes the activation before each product, and the weight
 against the plain products (the int8 kernel's two paths against each other: equal to a bf16 rounding) and
 prints the configurations the autotuners chose.
 
-    python3 tests/gpu_int8_gemv.py
+    python3 benchmarks/gpu/int8_gemv.py
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mistral_chat.bench import copy_bandwidth  # noqa: E402
-from mistral_chat.engine import gemv, int8_gemv  # noqa: E402
+from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
+from mistral_chat.engine.kernels import gemv, int8_gemv  # noqa: E402
 from mistral_chat.engine.quant import quantize_rows  # noqa: E402
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),

@@ -9,7 +9,7 @@ float with bit operations, and applies the per-row scale to the sum: half the by
 call); `Int8Linear` uses it for a single activation row on CUDA with Triton installed (unless
 MISTRAL_CHAT_INT8_KERNEL=0), and the plain product otherwise. Inductor's own compiled product converts each int8
 with an int-to-float instruction; alone on an H100, from cold weights, it read Mistral-7B's matrices at 34-87% of
-the copy bandwidth, this kernel at 67-98% (tests/gpu_int8_gemv.py); its GPU path (BYTE_PERMUTE, inline PTX) at
+the copy bandwidth, this kernel at 67-98% (benchmarks/gpu/int8_gemv.py); its GPU path (BYTE_PERMUTE, inline PTX) at
 61-97%, a few percent faster than its portable bit operations. The tests run the portable path on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1) and compile the GPU path for sm_90.
 """
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from mistral_chat.engine.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.kernels.fused import INTERPRETED, triton_runs
 
 try:
     import triton
@@ -35,7 +35,7 @@ BYTE_PERMUTE = not INTERPRETED and os.environ.get("MISTRAL_CHAT_INT8_KERNEL") !=
 
 
 if triton is not None:
-    from mistral_chat.engine.gemv import _store_rows  # the last step, shared with the bf16 kernel
+    from mistral_chat.engine.kernels.gemv import _store_rows  # the last step, shared with the bf16 kernel
 
     # batch-1 decode streams the weight: the configurations differ in how many bytes each program keeps in
     # flight (rows x words per step, pipelined stages) and in how many programs share the rows

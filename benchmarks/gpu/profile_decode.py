@@ -4,9 +4,9 @@ Builds random weights of a real shape on the device (as `mistral-chat bench` doe
 compile, then profiles `--steps` decode steps and prints the kernels by total device time, and the time per
 step by kind of kernel (matrix products, attention, collectives, the rest):
 
-    python3 tests/gpu_profile_decode.py --shape mistral-7b [--quantize int8] [--no-compile] [--steps 20]
-    MISTRAL_CHAT_QUICK_COMPILE=1 python3 tests/gpu_profile_decode.py --shape mistral-7b
-    python3 tests/gpu_profile_decode.py --shape mistral-7b --prefill-only --prompt 2048 --steps 5   # eager prefill
+    python3 benchmarks/gpu/profile_decode.py --shape mistral-7b [--quantize int8] [--no-compile] [--steps 20]
+    MISTRAL_CHAT_QUICK_COMPILE=1 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b
+    python3 benchmarks/gpu/profile_decode.py --shape mistral-7b --prefill-only --prompt 2048 --steps 5   # eager prefill
 
 On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only checks that the script works.
 """
@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mistral_chat.bench import SHAPES, bench_shape, random_model
+from mistral_chat.bench.run import SHAPES, bench_shape, random_model
 from mistral_chat.engine.decode import DecodeStep
 
 KINDS = (("matrix products", ("gemv", "gemm", "mm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "reduction_n")),

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Manual tensor-parallel runs on a machine with several GPUs (not run by pytest):
 #
-#     bash tests/gpu_tp_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
+#     bash benchmarks/gpu/tp_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
 # Steps, in a sensible order:
 #   checkpoint  write the random Mistral-7B checkpoint to /dev/shm (the bench steps also write it if missing)
-#   direct      tests/gpu_tp_decode.py under torchrun: compiled decode without the launcher (no command
+#   direct      benchmarks/gpu/tp_decode.py under torchrun: compiled decode without the launcher (no command
 #               broadcasts, no followers), at 2 ranks with symmetric-memory all-reduces and with NCCL ones
 #               (MISTRAL_CHAT_TP_ALL_REDUCE=nccl), and at 4 ranks
 #   profile     the same at 2 ranks, then rank 0's kernels over 20 compiled steps by kind (where world 2's time goes),
@@ -14,7 +14,7 @@
 #   variants    `profile` once per entry of $VARIANTS (space-separated; each `base` or VAR=VALUE[,VAR=VALUE...],
 #               set for that run), printing each run's step time and one layer's kernels in the pipeline: several
 #               settings compared in one call, e.g. VARIANTS="base MISTRAL_CHAT_PDL=0 base MISTRAL_CHAT_PDL=0"
-#   lamport     tests/gpu_lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
+#   lamport     benchmarks/gpu/lamport_all_reduce.py at 2 and 4 ranks: the barrier-free one-shot all-reduce checked bit for
 #               bit and timed in CUDA graphs next to torch's one-shot kernel and NCCL (~1 min)
 #   launcher    `direct` at 2 ranks, then the compiled step with what `--tp`'s launcher adds to each step, one piece
 #               at a time (argmax, the host reading the token, its NCCL broadcast, the gloo command): ~2 min
@@ -31,7 +31,7 @@
 #               world 1 line): ~1.5 min
 #   7b-2-no-send  bench --tp 2 with wo and w2 handing their outputs to the all-reduce kernel instead of pushing
 #               them into the Lamport buffers themselves (MISTRAL_CHAT_SEND_IN_PRODUCTS=0): ~1.5 min
-#   gemv        tests/gpu_int8_gemv.py on one GPU: each product of Mistral-7B, whole and halved, alone in CUDA
+#   gemv        benchmarks/gpu/int8_gemv.py on one GPU: each product of Mistral-7B, whole and halved, alone in CUDA
 #               graphs: int8 (inductor's, the kernel's two paths) and bf16 (cuBLAS, the GEMV kernel): ~2 min
 #   7b-int8     bench --tp 1,2,4, --quantize int8, eager (for the tokens)
 #   mixtral     bench --tp 1,2 (2 on GPUs under 120 GB), full Mixtral-8x7B bf16, compiled; writes its checkpoint
@@ -48,7 +48,7 @@
 #   mixtral-24  bench --tp 2,4 of the same checkpoint (on 4 GPUs, where world 1 was measured apart): ~5 min
 #   profile-mixtral  `profile` at 2 ranks on the full Mixtral-8x7B checkpoint (written first if missing, ~110 s):
 #               where a Mixtral decode step's time goes under --tp: ~5 min
-#   routing     tests/gpu_moe_routing.py at 1, 2 and 4 ranks on random Mixtral-8x7B weights cut to 8 layers (written
+#   routing     benchmarks/gpu/moe_routing.py at 1, 2 and 4 ranks on random Mixtral-8x7B weights cut to 8 layers (written
 #               to /dev/shm first, ~25 s), bf16: which experts each layer's gate picks for a 512-token prompt,
 #               compared with world 1's (is --tp's disagreement on Mixtral the routing flipping at near ties?): ~2 min
 #   routing-f32 the same loaded in float32 (there rounding should flip almost no choice): ~2 min
@@ -76,31 +76,31 @@ direct() {  # direct NAME SECONDS RANKS [ALL_REDUCE [ARGS...]]: rank 0's lines s
     echo "== $name (limit $limit s)"
     stacks_after "$limit" >/dev/null 2>&1 & local watch=$!  # not on the pipe: `| tail` would wait for its sleep
     MISTRAL_CHAT_TP_ALL_REDUCE=$all_reduce PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc_per_node "$ranks" \
-        tests/gpu_tp_decode.py "${CKPT:-/dev/shm/mistral-chat-m7}" "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
+        benchmarks/gpu/tp_decode.py "${CKPT:-/dev/shm/mistral-chat-m7}" "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" \
         | grep -v '^\[rank [1-9]'
     pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
 
 random_checkpoint() {  # random_checkpoint SHAPE FOLDER [LAYERS]: random bf16 weights of a bench shape, made on the GPU
-    python3 -c "import sys, torch; from mistral_chat.bench import bench_shape
-from mistral_chat.bench_parallel import write_random_checkpoint
+    python3 -c "import sys, torch; from mistral_chat.bench.run import bench_shape
+from mistral_chat.bench.parallel import write_random_checkpoint
 write_random_checkpoint(sys.argv[2], bench_shape(sys.argv[1], int(sys.argv[3]) or None), torch.bfloat16, device='cuda')" \
         "$1" "$2" "${3:-0}"
 }
 
-routing() {  # routing DTYPE WORLD...: tests/gpu_moe_routing.py on the 8-layer Mixtral at each world, then compared
+routing() {  # routing DTYPE WORLD...: benchmarks/gpu/moe_routing.py on the 8-layer Mixtral at each world, then compared
     local dtype=$1 files=()
     shift
     [ -d /dev/shm/mistral-chat-mixtral-8 ] || random_checkpoint mixtral-8x7b /dev/shm/mistral-chat-mixtral-8 8
     for ranks in "$@"; do
         [ "$ranks" -gt "$(nvidia-smi -L | wc -l)" ] && continue
         echo "== routing-$dtype-$ranks (limit 150 s)"
-        PYTHONPATH=$PWD timeout 150 python3 -m torch.distributed.run --nproc_per_node "$ranks" tests/gpu_moe_routing.py \
+        PYTHONPATH=$PWD timeout 150 python3 -m torch.distributed.run --nproc_per_node "$ranks" benchmarks/gpu/moe_routing.py \
             /dev/shm/mistral-chat-mixtral-8 "$out/routing-$dtype-$ranks.pt" --dtype "$dtype" 2>&1 \
             | grep -v '^[WI][0-9]\{4\} ' | tail -3
         files+=("$out/routing-$dtype-$ranks.pt")
     done
-    PYTHONPATH=$PWD python3 tests/gpu_moe_routing.py --compare "${files[@]}" | tee "$out/routing-$dtype.txt"
+    PYTHONPATH=$PWD python3 benchmarks/gpu/moe_routing.py --compare "${files[@]}" | tee "$out/routing-$dtype.txt"
 }
 
 bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit; table and JSON under $out
@@ -108,7 +108,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `bench --tp` run with its own limit
     shift 2
     echo "== $name (limit ${limit} s)"
     stacks_after "$limit" >/dev/null 2>&1 & local watch=$!  # not on the pipe: `| tail` would wait for its sleep
-    timeout $((limit + 20)) python3 -m mistral_chat.bench --steps 64 --prompt 512 --json-file "$out/$name.json" \
+    timeout $((limit + 20)) python3 -m mistral_chat.bench.run --steps 64 --prompt 512 --json-file "$out/$name.json" \
         "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt"
     pkill -P $watch sleep 2>/dev/null; kill $watch 2>/dev/null
 }
@@ -132,7 +132,7 @@ for step in "${steps[@]}"; do
             done ;;
         lamport) for ranks in 2 4; do
                 echo "== lamport-$ranks (limit 150 s)"
-                timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks tests/gpu_lamport_all_reduce.py 2>&1 \
+                timeout 150 python3 -m torch.distributed.run --nproc_per_node $ranks benchmarks/gpu/lamport_all_reduce.py 2>&1 \
                     | grep -v '^[WI][0-9]\{4\} ' | tee "$out/lamport-$ranks.txt"
             done ;;
         launcher) direct launcher-2 150 2 auto --launcher ;;
@@ -146,7 +146,7 @@ for step in "${steps[@]}"; do
         7b-2-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-2-no-pdl 200 "${m7[@]}" --tp 2 ;;
         7b-1-no-pdl) MISTRAL_CHAT_PDL=0 bench 7b-1-no-pdl 200 "${m7[@]}" --tp 1 ;;
         7b-2-no-send) MISTRAL_CHAT_SEND_IN_PRODUCTS=0 bench 7b-2-no-send 200 "${m7[@]}" --tp 2 ;;
-        gemv) timeout 300 python3 tests/gpu_int8_gemv.py 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/gemv.txt" ;;
+        gemv) timeout 300 python3 benchmarks/gpu/int8_gemv.py 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/gemv.txt" ;;
         7b-int8) bench 7b-int8 300 "${m7[@]}" --tp 1,2,4 --quantize int8 --no-compile ;;
         mixtral)  # world 1 only where one GPU holds its 93 GB (H200)
             first=2

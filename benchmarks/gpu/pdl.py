@@ -16,7 +16,7 @@ If pdl+trigger is no faster than plain, PDL does not survive graph capture here 
 engine's kernels need not try it (BENCHMARKS.md, seventh session: PDL on the products alone, after inductor's
 kernels, saw no gain).
 
-    python3 tests/gpu_pdl.py
+    python3 benchmarks/gpu/pdl.py
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_int8_gemv import graph_time  # noqa: E402
-from mistral_chat.bench import copy_bandwidth  # noqa: E402
+from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w2": (4096, 14336), "wqkv/2": (3072, 4096),
           "wo/2": (4096, 2048)}

@@ -7,7 +7,7 @@ path `mistral-chat --tp N` takes). Each run decodes the same random prompt greed
 time to first token, the per-GPU bandwidth floor (weight bytes rank 0 reads per token / copy bandwidth of
 cuda:0), and how far each world's tokens agree with the reference run (world 1 when it ran).
 
-Each tensor-parallel world's rank 0 runs in a process of its own (`python -m mistral_chat.bench_parallel DIR`), as
+Each tensor-parallel world's rank 0 runs in a process of its own (`python -m mistral_chat.bench.parallel DIR`), as
 a `mistral-chat --tp N` run does: only the first tensor-parallel run of a process may use symmetric memory.
 
 The output rows of the special tokens are zero, so EOS (logit 0 among ~N(0, 1) logits) never wins and every run
@@ -356,11 +356,11 @@ def _teacher_forced(session: Any, prompt_ids: list[int], ref_ids: list[int], run
 def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str | None, context: int,
                prompt_ids: list[int], steps: int, compile: bool,
                ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
-    from mistral_chat.bench import weight_bytes_per_token
+    from mistral_chat.bench.run import weight_bytes_per_token
     from mistral_chat.engine.generate import Session
-    from mistral_chat.engine.launch import RankOptions, start_parallel_session
+    from mistral_chat.engine.parallel.launcher import RankOptions, start_parallel_session
     from mistral_chat.engine.loader import load_model
-    from mistral_chat.engine.parallel import fast_all_reduce_kernel
+    from mistral_chat.engine.parallel.collectives import fast_all_reduce_kernel
 
     run = WorldRun(world=world)
     first_logits = None
@@ -399,13 +399,13 @@ def _run_world_apart(path: Path, world: int, dev_type: str, dtype: str, quantize
                      prompt_ids: list[int], steps: int, compile: bool,
                      ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
     """`_run_world` with rank 0 in a child process (its output goes to this one's terminal)."""
-    from mistral_chat.engine.launch import child_environment
+    from mistral_chat.engine.parallel.launcher import child_environment
 
     args = {"path": str(path), "world": world, "dev_type": dev_type, "dtype": dtype, "quantize": quantize,
             "context": context, "prompt_ids": prompt_ids, "steps": steps, "compile": compile, "ref_ids": ref_ids}
     with tempfile.TemporaryDirectory(prefix="mistral-chat-tp-world-") as tmp:
         (Path(tmp) / "args.json").write_text(json.dumps(args))
-        code = subprocess.run([sys.executable, "-m", "mistral_chat.bench_parallel", tmp],
+        code = subprocess.run([sys.executable, "-m", "mistral_chat.bench.parallel", tmp],
                               env=child_environment()).returncode
         result = Path(tmp) / "result.pt"
         if code != 0 or not result.exists():
@@ -415,7 +415,7 @@ def _run_world_apart(path: Path, world: int, dev_type: str, dtype: str, quantize
 
 
 def _child_main(folder: str) -> None:
-    """`python -m mistral_chat.bench_parallel DIR`: one world as `_run_world_apart` asked, result in DIR."""
+    """`python -m mistral_chat.bench.parallel DIR`: one world as `_run_world_apart` asked, result in DIR."""
     args = json.loads((Path(folder) / "args.json").read_text())
     args["path"] = Path(args["path"])
     run, first = _run_world(**args)
@@ -451,8 +451,8 @@ def run_parallel_bench(shape: str, worlds: Sequence[int] = (1, 2, 4), dtype: str
     reused by a later call for the same shape (e.g. the int8 run after the bf16 one). `on_run(run)` is told of
     each world as it ends (a long run killed midway still shows the worlds it finished).
     """
-    from mistral_chat.bench import bench_shape, copy_bandwidth
-    from mistral_chat.engine.launch import device_type
+    from mistral_chat.bench.run import bench_shape, copy_bandwidth
+    from mistral_chat.engine.parallel.launcher import device_type
     from mistral_chat.engine.loader import DTYPES
 
     config = bench_shape(shape, layers, window)

@@ -1,7 +1,7 @@
 """Manual GPU check (not collected by pytest): latency of one decode-sized NCCL all-reduce (bf16 [1, 1, 4096]),
 eager in place, eager functional, and inside a CUDA graph. Run on a machine with N GPUs:
 
-    python3 -m torch.distributed.run --nproc_per_node N tests/gpu_nccl_latency.py
+    python3 -m torch.distributed.run --nproc_per_node N benchmarks/gpu/nccl_latency.py
 """
 import os, time, torch, torch.distributed as dist
 import torch.distributed._functional_collectives as funcol

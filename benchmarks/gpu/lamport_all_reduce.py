@@ -10,7 +10,7 @@ rank gets the same bits. Three buffer generations rotate (a counter on the GPU p
 replay it): a rank clears the generation it read last time, which no peer can write into again before this rank
 has sent its next input. No barrier, no flag round trip. (TensorRT-LLM's "Lamport" all-reduce works this way.)
 
-    python3 -m torch.distributed.run --nproc_per_node 2 tests/gpu_lamport_all_reduce.py
+    python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/gpu/lamport_all_reduce.py
 
 It checks the sums bit for bit against an all-gather summed in rank order, over many calls and sizes, then times
 8 KB (and larger) all-reduces replayed from CUDA graphs. On the CPU, tests/test_lamport_all_reduce.py runs the
@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mistral_chat.engine.lamport_all_reduce import EMPTY, LamportAllReduce, buffer_slots  # noqa: E402
+from mistral_chat.engine.kernels.lamport_all_reduce import EMPTY, LamportAllReduce, buffer_slots  # noqa: E402
 
 
 def gpu_main() -> None:

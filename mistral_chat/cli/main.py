@@ -129,7 +129,7 @@ def run(
                       lora=lora, lora_scale=lora_scale)
     if prompt is None and not opts.fim and sys.stdin.isatty():
         if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0
-            from mistral_chat.engine.launch import start_parallel
+            from mistral_chat.engine.parallel.launcher import start_parallel
 
             start_parallel(opts)
             return
@@ -149,7 +149,7 @@ def run(
              add_help_option=False)
 def bench(ctx: typer.Context) -> None:
     """Time prefill and decode on random weights of a real model shape (see `mistral-chat bench --help`)."""
-    from mistral_chat.bench import main as bench_main
+    from mistral_chat.bench.run import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))
 
@@ -161,7 +161,7 @@ def _stdout_closed() -> None:
 
 
 def _register_commands() -> None:
-    from mistral_chat.models.commands import register
+    from mistral_chat.cli.models import register
 
     register(app)
 

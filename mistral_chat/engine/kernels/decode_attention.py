@@ -11,7 +11,7 @@ them. With a single range the first kernel writes the output itself. Head dimens
 are padded with masked loads. Fully masked tiles or ranges give zero weight, never NaN.
 
 On an H100 (Mistral-7B's 32 query and 8 KV heads of 128, bf16, batch 1, replayed from a CUDA graph over 32
-layers' caches; tests/gpu_decode_attention.py), a layer's attention took 5.3 / 6.7 / 12.0 / 50.7 us at 256 / 512 /
+layers' caches; benchmarks/gpu/decode_attention.py), a layer's attention took 5.3 / 6.7 / 12.0 / 50.7 us at 256 / 512 /
 4096 / 32768 keys, against 6.8 / 9.6 / 24.0 / 88.0 us for inductor's compiled `grouped_attention`; at 32768 keys
 it reads K and V at about 2.7 TB/s. Without the split (one program per KV head) 32768 keys took 574 us. In a
 whole compiled decode step after a 512-token prompt the two were level (5.61 and 5.60 ms/token): the gain is at
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.fused import INTERPRETED, pdl, triton_runs
+from mistral_chat.engine.kernels.fused import INTERPRETED, pdl, triton_runs
 
 try:
     import triton
@@ -38,7 +38,7 @@ try:
 except ImportError:  # CPU-only torch builds ship without Triton: the plain formula is used
     triton = None
 else:
-    from mistral_chat.engine.fused import start_next, wait_previous
+    from mistral_chat.engine.kernels.fused import start_next, wait_previous
 
 available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
 

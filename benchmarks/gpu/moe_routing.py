@@ -7,8 +7,8 @@ pair of experts than the reference run (world 1), how far the gate's logits move
 2nd and 3rd experts were where the choice differs. Rounding flips a choice only where that gap is about as small
 as the gate's logits move; a fault of the sharding would flip choices at any gap, from the first layer on.
 
-    python3 -m torch.distributed.run --nproc_per_node N tests/gpu_moe_routing.py FOLDER OUT/routing-N.pt
-    python3 tests/gpu_moe_routing.py --compare OUT/routing-1.pt OUT/routing-2.pt [...]
+    python3 -m torch.distributed.run --nproc_per_node N benchmarks/gpu/moe_routing.py FOLDER OUT/routing-N.pt
+    python3 benchmarks/gpu/moe_routing.py --compare OUT/routing-1.pt OUT/routing-2.pt [...]
 
 On a machine without GPUs it runs on the CPU over gloo (use a tiny Mixtral), which only checks the script.
 """
@@ -21,9 +21,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from mistral_chat.engine.launch import _leave_process_group
+from mistral_chat.engine.parallel.launcher import _leave_process_group
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import Parallel
+from mistral_chat.engine.parallel.sharding import Parallel
 
 
 def record(path: str, out: str, prompt: int, dtype: str) -> None:

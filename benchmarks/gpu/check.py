@@ -1,6 +1,6 @@
 """GPU check (run by hand on the GPU machine, not by pytest): the CUDA paths agree with the CPU on tiny models.
 
-python tests/gpu_check.py [KIND ...]   prints one line per model kind (mistral, mixtral, nemo; default all three)
+python benchmarks/gpu/check.py [KIND ...]   prints one line per model kind (mistral, mixtral, nemo; default all three)
 and exits non-zero if any check fails. Each kind compiles several ways: about a minute or more per kind.
 """
 
@@ -17,14 +17,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mistral_chat.bench_parallel import synthetic_tekken  # noqa: E402
+from mistral_chat.bench.parallel import synthetic_tekken  # noqa: E402
 from mistral_chat.engine.config import load_config  # noqa: E402
-from mistral_chat.engine import int8_gemv  # noqa: E402
+from mistral_chat.engine.kernels import int8_gemv  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep  # noqa: E402
 from mistral_chat.engine.generate import Session  # noqa: E402
 from mistral_chat.engine.loader import load_model  # noqa: E402
 from mistral_chat.engine.model import Transformer  # noqa: E402
-from mistral_chat.engine.parallel import Parallel  # noqa: E402
+from mistral_chat.engine.parallel.sharding import Parallel  # noqa: E402
 from mistral_chat.engine.quant import int8_convert, prepare_int8  # noqa: E402
 from mistral_chat.engine.sampling import SamplingParams  # noqa: E402
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert  # noqa: E402

@@ -1,6 +1,6 @@
 """Start a tensor-parallel run: rank 0 in the calling process (it hosts the UI), the other ranks following it.
 
-`mistral-chat --tp N` spawns N-1 follower processes itself (`python -m mistral_chat.engine.launch --follower`),
+`mistral-chat --tp N` spawns N-1 follower processes itself (`python -m mistral_chat.engine.parallel.launcher --follower`),
 rendezvous over a TCP store on 127.0.0.1, one GPU a rank (NCCL) or CPU ranks (gloo, for tests). Under torchrun
 (RANK and WORLD_SIZE already set, any number of nodes) nothing is spawned: every rank joins env:// and the ranks
 other than 0 run the follower loop.
@@ -39,12 +39,12 @@ import torch.distributed as dist
 
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK, Session, TokenReader
 from mistral_chat.engine.loader import LoadedModel, load_model
-from mistral_chat.engine.parallel import (Parallel, asked_all_reduce, check_tensor_parallel,
-                                          disable_fast_all_reduce, enable_fast_all_reduce)
+from mistral_chat.engine.parallel.collectives import asked_all_reduce, disable_fast_all_reduce, enable_fast_all_reduce
+from mistral_chat.engine.parallel.sharding import Parallel, check_tensor_parallel
 from mistral_chat.errors import DeviceError, MistralChatError
 
 if TYPE_CHECKING:
-    from mistral_chat.cli import RunOptions
+    from mistral_chat.cli.main import RunOptions
     from mistral_chat.oneshot import OneShotRequest
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class FollowerProcesses:
             # (MISTRAL_CHAT_DEBUG=1 lets it through to the terminal)
             stderr = None if os.environ.get("MISTRAL_CHAT_DEBUG") == "1" else self._logs[rank]
             self.procs[rank] = subprocess.Popen(
-                [sys.executable, "-m", "mistral_chat.engine.launch", FOLLOWER_FLAG], env=env,
+                [sys.executable, "-m", "mistral_chat.engine.parallel.launcher", FOLLOWER_FLAG], env=env,
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
         self._watcher = threading.Thread(target=self._watch, name="tp-follower-watch", daemon=True)
         self._watcher.start()
@@ -631,7 +631,7 @@ def run_follower(dev_type: str, rank: int, world: int, local_rank: int, store: d
 
 
 def follower_main() -> int:
-    """`python -m mistral_chat.engine.launch --follower`: a rank spawned by rank 0 (env: RANK, WORLD_SIZE, ...)."""
+    """`python -m mistral_chat.engine.parallel.launcher --follower`: a rank spawned by rank 0 (env: RANK, WORLD_SIZE, ...)."""
     logging.basicConfig(level=logging.WARNING, format=f"rank {os.environ.get('RANK')} %(levelname)s %(name)s: "
                                                       "%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: rank 0 decides

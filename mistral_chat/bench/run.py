@@ -329,7 +329,7 @@ def parse_worlds(text: str) -> tuple[int, ...]:
 
 
 def main_parallel(a: argparse.Namespace) -> int:
-    from mistral_chat.bench_parallel import describe_run, format_parallel_table, result_json, run_parallel_bench
+    from mistral_chat.bench.parallel import describe_run, format_parallel_table, result_json, run_parallel_bench
 
     def tell(run: Any) -> None:
         print(describe_run(run), file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@ and 8 KV heads of 128, bf16, one new token), the Triton kernel of engine/decode_
 Each timing replays one CUDA graph of 32 calls, each on another layer's cache, so K and V come from memory and
 not from the L2 cache, as in decode. It also checks the kernel against grouped_attention in float32.
 
-    python3 tests/gpu_decode_attention.py
+    python3 benchmarks/gpu/decode_attention.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mistral_chat.engine.decode_attention import decode_attention  # noqa: E402
+from mistral_chat.engine.kernels.decode_attention import decode_attention  # noqa: E402
 from mistral_chat.engine.model import grouped_attention  # noqa: E402
 from gpu_int8_gemv import graph_time  # noqa: E402  (tests/, the script's own folder, is on the path)
 

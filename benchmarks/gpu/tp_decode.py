@@ -5,7 +5,7 @@ eager and compiled (CUDA graphs), printing how long each of the first compiled c
 engine's compiled collectives from `--tp`'s launcher (command broadcasts, followers) when tensor-parallel decode
 is slow or stuck; run it with PYTHONFAULTHANDLER=1 and send SIGABRT to see where each rank stands:
 
-    python3 -m torch.distributed.run --nproc_per_node 2 tests/gpu_tp_decode.py /dev/shm/mistral-chat-m7 [--profile]
+    python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/gpu/tp_decode.py /dev/shm/mistral-chat-m7 [--profile]
 
 On a machine without GPUs it runs on the CPU over gloo (use a tiny model), which only checks the script.
 The checkpoint is one that `mistral-chat bench --tp ... --tp-checkpoint FOLDER` wrote (or any model folder).
@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from mistral_chat.engine.decode import DecodeStep
-from mistral_chat.engine.launch import _leave_process_group
+from mistral_chat.engine.parallel.launcher import _leave_process_group
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel import Parallel, enable_fast_all_reduce, fast_all_reduce_kernel
+from mistral_chat.engine.parallel.collectives import enable_fast_all_reduce, fast_all_reduce_kernel
+from mistral_chat.engine.parallel.sharding import Parallel
 
 
 def say(rank: int, text: str) -> None:
@@ -109,7 +110,7 @@ def main() -> None:
 def tuned_configs() -> str:
     """The configuration this process's autotuning picked for each product shape (the GEMV and experts kernels):
     runs can differ in them, and so in speed and in their logits' last bits."""
-    from mistral_chat.engine import experts_gemv, gemv
+    from mistral_chat.engine.kernels import experts_gemv, gemv
 
     picked = []
     for kernel in (gemv._gemv_kernel, experts_gemv._experts_kernel) if gemv.triton is not None else ():
@@ -125,7 +126,7 @@ def launcher_costs(rank: int, step: DecodeStep, token: torch.Tensor, position: i
     one piece per line: the argmax fed back as the next token, the host reading each token one step behind
     (TokenReader), the NCCL broadcast of the token (share_token), the gloo command (CommandChannel)."""
     from mistral_chat.engine.generate import TokenReader
-    from mistral_chat.engine.launch import _DECODE, CommandChannel, share_token
+    from mistral_chat.engine.parallel.launcher import _DECODE, CommandChannel, share_token
 
     commands = CommandChannel(dist.new_group(backend="gloo"))
     group = step.model.parallel.group

@@ -1,0 +1,5 @@
+import sys
+
+from mistral_chat.bench.run import main
+
+sys.exit(main())

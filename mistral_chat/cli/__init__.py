@@ -1,0 +1,1 @@
+"""The `mistral-chat` command line (typer)."""
