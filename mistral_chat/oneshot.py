@@ -1,11 +1,13 @@
-"""One-shot answers for shell pipelines: the completion streams to stdout, everything else to stderr."""
+"""One-shot answers for shell pipelines: the completion streams to stdout, everything else to stderr.
+
+The CLI builds `OneShotOptions` from its flags and calls `run_one_shot`; with `--tp N` the answer comes from a
+tensor-parallel run (rank 0 prints it, the followers print nothing)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -13,12 +15,36 @@ from mistral_chat.chat.fim import encode_fim
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
 from mistral_chat.chat.tools import Tool, ToolCall, ToolCallParseError, load_tools, parse_tool_calls
 from mistral_chat.engine.generate import GenerationStats, Session
-from mistral_chat.engine.sampling import SamplingParams
-from mistral_chat.errors import MistralChatError, ModelNotFoundError
+from mistral_chat.engine.options import LoadOptions, SamplingParams
+from mistral_chat.errors import MistralChatError
+from mistral_chat.service.loading import prepare_compile, resolve_model_path
 
 if TYPE_CHECKING:
-    from mistral_chat.cli.main import RunOptions
     from mistral_chat.engine.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class OneShotOptions:
+    """What the command line asks of one answer: the model and how it loads, how to sample, and what to answer
+    (a prompt, piped stdin, or code to fill in the middle of) in which output format."""
+
+    model: str | None = None  # a folder, alias or repo id; None: the last used
+    load: LoadOptions = field(default_factory=LoadOptions)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = None
+    system: str | None = None
+    verbose: bool = False  # statistics on stderr
+    json_output: bool = False  # one JSON object instead of the streamed text
+    tools: Path | None = None  # a JSON file of functions the model may call
+    fim_prefix: str | None = None
+    fim_suffix: str | None = None
+    fim_prefix_file: Path | None = None
+    fim_suffix_file: Path | None = None
+
+    @property
+    def fim(self) -> bool:
+        return any(x is not None for x in (self.fim_prefix, self.fim_suffix, self.fim_prefix_file,
+                                            self.fim_suffix_file))
 
 
 @dataclass(frozen=True)
@@ -51,7 +77,7 @@ def _text_option(text: str | None, path: Path | None) -> str | None:
         raise MistralChatError(f"cannot read {path} ({exc}): check the path") from exc
 
 
-def read_fim(opts: "RunOptions", stdin: TextIO) -> tuple[str, str]:
+def read_fim(opts: OneShotOptions, stdin: TextIO) -> tuple[str, str]:
     """Code before the cursor (--fim-prefix[-file] or piped stdin) and after it (--fim-suffix[-file], may be empty)."""
     prefix = _text_option(opts.fim_prefix, opts.fim_prefix_file)
     suffix = _text_option(opts.fim_suffix, opts.fim_suffix_file) or ""
@@ -63,7 +89,7 @@ def read_fim(opts: "RunOptions", stdin: TextIO) -> tuple[str, str]:
     return prefix, suffix
 
 
-def read_request(opts: "RunOptions", stdin: TextIO) -> OneShotRequest:
+def read_request(opts: OneShotOptions, stdin: TextIO) -> OneShotRequest:
     """Everything the answer needs from the command line and stdin, read before the model loads."""
     if opts.fim:
         if opts.tools is not None:
@@ -73,53 +99,48 @@ def read_request(opts: "RunOptions", stdin: TextIO) -> OneShotRequest:
     return OneShotRequest(text=read_prompt(opts.prompt, stdin), tools=tools)
 
 
-def resolve_model_path(name: str | None) -> "str":
-    from mistral_chat.models.store import last_used_model, mark_used, resolve_model
-
-    if name is None:
-        name = last_used_model()
-        if name is None:
-            raise ModelNotFoundError("no model given and none used before: pass --model PATH_OR_NAME, "
-                                     "or run `mistral-chat pull mistral-7b-instruct` first")
-    path = resolve_model(name)
-    mark_used(name)
-    return str(path)
-
-
-def sampling_params(opts: "RunOptions") -> SamplingParams:
-    return SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-                          max_tokens=opts.max_tokens, seed=opts.seed, min_p=opts.min_p,
-                          repetition_penalty=opts.repetition_penalty, presence_penalty=opts.presence_penalty,
-                          stop=opts.stop)
-
-
 def format_stats(stats: GenerationStats) -> str:
     return (f"prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled), "
             f"generated {stats.generated_tokens}, first token {stats.time_to_first_token * 1000:.0f} ms, "
             f"{stats.tokens_per_second:.1f} tokens/s, finish: {stats.finish_reason}")
 
 
-def run_one_shot(opts: "RunOptions") -> None:
+def run_one_shot(opts: OneShotOptions) -> None:
     request = read_request(opts, sys.stdin)
-    if opts.tp > 1:
-        from mistral_chat.engine.parallel.launcher import run_parallel_one_shot
-
+    if opts.load.tp > 1:
         run_parallel_one_shot(opts, request)
         return
     from mistral_chat.engine.loader import load_model
 
     path = resolve_model_path(opts.model)
-    loaded = load_model(path, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
-                        compile=compile_wanted(opts), lora=opts.lora, lora_scale=opts.lora_scale,
-                        context_length=opts.context)
+    options = prepare_compile(opts.load)
+    announce_compile(options)
+    loaded = load_model(path, **options.load_kwargs())
     if opts.verbose:
         print(f"loaded {loaded.name} on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')} "
               f"in {loaded.load_seconds:.1f} s", file=sys.stderr)
-    session = Session(loaded, context_length=opts.context)
+    session = Session(loaded, context_length=opts.load.context_length)
     answer_once(opts, loaded, session, request)
 
 
-def answer_once(opts: "RunOptions", loaded: "LoadedModel", session: Session, request: OneShotRequest) -> None:
+def run_parallel_one_shot(opts: OneShotOptions, request: OneShotRequest) -> None:
+    """`--prompt` with `--tp N`: rank 0 prints the answer, the followers print nothing."""
+    from mistral_chat.service.tensor_parallel import start_parallel
+
+    options = prepare_compile(opts.load)  # before the followers start: they inherit the compile cache's place
+    started = start_parallel(opts.model, options)
+    if started is None:  # a torchrun follower, once rank 0 is done
+        return
+    loaded, session = started
+    with session:
+        announce_compile(options)
+        if opts.verbose:
+            sys.stderr.write(f"loaded {loaded.name} on {session.world} ranks ({loaded.device.type}) as "
+                             f"{str(loaded.dtype).removeprefix('torch.')} in {loaded.load_seconds:.1f} s\n")
+        answer_once(opts, loaded, session, request)
+
+
+def answer_once(opts: OneShotOptions, loaded: "LoadedModel", session: Session, request: OneShotRequest) -> None:
     """Encode the request, generate, and print: streamed text, tool calls as JSON, or one JSON object."""
     tokenizer = loaded.tokenizer
     if request.fim is not None:
@@ -128,7 +149,7 @@ def answer_once(opts: "RunOptions", loaded: "LoadedModel", session: Session, req
         messages = ([ChatMessage("system", opts.system)] if opts.system else [])
         messages.append(ChatMessage("user", request.text or ""))
         ids = encode_conversation(tokenizer, messages, list(request.tools) or None)
-    params = sampling_params(opts)
+    params = opts.sampling
     if opts.json_output or request.tools:
         text = "".join(session.generate(ids, params))
         calls = _tool_calls(session) if request.tools else None
@@ -167,20 +188,12 @@ def answer_json(model: str, text: str, calls: list[ToolCall] | None, stats: Gene
     }
 
 
-def compile_wanted(opts: "RunOptions") -> bool:
-    """Compile decode on CUDA unless --no-compile; say so, since the first run on a machine takes minutes."""
-    import torch
-
-    if not opts.compile or opts.device == "cpu" or not torch.cuda.is_available():
-        return False
-    from mistral_chat.engine.decode import use_compile_cache
-    from mistral_chat.paths import app_home
-
-    use_compile_cache(app_home() / "compile-cache")
-    if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun rank
+def announce_compile(options: LoadOptions) -> None:
+    """Say that decode compiles (`options` as `prepare_compile` left them), since the first run on a machine
+    takes minutes."""
+    if options.compile:
         print("mistral-chat: compiling the model for this GPU (a few minutes the first time, cached afterwards; "
               "--no-compile skips it)", file=sys.stderr)
-    return True
 
 
 def stream_answer(session: Session, ids: list[int], params: SamplingParams, out: TextIO) -> str:

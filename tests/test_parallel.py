@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU: 2 ranks over gloo give the single-process engine's logits and tokens.
 
 Rank 0 runs in the test process (as it does under the UI); rank 1 is a real follower process spawned by
-`engine.launch`. Models are float32 so the sharded sums agree to 1e-5.
+engine/parallel/launcher.py. Models are float32 so the sharded sums agree to 1e-5.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from mistral_chat.engine.generate import Session
-from mistral_chat.engine.parallel.launcher import (ParallelModelLoader, ParallelRunError, RankOptions, check_launch,
-                                        check_model_splits, start_parallel_session)
 from mistral_chat.engine.loader import load_model
+from mistral_chat.engine.options import LoadOptions, SamplingParams
+from mistral_chat.engine.parallel.group import ParallelRunError, RankOptions, check_launch, check_model_splits
+from mistral_chat.engine.parallel.launcher import start_parallel_session
 from mistral_chat.engine.parallel.sharding import check_tensor_parallel
-from mistral_chat.engine.sampling import SamplingParams
 from mistral_chat.errors import DeviceError, MistralChatError
+from mistral_chat.service.tensor_parallel import ParallelModelLoader
 from tiny_models import write_tiny_model
 
 CONTEXT, CHUNK = 128, 8  # with the window of 16, the mistral cache holds 16 + 8 slots and wraps often
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def start(path: Path, **kw):
-    options = RankOptions(path=str(path), device="cpu", dtype="float32", context_length=CONTEXT,
+    options = RankOptions(path=str(path), options=LoadOptions(device="cpu", dtype="float32", context_length=CONTEXT),
                           prefill_chunk=CHUNK)
     started = start_parallel_session(options, 2, **kw)
     assert started is not None
@@ -147,8 +148,8 @@ def test_a_dead_follower_ends_the_run_within_seconds(tiny):
 
     hooks = ParallelModelLoader(2)
     progress: list[tuple[int, int]] = []
-    loaded = hooks.load(LoadRequest(tiny["mistral"], device="cpu", dtype="float32", context_length=CONTEXT),
-                        lambda done, total: progress.append((done, total)))
+    options = LoadOptions(device="cpu", dtype="float32", context_length=CONTEXT)
+    loaded = hooks.load(LoadRequest(tiny["mistral"], options), lambda done, total: progress.append((done, total)))
     try:
         parallel = hooks.session_factory(loaded, CONTEXT)
         assert progress  # rank 0's loading progress reaches the worker
@@ -182,8 +183,10 @@ def test_rank_0_stuck_with_a_dead_follower_is_told_within_seconds(tiny):
 
 RANK0_THEN_DIE = """
 import os, signal, sys
-from mistral_chat.engine.parallel.launcher import RankOptions, start_parallel_session
-loaded, session = start_parallel_session(RankOptions(path=sys.argv[1], device="cpu", dtype="float32"), 2)
+from mistral_chat.engine.options import LoadOptions
+from mistral_chat.engine.parallel.group import RankOptions
+from mistral_chat.engine.parallel.launcher import start_parallel_session
+loaded, session = start_parallel_session(RankOptions(sys.argv[1], LoadOptions(device="cpu", dtype="float32")), 2)
 print(session.followers.pids[1], flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -213,14 +216,8 @@ def test_one_shot_cli_with_tp_2_equals_without(tiny, tmp_path):
 
 def test_a_tp_that_does_not_split_the_model_fails_before_spawning(tiny):
     with pytest.raises(ParallelRunError, match="--tp 3 does not divide the model's 4 attention heads"):
-        start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu"), 3)
+        start_parallel_session(RankOptions(str(tiny["mistral"]), LoadOptions(device="cpu")), 3)
     check_model_splits(tiny["mistral-kv1"], 2)  # 1 KV head: replicated
-
-
-def test_a_misspelt_all_reduce_setting_fails_before_spawning(tiny, monkeypatch):
-    monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", "symm")
-    with pytest.raises(MistralChatError, match="MISTRAL_CHAT_TP_ALL_REDUCE=symm is not a choice: use auto"):
-        start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu"), 2)
 
 
 def test_kv_head_rule():
@@ -252,17 +249,17 @@ def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
     import torch._inductor.cudagraph_trees as cudagraph_trees
     import torch.distributed as dist
 
-    from mistral_chat.engine.parallel import launcher as launch
+    from mistral_chat.engine.parallel import group
 
     hang, calls = threading.Event(), []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(cudagraph_trees, "reset_cudagraph_trees", lambda: calls.append("graphs dropped"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: (calls.append("destroy"), hang.wait(30)))
-    monkeypatch.setattr(launch, "_abort_nccl", lambda: calls.append("abort"))
+    monkeypatch.setattr(group, "abort_nccl", lambda: calls.append("abort"))
     started = time.monotonic()
     try:
-        launch._leave_process_group(timeout=0.5)
+        group.leave_process_group(timeout=0.5)
     finally:
         hang.set()
     assert time.monotonic() - started < 5
@@ -272,13 +269,13 @@ def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
 def test_rank_0_leaves_the_group_with_the_followers_not_after_them(tiny, monkeypatch):
     """Rank 0 leaves the process group as soon as it has told the followers to stop, and only then waits for
     them: waiting first deadlocked NCCL teardown (the followers waited in it for rank 0) on GPUs."""
-    from mistral_chat.engine.parallel import launcher as launch
+    from mistral_chat.engine.parallel import session as parallel_session
 
     order: list[str] = []
-    leave = launch._leave_process_group
-    monkeypatch.setattr(launch, "_leave_process_group", lambda: (order.append("rank 0 leaves"), leave()))
-    loaded, session = start_parallel_session(RankOptions(path=str(tiny["mistral"]), device="cpu",
-                                                         dtype="float32", context_length=CONTEXT), 2)
+    leave = parallel_session.leave_process_group
+    monkeypatch.setattr(parallel_session, "leave_process_group", lambda: (order.append("rank 0 leaves"), leave()))
+    options = LoadOptions(device="cpu", dtype="float32", context_length=CONTEXT)
+    loaded, session = start_parallel_session(RankOptions(str(tiny["mistral"]), options), 2)
     followers = session.followers
     close = followers.close
     monkeypatch.setattr(followers, "close", lambda: (order.append("followers waited for"), close()))
@@ -311,8 +308,8 @@ def test_int8_ranks_quantize_their_own_slices(tiny, kind):
                 continue
             row_parallel = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w2"))
             p.copy_(_dequantized(p, 2 if row_parallel else 1))
-    options = RankOptions(path=str(tiny[kind]), device="cpu", dtype="float32", context_length=CONTEXT,
-                          prefill_chunk=CHUNK, quantize="int8")
+    options = RankOptions(path=str(tiny[kind]), prefill_chunk=CHUNK,
+                          options=LoadOptions(device="cpu", dtype="float32", context_length=CONTEXT, quantize="int8"))
     started = start_parallel_session(options, 2)
     assert started is not None
     _, parallel = started

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mistral_chat.chat.conversation import GenerationSettings
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.chat.templates import ChatMessage
 from mistral_chat.chat.trim import trim_history
+from mistral_chat.engine.options import SamplingParams
 
 
 def test_conversations_round_trip_and_search(tmp_path: Path) -> None:
     store = ChatStore(tmp_path / "c.db")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    a = store.create_conversation("Alpha", system_prompt="sys", settings=GenerationSettings(temperature=0.5, seed=3))
+    a = store.create_conversation("Alpha", system_prompt="sys", settings=SamplingParams(temperature=0.5, seed=3))
     b = store.create_conversation("Beta")
     store.add_message(a.id, "user", "find 100% of_this")
     reply = store.add_message(a.id, "assistant", "partial")
@@ -79,7 +79,7 @@ def test_an_old_database_is_migrated_and_keeps_its_chats(tmp_path: Path) -> None
     assert [(m.role, m.content, m.tool_calls) for m in old.messages] == [("user", "hello", ()),
                                                                          ("assistant", "hi there", ())]
     assert old.tools_path == "" and old.settings.temperature == 0.3 and old.settings.stop == ()
-    assert old.settings.sampling_params().min_p == 0.0
+    assert old.settings.min_p == 0.0
     store.close()
     store = ChatStore(tmp_path / "old.db")  # a second open finds every column there
     assert store.load(1).title == "Old chat"
@@ -89,7 +89,7 @@ def test_tool_calls_results_tools_file_and_new_settings_round_trip(tmp_path: Pat
     from mistral_chat.chat.tools import ToolCall
 
     store = ChatStore(tmp_path / "c.db")
-    settings = GenerationSettings(min_p=0.05, repetition_penalty=1.1, presence_penalty=0.4, stop=("###", "\nUser:"))
+    settings = SamplingParams(min_p=0.05, repetition_penalty=1.1, presence_penalty=0.4, stop=("###", "\nUser:"))
     conversation = store.create_conversation("Tools", settings=settings, tools_path="/x/tools.json")
     call = ToolCall("abcDEF123", "get_weather", '{"city": "Paris"}')
     store.add_message(conversation.id, "user", "Weather?")
@@ -103,7 +103,7 @@ def test_tool_calls_results_tools_file_and_new_settings_round_trip(tmp_path: Pat
     loaded = store.load(conversation.id)
     assert loaded.tools_path == "/y/tools.json"
     assert loaded.settings == settings
-    params = loaded.settings.sampling_params()
+    params = loaded.settings
     assert (params.min_p, params.repetition_penalty, params.presence_penalty, params.stop) == \
         (0.05, 1.1, 0.4, ("###", "\nUser:"))
     assert loaded.messages[1].tool_calls == (call,) and loaded.messages[1].content == ""

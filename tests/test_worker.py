@@ -9,7 +9,7 @@ import pytest
 from tiny_models import write_tiny_model
 
 from mistral_chat.chat.templates import ChatMessage
-from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.service.worker import (EngineFailed, EngineWorker, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
 
@@ -40,7 +40,7 @@ def worker(tiny_model: Path):
     recorder = Recorder()
     engine = EngineWorker(recorder)
     engine.start_thread()
-    engine.load(tiny_model, device="cpu", context_length=128)
+    engine.load(tiny_model, LoadOptions(device="cpu", context_length=128))
     events = recorder.until(ModelReady)
     assert any(isinstance(e, LoadProgress) for e in events)
     assert not events[-1].compiled  # the CPU never compiles: the TUI shows no "compiling" notice
@@ -93,7 +93,7 @@ def test_long_history_is_trimmed_but_the_system_prompt_stays(worker) -> None:
 
 def test_errors_become_events_and_the_worker_lives_on(worker, tmp_path: Path) -> None:
     engine, rec = worker
-    engine.load(tmp_path / "nothing-here", device="cpu")
+    engine.load(tmp_path / "nothing-here", LoadOptions(device="cpu"))
     failed = rec.until(EngineFailed)[-1]
     assert failed.during == "load" and "nothing-here" in failed.message
     engine.generate(4, [ChatMessage("user", "hi")], SamplingParams(max_tokens=2))
@@ -167,7 +167,7 @@ def test_model_ready_says_whether_the_loaded_model_compiles(tmp_path: Path) -> N
     engine = EngineWorker(recorder, loader=lambda request, progress: SimpleNamespace(compile=True),
                           session_factory=lambda loaded, context: SimpleNamespace(context_length=64))
     engine.start_thread()
-    engine.load(tmp_path, device="cuda")
+    engine.load(tmp_path, LoadOptions(device="cuda"))
     ready = recorder.until(ModelReady)[-1]
     engine.shutdown()
     assert ready.compiled and engine.stopped.wait(30)

@@ -9,6 +9,7 @@ from pathlib import Path
 from textual.pilot import Pilot
 
 from mistral_chat.chat.store import ChatStore
+from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.tui.app import AppOptions, MistralChatApp
 
 REPO_THEMES = Path(__file__).resolve().parent.parent / "themes"
@@ -16,8 +17,9 @@ REPO_THEMES = Path(__file__).resolve().parent.parent / "themes"
 
 def make_app(db: Path, model: Path | None, *, context: int | None = 256, max_tokens: int = 12,
              system_prompt: str = "", session_factory=None) -> MistralChatApp:
-    options = AppOptions(model=str(model) if model else None, device="cpu", context=context, max_tokens=max_tokens,
-                         system_prompt=system_prompt, theme_dirs=[REPO_THEMES])
+    options = AppOptions(model=str(model) if model else None, load=LoadOptions(device="cpu", context_length=context),
+                         sampling=SamplingParams(max_tokens=max_tokens), system_prompt=system_prompt,
+                         theme_dirs=[REPO_THEMES])
 
     def resolve(name: str | None) -> tuple[Path, str] | None:
         return (Path(name), Path(name).name) if name else None

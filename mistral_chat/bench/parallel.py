@@ -358,6 +358,7 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
                ref_ids: list[int] | None = None) -> tuple[WorldRun, torch.Tensor | None]:
     from mistral_chat.bench.run import weight_bytes_per_token
     from mistral_chat.engine.generate import Session
+    from mistral_chat.engine.options import LoadOptions
     from mistral_chat.engine.parallel.launcher import RankOptions, start_parallel_session
     from mistral_chat.engine.loader import load_model
     from mistral_chat.engine.parallel.collectives import fast_all_reduce_kernel
@@ -372,8 +373,8 @@ def _run_world(path: Path, world: int, dev_type: str, dtype: str, quantize: str 
                                     quantize=quantize, context_length=context, compile=compile)
                 session: Any = Session(loaded, context_length=context)
             else:
-                options = RankOptions(path=str(path), device=dev_type, dtype=dtype, context_length=context,
-                                      quantize=quantize, compile=compile)
+                options = RankOptions(str(path), LoadOptions(device=dev_type, dtype=dtype, context_length=context,
+                                                             quantize=quantize, compile=compile))
                 started_run = start_parallel_session(options, world)
                 assert started_run is not None, "not under torchrun: rank 0 always gets a session"
                 loaded, session = started_run

@@ -21,10 +21,9 @@ from typing import Any, Callable
 import torch
 
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.decode import DecodeStep, Prefill
+from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.generate import TokenReader
 from mistral_chat.engine.model import Transformer
-from mistral_chat.engine.weights import plain_convert
 
 SHAPES: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
@@ -56,6 +55,7 @@ class BenchResult:
     weight_bytes_per_token: int = 0
     floor_ms_per_token: float = 0.0
     floor_tokens_per_s: float = 0.0
+    plan: str = ""
     rows: list[dict] = field(default_factory=list)
 
 
@@ -100,31 +100,6 @@ def weight_bytes_per_token(model: torch.nn.Module, config: ModelConfig) -> int:
     return total
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, quantize: str | None) -> Transformer:
-    """A model of `config`'s shape with random weights made on the device, tensor by tensor."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {name: t.shape for name, t in model.state_dict().items()}
-    convert = plain_convert(device, dtype)
-    if quantize:
-        from mistral_chat.engine.quant import int8_convert, prepare_int8
-
-        with torch.device("meta"):
-            prepare_int8(model, dtype)
-        convert = int8_convert(device, dtype)
-    state: dict[str, torch.Tensor] = {}
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, shape in shapes.items():
-        if "norm" in name:
-            t = torch.ones(shape, device=device, dtype=dtype)
-        else:
-            t = torch.randn(shape, device=device, dtype=dtype, generator=gen) * 0.02
-        state.update(convert(name, t))
-        del t
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
-
-
 def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, prompt: int, steps: int,
                batches: list[int], compile: bool, prefill_lengths: list[int]) -> list[dict]:
     rows = []
@@ -132,20 +107,19 @@ def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, pr
     label = "mistral-chat" + (" compiled" if compile else " eager")
     max_len = max(prefill_lengths, default=0)
     model.setup_cache(max_len + 8, batch=1, prefill_chunk=max_len)
-    prefill = Prefill(model, compile=compile)
     for length in prefill_lengths:
         tokens = torch.randint(0, vocab, (1, length), device=device)
 
         def run_prefill() -> None:
             assert model.slots is not None
             model.slots.reset()
-            prefill(tokens, 0)
+            prefill(model, tokens, 0)
 
         started = time.perf_counter()
         run_prefill()
         warm_seconds = time.perf_counter() - started
         seconds = timed(run_prefill, device, repeat=10, warmup=2)
-        rows.append({"engine": "mistral-chat " + ("compiled" if prefill.compiled else "eager"),
+        rows.append({"engine": "mistral-chat eager",
                      "what": f"prefill {length}", "batch": 1,
                      "ms": seconds * 1000, "tokens_per_s": length / seconds, "warmup_s": warm_seconds})
     for batch in batches:
@@ -251,8 +225,9 @@ def bench_shape(shape: str, layers: int | None = None, window: int | None = None
 def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers: int | None = None,
               prompt: int = 512, steps: int = 128, batches: list[int] | None = None, compile: bool = True,
               quantize: str | None = None, vs_hf: bool = False, prefill_lengths: list[int] | None = None,
-              window: int | None = None) -> BenchResult:
-    from mistral_chat.engine.loader import DTYPES, resolve_device
+              window: int | None = None, plan_overrides: dict[str, str] | None = None) -> BenchResult:
+    from mistral_chat.engine.loader import DTYPES, random_model, resolve_device
+    from mistral_chat.engine.plan import choose_plan
 
     config = bench_shape(shape, layers, window)
     dev = resolve_device(device)
@@ -262,7 +237,9 @@ def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers:
     result = BenchResult(shape=shape, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                          dtype=dtype, quantize=quantize, layers=config.n_layers)
     result.copy_bandwidth_gbs = copy_bandwidth(dev, 1.0 if dev.type == "cuda" else 0.05) / 1e9
-    model = random_model(config, dev, torch_dtype, quantize)
+    plan = choose_plan(dev, torch_dtype, 1, quantize, compile).with_overrides(plan_overrides or {}, dev)
+    result.plan = plan.describe()
+    model = random_model(config, dev, torch_dtype, quantize, plan)
     result.weight_bytes_per_token = weight_bytes_per_token(model, config)
     result.floor_ms_per_token = result.weight_bytes_per_token / (result.copy_bandwidth_gbs * 1e9) * 1000
     result.floor_tokens_per_s = 1000 / result.floor_ms_per_token
@@ -285,6 +262,7 @@ def format_table(result: BenchResult) -> str:
              f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s; weights read per token "
              f"{result.weight_bytes_per_token / 1e9:.2f} GB; floor {result.floor_ms_per_token:.2f} ms/token "
              f"({result.floor_tokens_per_s:.0f} tokens/s)",
+             result.plan,
              f"{'engine':30} {'what':20} {'batch':>5} {'ms':>9} {'tokens/s':>10} {'% floor':>8} {'warm-up s':>9}"]
     for r in result.rows:
         pct = f"{r['floor_pct']:.0f}%" if "floor_pct" in r else ""
@@ -308,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", default=None, help="comma-separated prefill lengths (default: prompt,2048)")
     p.add_argument("--no-compile", action="store_true", help="time eager decode")
     p.add_argument("--vs-hf", action="store_true", help="also time HF transformers on the same shape")
+    p.add_argument("--plan", default="", help="override the kernel plan to compare implementations, e.g. "
+                                              "gemv=triton,attention=torch (fields: see docs/engine.md)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--json-file", help="also write the JSON to this file")
     p.add_argument("--tp", help="comma-separated world sizes, e.g. 1,2,4: write one random checkpoint and compare "
@@ -316,6 +296,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-checkpoint", help="with --tp: keep the random checkpoint in this folder (reused by a later "
                                            "run of the same shape) instead of a temporary one")
     return p.parse_args(argv)
+
+
+def parse_plan(text: str) -> dict[str, str]:
+    """--plan KEY=VALUE,KEY=VALUE as a dict."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"mistral-chat bench: error: --plan {text}: give KEY=VALUE pairs, e.g. gemv=triton")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def parse_worlds(text: str) -> tuple[int, ...]:
@@ -351,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_parallel(a)
     result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps,
                        [int(b) for b in a.batch.split(",")], not a.no_compile, a.quantize, a.vs_hf,
-                       [int(x) for x in a.prefill.split(",") if x] if a.prefill is not None else None, a.window)
+                       [int(x) for x in a.prefill.split(",") if x] if a.prefill is not None else None, a.window,
+                       parse_plan(a.plan))
     text = json.dumps(asdict(result), indent=2)
     if a.json_file:
         with open(a.json_file, "w", encoding="utf-8") as f:

@@ -1,47 +1,16 @@
-"""A conversation as plain data: its messages, system prompt and generation settings; Markdown and JSON export."""
+"""A conversation as plain data: its messages, system prompt and sampling settings; Markdown and JSON export."""
 
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from mistral_chat.chat.templates import ChatMessage, Role
 from mistral_chat.chat.tools import ToolCall
-from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.engine.options import SamplingParams
 
 DEFAULT_TITLE = "New chat"
-
-
-@dataclass
-class GenerationSettings:
-    """How a conversation's answers are sampled. Temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 1024
-    seed: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-
-    def sampling_params(self) -> SamplingParams:
-        """The engine's parameters; ValueError when a value is out of range."""
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=self.seed, min_p=self.min_p,
-                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                              stop=tuple(self.stop))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> "GenerationSettings":
-        known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
-        if "stop" in known:
-            stop = known["stop"]
-            known["stop"] = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop or ())
-        return cls(**known)
 
 
 @dataclass
@@ -69,7 +38,7 @@ class Conversation:
     id: int
     title: str = DEFAULT_TITLE
     system_prompt: str = ""
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    settings: SamplingParams = field(default_factory=SamplingParams)  # how its answers are sampled
     messages: list[Message] = field(default_factory=list)
     tools_path: str = ""  # a JSON file of functions the model may call ("" = none)
     created_at: float = field(default_factory=time.time)

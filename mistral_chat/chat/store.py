@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, GenerationSettings, Message
+from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, Message
 from mistral_chat.chat.tools import ToolCall
+from mistral_chat.engine.options import SamplingParams
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,9 @@ class ChatStore:
     # ---- conversations -----------------------------------------------------------------------------------
 
     def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "",
-                            settings: GenerationSettings | None = None, tools_path: str = "") -> Conversation:
+                            settings: SamplingParams | None = None, tools_path: str = "") -> Conversation:
         now = time.time()
-        settings = settings or GenerationSettings()
+        settings = settings or SamplingParams()
         cur = self._db.execute(
             "INSERT INTO conversations (title, system_prompt, settings, created_at, updated_at, tools_path) "
             "VALUES (?,?,?,?,?,?)", (title, system_prompt, json.dumps(asdict(settings)), now, now, tools_path))
@@ -141,7 +142,7 @@ class ChatStore:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
-    def update_settings(self, conversation_id: int, system_prompt: str, settings: GenerationSettings,
+    def update_settings(self, conversation_id: int, system_prompt: str, settings: SamplingParams,
                         tools_path: str | None = None) -> None:
         """Save a conversation's system prompt and settings (and its tools file, unless None)."""
         self._db.execute("UPDATE conversations SET system_prompt = ?, settings = ? WHERE id = ?",
@@ -196,10 +197,10 @@ def _escape_like(text: str) -> str:
 
 def _conversation(row: tuple) -> Conversation:
     try:
-        settings = GenerationSettings.from_json(json.loads(row[3]))
+        settings = SamplingParams.from_json(json.loads(row[3]))
     except (ValueError, TypeError):
         log.warning("conversation %s has unreadable settings; using the defaults", row[0])
-        settings = GenerationSettings()
+        settings = SamplingParams()
     return Conversation(id=row[0], title=row[1], system_prompt=row[2], settings=settings,
                         created_at=row[4], updated_at=row[5], tools_path=row[6] or "")
 

@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +13,7 @@ import click
 import typer
 
 from mistral_chat import __version__
+from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger("mistral_chat")
@@ -25,44 +25,6 @@ app = typer.Typer(
     help="Chat with Mistral-family models on your own GPU or CPU.\n\n"
          "With no command: opens the chat TUI on a terminal, or answers --prompt / piped stdin once and exits.",
 )
-
-
-@dataclass
-class RunOptions:
-    """What the top-level options ask for, passed to the one-shot runner and the TUI."""
-
-    model: Optional[str]
-    prompt: Optional[str]
-    system: Optional[str]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: Optional[int]
-    device: str
-    dtype: str
-    context: Optional[int]
-    tp: int
-    verbose: bool
-    quantize: Optional[str] = None
-    compile: bool = True
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    json_output: bool = False
-    tools: Optional[Path] = None
-    fim_prefix: Optional[str] = None
-    fim_suffix: Optional[str] = None
-    fim_prefix_file: Optional[Path] = None
-    fim_suffix_file: Optional[Path] = None
-    lora: Optional[Path] = None
-    lora_scale: float = 1.0
-
-    @property
-    def fim(self) -> bool:
-        return any(x is not None for x in (self.fim_prefix, self.fim_suffix, self.fim_prefix_file,
-                                            self.fim_suffix_file))
 
 
 def _version(value: bool) -> None:
@@ -120,25 +82,32 @@ def run(
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: one rank of a TP run
         tp = int(os.environ["WORLD_SIZE"])
-    opts = RunOptions(model=model, prompt=prompt, system=system, max_tokens=max_tokens, temperature=temperature,
-                      top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, context=context, tp=tp,
-                      verbose=verbose, quantize=quantize, compile=not no_compile, min_p=min_p,
-                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                      stop=tuple(stop or ()), json_output=json_output, tools=tools, fim_prefix=fim_prefix,
-                      fim_suffix=fim_suffix, fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file,
-                      lora=lora, lora_scale=lora_scale)
-    if prompt is None and not opts.fim and sys.stdin.isatty():
+    load = LoadOptions(device=device, dtype=dtype, context_length=context, quantize=quantize, compile=not no_compile,
+                       lora=lora, lora_scale=lora_scale, tp=tp)
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                  seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
+                                  presence_penalty=presence_penalty, stop=tuple(stop or ()))
+    except ValueError as exc:  # a value the options' own ranges let through (e.g. --top-p 0)
+        raise MistralChatError(f"{exc}: change that option") from None
+    fim = any(x is not None for x in (fim_prefix, fim_suffix, fim_prefix_file, fim_suffix_file))
+    if prompt is None and not fim and sys.stdin.isatty():
         if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0
-            from mistral_chat.engine.parallel.launcher import start_parallel
+            from mistral_chat.service.loading import prepare_compile
+            from mistral_chat.service.tensor_parallel import start_parallel
 
-            start_parallel(opts)
+            start_parallel(model, prepare_compile(load))
             return
-        from mistral_chat.tui.app import run_tui
+        from mistral_chat.tui.app import AppOptions, run_tui
 
-        run_tui(opts)
+        run_tui(AppOptions(model=model, load=load, sampling=sampling, system_prompt=system or "",
+                           tools_path=str(tools.expanduser().resolve()) if tools else ""))
         return
-    from mistral_chat.oneshot import run_one_shot
+    from mistral_chat.oneshot import OneShotOptions, run_one_shot
 
+    opts = OneShotOptions(model=model, load=load, sampling=sampling, prompt=prompt, system=system, verbose=verbose,
+                          json_output=json_output, tools=tools, fim_prefix=fim_prefix, fim_suffix=fim_suffix,
+                          fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file)
     try:
         run_one_shot(opts)
     except BrokenPipeError:  # caught here: click would turn it into exit status 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral_chat.engine.decode import DecodeStep, Prefill
+from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import session_context
 from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
@@ -99,7 +100,7 @@ class Session:
         if compile is None:
             compile = loaded.compile
         self.decode = DecodeStep(self.model, compile=compile)
-        self.prefill = Prefill(self.model, compile=compile)
+        self.prefill = functools.partial(prefill, self.model)  # (tokens, start) -> last logits
         self.stats = GenerationStats()
         self.generated_ids: list[int] = []  # the last answer's token ids (EOS excluded)
         self.run_ahead = loaded.device.type == "cuda"

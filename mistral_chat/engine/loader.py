@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ import torch
 from mistral_chat.engine.config import ModelConfig, load_config
 from mistral_chat.engine.memory import check_fits, estimate_memory, free_memory, session_context
 from mistral_chat.engine.model import Transformer
+from mistral_chat.engine.parallel.collectives import enable_fast_all_reduce
 from mistral_chat.engine.parallel.sharding import Parallel, check_tensor_parallel
+from mistral_chat.engine.plan import KernelPlan, choose_plan
 from mistral_chat.engine.weights import CheckpointReader, Convert, checkpoint_state, plain_convert
 from mistral_chat.errors import DeviceError, MistralChatError, TokenizerError
 from mistral_chat.text.tokenizer import Tokenizer, load_tokenizer
@@ -36,12 +39,19 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     quantize: str | None = None
-    compile: bool = False  # sessions compile decode into CUDA graphs (see decode.py)
+    compile: bool = False  # sessions compile decode into CUDA graphs (see decode.py): the plan's compile_decode
     lora: Path | None = None  # the LoRA adapter merged into the weights, if any
+    plan: KernelPlan = KernelPlan()  # the implementations the model runs (plan.py)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    def enable_fast_all_reduce(self) -> None:
+        """Under --tp, set up the plan's all-reduce kernel (every rank, after loading); the plan then says which
+        kernel carries the all-reduces (c10d where symmetric memory failed)."""
+        used = enable_fast_all_reduce(self.model.parallel, self.device, self.dtype, self.plan.all_reduce)
+        self.plan = dataclasses.replace(self.plan, all_reduce=used)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -85,8 +95,11 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", parallel: Parallel | None = None,
                progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
                compile: bool = False, context_length: int | None = None, lora: Path | str | None = None,
-               lora_scale: float = 1.0) -> LoadedModel:
+               lora_scale: float = 1.0, plan_overrides: dict[str, str] | None = None) -> LoadedModel:
     """Read a native or Hugging Face model folder onto `device`; MistralChatError on anything a user can fix.
+
+    The kernel plan is chosen here, once (plan.choose_plan); `plan_overrides` replaces some of its choices (the
+    benchmark's --plan KEY=VALUE, to compare implementations).
 
     `lora`: a mistral-finetune adapter (lora.safetensors, or its folder) merged into the weights while they load,
     its update multiplied by the adapter's own scaling times `lora_scale` (see lora.py).
@@ -106,7 +119,14 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     context = session_context(config, context_length)
     estimate = estimate_memory(config, target, context, quantize=quantize, world=parallel.world)
     check_fits(estimate, free_memory(dev), dev, path.name, quantize, parallel.world, context)
+    plan = choose_plan(dev, target, parallel.world, quantize, compile)
+    if plan_overrides:
+        try:
+            plan = plan.with_overrides(plan_overrides, dev)
+        except ValueError as exc:
+            raise MistralChatError(f"{exc}: see docs/engine.md for the plan's fields") from exc
     log.info("loading %s (%s, %s) on %s as %s", path, config.architecture, config.checkpoint_format, dev, target)
+    log.info("%s", plan.describe())
     adapter = None
     if lora is not None:
         from mistral_chat.engine.lora import load_adapter
@@ -115,7 +135,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     try:
         convert = plain_convert(dev, target)
         with torch.device("meta"):
-            model = Transformer(config, parallel)
+            model = Transformer(config, parallel, plan)
             if quantize is not None:
                 convert = _prepare_quantized(model, quantize, dev, target)
         state = checkpoint_state(reader, config, parallel, convert, progress, adapter=adapter)
@@ -130,7 +150,32 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
                           "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, device=dev, dtype=target,
                        load_seconds=time.perf_counter() - started, quantize=quantize,
-                       compile=compile and dev.type == "cuda", lora=None if adapter is None else adapter.path)
+                       compile=plan.compile_decode, lora=None if adapter is None else adapter.path, plan=plan)
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, quantize: str | None = None,
+                 plan: KernelPlan | None = None, compile: bool = False) -> Transformer:
+    """A model of `config`'s shape with random weights made on the device, tensor by tensor (benchmarks and tests:
+    no checkpoint to read). `plan`: by default the one `load_model` would choose."""
+    plan = plan or choose_plan(device, dtype, 1, quantize, compile)
+    with torch.device("meta"):
+        model = Transformer(config, plan=plan)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    convert = plain_convert(device, dtype)
+    if quantize:
+        with torch.device("meta"):
+            convert = _prepare_quantized(model, quantize, device, dtype)
+    state: dict[str, torch.Tensor] = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, shape in shapes.items():
+        if "norm" in name:
+            t = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(shape, device=device, dtype=dtype, generator=gen) * 0.02
+        state.update(convert(name, t))
+        del t
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:

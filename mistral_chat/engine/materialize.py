@@ -7,19 +7,16 @@ SiLU(gate) * up over the whole hidden vector once per row of `w2` (4096 times a 
 was stored. Storing costs one small kernel for SwiGLU's activation where inductor's products run (bf16 on one
 GPU); the int8 and GEMV kernels compute it in `w13`'s last step instead (gemv.Linear.swiglu). The norms' kernels
 write their outputs themselves.
-MISTRAL_CHAT_MATERIALIZE=0 turns it off, to compare.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 
 def materialize(x: torch.Tensor) -> torch.Tensor:
     """`x`, stored in a buffer of its own when traced by torch.compile; unchanged in eager mode."""
-    if not torch.compiler.is_compiling() or os.environ.get("MISTRAL_CHAT_MATERIALIZE", "1") == "0":
+    if not torch.compiler.is_compiling():
         return x
     from torch._inductor import inductor_prims
 

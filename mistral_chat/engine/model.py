@@ -8,7 +8,6 @@ group whose sum completes the row-parallel projections.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +17,13 @@ from torch import nn
 from mistral_chat.engine.kernels import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.kernels.experts_gemv import use_experts_kernel
-from mistral_chat.engine.kernels.gemv import Linear, use_kernel
+from mistral_chat.engine.kernels.gemv import Linear
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel.collectives import (all_reduce, embed_vocab_slice, gather_vocab,
                                                       linear_all_reduce_residual)
 from mistral_chat.engine.parallel.sharding import Parallel
+from mistral_chat.engine.plan import KernelPlan
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,17 @@ class LocalShape:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, kernel: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.kernel = kernel  # the plan's `fused`: one Triton kernel on eager paths
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _kernel_runs(self) -> bool:
+        return self.kernel and not torch.compiler.is_compiling()  # compiled, inductor fuses the formula itself
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.available(x):
+        if self._kernel_runs():
             return fused.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -61,7 +64,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x + delta, and its norm: one kernel in eager mode on GPUs (under torch.compile inductor fuses them)."""
-        if fused.available(x) and x.shape == delta.shape:
+        if self._kernel_runs() and x.shape == delta.shape:
             return fused.add_rms_norm(x, delta, self.weight, self.eps)
         x = x + delta
         return x, self(x)
@@ -74,9 +77,10 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.d
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x ([B, T, H, D]) by rope ([T, D/2, 2])."""
-    if fused.available(x) and fused.rope_fits(x):
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs of x ([B, T, H, D]) by rope ([T, D/2, 2]); `kernel`: in one Triton kernel where
+    it fits (eager only)."""
+    if kernel and not torch.compiler.is_compiling() and fused.rope_fits(x):
         return fused.rope(x, rope)
     xf = x.float().unflatten(-1, (-1, 2))
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
@@ -101,19 +105,14 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(probs, v).view(b, h, t, d)
 
 
-def use_attention_kernel(q: torch.Tensor) -> bool:
-    """Decode attention as one Triton kernel (decode_attention.py) where it runs, unless
-    MISTRAL_CHAT_ATTENTION_KERNEL=0 (then grouped_attention, to compare)."""
-    return decode_attention.available(q) and os.environ.get("MISTRAL_CHAT_ATTENTION_KERNEL", "1") != "0"
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
+    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel, plan: KernelPlan) -> None:
         super().__init__()
         self.head_dim = config.head_dim
         self.n_heads = local.n_heads
         self.n_kv_heads = local.n_kv_heads
         self.parallel = parallel
+        self.plan = plan
         qkv_rows = (local.n_heads + 2 * local.n_kv_heads) * config.head_dim
         self.wqkv = Linear(config.dim, qkv_rows, bias=False)
         self.wo = Linear(local.n_heads * config.head_dim, config.dim, bias=False)
@@ -133,23 +132,24 @@ class Attention(nn.Module):
         assert self.cache is not None, "call Transformer.setup_cache first"
         # RoPE and the cache writes in one kernel. Compiled, only where the decode attention kernel, which takes the
         # q it returns, is the caches' one reader (the op does not declare its writes: see fused.rope_and_cache)
-        decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and use_attention_kernel(qkv)
-        if fused.rope_and_cache_fits(qkv, self.head_dim) and (decode_kernel or not torch.compiler.is_compiling()):
+        decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton"
+        rope_kernel = self.plan.fused and fused.rope_and_cache_fits(self.head_dim)
+        if rope_kernel and (decode_kernel or not torch.compiler.is_compiling()):
             q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
             keys, values = self.cache.k, self.cache.v
             if mask is None:  # a first chunk: its keys and values are the cache's first t slots
                 k, v = keys[:, :, :t], values[:, :, :t]
         else:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
-            k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+            q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope, self.plan.fused).transpose(1, 2)
+            k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), rope, self.plan.fused).transpose(1, 2)
             v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             keys, values = self.cache.update(slots, k, v)
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:  # a first chunk within the window: plain causal attention (flash kernels)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif t <= GROUPED_ATTENTION_MAX_QUERIES:  # decode: no copy of K/V per query head
-            attend = decode_attention.decode_attention if use_attention_kernel(q) else grouped_attention
+            attend = decode_attention.decode_attention if decode_kernel else grouped_attention
             out = attend(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len])
         else:
             group = self.n_heads // self.n_kv_heads
@@ -165,7 +165,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, parallel: Parallel) -> None:
         super().__init__()
         self.parallel = parallel
-        self.w13 = Linear(dim, 2 * hidden_dim, bias=False)
+        self.w13 = Linear(dim, 2 * hidden_dim, bias=False)  # the plan's choices are set by Transformer
         self.w2 = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,15 +180,15 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel) -> None:
+    def __init__(self, config: ModelConfig, local: LocalShape, parallel: Parallel, plan: KernelPlan) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config, local, parallel)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, plan.fused)
+        self.attention = Attention(config, local, parallel, plan)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, plan.fused)
         self.feed_forward: nn.Module
         if config.is_moe:
             self.feed_forward = MoEFeedForward(config.dim, local.hidden_dim, config.num_experts,
-                                               config.num_experts_per_tok, parallel)
+                                               config.num_experts_per_tok, parallel, plan)
         else:
             self.feed_forward = FeedForward(config.dim, local.hidden_dim, parallel)
 
@@ -234,21 +234,24 @@ run_block_once = run_block if _nested_region is None else _nested_region(run_blo
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: Parallel | None = None) -> None:
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None, plan: KernelPlan | None = None) -> None:
         super().__init__()
         self.config = config
         self.parallel = parallel or Parallel()
+        self.plan = plan or KernelPlan()  # plain PyTorch unless the loader chose kernels (plan.py)
         local = LocalShape.of(config, self.parallel)
         self.tok_embeddings = nn.Embedding(local.vocab_size, config.dim)  # this rank's rows of the vocabulary
-        self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel, self.plan)
+                                    for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, self.plan.fused)
         self.output = Linear(config.dim, local.vocab_size, bias=False)
         self.output.float_out = True
         self.slots: SlotPositions | None = None
         self.rope: torch.Tensor | None = None
-        for module in self.modules():  # halved matrices: the GEMV kernel reads them faster than inductor's products
+        for module in self.modules():
             if isinstance(module, Linear):
-                module.row_kernel = self.parallel.enabled
+                module.row_kernel = self.plan.gemv == "triton"
+                module.fused = self.plan.fused
 
     @property
     def device(self) -> torch.device:
@@ -261,16 +264,9 @@ class Transformer(nn.Module):
     def rows_fused(self, h: torch.Tensor) -> bool:
         """Whether this forward pass runs each RMSNorm inside the product that reads it (its programs compute the
         norm's scale from the residual stream; gemv.linear_row's norm_of) and each residual add inside the
-        all-reduce before it (parallel.all_reduce_residual): two kernels a layer fewer. For one row (batch-1
-        decode) under tensor parallelism, where the bf16 GEMV kernel carries the products (and experts_gemv's
-        kernels Mixtral's experts); MISTRAL_CHAT_NORM_IN_PRODUCTS=0 turns it off, to compare."""
-        wqkv, feed_forward = self.layers[0].attention.wqkv, self.layers[0].feed_forward
-        experts_ok = not isinstance(feed_forward, MoEFeedForward) or use_experts_kernel(
-            h, feed_forward.w13, feed_forward.row_kernel)
-        return (self.parallel.enabled and h.numel() == h.shape[-1] and isinstance(wqkv, Linear)
-                and isinstance(self.output, Linear) and experts_ok
-                and use_kernel(h, wqkv.weight, wqkv.row_kernel)
-                and os.environ.get("MISTRAL_CHAT_NORM_IN_PRODUCTS", "1") != "0")
+        all-reduce before it (collectives.all_reduce_residual): two kernels a layer fewer. For one row (batch-1
+        decode) where the plan says so (under tensor parallelism, the GEMV kernels carrying the products)."""
+        return self.plan.norms_in_products and h.numel() == h.shape[-1]
 
     @property
     def cache_capacity(self) -> int:

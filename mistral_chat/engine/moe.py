@@ -19,6 +19,7 @@ from mistral_chat.engine.kernels import experts_gemv, fused, gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.parallel.collectives import all_reduce, experts_all_reduce_residual
 from mistral_chat.engine.parallel.sharding import Parallel
+from mistral_chat.engine.plan import KernelPlan
 
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
@@ -42,8 +43,10 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, parallel: Parallel) -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, parallel: Parallel,
+                 plan: KernelPlan | None = None) -> None:
         super().__init__()
+        plan = plan or KernelPlan()
         self.top_k = top_k
         self.parallel = parallel
         self.gate = nn.Linear(dim, num_experts, bias=False)
@@ -51,7 +54,8 @@ class MoEFeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py)
         self.w2_scale: torch.Tensor | None = None
-        self.row_kernel = parallel.enabled  # one row's experts through experts_gemv's kernels by default
+        self.row_kernel = plan.moe == "triton"  # one row's experts through experts_gemv's kernels
+        self.fused = plan.fused  # SwiGLU's activation in one kernel on eager paths
 
     def quantize_int8(self, dtype: torch.dtype) -> None:
         """Hold int8 expert weights with per-row scales (filled by the loader)."""
@@ -102,7 +106,7 @@ class MoEFeedForward(nn.Module):
         h = torch.einsum("nd,nkhd->nkh", x, w13)
         if self.w13_scale is not None:
             h = h * self.w13_scale[experts]
-        y = torch.einsum("nkh,nkdh->nkd", materialize(fused.silu_and_mul(h)), w2)
+        y = torch.einsum("nkh,nkdh->nkd", materialize(fused.silu_and_mul(h, self.fused)), w2)
         if self.w2_scale is not None:
             y = y * self.w2_scale[experts]
         return torch.einsum("nkd,nk->nd", y, weights)
@@ -122,7 +126,7 @@ class MoEFeedForward(nn.Module):
         h = F.linear(x, self.w13[e].to(x.dtype))
         if self.w13_scale is not None:
             h = h * self.w13_scale[e]
-        y = F.linear(fused.silu_and_mul(h), self.w2[e].to(x.dtype))
+        y = F.linear(fused.silu_and_mul(h, self.fused), self.w2[e].to(x.dtype))
         if self.w2_scale is not None:
             y = y * self.w2_scale[e]
         return y

@@ -2,15 +2,13 @@
 
 Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The product runs in
 the activations' dtype on the dequantized weight, except that one activation row (batch-1 decode) on CUDA goes to
-a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums (MISTRAL_CHAT_INT8_KERNEL=0:
-the plain product there too, to compare).
+a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums, where the plan's `int8` is
+"triton".
 Norms, the gate and the embedding stay in the model dtype. Weights are quantized one tensor at a time as they are
 read, so a model whose bf16 weights do not fit the device (full Mixtral-8x7B on one 80 GB GPU) still loads.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +27,12 @@ _QUANTIZED_SUFFIXES = (".wqkv.weight", ".wo.weight", ".w13.weight", ".w2.weight"
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight and one scale per output row."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                 kernel: bool = False, fused: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = kernel  # the plan's int8 == "triton"
+        self.fused = fused  # the plan's fused: SwiGLU's activation in one kernel outside the int8 kernel
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
 
@@ -41,21 +42,15 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
-        """One activation row, a weight the kernel takes, and the kernel able to run."""
-        return x.numel() == x.shape[-1] and int8_gemv.fits(self.weight) and use_int8_kernel(x)
+        """The plan says so, one activation row, and a weight the kernel takes."""
+        return self.kernel and x.numel() == x.shape[-1] and int8_gemv.fits(self.weight)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up for this gate/up projection of x: in the kernel's last step for a single row (as
         gemv.Linear.swiglu), else the product, then the activation."""
         if self._kernel_takes(x):
             return int8_gemv.int8_linear(x, self.weight, self.scale, swiglu=True)
-        return materialize(fused.silu_and_mul(self(x)))
-
-
-def use_int8_kernel(x: torch.Tensor) -> bool:
-    """The Triton int8 kernel where it can run, unless MISTRAL_CHAT_INT8_KERNEL=0. On an H100 it decodes Mistral-7B
-    at 3.54 ms/token against 3.71 with inductor's compiled dequantize-and-multiply (BENCHMARKS.md)."""
-    return os.environ.get("MISTRAL_CHAT_INT8_KERNEL", "1") != "0" and int8_gemv.available(x)
+        return materialize(fused.silu_and_mul(self(x), self.fused))
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +77,13 @@ def int8_convert(device: torch.device, dtype: torch.dtype) -> Convert:
 
 
 def prepare_int8(model: nn.Module, dtype: torch.dtype) -> None:
-    """Swap the projections of a (meta-device) model for int8 ones before its weights are loaded."""
+    """Swap the projections of a (meta-device) model for int8 ones before its weights are loaded; they take the
+    model's plan (`model.plan`, a KernelPlan)."""
+    plan = model.plan
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name != "gate":
-                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, dtype))
+                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, dtype,
+                                                       kernel=plan.int8 == "triton", fused=plan.fused))
         if isinstance(module, MoEFeedForward):
             module.quantize_int8(dtype)

@@ -4,43 +4,12 @@ spotting stop strings in the streamed text."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from mistral_chat.engine.options import SamplingParams
 
-@dataclass
-class SamplingParams:
-    """How to pick tokens and when to stop. Temperature 0 means greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 1024
-    seed: int | None = None
-    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one
-    repetition_penalty: float = 1.0  # > 1 discourages any token of the prompt or the answer so far
-    presence_penalty: float = 0.0  # subtracted from the logit of tokens already in the answer
-    stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these strings
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min-p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
-        self.stop = tuple(s for s in self.stop if s)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
+__all__ = ["Penalties", "SamplingParams", "StopStrings", "make_generator", "sample"]
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -32,7 +32,7 @@ from mistral_chat.chat.tools import (Tool, ToolCall, ToolCallParseError, find_to
                                      supports_tools, tool_format)
 from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
 from mistral_chat.engine.generate import GenerationStats
-from mistral_chat.engine.sampling import SamplingParams
+from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,7 @@ class GenerationSession(Protocol):
 @dataclass(frozen=True)
 class LoadRequest:
     path: Path
-    device: str = "auto"
-    dtype: str = "auto"
-    context_length: int | None = None
-    quantize: str | None = None
-    compile: bool = False
-    lora: Path | None = None
-    lora_scale: float = 1.0
+    options: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass(frozen=True)
@@ -180,9 +174,7 @@ SessionFactory = Callable[[Any, Union[int, None]], GenerationSession]
 def default_loader(request: LoadRequest, progress: Callable[[int, int], None]) -> Any:
     from mistral_chat.engine.loader import load_model
 
-    return load_model(request.path, device=request.device, dtype=request.dtype, progress=progress,
-                      quantize=request.quantize, compile=request.compile, lora=request.lora,
-                      lora_scale=request.lora_scale, context_length=request.context_length)
+    return load_model(request.path, progress=progress, **request.options.load_kwargs())
 
 
 def default_session(loaded: Any, context_length: int | None) -> GenerationSession:
@@ -217,11 +209,9 @@ class EngineWorker:
 
     # ---- called from any thread ------------------------------------------------------------------------------
 
-    def load(self, path: Path | str, device: str = "auto", dtype: str = "auto",
-             context_length: int | None = None, quantize: str | None = None, compile: bool = False,
-             lora: Path | None = None, lora_scale: float = 1.0) -> None:
-        self._commands.put(LoadRequest(Path(path), device, dtype, context_length, quantize, compile, lora,
-                                       lora_scale))
+    def load(self, path: Path | str, options: LoadOptions | None = None) -> None:
+        """Queue a load of the model at `path` (the previous model goes first); ModelReady or EngineFailed follows."""
+        self._commands.put(LoadRequest(Path(path), options or LoadOptions()))
 
     def generate(self, conversation_id: int, messages: Sequence[ChatMessage], params: SamplingParams,
                  tools: Sequence[Tool] = ()) -> int:
@@ -285,7 +275,7 @@ class EngineWorker:
         self._unload()
         try:
             loaded = self._loader(request, lambda done, total: self._emit(LoadProgress(done, total)))
-            session = self._session_factory(loaded, request.context_length)
+            session = self._session_factory(loaded, request.options.context_length)
         except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
             log.debug("load failed", exc_info=True)
             self._emit(EngineFailed(describe_error(exc), "load"))
@@ -294,8 +284,8 @@ class EngineWorker:
         config = getattr(loaded, "config", None)
         self._emit(ModelReady(
             name=getattr(loaded, "name", request.path.name), path=request.path,
-            device=str(getattr(loaded, "device", request.device)),
-            dtype=str(getattr(loaded, "dtype", request.dtype)).removeprefix("torch."),
+            device=str(getattr(loaded, "device", request.options.device)),
+            dtype=str(getattr(loaded, "dtype", request.options.dtype)).removeprefix("torch."),
             context_length=session.context_length, architecture=str(getattr(config, "architecture", "")),
             load_seconds=float(getattr(loaded, "load_seconds", 0.0)),
             supports_tools=_tokenizer_supports_tools(getattr(loaded, "tokenizer", None)),

@@ -10,30 +10,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
 
-from mistral_chat.chat.conversation import GenerationSettings
 from mistral_chat.chat.store import ChatStore
-from mistral_chat.service.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
+from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 from mistral_chat.paths import app_home, database_path
+from mistral_chat.service.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
 from mistral_chat.tui.engine_messages import EngineMessage
 from mistral_chat.tui.model_choices import remember_model, start_model
 from mistral_chat.tui.screens.chat import ChatScreen
 from mistral_chat.tui.screens.help import HelpScreen
 from mistral_chat.tui.screens.welcome import WelcomeScreen
 from mistral_chat.tui.themes import DEFAULT_THEME, load_themes
-
-if TYPE_CHECKING:
-    from mistral_chat.cli.main import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +38,15 @@ THEME_PREFERENCE = "theme"
 
 @dataclass
 class AppOptions:
-    """What the TUI starts with: the model to open, where to run it, and defaults for new chats."""
+    """What the TUI starts with: the model to open and how it loads (`load.tp` > 1: a tensor-parallel run), and
+    what new chats start with (their sampling settings, system prompt and tools file)."""
 
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    context: int | None = None
+    model: str | None = None  # a folder, alias or repo id; None: the last used
+    load: LoadOptions = field(default_factory=LoadOptions)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # new chats' settings
     system_prompt: str = ""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 1024
-    seed: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
     tools_path: str = ""  # a tools JSON file new chats offer to the model ("" = none)
-    quantize: str | None = None
-    lora: Path | None = None
-    lora_scale: float = 1.0
-    compile: bool = True  # on CUDA: decode as CUDA graphs (compiled once, cached on disk)
     theme_dirs: list[Path] | None = None  # None: the shipped and the user's theme folders
-
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                  max_tokens=self.max_tokens, seed=self.seed, min_p=self.min_p,
-                                  repetition_penalty=self.repetition_penalty,
-                                  presence_penalty=self.presence_penalty, stop=tuple(self.stop))
-
-    @classmethod
-    def from_run_options(cls, opts: "RunOptions") -> "AppOptions":
-        return cls(model=opts.model, device=opts.device, dtype=opts.dtype, context=opts.context,
-                   system_prompt=opts.system or "", temperature=opts.temperature, top_p=opts.top_p,
-                   top_k=opts.top_k, max_tokens=opts.max_tokens, seed=opts.seed, quantize=opts.quantize,
-                   lora=opts.lora, lora_scale=opts.lora_scale, compile=opts.compile,
-                   min_p=opts.min_p, repetition_penalty=opts.repetition_penalty,
-                   presence_penalty=opts.presence_penalty, stop=tuple(opts.stop),
-                   tools_path=str(Path(opts.tools).expanduser().resolve()) if opts.tools else "")
 
 
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
@@ -142,14 +109,11 @@ class MistralChatApp(App[None]):
             self.chat.status.update_info(model=name, device="", dtype="", loading="loading…")
         except (LookupError, NoMatches):  # the chat screen shows it when it mounts
             pass
-        if self.options.compile:
+        if self.options.load.compile:
             from mistral_chat.engine.decode import use_compile_cache
 
             use_compile_cache(app_home() / "compile-cache")
-        self.engine.load(path, device=self.options.device, dtype=self.options.dtype,
-                         context_length=self.options.context, quantize=self.options.quantize,
-                         compile=self.options.compile, lora=self.options.lora,
-                         lora_scale=self.options.lora_scale)
+        self.engine.load(path, self.options.load)
         remember_model(name)
 
     def _post_engine_event(self, event: object) -> None:
@@ -238,17 +202,17 @@ class MistralChatApp(App[None]):
         yield SystemCommand("Help", "All key bindings (F1)", self.action_help)
 
 
-def run_tui(opts: "RunOptions") -> None:
+def run_tui(options: AppOptions) -> None:
     """Open the chat TUI (the CLI's default on a terminal)."""
     hooks = None
     engine_hooks: dict = {}
-    if opts.tp > 1:  # rank 0 of a tensor-parallel run: the followers load and decode alongside
-        from mistral_chat.engine.parallel.launcher import ParallelModelLoader
+    if options.load.tp > 1:  # rank 0 of a tensor-parallel run: the followers load and decode alongside
+        from mistral_chat.service.tensor_parallel import ParallelModelLoader
 
-        hooks = ParallelModelLoader(opts.tp)
+        hooks = ParallelModelLoader(options.load.tp)
         engine_hooks = {"loader": hooks.load, "session_factory": hooks.session_factory}
     store = ChatStore(database_path())
-    app = MistralChatApp(AppOptions.from_run_options(opts), store, **engine_hooks)
+    app = MistralChatApp(options, store, **engine_hooks)
     try:
         app.run()
     finally:

@@ -10,27 +10,20 @@ PROGRAMS in all), each writing its normalized partial output and log-sum-exp; a 
 them. With a single range the first kernel writes the output itself. Head dimensions that are not a power of two
 are padded with masked loads. Fully masked tiles or ranges give zero weight, never NaN.
 
-On an H100 (Mistral-7B's 32 query and 8 KV heads of 128, bf16, batch 1, replayed from a CUDA graph over 32
-layers' caches; benchmarks/gpu/decode_attention.py), a layer's attention took 5.3 / 6.7 / 12.0 / 50.7 us at 256 / 512 /
-4096 / 32768 keys, against 6.8 / 9.6 / 24.0 / 88.0 us for inductor's compiled `grouped_attention`; at 32768 keys
-it reads K and V at about 2.7 TB/s. Without the split (one program per KV head) 32768 keys took 574 us. In a
-whole compiled decode step after a 512-token prompt the two were level (5.61 and 5.60 ms/token): the gain is at
-long conversations. A range holds at least MIN_SPLIT = 64 keys (one tile): after a 512-token prompt that makes 9
-ranges instead of 5, each program a single tile; in a compiled step at two H100s under `--tp` (4 KV heads a GPU)
-a layer's attention took 4.6 us instead of 6.4 in the pipeline, 3.7 instead of 4.5 at one GPU (BENCHMARKS.md,
-2026-11-28).
+A range holds at least MIN_SPLIT = 64 keys (one tile). Measurements against inductor's compiled
+`grouped_attention`: docs/engine.md.
 
 `decode_attention(q, k, v, mask)` is a torch custom op (one opaque call for torch.compile and CUDA graphs) that
 computes what `grouped_attention` computes, for strided q ([B, H, T, D]), k and v ([B, Hkv, S, D], slices of the
-cache) and mask ([T, S] bool); `available(q)` says where it runs (CUDA with Triton, or the CPU under Triton's
-interpreter, TRITON_INTERPRET=1, which the tests use).
+cache) and mask ([T, S] bool). It runs where the plan's `attention` is "triton" (CUDA with Triton, or the CPU
+under Triton's interpreter, TRITON_INTERPRET=1, which the tests use).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import INTERPRETED, pdl, triton_runs
+from mistral_chat.engine.kernels.fused import INTERPRETED, pdl
 
 try:
     import triton
@@ -40,7 +33,6 @@ except ImportError:  # CPU-only torch builds ship without Triton: the plain form
 else:
     from mistral_chat.engine.kernels.fused import start_next, wait_previous
 
-available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
 
 BLOCK_S = 64  # keys per tile
 MIN_SPLIT = 64  # fewest keys per range of a split cache (a multiple of BLOCK_S)

@@ -23,11 +23,9 @@ the kernels). The tests run them on the CPU through Triton's interpreter (TRITON
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from mistral_chat.engine.kernels.fused import pdl, triton_runs
+from mistral_chat.engine.kernels.fused import pdl
 from mistral_chat.engine.kernels.gemv import send_config
 
 try:
@@ -82,12 +80,10 @@ if triton is not None:
                        SEND_BLOCK)
 
 
-def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, default: bool) -> bool:
-    """Whether a MoE layer's products for x go to these kernels: one row, float experts (not int8), Triton able to
-    run, and MISTRAL_CHAT_MOE_KERNEL=1 (or unset, and `default`)."""
-    asked = os.environ.get("MISTRAL_CHAT_MOE_KERNEL", "")
-    return (x.numel() == x.shape[-1] and w13.is_floating_point() and triton_runs(x)
-            and (asked == "1" or (asked != "0" and default)))
+def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, planned: bool) -> bool:
+    """Whether a MoE layer's products for x go to these kernels: the plan says so (its `moe`), one row, float
+    experts (not int8)."""
+    return planned and x.numel() == x.shape[-1] and w13.is_floating_point()
 
 
 @torch.library.custom_op("mistral_chat::experts_swiglu", mutates_args=())

@@ -8,11 +8,10 @@ instead of 67.3 (BENCHMARKS.md). Each kernel reads its input once and writes its
 the eager formula computes (float32 inside, the same roundings to the model dtype), up to the order of a float32
 sum.
 
-`silu_and_mul(gate_up)` picks the kernel or the formula itself; model.py asks `available(x)` (and `rope_fits`)
-before RMSNorm (alone or after the residual add) and RoPE, and `rope_and_cache_fits` before `rope_and_cache` (a
-custom op, so compiled decode calls it too). `available(x)`: CUDA with Triton (or the CPU under Triton's
-interpreter, TRITON_INTERPRET=1, which the tests use), not while torch.compile traces, and not with
-MISTRAL_CHAT_FUSED_KERNELS=0 (to compare).
+The model runs them where its plan's `fused` is set (plan.py: CUDA with Triton, or the CPU under Triton's
+interpreter, TRITON_INTERPRET=1, which the tests use), and not while torch.compile traces; `rope_fits` and
+`rope_and_cache_fits` say which head sizes they take. `rope_and_cache` is a custom op, so compiled decode calls it
+too. `silu_and_mul(gate_up, kernel)` picks the kernel or the formula.
 
 `pdl(x)`, `start_next` and `wait_previous`: programmatic dependent launch for the engine's kernels that run in
 decode (rope_and_cache, the GEMV and decode attention kernels, the Lamport all-reduce) on H100/H200 GPUs.
@@ -53,19 +52,12 @@ def _capability_major(index: int) -> int:
 
 def pdl(x: torch.Tensor) -> dict:
     """Launch options for a kernel on x's device that takes a `PDL` constexpr: programmatic dependent launch on
-    GPUs of compute capability 9.0 and later (H100, H200), unless MISTRAL_CHAT_PDL=0. Such a kernel may be started
+    GPUs of compute capability 9.0 and later (H100, H200). Such a kernel may be started
     while the kernel before it still runs: it calls `start_next` first (so the next kernel may start too) and
     `wait_previous` before it reads anything an earlier kernel wrote (a product loads its first weights before).
     Every kernel launched so must wait, so that each kernel's wait covers every kernel before it."""
-    on = (x.is_cuda and not INTERPRETED and os.environ.get("MISTRAL_CHAT_PDL", "1") != "0"
-          and capability_major(x) >= 9)
+    on = x.is_cuda and not INTERPRETED and capability_major(x) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernels here should run for x (see the module's docstring)."""
-    return (triton_runs(x) and not torch.compiler.is_compiling()
-            and os.environ.get("MISTRAL_CHAT_FUSED_KERNELS", "1") != "0")
 
 
 if triton is not None:
@@ -227,12 +219,11 @@ def _(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, k_cache: torc
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_q, k_cache.shape[-1])
 
 
-def rope_and_cache_fits(qkv: torch.Tensor, head_dim: int) -> bool:
-    """Whether `rope_and_cache` can run: Triton on qkv's device (also under torch.compile, as an opaque op), a
-    power-of-two half head dimension, and not MISTRAL_CHAT_FUSED_KERNELS=0."""
+def rope_and_cache_fits(head_dim: int) -> bool:
+    """Whether `rope_and_cache` takes heads of `head_dim`: a power-of-two half (also under torch.compile, where it
+    runs as an opaque op)."""
     half = head_dim // 2
-    return (triton_runs(qkv) and half & (half - 1) == 0
-            and os.environ.get("MISTRAL_CHAT_FUSED_KERNELS", "1") != "0")
+    return half & (half - 1) == 0
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -254,9 +245,10 @@ def rope_fits(x: torch.Tensor) -> bool:
     return half & (half - 1) == 0 and x.stride(-1) == 1
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's activation SiLU(gate) * up of gate_up ([..., 2H], gate first): the kernel where available."""
-    if available(gate_up):
+def silu_and_mul(gate_up: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """SwiGLU's activation SiLU(gate) * up of gate_up ([..., 2H], gate first): with `kernel` (the plan's `fused`),
+    in one Triton kernel outside torch.compile (which fuses the formula itself)."""
+    if kernel and not torch.compiler.is_compiling():
         return swiglu(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

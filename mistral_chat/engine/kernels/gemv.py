@@ -6,27 +6,22 @@ small ones, such as the half matrices each GPU holds under tensor parallelism; t
 in tiles of rows x columns, keeps per-lane partial sums through the loop, and loads each tile one step ahead.
 
 `linear_row(x, weight)` is a torch custom op (opaque to torch.compile, captured whole by CUDA graphs). `Linear`
-(the model's projections) sends a single activation row to it on GPUs under tensor parallelism, where the
-matrices are halved (on 2 H200s Mistral-7B decoded at 2.97 ms/token with it, 3.05 without), and runs `F.linear`
-otherwise (on one H100 the whole model decoded at 5.51 ms/token with it, 5.40 without, though with it SwiGLU's
-activation costs no kernel of its own: inductor's own products read the whole matrices at ~96% of the copy
-bandwidth). `Linear.swiglu` gives SwiGLU's activation of a gate/up projection, in the kernel's last step where
-the kernel runs. MISTRAL_CHAT_GEMV_KERNEL=1 or 0 forces it on or off. On H100 and H200 GPUs the kernel's
-programs start while the kernel before it still runs (fused.pdl): they load their first weights, then wait, and
-Mistral-7B's products take the configuration measured fastest as decode runs them (_HOPPER_CONFIGS; other shapes
-and GPUs are autotuned). The tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+(the model's projections) sends a single activation row to it where the plan's `gemv` is "triton" (under tensor
+parallelism, where the matrices are halved), and runs `F.linear` otherwise. `Linear.swiglu` gives SwiGLU's
+activation of a gate/up projection, in the kernel's last step where the kernel runs. On H100 and H200 GPUs the
+kernel's programs start while the kernel before it still runs (fused.pdl): they load their first weights, then
+wait, and Mistral-7B's products take the configuration measured fastest as decode runs them (_HOPPER_CONFIGS;
+other shapes and GPUs are autotuned). The tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine.kernels import fused
-from mistral_chat.engine.kernels.fused import INTERPRETED, capability_major, pdl, triton_runs
+from mistral_chat.engine.kernels.fused import INTERPRETED, capability_major, pdl
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -176,16 +171,13 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm
 
 
 def _norm_block(k: int) -> int:
-    """NORM_BLOCK: h read in one load of this many columns (K <= 8192), or 0: in a loop of BLOCK_K columns
-    (MISTRAL_CHAT_NORM_ONE_LOAD=0). On 2 H200s one load made a Mistral-7B step 2.39-2.42 ms against 2.44-2.52."""
-    one = os.environ.get("MISTRAL_CHAT_NORM_ONE_LOAD", "1") == "1" and k <= 8192
-    return triton.next_power_of_2(k) if one else 0
+    """NORM_BLOCK: h read in one load of this many columns (K <= 8192), or 0: in a loop of BLOCK_K columns."""
+    return triton.next_power_of_2(k) if k <= 8192 else 0
 
 
 def measured_config(x: torch.Tensor, outputs: int, k: int, parts: int, stride: int) -> "triton.Config | None":
-    """The configuration measured fastest for this product on x's GPU (_HOPPER_CONFIGS), or None: autotune.
-    MISTRAL_CHAT_GEMV_MEASURED=0 autotunes every product."""
-    if not x.is_cuda or INTERPRETED or stride != k or os.environ.get("MISTRAL_CHAT_GEMV_MEASURED", "1") == "0":
+    """The configuration measured fastest for this product on x's GPU (_HOPPER_CONFIGS), or None: autotune."""
+    if not x.is_cuda or INTERPRETED or stride != k:
         return None
     return _HOPPER_CONFIGS.get((outputs, k, parts)) if capability_major(x) == 9 else None
 
@@ -233,22 +225,21 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, float_out: bool) -> torch.
     return torch.float32 if float_out else torch.promote_types(x.dtype, weight.dtype)
 
 
-def use_kernel(x: torch.Tensor, weight: torch.Tensor, default: bool) -> bool:
-    """Whether a product of x by weight goes to the kernel: one activation row, weight rows contiguous, Triton able
-    to run, and MISTRAL_CHAT_GEMV_KERNEL=1 (or unset, and `default`)."""
-    asked = os.environ.get("MISTRAL_CHAT_GEMV_KERNEL", "")
-    return (x.numel() == x.shape[-1] and weight.stride(-1) == 1 and triton_runs(x)
-            and (asked == "1" or (asked != "0" and default)))
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, planned: bool) -> bool:
+    """Whether a product of x by weight goes to the kernel: the plan says so, one activation row, weight rows
+    contiguous."""
+    return planned and x.numel() == x.shape[-1] and weight.stride(-1) == 1
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias) whose single-row products may run on the kernel (see `use_kernel`); `row_kernel`: its
-    default, which the model sets under tensor parallelism. `float_out` (the output projection): the kernel keeps
+    """nn.Linear (no bias) whose single-row products run on the kernel where `row_kernel` (the plan's gemv, set by
+    the model) says so; `fused`: the plan's fused, for SwiGLU's activation outside the kernel. `float_out` (the output projection): the kernel keeps
     its float32 sums, as inductor's product does when its float32 cast is fused in (logits not rounded to bf16,
     so no exact ties between tokens, and a tensor-parallel run's logits as close to one GPU's as the sums allow);
     F.linear still rounds to x's dtype."""
 
     row_kernel = False
+    fused = False
     float_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +258,7 @@ class Linear(nn.Linear):
             return linear_row(x, self.weight, swiglu=True, norm_of=norm_of, eps=eps)
         if self._kernel_takes(x):
             return linear_row(x, self.weight, swiglu=True)
-        return materialize(fused.silu_and_mul(self(x)))
+        return materialize(fused.silu_and_mul(self(x), self.fused))
 
     def normed(self, x: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
         """The product of RMSNorm(norm_of) given x = norm_of * the norm's weight, in the kernel (its programs

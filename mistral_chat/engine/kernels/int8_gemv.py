@@ -6,21 +6,17 @@ traffic than bf16 alone); this kernel reads each int8 weight once, four to a 32-
 float with bit operations, and applies the per-row scale to the sum: half the bytes of bf16 per token.
 
 `int8_linear(x, weight, scale)` is a torch custom op (so torch.compile and CUDA graphs treat it as one opaque
-call); `Int8Linear` uses it for a single activation row on CUDA with Triton installed (unless
-MISTRAL_CHAT_INT8_KERNEL=0), and the plain product otherwise. Inductor's own compiled product converts each int8
-with an int-to-float instruction; alone on an H100, from cold weights, it read Mistral-7B's matrices at 34-87% of
-the copy bandwidth, this kernel at 67-98% (benchmarks/gpu/int8_gemv.py); its GPU path (BYTE_PERMUTE, inline PTX) at
-61-97%, a few percent faster than its portable bit operations. The tests run the portable path on the CPU through
-Triton's interpreter (TRITON_INTERPRET=1) and compile the GPU path for sm_90.
+call); `Int8Linear` uses it for a single activation row where the plan's `int8` is "triton", and the plain product
+otherwise. On GPUs the bytes become floats through byte permutes (BYTE_PERMUTE, inline PTX); the tests run the
+portable bit operations on the CPU through Triton's interpreter (TRITON_INTERPRET=1) and compile the GPU path for
+sm_90. Measurements: docs/engine.md.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from mistral_chat.engine.kernels.fused import INTERPRETED, triton_runs
+from mistral_chat.engine.kernels.fused import INTERPRETED
 
 try:
     import triton
@@ -28,10 +24,8 @@ try:
 except ImportError:  # CPU-only torch builds ship without Triton: the plain product is used
     triton = None
 
-available = triton_runs  # where the kernel can run: CUDA with Triton, or the CPU under Triton's interpreter
-# the PRMT path (inline PTX) on GPUs; False (the interpreter, or MISTRAL_CHAT_INT8_KERNEL=portable to compare):
-# the portable bit operations
-BYTE_PERMUTE = not INTERPRETED and os.environ.get("MISTRAL_CHAT_INT8_KERNEL") != "portable"
+# the PRMT path (inline PTX) on GPUs; under the interpreter, the portable bit operations
+BYTE_PERMUTE = not INTERPRETED
 
 
 if triton is not None:

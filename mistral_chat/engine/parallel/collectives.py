@@ -1,29 +1,19 @@
-"""Tensor parallelism over torch.distributed: which slice of the model this rank holds, and the collectives.
+"""The collectives of tensor parallelism: sums of row-parallel products, the embedding and the logits.
 
-Sharding (Megatron style, one all-reduce after each row-parallel projection):
-- attention: q/k/v column-parallel by heads, `wo` row-parallel;
-- feed-forward and each MoE expert: w1/w3 column-parallel, w2 row-parallel (on the hidden dim);
-- embedding and output: split by vocabulary rows (the embedding lookup is summed, the logits gathered).
-KV heads are split when the world divides them; otherwise the world must be a multiple of them and each KV
-head is replicated on the world / n_kv_heads ranks whose query heads use it (see `check_tensor_parallel`).
-
-With one process (the default) every helper here is the identity.
+With one process every function here is the identity. Under torch.compile the functional collectives trace into
+the decode graph; in eager mode the in-place c10d ones run (NCCL on GPUs, gloo on the CPU).
 
 On GPUs, small all-reduces (decode's: 2 per layer) go through symmetric memory instead of NCCL once
-`enable_fast_all_reduce` ran on every rank: one kernel per all-reduce that reaches the other GPUs' buffers over
-NVLink. MISTRAL_CHAT_TP_ALL_REDUCE picks the kernel: `lamport` (lamport_all_reduce.py: each rank writes into every
-peer's buffer and the data is its own flag, no barrier; bf16 models), `torch` (torch's one-shot kernel: copy in,
-wait for every peer, sum, wait again), `nccl` (no symmetric memory), or `auto` (the default: lamport for bf16
-where Triton is installed, else torch's). On 4x H100, for 8 KB at 2 ranks inside CUDA graphs: Lamport 2.8 us,
-torch's 8.6 us, NCCL 21.0 us; a compiled Mistral-7B decode step at 2 ranks 3.60 ms with Lamport's, 4.03 with
-torch's (BENCHMARKS.md). `linear_all_reduce_residual` can also let the product before an all-reduce push its
-outputs into the Lamport buffers itself (MISTRAL_CHAT_SEND_IN_PRODUCTS=0 turns it off).
+`enable_fast_all_reduce` ran on every rank, with the kernel the plan names (`KernelPlan.all_reduce`): `lamport`
+(lamport_all_reduce.py: each rank writes into every peer's buffer and the data is its own flag, no barrier; bf16),
+or `symmetric` (torch's one-shot kernel: copy in, wait for every peer, sum, wait again; float32). Where the Lamport
+kernel carries them, the product before an all-reduce pushes its outputs into the peers' buffers itself
+(`linear_all_reduce_residual`), and the all-reduce adds the residual and weighs by the next norm's weight.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -32,7 +22,6 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from mistral_chat.engine.parallel.sharding import Parallel
-from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +87,9 @@ def linear_all_reduce_residual(x: torch.Tensor, linear: Any, residual: torch.Ten
     """`all_reduce_residual(linear(x), residual, weight, parallel)` for a row-parallel projection `linear` (a
     gemv.Linear) of one row. Where the Lamport kernel carries the all-reduces, the product's kernel pushes its
     outputs straight into the ranks' buffers and the all-reduce only sums them (no kernel reads and sends this
-    rank's part; MISTRAL_CHAT_SEND_IN_PRODUCTS=0 turns it off); otherwise the product, then the all-reduce."""
+    rank's part); otherwise the product, then the all-reduce."""
     group_name = _fast_group(residual, parallel)
-    if (group_name is not None and _send_in_products() and linear.bias is None and linear.weight.stride(-1) == 1
+    if (group_name is not None and linear.bias is None and linear.weight.stride(-1) == 1
             and x.numel() == x.shape[-1] and residual.numel() == linear.weight.shape[0]):
         return torch.ops.mistral_chat.linear_all_reduce_residual(x, linear.weight, residual, weight, group_name)
     return all_reduce_residual(linear(x), residual, weight, parallel)
@@ -113,17 +102,13 @@ def experts_all_reduce_residual(act: torch.Tensor, w2: torch.Tensor, experts: to
     with the routing weights): pushed into the Lamport buffers by the experts' kernel where it can, else the
     product, then the all-reduce."""
     group_name = _fast_group(residual, parallel)
-    if group_name is not None and _send_in_products() and residual.numel() == w2.shape[1]:
+    if group_name is not None and residual.numel() == w2.shape[1]:
         return torch.ops.mistral_chat.linear_all_reduce_residual(act, w2, residual, weight, group_name, experts,
                                                                  routing)
     from mistral_chat.engine.kernels import experts_gemv
 
     out = experts_gemv.experts_down(act, w2, experts, routing)
     return all_reduce_residual(out.view(residual.shape), residual, weight, parallel)
-
-
-def _send_in_products() -> bool:
-    return os.environ.get("MISTRAL_CHAT_SEND_IN_PRODUCTS", "1") == "1"
 
 
 def _fast_group(x: torch.Tensor, parallel: Parallel) -> str | None:
@@ -224,36 +209,17 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-def asked_all_reduce() -> str:
-    """MISTRAL_CHAT_TP_ALL_REDUCE's value (default auto); MistralChatError unless it is one of the choices."""
-    asked = os.environ.get("MISTRAL_CHAT_TP_ALL_REDUCE", "auto")
-    if asked not in ("auto", "nccl", "torch", "lamport"):
-        raise MistralChatError(f"MISTRAL_CHAT_TP_ALL_REDUCE={asked} is not a choice: use auto, torch, lamport or nccl")
-    return asked
+def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torch.dtype, kernel: str) -> str:
+    """Set up symmetric-memory all-reduces for `parallel`'s group with `kernel` (the plan's all_reduce: "lamport"
+    or "symmetric"; anything else keeps c10d); every rank must call it, after loading. Returns the kernel that
+    carries the all-reduces from now on: `kernel`, or "c10d" where symmetric memory failed.
 
-
-def all_reduce_choice(dtype: torch.dtype) -> str:
-    """The kernel MISTRAL_CHAT_TP_ALL_REDUCE asks for, for a model of `dtype`: "nccl", "torch" or "lamport"."""
-    asked = asked_all_reduce()
-    if dtype not in (torch.bfloat16, torch.float32):
-        return "nccl"
-    if asked in ("auto", "lamport"):
-        from mistral_chat.engine.kernels import lamport_all_reduce
-
-        return "lamport" if dtype == torch.bfloat16 and lamport_all_reduce.triton is not None else "torch"
-    return asked
-
-
-def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torch.dtype) -> bool:
-    """Set up symmetric-memory all-reduces for `parallel`'s group; every rank must call it, after loading.
-
-    Only on GPUs, for bfloat16 and float32 models, unless MISTRAL_CHAT_TP_ALL_REDUCE=nccl. Each rank allocates
-    its buffer, the ranks exchange handles, and one all-reduce checks the sum; the ranks agree on the outcome, so
-    either all take the fast path or none does (then NCCL carries every all-reduce, as before).
+    Each rank allocates its buffer, the ranks exchange handles, and one all-reduce checks the sum; the ranks agree
+    on the outcome, so either all take the fast path or none does (then c10d carries every all-reduce).
     """
-    choice = all_reduce_choice(dtype)
-    if not parallel.enabled or device.type != "cuda" or choice == "nccl":
-        return False
+    choice = kernel
+    if not parallel.enabled or device.type != "cuda" or choice not in ("lamport", "symmetric"):
+        return "c10d" if parallel.enabled else "none"
     global _fast_buffer, _fast_kernel, _fast_route, _symmetric_memory_used
     group_name = parallel.process_group.group_name
     capacity = FAST_ALL_REDUCE_BYTES // dtype.itemsize  # elements
@@ -280,7 +246,7 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         except Exception:  # noqa: BLE001 - an optional fast path: NCCL works everywhere
             log.info("symmetric memory is not available here: all-reduces go through NCCL", exc_info=True)
     if not everyone(buffer is not None):  # also: every buffer is filled before any rank writes into a peer's
-        return False
+        return "c10d"
     _symmetric_memory_used = True
     ok = False
     try:
@@ -297,18 +263,18 @@ def enable_fast_all_reduce(parallel: Parallel, device: torch.device, dtype: torc
         log.info("symmetric-memory all-reduce failed its check: all-reduces go through NCCL", exc_info=True)
     if not everyone(ok):
         disable_fast_all_reduce()
-        return False
+        return "c10d"
     _fast_route = (group_name, dtype, capacity)
     log.info("tensor-parallel all-reduces up to %d KB go through symmetric memory (%s kernel)",
              FAST_ALL_REDUCE_BYTES >> 10, choice)
-    return True
+    return choice
 
 
 def fast_all_reduce_kernel() -> str | None:
-    """Which kernel carries this process's small all-reduces: "torch", "lamport", or None (NCCL)."""
+    """Which kernel carries this process's small all-reduces: "symmetric", "lamport", or None (c10d)."""
     if _fast_route is None:
         return None
-    return "torch" if _fast_kernel is None else "lamport"
+    return "symmetric" if _fast_kernel is None else "lamport"
 
 
 def disable_fast_all_reduce() -> None:

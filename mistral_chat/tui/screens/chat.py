@@ -132,7 +132,7 @@ class ChatScreen(Screen[None]):
     def _new_conversation(self) -> Conversation:
         options = self.chat_app.options
         return self.chat_app.store.create_conversation(system_prompt=options.system_prompt,
-                                                       settings=options.generation_settings(),
+                                                       settings=options.sampling,
                                                        tools_path=options.tools_path)
 
     async def open_conversation(self, conversation_id: int | None) -> None:
@@ -368,11 +368,7 @@ class ChatScreen(Screen[None]):
             self.notify("No model is loaded: press Ctrl+O to pick one, then Ctrl+R to get the answer",
                         severity="warning")
             return
-        try:
-            params = conversation.settings.sampling_params()
-        except ValueError as exc:
-            self.notify(f"{exc}: fix it in the settings (Ctrl+S)", severity="error", markup=False)
-            return
+        params = conversation.settings  # checked when made (settings screen, store)
         tools = self._tools(conversation)
         if tools is None:
             return

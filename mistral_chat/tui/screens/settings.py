@@ -13,14 +13,14 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
-from mistral_chat.chat.conversation import GenerationSettings
 from mistral_chat.chat.tools import ToolsFileError, load_tools
+from mistral_chat.engine.options import SamplingParams
 
 
 @dataclass(frozen=True)
 class ChatSettings:
     system_prompt: str
-    generation: GenerationSettings
+    generation: SamplingParams
     tools_path: str = ""  # "" = no tools
 
 
@@ -71,7 +71,7 @@ def parse_settings(system_prompt: str, fields: dict[str, str]) -> ChatSettings:
     seed_text = fields["seed"].strip()
     if seed_text and not seed_text.lstrip("-").isdigit():
         raise ValueError("seed must be a whole number, or empty for a random one")
-    generation = GenerationSettings(
+    generation = SamplingParams(  # ValueError when a value is out of range
         temperature=float(number("temperature", float, "temperature", "0")),
         top_p=float(number("top_p", float, "top-p", "1")),
         top_k=int(number("top_k", int, "top-k", "0")),
@@ -81,7 +81,6 @@ def parse_settings(system_prompt: str, fields: dict[str, str]) -> ChatSettings:
         repetition_penalty=float(number("repetition_penalty", float, "repetition penalty", "1")),
         presence_penalty=float(number("presence_penalty", float, "presence penalty", "0")),
         stop=parse_stop_strings(fields.get("stop", "")))
-    generation.sampling_params()  # range checks
     return ChatSettings(system_prompt.strip(), generation, check_tools_path(fields.get("tools", "")))
 
 

@@ -1,0 +1,118 @@
+"""Which implementation each piece of the model runs, chosen once when the model loads.
+
+The forward pass (model.py, moe.py, quant.py) reads its `KernelPlan`, never the environment. `choose_plan` decides
+from the device, the dtype, the tensor-parallel world and what Triton supports there:
+
+- one GPU: the Triton kernels for decode attention, int8 products and the eager paths' norms, RoPE and SwiGLU;
+  bf16 products stay with torch (inductor's compiled products read whole matrices at ~96% of the copy bandwidth);
+- under `--tp`: also the GEMV kernel for every single-row product, Mixtral's experts as GEMV kernels, each norm
+  computed inside the product that reads it, and all-reduces through symmetric memory (the Lamport kernel for bf16);
+- decode is compiled into CUDA graphs on GPUs unless `--no-compile`;
+- `MISTRAL_CHAT_KERNELS=0` turns every custom kernel off (plain PyTorch everywhere), an escape hatch for a broken
+  driver or Triton install.
+
+The benchmark compares alternatives with `--plan KEY=VALUE` (`KernelPlan.with_overrides`); docs/engine.md tells
+which alternative won each comparison and by how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mistral_chat.engine.kernels.fused import INTERPRETED, triton
+
+KERNELS_ENV = "MISTRAL_CHAT_KERNELS"
+
+_CHOICES = {
+    "attention": ("triton", "torch"),
+    "gemv": ("triton", "torch"),
+    "int8": ("triton", "torch"),
+    "moe": ("triton", "torch"),
+    "all_reduce": ("none", "lamport", "symmetric", "c10d"),
+}
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The implementation of each piece; the defaults are plain PyTorch on one process."""
+
+    fused: bool = False  # Triton RMSNorm, RoPE and SwiGLU on eager paths; RoPE + cache write in one kernel
+    attention: str = "torch"  # decode attention: "triton" (one kernel over the cache) or "torch" (grouped matmuls)
+    gemv: str = "torch"  # single-row float products: "triton" (the GEMV kernel) or "torch" (F.linear / inductor)
+    int8: str = "torch"  # single-row int8 products: "triton" or "torch" (dequantize, then multiply)
+    moe: str = "torch"  # one token's chosen experts: "triton" (expert GEMV kernels) or "torch" (gathered weights)
+    norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
+    all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
+    compile_decode: bool = False  # decode compiled by torch.compile and replayed as CUDA graphs
+
+    def __post_init__(self) -> None:
+        for field, allowed in _CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"plan {field}={getattr(self, field)} is not one of {', '.join(allowed)}")
+        if self.norms_in_products and self.gemv != "triton":
+            raise ValueError("plan norms_in_products needs gemv=triton")
+
+    def describe(self) -> str:
+        """One line for --verbose."""
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return "kernel plan: " + " ".join(parts)
+
+    def with_overrides(self, overrides: dict[str, str], device: torch.device) -> "KernelPlan":
+        """This plan with some fields replaced from strings (the benchmark's --plan KEY=VALUE), for a model on
+        `device`; ValueError for an unknown field or value, or a kernel that cannot run there."""
+        values: dict[str, object] = {}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise ValueError(f"unknown plan field '{key}': use one of {', '.join(fields)}")
+            if fields[key].type in ("bool", bool):
+                if value not in ("0", "1", "true", "false"):
+                    raise ValueError(f"plan {key} takes 0/1 or true/false, not '{value}'")
+                values[key] = value in ("1", "true")
+            else:
+                values[key] = value
+        plan = dataclasses.replace(self, **values)
+        kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.moe)
+        if kernels and not kernels_allowed(device):
+            raise ValueError(f"the plan's Triton kernels cannot run on {device}: they need a CUDA GPU with Triton "
+                             f"(or TRITON_INTERPRET=1 on the CPU), and {KERNELS_ENV} not set to 0")
+        return plan
+
+
+def kernels_allowed(device: torch.device) -> bool:
+    """Whether the engine's Triton kernels may run on `device`: CUDA with Triton (or the CPU under Triton's
+    interpreter, TRITON_INTERPRET=1, as the tests run them), unless MISTRAL_CHAT_KERNELS=0."""
+    if os.environ.get(KERNELS_ENV, "1") == "0" or triton is None:
+        return False
+    return device.type == "cuda" or INTERPRETED
+
+
+def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quantize: str | None = None,
+                compile: bool = False) -> KernelPlan:
+    """The plan for a model of `dtype` on `device` (each rank's GPU under --tp) over `world` processes."""
+    kernels = kernels_allowed(device)
+    tp = world > 1
+    cuda = device.type == "cuda"
+    rows = "triton" if kernels and tp else "torch"
+    if not tp:
+        all_reduce = "none"
+    elif cuda and dtype == torch.bfloat16 and kernels:
+        all_reduce = "lamport"
+    elif cuda and dtype in (torch.bfloat16, torch.float32):
+        all_reduce = "symmetric"
+    else:
+        all_reduce = "c10d"
+    return KernelPlan(
+        fused=kernels,
+        attention="triton" if kernels else "torch",
+        gemv=rows,
+        int8="triton" if kernels else "torch",
+        moe=rows,
+        norms_in_products=rows == "triton" and quantize is None,
+        all_reduce=all_reduce,
+        compile_decode=compile and cuda,
+    )

@@ -1,0 +1,37 @@
+"""What loading a model takes beyond the engine: finding its folder from a name, and preparing compiled decode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mistral_chat.engine.options import LoadOptions
+from mistral_chat.errors import ModelNotFoundError
+
+
+def resolve_model_path(name: str | None) -> str:
+    """The folder of the model `name` (a folder, an alias or a repo id; None: the last one used), remembered as
+    the last used; ModelNotFoundError says what to do when there is none."""
+    from mistral_chat.models.store import last_used_model, mark_used, resolve_model
+
+    if name is None:
+        name = last_used_model()
+        if name is None:
+            raise ModelNotFoundError("no model given and none used before: pass --model PATH_OR_NAME, "
+                                     "or run `mistral-chat pull mistral-7b-instruct` first")
+    path = resolve_model(name)
+    mark_used(name)
+    return str(path)
+
+
+def prepare_compile(options: LoadOptions) -> LoadOptions:
+    """`options` with `compile` kept only where decode compiles (a CUDA GPU, not --device cpu); when it does,
+    inductor's cache goes to the app's home, so that later start-ups skip most of the compiling."""
+    import torch
+
+    if not options.compile or options.device == "cpu" or not torch.cuda.is_available():
+        return dataclasses.replace(options, compile=False) if options.compile else options
+    from mistral_chat.engine.decode import use_compile_cache
+    from mistral_chat.paths import app_home
+
+    use_compile_cache(app_home() / "compile-cache")
+    return options
