@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from mistral_chat.chat.fim import encode_fim
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
 from mistral_chat.chat.tools import Tool, ToolCall, ToolCallParseError, load_tools, parse_tool_calls
-from mistral_chat.engine.generate import GenerationStats, Session
+from mistral_chat.engine.generate import Session
+from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 from mistral_chat.service.loading import prepare_compile, resolve_model_path

@@ -6,7 +6,6 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -14,30 +13,11 @@ from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import session_context
 from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
+from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
 
 DEFAULT_PREFILL_CHUNK = 2048
-
-
-@dataclass
-class GenerationStats:
-    """What one answer cost."""
-
-    prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt tokens run through the model; the rest came from the cache
-    generated_tokens: int = 0
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-    host_wait_seconds: float = 0.0  # of decode_seconds, the host waited for the GPU's tokens (all of it: GPU-bound)
-    finish_reason: str = "stop"  # stop (EOS) | length (max tokens or context) | cancelled
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed: tokens after the first, over the time since the first."""
-        if self.generated_tokens < 2 or self.decode_seconds <= 0:
-            return 0.0
-        return (self.generated_tokens - 1) / self.decode_seconds
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

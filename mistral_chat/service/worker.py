@@ -31,7 +31,7 @@ from mistral_chat.chat.templates import ChatMessage, encode_conversation
 from mistral_chat.chat.tools import (Tool, ToolCall, ToolCallParseError, find_tool_calls, parse_tool_calls,
                                      supports_tools, tool_format)
 from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
-from mistral_chat.engine.generate import GenerationStats
+from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 
