@@ -1,9 +1,7 @@
 """Mixtral's chosen experts for one token (batch-1 decode), as two Triton kernels that read the expert ids on the GPU.
 
-In decode the MoE layer multiplies one row by the k experts its gate picked. Without these kernels inductor gathers
-those experts' weights and multiplies: on two H200s the gathered `w2` product took 44.6 us a layer for ~29 us of
-bytes at the copy bandwidth (eleventh session). Here each program reads the expert id itself and streams that
-expert's rows in place, as gemv.py's kernel streams a matrix:
+In decode the MoE layer multiplies one row by the k experts its gate picked. Here each program reads the expert id
+itself and streams that expert's rows in place, as gemv.py's kernel streams a matrix:
 
 - `experts_swiglu(x, w13, experts)`: SiLU(gate) * up of each chosen expert's w13 ([k, hidden]), one program per
   block of outputs and expert;
@@ -14,11 +12,9 @@ expert's rows in place, as gemv.py's kernel streams a matrix:
 `experts_down_to_peers` is `experts_down` pushing its outputs into the Lamport all-reduce's buffers (under `--tp`,
 as gemv.linear_row_to_peers does for dense products).
 
-MoEFeedForward uses them for one row of float (not int8) experts where Triton runs (see `use_experts_kernel`), by
-default under tensor parallelism: full Mixtral-8x7B at two H200s decoded at 4.23 ms/token with them (and the norms
-inside the products, `MoEFeedForward.rows_fused`) against 4.53 without. One GPU keeps inductor's products, which
-read whole experts at about the copy bandwidth (16 layers on an H100: 4.61-4.62 against 4.67-4.73 ms/token with
-the kernels). The tests run them on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+MoEFeedForward uses them for one row of float (not int8) experts where the plan's `moe` is "triton" (under tensor
+parallelism; one GPU keeps inductor's products, which read whole experts at about the copy bandwidth; figures in
+docs/engine.md). The tests run them on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations

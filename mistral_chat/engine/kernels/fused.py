@@ -2,9 +2,8 @@
 Triton kernel each, for the model's eager paths on GPUs (and `rope_and_cache` for compiled decode too).
 
 Under torch.compile inductor fuses these itself. Eagerly (prefill, which runs eagerly by default, and
-`--no-compile`), PyTorch runs each small op of their formulas as its own kernel: on an H100 a 2048-token Mistral-7B
-prefill spent ~24 ms in such kernels next to 36 ms of matrix products; with these kernels it takes 49.3-49.6 ms
-instead of 67.3 (BENCHMARKS.md). Each kernel reads its input once and writes its output once, and computes what
+`--no-compile`), PyTorch runs each small op of their formulas as its own kernel, and a long prefill spends a third
+of its time in them (docs/engine.md). Each kernel reads its input once and writes its output once, and computes what
 the eager formula computes (float32 inside, the same roundings to the model dtype), up to the order of a float32
 sum.
 
