@@ -8,8 +8,8 @@ from the device, the dtype, the tensor-parallel world and what Triton supports t
 - under `--tp`: also the GEMV kernel for every single-row product, Mixtral's experts as GEMV kernels, each norm
   computed inside the product that reads it, and all-reduces through symmetric memory (the Lamport kernel for bf16);
 - decode is compiled into CUDA graphs on GPUs unless `--no-compile`;
-- `MISTRAL_CHAT_KERNELS=0` turns every custom kernel off (plain PyTorch everywhere), an escape hatch for a broken
-  driver or Triton install.
+- `MISTRAL_CHAT_KERNELS=0` turns every custom kernel off (plain PyTorch everywhere, and NCCL for every
+  all-reduce), an escape hatch for a broken driver or Triton install.
 
 The benchmark compares alternatives with `--plan KEY=VALUE` (`KernelPlan.with_overrides`); docs/engine.md tells
 which alternative won each comparison and by how much.
@@ -100,9 +100,9 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
     rows = "triton" if kernels and tp else "torch"
     if not tp:
         all_reduce = "none"
-    elif cuda and dtype == torch.bfloat16 and kernels:
+    elif cuda and kernels and dtype == torch.bfloat16:
         all_reduce = "lamport"
-    elif cuda and dtype in (torch.bfloat16, torch.float32):
+    elif cuda and kernels and dtype == torch.float32:
         all_reduce = "symmetric"
     else:
         all_reduce = "c10d"
