@@ -4,6 +4,7 @@ the floor; the numbers themselves are the GPU's business (BENCHMARKS.md), so not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,5 +22,27 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
                     ("mistral-chat eager", "decode step by step", 1), ("mistral-chat eager", "decode after 24", 2)]
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r.get("warmup_s", 0) >= 0 for r in result["rows"])
     assert "floor_pct" in result["rows"][1]  # batch 1 decode is compared with the floor
-    header = proc.stdout.splitlines()[2]
-    assert header.split() == ["engine", "what", "batch", "ms", "tokens/s", "%", "floor", "warm-up", "s"]
+    # the kernel plan it ran (on the CPU: plain PyTorch), in the JSON and on the table's third line
+    plain = ("kernel plan: fused=False attention=torch gemv=torch int8=torch moe=torch norms_in_products=False "
+             "all_reduce=none compile_decode=False")
+    assert result["plan"] == plain
+    lines = proc.stdout.splitlines()
+    assert lines[2] == plain
+    assert lines[3].split() == ["engine", "what", "batch", "ms", "tokens/s", "%", "floor", "warm-up", "s"]
+
+
+def test_bench_plan_overrides(tmp_path):
+    """--plan KEY=VALUE replaces the plan's choices (a single-process run); a plan the CPU cannot run, an unknown
+    field or a malformed pair is refused."""
+    out = tmp_path / "bench.json"
+    base = [sys.executable, "-m", "mistral_chat.bench.run", "--shape", "tiny", "--device", "cpu", "--prefill", "",
+            "--batch", "1", "--steps", "2", "--prompt", "8", "--no-compile", "--layers", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MISTRAL_CHAT_KERNELS")}
+    proc = subprocess.run(base + ["--plan", "all_reduce=none, compile_decode=0", "--json-file", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["plan"].startswith("kernel plan: fused=False attention=torch")
+    for plan, message in (("gemv=triton", "the plan's Triton kernels cannot run on cpu"),
+                          ("gemm=triton", "unknown plan field 'gemm'"), ("gemv", "give KEY=VALUE pairs")):
+        proc = subprocess.run(base + ["--plan", plan], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode != 0 and message in proc.stderr, (plan, proc.stderr[-2000:])

@@ -1,14 +1,15 @@
-"""The compiled decode step (torch.compile; CUDA graphs on a GPU) agrees with eager decode on the tiny models,
-on the CPU: the same greedy tokens, with the rotating cache wrapping and power-of-two cache buckets in play."""
+"""The compiled decode step (torch.compile of one block for all layers, any cache bucket; CUDA graphs on a GPU)
+agrees with eager decode on the tiny models, on the CPU: the same greedy tokens, with the rotating cache wrapping
+and power-of-two cache buckets in play. Prefill runs eagerly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mistral_chat.engine.decode import DecodeStep, key_bucket
+from mistral_chat.engine.decode import DecodeStep, key_bucket, prefill
 from mistral_chat.engine.loader import load_model
-from tiny_models import write_tiny_model
+from tiny_models import random_model, write_tiny_model
 
 
 def test_key_bucket_rounds_up_to_a_power_of_two_within_the_capacity():
@@ -33,9 +34,8 @@ def greedy(model, ids: list[int], steps: int, compile: bool, cache: int = 300) -
     return out
 
 
-@pytest.mark.parametrize("quantize,quick", [(None, "0"), ("int8", "0"), (None, "1")])
-def test_compiled_decode_equals_eager(tmp_path, monkeypatch, quantize, quick):
-    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", quick)  # "1": one block for all layers, any cache length
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_equals_eager(tmp_path, quantize):
     loaded = load_model(write_tiny_model(tmp_path, "mistral")["native"], device="cpu", dtype="float32",
                         quantize=quantize)
     ids = torch.randint(3, 32000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -44,13 +44,12 @@ def test_compiled_decode_equals_eager(tmp_path, monkeypatch, quantize, quick):
     assert compiled == eager
 
 
-def test_quick_compile_serves_every_cache_bucket_with_one_graph(monkeypatch):
+def test_compiled_decode_serves_every_cache_bucket_with_one_graph():
     from torch._dynamo.utils import counters
 
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
 
-    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", "1")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=3, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                                     vocab_size=300, max_seq_len=2048))  # no window: the cache is read by buckets
@@ -64,15 +63,13 @@ def test_quick_compile_serves_every_cache_bucket_with_one_graph(monkeypatch):
     assert counters["stats"]["unique_graphs"] - before == 1  # (a bucket equal to the whole cache adds one more)
 
 
-@pytest.mark.parametrize("setting", ["1", "0"])
-def test_stored_activations_change_no_value(monkeypatch, setting):
+def test_stored_activations_change_no_value():
     """`materialize` only tells the compiler to keep a value in its own buffer: the feed-forward block gives the
-    same output compiled (either way) as eager, and eager is untouched."""
+    same output compiled as eager, and eager is untouched."""
     from mistral_chat.engine.materialize import materialize
     from mistral_chat.engine.model import FeedForward
     from mistral_chat.engine.parallel.sharding import Parallel
 
-    monkeypatch.setenv("MISTRAL_CHAT_MATERIALIZE", setting)
     torch.manual_seed(0)
     ffn = FeedForward(32, 64, Parallel()).eval()
     x = torch.randn(1, 1, 32)
@@ -83,32 +80,38 @@ def test_stored_activations_change_no_value(monkeypatch, setting):
         torch.testing.assert_close(compiled, ffn(x))
 
 
-def test_prefill_is_eager_unless_asked(monkeypatch):
-    from types import SimpleNamespace
+def test_prefill_runs_eagerly_and_gives_the_last_positions_logits():
+    """`decode.prefill` is the model's forward pass, eager (nothing compiled, whatever the device or plan), and
+    keeps only the last position's logits."""
+    from torch._dynamo.utils import counters
 
-    from mistral_chat.engine.decode import Prefill
+    from mistral_chat.engine.config import ModelConfig
 
-    gpu_model = SimpleNamespace(device=torch.device("cuda"))  # Prefill only looks at the device here
-    monkeypatch.delenv("MISTRAL_CHAT_COMPILE_PREFILL", raising=False)
-    assert not Prefill(gpu_model).compiled
-    monkeypatch.setenv("MISTRAL_CHAT_COMPILE_PREFILL", "1")
-    assert Prefill(gpu_model).compiled
-    assert not Prefill(gpu_model, compile=False).compiled  # --no-compile wins
-    assert not Prefill(SimpleNamespace(device=torch.device("cpu"))).compiled
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                         max_seq_len=64)
+    model = random_model(config)
+    tokens = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.setup_cache(64, batch=2, prefill_chunk=8)
+    with torch.no_grad():
+        want = model(tokens, 0)
+    model.slots.reset()
+    before = counters["stats"]["unique_graphs"]
+    got = prefill(model, tokens, 0)
+    assert counters["stats"]["unique_graphs"] == before
+    assert got.shape == (2, 200) and not got.requires_grad
+    torch.testing.assert_close(got, want[:, -1], rtol=0, atol=0)
 
 
-def test_compiled_batched_mixtral_decode_equals_eager(monkeypatch):
+def test_compiled_batched_mixtral_decode_equals_eager():
     """Batch 8 with 2 experts a token is more than the gathered path takes (8 pairs): eager runs each expert on its
     tokens, which a compiled block cannot (data-dependent shapes; `bench --shape mixtral-8x7b` failed at batch 8),
     so compiled decode runs every expert on every token, weighted by zero where not chosen: the same logits."""
-    from mistral_chat.bench.run import random_model
     from mistral_chat.engine.config import ModelConfig
 
-    monkeypatch.setenv("MISTRAL_CHAT_QUICK_COMPILE", "1")
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          max_seq_len=64, num_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    model = random_model(config, torch.device("cpu"), torch.float32, None)
+    model = random_model(config)
     prompt = torch.randint(0, 200, (8, 8), generator=torch.Generator().manual_seed(1))
 
     def decode(compile: bool) -> torch.Tensor:

@@ -3,8 +3,8 @@ grouped_attention computed in float32 on the model's strided views (q transposed
 cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped
 and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
 too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Dense and MoE tiny
-models decode the same greedy tokens past their window with it as with grouped_attention
-(MISTRAL_CHAT_ATTENTION_KERNEL=0), eager, and compiled (dense)."""
+models decode the same greedy tokens past their window with it (the plan's attention=triton) as with
+grouped_attention (attention=torch), eager, and compiled (dense)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ def case(b, t, hkv, g, d, s, window=None, dtype=torch.float32, capacity=None):
 
 def check(*args, exact=True, **kwargs):
     q, k, v, mask = case(*args, **kwargs)
-    assert module.available(q)
     got = module.decode_attention(q, k, v, mask)
     assert got.dtype == q.dtype and got.shape == q.shape and got.is_contiguous()
     want = grouped_attention(q.float(), k.float(), v.float(), mask)
@@ -66,21 +65,19 @@ for key_len in (33, 40):
     torch.testing.assert_close(step(q, keys, values, mask, key_len), want, rtol=1e-5, atol=1e-5)
 assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for both key lengths
 
-import os
-from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
-from tiny_models import count_calls, greedy_past_the_window
+from tiny_models import count_calls, greedy_past_the_window, random_model
 module.BLOCK_S, module.MIN_SPLIT = 64, 128
 calls = count_calls(module, "decode_attention")  # model.Attention looks it up on the module at each call
 for experts in (0, 4):
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64, num_experts=experts, num_experts_per_tok=2)
     torch.manual_seed(0)
-    model = random_model(config, torch.device("cpu"), torch.float32, None)
-    os.environ["MISTRAL_CHAT_ATTENTION_KERNEL"] = "0"
-    plain = greedy_past_the_window(model)
-    os.environ["MISTRAL_CHAT_ATTENTION_KERNEL"] = "1"
+    model = random_model(config)  # the plan the loader chooses here: the kernel (Triton's interpreter)
+    assert model.plan.attention == "triton", model.plan
     del calls[:]
+    plain = greedy_past_the_window(random_model(config, attention="torch"))  # the same weights
+    assert not calls
     fast = greedy_past_the_window(model)
     assert len(calls) == 20 * 2, len(calls)  # each decode step, each layer (the 8-token prompt: SDPA)
     assert fast[0] == plain[0], (experts, fast[0], plain[0])

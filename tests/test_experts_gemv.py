@@ -1,8 +1,8 @@
 """The Triton kernels for Mixtral's chosen experts of one token (engine/experts_gemv.py), run on the CPU by Triton's
 interpreter: they equal MoEFeedForward's gathered formula on ragged shapes (w13's also with RMSNorm's scale
-inside), a Mixtral model decodes the same greedy tokens with them as without; they are the default only under
-tensor parallelism; and they compile for an H100. (Compiled, at 2 ranks: test_parallel_compiled.py's
-"fused-send".)"""
+inside), a Mixtral model decodes the same greedy tokens with them (the plan's moe=triton) as without; the plan
+gives them the experts only under tensor parallelism; and they compile for an H100. (Compiled, at 2 ranks:
+test_parallel_compiled.py's "fused-mixtral".)"""
 
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ import torch
 from tiny_models import checks_env, compile_for_hopper
 
 CHECK = r"""
-import os
 import torch
 from mistral_chat.engine.kernels import experts_gemv, fused
-from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
-from tiny_models import count_calls, greedy_past_the_window
+from tiny_models import count_calls, greedy_past_the_window, random_model
 
 gen = torch.Generator().manual_seed(0)
 for experts_n, dim, hidden, k in ((8, 64, 96, 2), (4, 33, 50, 2), (5, 100, 70, 3), (3, 16, 8, 1)):
@@ -33,13 +31,15 @@ for experts_n, dim, hidden, k in ((8, 64, 96, 2), (4, 33, 50, 2), (5, 100, 70, 3
         act = experts_gemv.experts_swiglu(x, w13, experts)
         assert act.shape == (k, hidden) and act.dtype == dtype
         gate_up = torch.einsum("d,khd->kh", x.view(dim).float(), w13[experts[0]].float()).to(dtype)
-        torch.testing.assert_close(act.float(), fused.silu_and_mul(gate_up).float(), rtol=tol, atol=tol)
+        want = fused.silu_and_mul(gate_up, kernel=True)  # the activation as the eager paths' kernel computes it
+        torch.testing.assert_close(act.float(), want.float(), rtol=tol, atol=tol)
         h, g = torch.randn(dim, generator=gen).to(dtype), (torch.rand(dim, generator=gen) + 0.5).to(dtype)
         normed = experts_gemv.experts_swiglu((h * g).view(1, 1, dim), w13, experts, norm_of=h, eps=1e-5)
         hf = h.float()  # RMSNorm(h) with weight g, h * g rounded as the kernel's input is
         rms_normed = (h * g).float() * torch.rsqrt(hf.pow(2).mean() + 1e-5)
         gate_up = torch.einsum("d,khd->kh", rms_normed, w13[experts[0]].float()).to(dtype)
-        torch.testing.assert_close(normed.float(), fused.silu_and_mul(gate_up).float(), rtol=tol * 2, atol=tol * 2)
+        want = fused.silu_and_mul(gate_up, kernel=True)
+        torch.testing.assert_close(normed.float(), want.float(), rtol=tol * 2, atol=tol * 2)
         out = experts_gemv.experts_down(act, w2, experts, weights)
         assert out.shape == (dim,) and out.dtype == dtype
         each = torch.einsum("kh,kdh->kd", act.float(), w2[experts[0]].float()).to(dtype).float()
@@ -50,15 +50,15 @@ for experts_n, dim, hidden, k in ((8, 64, 96, 2), (4, 33, 50, 2), (5, 100, 70, 3
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64, num_experts=4, num_experts_per_tok=2)
 torch.manual_seed(0)
-model = random_model(config, torch.device("cpu"), torch.float32, None)
+plain = random_model(config)  # the plan for one process: the gathered experts' products by torch
+assert plain.plan.moe == "torch", plain.plan
+model = random_model(config, moe="triton")  # the same weights, the experts in the kernels
+assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
 swiglus, downs = count_calls(experts_gemv, "experts_swiglu"), count_calls(experts_gemv, "experts_down")
 
-def greedy(kernel):
-    os.environ["MISTRAL_CHAT_MOE_KERNEL"] = kernel
-    return greedy_past_the_window(model)
-without = greedy("0")
+without = greedy_past_the_window(plain)
 assert not swiglus and not downs
-with_kernel = greedy("1")
+with_kernel = greedy_past_the_window(model)
 assert len(swiglus) == len(downs) == 20 * 2, (len(swiglus), len(downs))  # each decode step, each layer; not the prompt
 assert with_kernel[0] == without[0], (with_kernel[0], without[0])
 torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
@@ -73,31 +73,33 @@ def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_the_experts_kernels_are_the_default_only_under_tensor_parallelism(monkeypatch):
+def test_the_plan_gives_the_experts_kernels_only_under_tensor_parallelism():
     """One GPU keeps inductor's products over the gathered experts (already near its floor); each rank's halved
-    experts take the kernels; MISTRAL_CHAT_MOE_KERNEL forces either; int8 experts and several rows never."""
+    experts take the kernels (the plan's moe, MoEFeedForward.row_kernel); int8 experts and several rows never."""
     from mistral_chat.engine.kernels import experts_gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
     from mistral_chat.engine.moe import MoEFeedForward
     from mistral_chat.engine.parallel.sharding import Parallel
+    from mistral_chat.engine.plan import KernelPlan, choose_plan
 
+    cuda = torch.device("cuda")
+    assert choose_plan(cuda, torch.bfloat16, 1).moe == "torch"
+    assert choose_plan(cuda, torch.bfloat16, 2).moe == "triton"
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          num_experts=4, num_experts_per_tok=2)
     with torch.device("meta"):
-        one, two = Transformer(config), Transformer(config, Parallel(rank=0, world=2))
-    assert [m.row_kernel for m in one.modules() if isinstance(m, MoEFeedForward)] == [False]
-    assert [m.row_kernel for m in two.modules() if isinstance(m, MoEFeedForward)] == [True]
-    monkeypatch.setattr(experts_gemv, "triton_runs", lambda x: True)
-    row, w13 = torch.zeros(1, 1, 8), torch.zeros(4, 6, 8)
-    monkeypatch.delenv("MISTRAL_CHAT_MOE_KERNEL", raising=False)
+        one = Transformer(config, plan=choose_plan(cuda, torch.bfloat16, 1))
+        two = Transformer(config, Parallel(rank=0, world=2), choose_plan(cuda, torch.bfloat16, 2))
+        plain = Transformer(config)
+        forced = Transformer(config, plan=KernelPlan(moe="triton"))
+    experts = {name: [m.row_kernel for m in model.modules() if isinstance(m, MoEFeedForward)]
+               for name, model in (("one", one), ("two", two), ("plain", plain), ("forced", forced))}
+    assert experts == {"one": [False], "two": [True], "plain": [False], "forced": [True]}
     use = experts_gemv.use_experts_kernel
+    row, w13 = torch.zeros(1, 1, 8), torch.zeros(4, 6, 8)
     assert use(row, w13, True) and not use(row, w13, False)
     assert not use(torch.zeros(2, 8), w13, True) and not use(row, w13.to(torch.int8), True)
-    monkeypatch.setenv("MISTRAL_CHAT_MOE_KERNEL", "1")
-    assert use(row, w13, False)
-    monkeypatch.setenv("MISTRAL_CHAT_MOE_KERNEL", "0")
-    assert not use(row, w13, True)
 
 
 def test_the_experts_kernels_compile_for_hopper():

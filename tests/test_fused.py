@@ -1,7 +1,8 @@
 """The eager paths' Triton kernels (engine/fused.py: RMSNorm, RoPE, SwiGLU's activation, and decode's RoPE with
 the cache writes), run on the CPU by
 Triton's interpreter: each equals the formula it replaces on ragged and strided shapes, and a dense and a
-mixture-of-experts model prefill and decode the same greedy tokens (and near-equal logits) with and without them.
+mixture-of-experts model prefill and decode the same greedy tokens (and near-equal logits) with and without them
+(the plan's `fused`).
 On GPUs the same kernels are compiled; benchmarks/gpu/check.py covers them there."""
 
 from __future__ import annotations
@@ -16,56 +17,48 @@ from tiny_models import checks_env, compile_for_hopper
 pytest.importorskip("triton")
 
 CHECK = r"""
-import os
 import torch
 import torch.nn.functional as F
-from mistral_chat.bench.run import random_model
 from mistral_chat.engine.kernels import fused
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.cache import LayerKVCache
 from mistral_chat.engine.model import RMSNorm, apply_rope, rope_tables
-from tiny_models import greedy_past_the_window
+from tiny_models import greedy_past_the_window, random_model
 
 gen = torch.Generator().manual_seed(0)
-def off(fn):  # the plain formula: the same call with the kernels switched off
-    os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = "0"
-    try:
-        return fn()
-    finally:
-        os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = "1"
-
 for dtype in (torch.float32, torch.bfloat16):
     exact = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     for dim in (50, 64):
-        norm = RMSNorm(dim, 1e-5).to(dtype)
-        norm.weight.data = torch.randn(dim, generator=gen).to(dtype)
+        norm, plain = RMSNorm(dim, 1e-5, kernel=True).to(dtype), RMSNorm(dim, 1e-5).to(dtype)  # kernel, formula
+        norm.weight.data = plain.weight.data = torch.randn(dim, generator=gen).to(dtype)
         x = torch.randn(3, 5, 2 * dim, generator=gen).to(dtype)[..., ::2]  # strided rows
-        assert fused.available(x)
-        torch.testing.assert_close(norm(x), off(lambda: norm(x)), **exact)
+        torch.testing.assert_close(norm(x), plain(x), **exact)
         delta = torch.randn(3, 5, dim, generator=gen).to(dtype)
         total, normed = norm.add_and_norm(x, delta)
-        want_total, want = off(lambda: norm.add_and_norm(x, delta))
+        want_total, want = plain.add_and_norm(x, delta)
         torch.testing.assert_close(total, want_total, **exact)  # bf16: the interpreter rounds by truncation
         torch.testing.assert_close(normed, want, **exact)
     table = rope_tables(16, 40, 10000.0, torch.device("cpu"))[7:12]  # positions 7..11
     qkv = torch.randn(2, 5, (3 + 2 * 1) * 16, generator=gen).to(dtype)
     q = qkv[..., :48].view(2, 5, 3, 16)  # 3 heads: padded to 4 inside; rows strided like the model's split
     assert fused.rope_fits(q)
-    torch.testing.assert_close(apply_rope(q, table), off(lambda: apply_rope(q, table)), **exact)
+    torch.testing.assert_close(apply_rope(q, table, kernel=True), apply_rope(q, table), **exact)
     # decode's RoPE and cache writes in one kernel: 2 sequences, 3 tokens each, 4 query heads sharing 2 KV heads
     qkv = torch.randn(2, 3, (4 + 2 * 2) * 16, generator=gen).to(dtype)
     slots, table3 = torch.tensor([5, 0, 9]), table[:3]
     cache = LayerKVCache(2, 2, 12, 16, dtype, torch.device("cpu"))
+    assert fused.rope_and_cache_fits(16) and not fused.rope_and_cache_fits(24)
     q_got = fused.rope_and_cache(qkv, table3, slots, cache.k, cache.v, 4)
     k_got, v_got = cache.k.clone(), cache.v.clone()
     q, k, v = qkv.split([64, 32, 32], dim=-1)
-    q_want = apply_rope(q.view(2, 3, 4, 16), table3)
+    q_want = apply_rope(q.view(2, 3, 4, 16), table3, kernel=True)
     cache.k.zero_(), cache.v.zero_()
-    cache.update(slots, apply_rope(k.view(2, 3, 2, 16), table3).transpose(1, 2), v.view(2, 3, 2, 16).transpose(1, 2))
+    k_roped = apply_rope(k.view(2, 3, 2, 16), table3, kernel=True)
+    cache.update(slots, k_roped.transpose(1, 2), v.view(2, 3, 2, 16).transpose(1, 2))
     assert torch.equal(q_got, q_want) and torch.equal(k_got, cache.k) and torch.equal(v_got, cache.v), dtype
     for hidden in (37, 1500):
         gate_up = torch.randn(4, 2 * hidden, generator=gen).to(dtype) * 3
-        torch.testing.assert_close(fused.silu_and_mul(gate_up), off(lambda: fused.silu_and_mul(gate_up)), **exact)
+        torch.testing.assert_close(fused.silu_and_mul(gate_up, kernel=True), fused.silu_and_mul(gate_up), **exact)
 
 calls = []
 for name in ("add_rms_norm", "swiglu", "rope_and_cache"):
@@ -79,27 +72,23 @@ for moe in (False, True):
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64, **(dict(num_experts=4, num_experts_per_tok=2) if moe else {}))
     torch.manual_seed(0)
-    model = random_model(config, torch.device("cpu"), torch.float32, None)
-
-    def greedy(kernels):
-        os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = kernels
-        return greedy_past_the_window(model)
+    model = random_model(config)  # the plan the loader chooses here: the kernels on (Triton's interpreter)
+    assert model.plan.fused, model.plan
+    plain = random_model(config, fused=False)  # the same weights and plan, but the formulas
     calls.clear()
-    with_kernels = greedy("1")
+    with_kernels = greedy_past_the_window(model)
     assert set(calls) == {"add_rms_norm", "swiglu", "rope_and_cache"}, set(calls)
     calls.clear()
-    without = greedy("0")
+    without = greedy_past_the_window(plain)
     assert not calls
     assert with_kernels[0] == without[0], (moe, with_kernels[0], without[0])
     torch.testing.assert_close(with_kernels[1], without[1], rtol=1e-4, atol=1e-4)
-os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = "1"
 print("ok")
 """
 
 
 def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
     env = checks_env(TRITON_INTERPRET="1")
-    env.pop("MISTRAL_CHAT_FUSED_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
@@ -119,12 +108,11 @@ def test_rope_and_cache_compiles_for_hopper():
         assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl
 
 
-def test_programmatic_dependent_launch_only_on_gpus(monkeypatch):
+def test_programmatic_dependent_launch_only_on_gpus():
     """fused.pdl: off the GPU (the CPU, the interpreter) the kernels take PDL=False and no launch option, so they
-    neither wait nor let the next kernel start early (on sm_90+ GPUs they do, unless MISTRAL_CHAT_PDL=0)."""
+    neither wait nor let the next kernel start early (on sm_90+ GPUs they always do)."""
     import torch
 
     from mistral_chat.engine.kernels import fused
 
-    monkeypatch.delenv("MISTRAL_CHAT_PDL", raising=False)
     assert fused.pdl(torch.zeros(4)) == {"PDL": False}

@@ -1,6 +1,7 @@
 """The Triton matrix-vector kernel for float weights (engine/gemv.py), run on the CPU by Triton's interpreter: it
-equals F.linear on ragged shapes, and a model decodes the same greedy tokens with it as without it, eager and
-compiled; and when the model uses it by default."""
+equals F.linear on ragged shapes (with the norm's scale read in one load, and in a loop past 8192 columns), and a
+model whose plan gives it the products (gemv=triton) decodes the same greedy tokens as one whose plan does not,
+eager and compiled; and which plans use it."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import torch
 from tiny_models import checks_env, compile_for_hopper
 
 CHECK = r"""
-import os
 import torch
 import torch.nn.functional as F
 import triton
 from mistral_chat.engine.kernels import fused, gemv
-from mistral_chat.bench.run import random_model
 from mistral_chat.engine.config import ModelConfig
-from tiny_models import count_calls, greedy_past_the_window
+from tiny_models import count_calls, greedy_past_the_window, random_model
 
 gen = torch.Generator().manual_seed(0)
 for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of the blocks
@@ -35,10 +34,6 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
         hf = h.float()
         want = F.linear((hf * torch.rsqrt(hf.pow(2).mean() + 1e-5) * g.float()).view(1, 1, k), w.float())
         torch.testing.assert_close(normed.float(), want, rtol=tol * 2, atol=tol * 2)
-        os.environ["MISTRAL_CHAT_NORM_ONE_LOAD"] = "0"  # the norm's scale from h in a loop, not one load
-        looped = gemv.linear_row((h * g).view(1, 1, k), w, norm_of=h, eps=1e-5)
-        del os.environ["MISTRAL_CHAT_NORM_ONE_LOAD"]
-        torch.testing.assert_close(looped.float(), want, rtol=tol * 2, atol=tol * 2)
         wide = gemv.linear_row(x, w, float_out=True)  # the logits' product keeps its float32 sums
         assert wide.dtype == torch.float32
         torch.testing.assert_close(wide, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
@@ -46,7 +41,16 @@ for n, k in ((50, 200), (16, 64), (33, 100), (7, 31)):  # neither a multiple of 
             assert not torch.equal(wide, got.float())  # not rounded to bf16
         if n % 2 == 0:  # SwiGLU in the last step (w13): the activation of the same product, bit for bit
             swiglu = gemv.linear_row(x, w, swiglu=True)
-            assert swiglu.shape == (1, 1, n // 2) and torch.equal(swiglu, fused.silu_and_mul(got))
+            assert swiglu.shape == (1, 1, n // 2)
+            assert torch.equal(swiglu, fused.silu_and_mul(got, kernel=True))
+
+# past 8192 columns the norm's scale is computed from h in a loop of BLOCK_K columns, not in one load
+assert gemv._norm_block(8192) == 8192 and gemv._norm_block(8200) == 0
+n, k = 5, 8200
+w, h, g = torch.randn(n, k, generator=gen), torch.randn(k, generator=gen), torch.rand(k, generator=gen) + 0.5
+looped = gemv.linear_row((h * g).view(1, 1, k), w, norm_of=h, eps=1e-5)
+want = F.linear((h * torch.rsqrt(h.pow(2).mean() + 1e-5) * g).view(1, 1, k), w)
+torch.testing.assert_close(looped, want, rtol=1e-4, atol=1e-4)
 
 # a configuration given for the shape (gemv.measured_config, as on Hopper GPUs) replaces autotuning's
 measured = triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=4)
@@ -64,15 +68,15 @@ gemv.measured_config = lambda *shape: None
 config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                      sliding_window=16, max_seq_len=64)
 torch.manual_seed(0)
-model = random_model(config, torch.device("cpu"), torch.float32, None)
+plain = random_model(config)  # the plan for one process: products by torch (the other kernels on, as on a GPU)
+assert plain.plan.gemv == "torch" and plain.plan.fused and plain.plan.attention == "triton", plain.plan
+model = random_model(config, gemv="triton")  # the same weights, the products in the kernel
+assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
 calls = count_calls(gemv, "linear_row")  # gemv.Linear looks it up on the module at each call
 
-def greedy(kernel):
-    os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = kernel
-    return greedy_past_the_window(model)
-without = greedy("0")
+without = greedy_past_the_window(plain)
 assert not calls
-with_kernel = greedy("1")
+with_kernel = greedy_past_the_window(model)
 # each decode step: wqkv, wo, w13, w2 of 2 layers and the output; the prompt: only its last row's output
 assert len(calls) == 20 * 9 + 1, len(calls)
 assert with_kernel[0] == without[0], (with_kernel[0], without[0])
@@ -94,30 +98,33 @@ def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_the_kernel_is_the_default_only_under_tensor_parallelism(monkeypatch):
-    """Whole matrices (one GPU) keep inductor's products; each rank's halved ones take the kernel; the variable
-    forces either."""
+def test_the_plan_gives_the_kernel_the_products_only_under_tensor_parallelism():
+    """Whole matrices (one GPU) keep inductor's products; each rank's halved ones take the kernel: the plan's gemv,
+    which the model hands to every gemv.Linear (with its fused, for SwiGLU's activation outside the kernel)."""
     from mistral_chat.engine.kernels import gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
     from mistral_chat.engine.parallel.sharding import Parallel
+    from mistral_chat.engine.plan import KernelPlan, choose_plan
 
+    cuda = torch.device("cuda")
+    assert choose_plan(cuda, torch.bfloat16, 1).gemv == "torch"
+    assert choose_plan(cuda, torch.bfloat16, 2).gemv == "triton"
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200)
     with torch.device("meta"):
-        one, two = Transformer(config), Transformer(config, Parallel(rank=0, world=2))
+        one = Transformer(config)  # the default plan: plain PyTorch
+        two = Transformer(config, Parallel(rank=0, world=2), choose_plan(cuda, torch.bfloat16, 2))
     linears = [m for m in one.modules() if isinstance(m, gemv.Linear)]
-    assert len(linears) == 5 and not any(m.row_kernel for m in linears)  # wqkv, wo, w13, w2, output
-    assert all(m.row_kernel for m in two.modules() if isinstance(m, gemv.Linear))
+    assert len(linears) == 5 and not any(m.row_kernel or m.fused for m in linears)  # wqkv, wo, w13, w2, output
+    assert all(m.row_kernel and m.fused for m in two.modules() if isinstance(m, gemv.Linear))
     assert two.output.float_out and one.output.float_out  # logits keep the kernel's float32 sums
-    monkeypatch.setattr(gemv, "triton_runs", lambda x: True)
+    with torch.device("meta"):
+        planned = Transformer(config, plan=KernelPlan(gemv="triton"))
+    assert all(m.row_kernel and not m.fused for m in planned.modules() if isinstance(m, gemv.Linear))
     row, weight = torch.zeros(1, 1, 8), torch.zeros(4, 8)
-    monkeypatch.delenv("MISTRAL_CHAT_GEMV_KERNEL", raising=False)
     assert gemv.use_kernel(row, weight, True) and not gemv.use_kernel(row, weight, False)
     assert not gemv.use_kernel(torch.zeros(2, 8), weight, True)  # two rows: F.linear
-    monkeypatch.setenv("MISTRAL_CHAT_GEMV_KERNEL", "1")
-    assert gemv.use_kernel(row, weight, False)
-    monkeypatch.setenv("MISTRAL_CHAT_GEMV_KERNEL", "0")
-    assert not gemv.use_kernel(row, weight, True)
+    assert not gemv.use_kernel(row, torch.zeros(8, 4).t(), True)  # weight rows not contiguous
 
 
 def test_the_kernel_compiles_for_hopper():

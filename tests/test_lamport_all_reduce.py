@@ -7,8 +7,6 @@ kernel) pushes a product's outputs into the buffers itself. (On GPUs: benchmarks
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,18 +61,17 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         worst = max(worst, float(((weighted.float() - want).abs() / (want.abs().clamp(min=2 ** -126) * 2 ** -7)).max()))
         outs.append(h.tolist() + weighted.tolist())
     phases["residual"] = worst
-    # the product's kernel pushing its outputs into the buffers (MISTRAL_CHAT_SEND_IN_PRODUCTS=1), against the
-    # product, then the all-reduce: the same bits
+    # the product's kernel pushing its outputs into the buffers (what the model's products before an all-reduce do
+    # where the Lamport kernel carries them), against the product, then the all-reduce: the same bits
     from mistral_chat.engine.kernels import experts_gemv, gemv
 
     same = True
 
-    def sent_and_plain(name: str, call, partials: list[torch.Tensor], residual: torch.Tensor) -> None:
+    def sent_and_plain(name: str, send, product, partials: list[torch.Tensor], residual: torch.Tensor,
+                       weight: torch.Tensor) -> None:
         nonlocal same, worst
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "1"
-        sent = call()
-        os.environ["MISTRAL_CHAT_SEND_IN_PRODUCTS"] = "0"
-        plain = call()
+        sent = send()
+        plain = parallel.all_reduce_residual(product().view(residual.shape), residual, weight, par)
         same = same and all(torch.equal(a, b) for a, b in zip(sent, plain))
         partials = [p.float().flatten() for p in partials]
         want = residual.float().flatten() + sum(partials)
@@ -92,7 +89,8 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         linear.weight.data, linear.row_kernel = weights[rank], True
         sent_and_plain(f"send {n}x{k}", lambda: parallel.linear_all_reduce_residual(xs[rank], linear, residual,
                                                                                     weight, par),
-                       [F.linear(xs[r].float(), weights[r].float()) for r in range(world)], residual)
+                       lambda: linear(xs[rank]),
+                       [F.linear(xs[r].float(), weights[r].float()) for r in range(world)], residual, weight)
     for n, k in EXPERTS_SHAPES:
         w2s = [torch.randn(3, n, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
         acts = [torch.randn(2, k, generator=gen).to(torch.bfloat16) for _ in range(world)]
@@ -101,7 +99,9 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
         weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16)
         sent_and_plain(f"experts {n}x{k}", lambda: parallel.experts_all_reduce_residual(
                            acts[rank], w2s[rank], experts, routing, residual, weight, par),
-                       [experts_gemv.experts_down(acts[r], w2s[r], experts, routing) for r in range(world)], residual)
+                       lambda: experts_gemv.experts_down(acts[rank], w2s[rank], experts, routing),
+                       [experts_gemv.experts_down(acts[r], w2s[r], experts, routing) for r in range(world)], residual,
+                       weight)
     results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases))
 
 
@@ -137,20 +137,25 @@ def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     assert all(g[3] == [c % 3 for c in calls_per_program] for g in got)
 
 
-def test_all_reduce_choice_follows_the_variable_and_the_dtype(monkeypatch):
-    from mistral_chat.engine.parallel.collectives import all_reduce_choice
-    from mistral_chat.errors import MistralChatError
+def test_the_plans_all_reduce_kernel_is_set_up_only_on_gpus(monkeypatch):
+    """enable_fast_all_reduce takes the plan's kernel: one process has none to set up, c10d carries a group's
+    all-reduces off the GPU (and wherever the plan names no symmetric-memory kernel); fast_all_reduce_kernel names
+    the kernel on the route (None: c10d)."""
+    from mistral_chat.engine.parallel import collectives
+    from mistral_chat.engine.parallel.sharding import Parallel
 
-    monkeypatch.delenv("MISTRAL_CHAT_TP_ALL_REDUCE", raising=False)
-    assert all_reduce_choice(torch.bfloat16) == "lamport"  # the default, with Triton installed
-    assert all_reduce_choice(torch.float32) == "torch"  # the Lamport kernel is bf16 only
-    assert all_reduce_choice(torch.float16) == "nccl"
-    for asked, bf16, fp32 in (("torch", "torch", "torch"), ("nccl", "nccl", "nccl"), ("lamport", "lamport", "torch")):
-        monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", asked)
-        assert (all_reduce_choice(torch.bfloat16), all_reduce_choice(torch.float32)) == (bf16, fp32)
-    monkeypatch.setenv("MISTRAL_CHAT_TP_ALL_REDUCE", "fast")
-    with pytest.raises(MistralChatError, match="MISTRAL_CHAT_TP_ALL_REDUCE=fast"):
-        all_reduce_choice(torch.bfloat16)
+    one, two = Parallel(), Parallel(rank=0, world=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert collectives.enable_fast_all_reduce(one, cpu, torch.bfloat16, "none") == "none"
+    assert collectives.enable_fast_all_reduce(one, cuda, torch.bfloat16, "lamport") == "none"
+    for kernel in ("lamport", "symmetric", "c10d"):
+        assert collectives.enable_fast_all_reduce(two, cpu, torch.bfloat16, kernel) == "c10d"
+    assert collectives.enable_fast_all_reduce(two, cuda, torch.bfloat16, "c10d") == "c10d"
+    assert collectives.fast_all_reduce_kernel() is None
+    monkeypatch.setattr(collectives, "_fast_route", ("group", torch.float32, 1024))
+    assert collectives.fast_all_reduce_kernel() == "symmetric"  # torch's one-shot kernel
+    monkeypatch.setattr(collectives, "_fast_kernel", object())
+    assert collectives.fast_all_reduce_kernel() == "lamport"
 
 
 def test_the_kernel_compiles_for_hopper():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.quant import quantize_rows
-from tiny_models import write_tiny_model
+from mistral_chat.engine.quant import Int8Linear, quantize_rows
+from tiny_models import random_model, write_tiny_model
 
 
 def test_quantize_rows_round_trip():
@@ -34,3 +34,24 @@ def test_int8_logits_and_greedy_tokens_close_to_float(tmp_path, kind):
     assert rel < 0.05, rel
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
+
+
+def test_int8_projections_follow_the_plan():
+    """prepare_int8 gives each int8 projection the model's plan: its int8 kernel (one row) and fused SwiGLU
+    activation; int8 experts never take the experts' GEMV kernels, whatever the plan."""
+    from mistral_chat.engine.config import ModelConfig
+    from mistral_chat.engine.kernels.experts_gemv import use_experts_kernel
+    from mistral_chat.engine.moe import MoEFeedForward
+    from mistral_chat.engine.plan import KernelPlan
+
+    config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=100,
+                         num_experts=4, num_experts_per_tok=2)
+    for plan in (KernelPlan(), KernelPlan(fused=True, int8="triton", moe="triton")):
+        model = random_model(config, quantize="int8", plan=plan)  # nothing runs: the CPU has no kernels here
+        assert model.plan is plan
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert len(int8) == 2 * 2 + 1  # wqkv and wo of 2 layers, and the output (the experts are stacked)
+        assert all(m.kernel == (plan.int8 == "triton") and m.fused == plan.fused for m in int8)
+        experts = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+        assert all(m.w13.dtype == torch.int8 and m.row_kernel == (plan.moe == "triton") for m in experts)
+        assert not any(use_experts_kernel(torch.zeros(1, 1, 32), m.w13, m.row_kernel) for m in experts)

@@ -213,6 +213,22 @@ def greedy_past_the_window(model, compiled: bool = False) -> tuple[list[int], to
     return ids, torch.cat(seen)
 
 
+def random_model(config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 quantize: str | None = None, plan=None, **changes):
+    """The engine's `loader.random_model` (weights from a generator seeded with 0: the same config and dtype give
+    the same weights whatever the plan), on the CPU in float32 by default. `plan`: a KernelPlan, by default the
+    one the loader would choose (on the CPU, the Triton kernels only under TRITON_INTERPRET=1); `changes`: fields
+    of that plan to replace, e.g. `random_model(config, gemv="triton")`."""
+    import dataclasses
+
+    from mistral_chat.engine.loader import random_model as make
+    from mistral_chat.engine.plan import choose_plan
+
+    device = torch.device(device)
+    plan = plan or choose_plan(device, dtype, 1, quantize)
+    return make(config, device, dtype, quantize, dataclasses.replace(plan, **changes) if changes else plan)
+
+
 def count_calls(module, name: str) -> list:
     """Replace module.name by a wrapper that appends to the returned list at each call (code that looks the
     function up on the module at each call, as the model does for its kernels, goes through it)."""

@@ -6,16 +6,16 @@ and exits non-zero if any check fails. Each kind compiles several ways: about a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # tiny_models
 
 from mistral_chat.bench.parallel import synthetic_tekken  # noqa: E402
 from mistral_chat.engine.config import load_config  # noqa: E402
@@ -25,6 +25,7 @@ from mistral_chat.engine.generate import Session  # noqa: E402
 from mistral_chat.engine.loader import load_model  # noqa: E402
 from mistral_chat.engine.model import Transformer  # noqa: E402
 from mistral_chat.engine.parallel.sharding import Parallel  # noqa: E402
+from mistral_chat.engine.plan import choose_plan  # noqa: E402
 from mistral_chat.engine.quant import int8_convert, prepare_int8  # noqa: E402
 from mistral_chat.engine.sampling import SamplingParams  # noqa: E402
 from mistral_chat.engine.weights import CheckpointReader, checkpoint_state, plain_convert  # noqa: E402
@@ -33,12 +34,14 @@ from mistral_chat.text.tokenizer import find_tokenizer_file  # noqa: E402
 from tiny_models import write_tiny_model  # noqa: E402
 
 
-def load(path: Path, device: str, dtype: torch.dtype, quantize: bool = False) -> Transformer:
+def load(path: Path, device: str, dtype: torch.dtype, quantize: bool = False, **plan_changes) -> Transformer:
+    """The model with the kernel plan the loader would choose on `device` (one process), with `plan_changes`."""
     config = load_config(path)
     dev = torch.device(device)
+    plan = dataclasses.replace(choose_plan(dev, dtype, 1, "int8" if quantize else None), **plan_changes)
     convert = plain_convert(dev, dtype)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, plan=plan)
         if quantize:
             prepare_int8(model, dtype)
             convert = int8_convert(dev, dtype)
@@ -112,14 +115,8 @@ def main(kinds: list[str]) -> int:
         portable_logits = eager_step_logits(int8_model, ids)
         int8_gemv.BYTE_PERMUTE = permute
         rel_prmt = ((prmt_logits - portable_logits).norm() / portable_logits.norm()).item()
-        # the GEMV kernel (the default under --tp) in compiled fp32 decode on one GPU
-        asked = os.environ.get("MISTRAL_CHAT_GEMV_KERNEL")
-        os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = "1"
-        cuda_gemv, _ = greedy(load(path, "cuda", torch.float32), ids, 40, compile=True)
-        if asked is None:
-            del os.environ["MISTRAL_CHAT_GEMV_KERNEL"]
-        else:
-            os.environ["MISTRAL_CHAT_GEMV_KERNEL"] = asked
+        # the GEMV kernel (the plan's choice under --tp) in compiled fp32 decode on one GPU
+        cuda_gemv, _ = greedy(load(path, "cuda", torch.float32, gemv="triton"), ids, 40, compile=True)
         # fp32 int8: the CPU's dequantize-and-multiply against the Triton kernel of compiled CUDA decode
         int8_cpu, _ = greedy(load(path, "cpu", torch.float32, quantize=True), ids, 40, compile=False)
         int8_cuda, _ = greedy(load(path, "cuda", torch.float32, quantize=True), ids, 40, compile=True)

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 from mistral_chat.engine.kernels.decode_attention import decode_attention  # noqa: E402
 from mistral_chat.engine.model import grouped_attention  # noqa: E402
-from gpu_int8_gemv import graph_time  # noqa: E402  (tests/, the script's own folder, is on the path)
+from int8_gemv import graph_time  # noqa: E402  (the script's own folder is on the path)
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 KEYS = (256, 512, 1024, 2048, 4096, 8192, 32768)

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_int8_gemv import graph_time  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
+from int8_gemv import graph_time  # noqa: E402
 
 from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
 from mistral_chat.engine.kernels import gemv  # noqa: E402

@@ -1,6 +1,6 @@
 """Manual GPU microbenchmark (not collected by pytest): batch-1 products of Mistral-7B's matrices, whole and
 halved as each of 2 tensor-parallel ranks holds them, each as the GB/s it reads its weight at next to the
-device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (MISTRAL_CHAT_INT8_KERNEL=0) and the
+device's copy bandwidth. int8: inductor's compiled dequantize-and-multiply (the plan's int8=torch) and the
 Triton kernel of engine/int8_gemv.py, with its portable bit operations and with its GPU path (one PRMT per
 weight, x read as 64-bit words: the default); bf16: cuBLAS (F.linear) and the kernel of engine/gemv.py. As in
 decode, a small kernel writes the activation before each product, and the weights come from memory, not the
@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
 from mistral_chat.engine.kernels import gemv, int8_gemv  # noqa: E402
 from mistral_chat.engine.quant import quantize_rows  # noqa: E402

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 from mistral_chat.engine.kernels.lamport_all_reduce import EMPTY, LamportAllReduce, buffer_slots  # noqa: E402
 
 

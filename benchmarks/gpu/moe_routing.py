@@ -21,7 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from mistral_chat.engine.parallel.launcher import _leave_process_group
+from mistral_chat.engine.parallel.group import leave_process_group
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.parallel.sharding import Parallel
 
@@ -60,7 +60,7 @@ def record(path: str, out: str, prompt: int, dtype: str) -> None:
                     "top_k": model.layers[0].feed_forward.top_k}, out)
         print(f"world {world}: {len(gates)} layers, {prompt} tokens -> {out}", flush=True)
     dist.barrier()
-    _leave_process_group()
+    leave_process_group()
 
 
 def compare(ref: dict, other: dict) -> list[dict]:

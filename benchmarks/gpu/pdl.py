@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_int8_gemv import graph_time  # noqa: E402
+from int8_gemv import graph_time  # noqa: E402
 from mistral_chat.bench.run import copy_bandwidth  # noqa: E402
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w2": (4096, 14336), "wqkv/2": (3072, 4096),

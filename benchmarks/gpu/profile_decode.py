@@ -5,7 +5,7 @@ compile, then profiles `--steps` decode steps and prints the kernels by total de
 step by kind of kernel (matrix products, attention, collectives, the rest):
 
     python3 benchmarks/gpu/profile_decode.py --shape mistral-7b [--quantize int8] [--no-compile] [--steps 20]
-    MISTRAL_CHAT_QUICK_COMPILE=1 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b
+    python3 benchmarks/gpu/profile_decode.py --shape mistral-7b --plan gemv=triton   # another kernel plan
     python3 benchmarks/gpu/profile_decode.py --shape mistral-7b --prefill-only --prompt 2048 --steps 5   # eager prefill
 
 On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only checks that the script works.
@@ -14,15 +14,17 @@ On a machine without a GPU it runs on the CPU (use `--shape tiny`), which only c
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mistral_chat.bench.run import SHAPES, bench_shape, random_model
-from mistral_chat.engine.decode import DecodeStep
+from mistral_chat.bench.run import SHAPES, bench_shape, parse_plan
+from mistral_chat.engine.decode import DecodeStep, prefill
+from mistral_chat.engine.loader import random_model
+from mistral_chat.engine.plan import choose_plan
 
 KINDS = (("matrix products", ("gemv", "gemm", "mm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "reduction_n")),
          ("attention", ("softmax", "attention", "flash", "bmm")),
@@ -92,28 +94,39 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--prefill-only", action="store_true",
                    help="profile --steps eager prefills of --prompt tokens instead of decode steps")
+    p.add_argument("--plan", default="", help="override the kernel plan, e.g. gemv=triton,attention=torch")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = bench_shape(a.shape, a.layers)
-    model = random_model(config, device, torch.bfloat16, a.quantize)
+    plan = choose_plan(device, torch.bfloat16, 1, a.quantize, not a.no_compile).with_overrides(parse_plan(a.plan),
+                                                                                               device)
+    print(plan.describe())
+    tokens = torch.randint(0, config.vocab_size, (1, a.prompt), device=device)
+    plain_logits = None
+    if a.prefill_only and plan.fused:  # the plain formulas' logits, to compare (a model of the same weights)
+        plain_model = random_model(config, device, torch.bfloat16, a.quantize, dataclasses.replace(plan, fused=False))
+        plain_model.setup_cache(a.prompt + 16, prefill_chunk=a.prompt)
+        with torch.no_grad():
+            plain_logits = plain_model(tokens, 0).float()
+        del plain_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model = random_model(config, device, torch.bfloat16, a.quantize, plan)
     # a cache of whole 256-slot buckets, as a chat's long context gives: attention over an odd number of slots
     # (548 here before) made cuBLAS pick slower kernels for its two small products (8.6 and 4.0 us instead of ~3.5)
     model.setup_cache(-(-(a.prompt + a.steps + 16) // 256) * 256, prefill_chunk=a.prompt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     if a.prefill_only:
-        tokens = torch.randint(0, config.vocab_size, (1, a.prompt), device=device)
         with torch.no_grad():
             for _ in range(2):
                 model(tokens, 0)
             sync()
-            os.environ["MISTRAL_CHAT_FUSED_KERNELS"] = "0"  # the plain formulas, to compare the logits
-            plain = model(tokens, 0).float()
-            os.environ.pop("MISTRAL_CHAT_FUSED_KERNELS")
-            fused = model(tokens, 0).float()
-            print(f"last logits, fused kernels against the plain formulas: relative difference "
-                  f"{((fused - plain).norm() / plain.norm()).item():.2e}, same argmax: "
-                  f"{bool((fused.argmax(-1) == plain.argmax(-1)).all())}")
+            if plain_logits is not None:
+                fused = model(tokens, 0).float()
+                print(f"last logits, fused kernels against the plain formulas: relative difference "
+                      f"{((fused - plain_logits).norm() / plain_logits.norm()).item():.2e}, same argmax: "
+                      f"{bool((fused.argmax(-1) == plain_logits.argmax(-1)).all())}")
             with profile(activities=activities) as prof:
                 started = time.perf_counter()
                 for _ in range(a.steps):
@@ -129,8 +142,7 @@ def main() -> None:
             print_kinds(events, a.steps, wall)
         return
     step = DecodeStep(model, compile=not a.no_compile)
-    with torch.no_grad():
-        logits = model(torch.randint(0, config.vocab_size, (1, a.prompt), device=device), 0)[:, -1]
+    logits = prefill(model, tokens, 0)
     position = a.prompt
 
     def decode(n: int) -> None:

@@ -3,28 +3,28 @@
 #
 #     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-grouped bf16-whole bf16-gemv int8 int8-inductor int8-bit-ops int8-gemv attention pdl profile
-# profile-int8 startup check (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16
-# mixtral-16-vs-hf prefill prefill-2048.
+# Steps: bf16 bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
+# (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 mixtral-16-vs-hf prefill
+# prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
 # that hangs or compiles for too long cannot eat the others' time, and each prints as it goes. Compared on the
-# same GPU: default compiled decode against MISTRAL_CHAT_ATTENTION_KERNEL=0 (grouped_attention's products instead
-# of the decode attention kernel) and MISTRAL_CHAT_QUICK_COMPILE=0 (the whole-model graph: compile time and
-# speed), int8 with and without the Triton kernel (MISTRAL_CHAT_INT8_KERNEL=0: inductor's product), bf16 with the
-# Triton GEMV kernel (MISTRAL_CHAT_GEMV_KERNEL=1), the int8 kernel's portable bit operations instead of its GPU
-# path (MISTRAL_CHAT_INT8_KERNEL=portable), whether programmatic dependent launch hides a product's start in a
-# CUDA graph (pdl: benchmarks/gpu/pdl.py), the products alone per matrix (int8-gemv: int8 and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode step (bf16 and int8), the start-up of `mistral-chat
-# --prompt` with an empty and then a warm compile cache, the GPU correctness check, the full side-by-side run with
-# HF transformers (prefill 512 and 2048, decode at batch 1 and 8), and Mixtral-8x7B cut to 16 layers, and eager
-# prefill with and without the fused kernels (MISTRAL_CHAT_FUSED_KERNELS=0), also with a sliding window shorter
-# than the prompt (prefill-2048: eager 2048 tokens alone). Several steps can run at once on one machine with
-# several GPUs, one CUDA_VISIBLE_DEVICES and OUT each.
+# same GPU, through the bench's kernel plan overrides (--plan KEY=VALUE; the plan is the table's third line): the
+# default compiled decode against attention=torch (grouped_attention's products instead of the decode attention
+# kernel), int8 with and without the Triton kernel (int8=torch: inductor's product), bf16 with the Triton GEMV
+# kernel (gemv=triton); whether programmatic dependent launch hides a product's start in a CUDA graph (pdl:
+# benchmarks/gpu/pdl.py), the products alone per matrix (int8-gemv: int8, by its portable bit operations and by its
+# GPU path, and bf16, whole and halved), decode attention alone by cache length, a kernel profile of one decode
+# step (bf16 and int8), the start-up of `mistral-chat --prompt` with an empty and then a warm compile cache, the
+# GPU correctness check, the full side-by-side run with HF transformers (prefill 512 and 2048, decode at batch 1
+# and 8), and Mixtral-8x7B cut to 16 layers, and eager prefill with and without the fused kernels (fused=0), also
+# with a sliding window shorter than the prompt (prefill-2048: eager 2048 tokens alone). Several steps can run at
+# once on one machine with several GPUs, one CUDA_VISIBLE_DEVICES and OUT each.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(bf16 bf16-whole int8 int8-inductor profile profile-int8 startup check vs-hf mixtral-16)
+[ ${#steps[@]} -eq 0 ] && steps=(bf16 int8 int8-inductor profile profile-int8 startup check vs-hf mixtral-16)
 
 log() {  # log NAME SECONDS COMMAND...: run, keep the log, show its end
     local name=$1 limit=$2
@@ -54,12 +54,10 @@ eager=(python3 -m mistral_chat.bench.run --shape mistral-7b --no-compile --batch
 for step in "${steps[@]}"; do
     case $step in
         bf16) log bf16 150 "${bench[@]}" ;;
-        bf16-grouped) log bf16-grouped 150 env MISTRAL_CHAT_ATTENTION_KERNEL=0 "${bench[@]}" ;;
-        bf16-whole) log bf16-whole 150 env MISTRAL_CHAT_QUICK_COMPILE=0 "${bench[@]}" ;;
+        bf16-grouped) log bf16-grouped 150 "${bench[@]}" --plan attention=torch ;;
         int8) log int8 150 "${bench[@]}" --quantize int8 ;;
-        int8-inductor) log int8-inductor 150 env MISTRAL_CHAT_INT8_KERNEL=0 "${bench[@]}" --quantize int8 ;;
-        int8-bit-ops) log int8-bit-ops 150 env MISTRAL_CHAT_INT8_KERNEL=portable "${bench[@]}" --quantize int8 ;;
-        bf16-gemv) log bf16-gemv 150 env MISTRAL_CHAT_GEMV_KERNEL=1 "${bench[@]}" ;;
+        int8-inductor) log int8-inductor 150 "${bench[@]}" --quantize int8 --plan int8=torch ;;
+        bf16-gemv) log bf16-gemv 150 "${bench[@]}" --plan gemv=triton ;;
         int8-gemv) log int8-gemv 150 python3 benchmarks/gpu/int8_gemv.py ;;
         attention) log attention 150 python3 benchmarks/gpu/decode_attention.py ;;
         pdl) log pdl 120 python3 benchmarks/gpu/pdl.py ;;
@@ -75,7 +73,7 @@ for step in "${steps[@]}"; do
             --batch 1 --prefill 2048 --steps 32 --vs-hf ;;
         prefill-2048) log prefill-2048 150 "${eager[@]}" --prefill 2048 ;;
         prefill) log prefill-fused 150 "${eager[@]}" --prefill 16,512,2048
-            log prefill-unfused 150 env MISTRAL_CHAT_FUSED_KERNELS=0 "${eager[@]}" --prefill 16,512,2048
+            log prefill-unfused 150 "${eager[@]}" --prefill 16,512,2048 --plan fused=0
             log prefill-window 150 "${eager[@]}" --prefill 2048 --window 1024 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac

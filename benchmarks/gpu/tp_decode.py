@@ -6,6 +6,7 @@ engine's compiled collectives from `--tp`'s launcher (command broadcasts, follow
 is slow or stuck; run it with PYTHONFAULTHANDLER=1 and send SIGABRT to see where each rank stands:
 
     python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/gpu/tp_decode.py /dev/shm/mistral-chat-m7 [--profile]
+    ... benchmarks/gpu/tp_decode.py /dev/shm/mistral-chat-m7 --plan all_reduce=symmetric   # another kernel plan
 
 On a machine without GPUs it runs on the CPU over gloo (use a tiny model), which only checks the script.
 The checkpoint is one that `mistral-chat bench --tp ... --tp-checkpoint FOLDER` wrote (or any model folder).
@@ -21,10 +22,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from mistral_chat.engine.decode import DecodeStep
-from mistral_chat.engine.parallel.launcher import _leave_process_group
+from mistral_chat.bench.run import parse_plan
+from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.loader import load_model
-from mistral_chat.engine.parallel.collectives import enable_fast_all_reduce, fast_all_reduce_kernel
+from mistral_chat.engine.parallel.collectives import fast_all_reduce_kernel
+from mistral_chat.engine.parallel.group import leave_process_group
 from mistral_chat.engine.parallel.sharding import Parallel
 
 
@@ -59,6 +61,8 @@ def main() -> None:
                                                                 "its kernels' device time by kind")
     parser.add_argument("--launcher", action="store_true", help="then time the compiled step with what `--tp`'s "
                                                                  "launcher adds to it, one piece at a time")
+    parser.add_argument("--plan", default="", help="override the kernel plan, e.g. all_reduce=c10d or "
+                                                   "gemv=torch,norms_in_products=0 (fields: docs/engine.md)")
     args = parser.parse_args()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -69,16 +73,18 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     say(rank, "joined")
-    loaded = load_model(args.path, device=str(device), dtype="bfloat16", parallel=Parallel(rank=rank, world=world))
+    loaded = load_model(args.path, device=str(device), dtype="bfloat16", parallel=Parallel(rank=rank, world=world),
+                        plan_overrides=parse_plan(args.plan))
     model = loaded.model
-    enable_fast_all_reduce(model.parallel, loaded.device, loaded.dtype)  # MISTRAL_CHAT_TP_ALL_REDUCE picks the kernel
+    loaded.enable_fast_all_reduce()  # the plan's all-reduce kernel (c10d where symmetric memory fails)
     kernel = fast_all_reduce_kernel()
     say(rank, f"all-reduces through {f'symmetric memory, {kernel} kernel' if kernel else 'NCCL'}")
+    if rank == 0:
+        say(rank, loaded.plan.describe())
     context = args.prompt + 4 * args.steps + 16
     model.setup_cache(context, prefill_chunk=512)
     ids = torch.randint(1000, 20000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        logits = model(ids, 0)[:, -1]
+    logits = prefill(model, ids, 0)
     token = logits.argmax(-1).view(1, 1)
     say(rank, "loaded and prefilled")
     position = args.prompt
@@ -104,7 +110,7 @@ def main() -> None:
     if args.profile:
         profile_steps(rank, compiled, token, position)
     dist.barrier()
-    _leave_process_group()
+    leave_process_group()
 
 
 def tuned_configs() -> str:
@@ -122,11 +128,11 @@ def tuned_configs() -> str:
 
 
 def launcher_costs(rank: int, step: DecodeStep, token: torch.Tensor, position: int, n: int) -> None:
-    """Milliseconds per compiled step as `--tp`'s rank 0 and followers run it (launch.py, Session.generate), adding
+    """Milliseconds per compiled step as `--tp`'s rank 0 and followers run it (session.py, follower.py), adding
     one piece per line: the argmax fed back as the next token, the host reading each token one step behind
     (TokenReader), the NCCL broadcast of the token (share_token), the gloo command (CommandChannel)."""
     from mistral_chat.engine.generate import TokenReader
-    from mistral_chat.engine.parallel.launcher import _DECODE, CommandChannel, share_token
+    from mistral_chat.engine.parallel.session import DECODE, CommandChannel, share_token
 
     commands = CommandChannel(dist.new_group(backend="gloo"))
     group = step.model.parallel.group
@@ -146,7 +152,7 @@ def launcher_costs(rank: int, step: DecodeStep, token: torch.Tensor, position: i
                 reader.start(current)
             if "command" in used:
                 if rank == 0:
-                    commands.send(_DECODE, position=position + i)
+                    commands.send(DECODE, position=position + i)
                 else:
                     commands.receive()
             if "share" in used:
@@ -167,7 +173,7 @@ def profile_steps(rank: int, step: DecodeStep, token: torch.Tensor, position: in
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_profile_decode import print_kinds, print_timeline
+    from profile_decode import print_kinds, print_timeline
 
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:

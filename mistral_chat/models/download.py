@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import file_download, hf_hub_url
+from huggingface_hub.utils import WeakFileLock
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -95,6 +97,11 @@ class CachePaths:
 
     def snapshot(self, commit: str) -> Path:
         return self.storage / "snapshots" / commit
+
+    def lock(self, etag: str) -> Path:
+        """The lock `hf_hub_download` takes for this blob (<cache>/.locks/<repo folder>/<etag>.lock), so a pull and a
+        concurrent `hf download` of the same file exclude each other."""
+        return self.storage.parent / ".locks" / self.storage.name / f"{etag}.lock"
 
     def write_ref(self, revision: str, commit: str) -> None:
         if revision == commit:
@@ -212,14 +219,15 @@ def verify_file(path: Path, remote: RemoteFile) -> bool:
 def _link(blob: Path, pointer: Path) -> None:
     """snapshots/<commit>/<name> -> ../../blobs/<etag>, as huggingface_hub lays out its cache (copy if no symlinks)."""
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    if pointer.is_symlink() or pointer.exists():
-        pointer.unlink()
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
-        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+        os.symlink(os.path.relpath(blob, pointer.parent), tmp)
     except OSError:
         import shutil
 
-        shutil.copyfile(blob, pointer)
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, pointer)  # atomic: a concurrent pull or reader never sees the pointer missing or half-written
 
 
 def cached_file(paths: CachePaths, commit: str, remote: RemoteFile) -> Path | None:
@@ -241,9 +249,25 @@ def partial_size(paths: CachePaths, remote: RemoteFile) -> int:
 
 def fetch_file(settings: HubSettings, repo_id: str, commit: str, remote: RemoteFile, progress: PullProgress,
                retry: RetryPolicy) -> Path:
-    """Download `remote` at `commit` into the cache (resuming a partial), verify it, and return its snapshot path."""
+    """Download `remote` at `commit` into the cache (resuming a partial), verify it, and return its snapshot path.
+
+    The blob's lock (huggingface_hub's own, see `CachePaths.lock`) is held from the check for a finished blob to the
+    link of the snapshot file: a second pull of the same file, in this process or another, or an `hf download`,
+    waits, then finds the blob done instead of appending to the same partial file.
+    """
     paths = CachePaths.of(settings, repo_id)
     if (done := cached_file(paths, commit, remote)) is not None:
+        return done
+    lock = paths.lock(remote.etag)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        return _fetch_locked(settings, repo_id, commit, remote, progress, retry, paths)
+
+
+def _fetch_locked(settings: HubSettings, repo_id: str, commit: str, remote: RemoteFile, progress: PullProgress,
+                  retry: RetryPolicy, paths: CachePaths) -> Path:
+    if (done := cached_file(paths, commit, remote)) is not None:  # finished by whoever held the lock before us
+        progress.advance(remote.size - partial_size_seen(progress, remote))
         return done
     partial = paths.partial(remote.etag)
     partial.parent.mkdir(parents=True, exist_ok=True)
