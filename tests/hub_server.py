@@ -7,7 +7,8 @@
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) as the real hub does.
 
 Knobs: a repo may be gated (401 without a token, 403 with the wrong one), the next N requests may fail with 503,
-and one download may have its connection cut after K bytes. Every request is logged in `requests`.
+one download may have its connection cut after K bytes, downloads may be throttled (so that concurrent pulls
+overlap), and a hostile repo may report any `sha` or sibling fields it likes. Every request is logged in `requests`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +59,8 @@ class HubRepo:
     repo_id: str
     files: dict[str, HubFile]
     gated_token: str | None = None
+    reported_sha: str | None = None  # a hostile hub: the `sha` model info reports instead of the real commit
+    sibling_overrides: dict[str, dict] = field(default_factory=dict)  # file name -> fields to replace in siblings
 
     @property
     def commit(self) -> str:
@@ -80,6 +84,7 @@ class _Knobs:
     fail_remaining: int = 0
     fail_status: int = 503
     cut: dict[str, int] = field(default_factory=dict)  # file name -> bytes to send before cutting (once)
+    chunk_delay: float = 0.0  # seconds to wait after each 1 MiB of a download (0: send at once)
 
 
 def is_lfs(name: str, data: bytes) -> bool:
@@ -130,6 +135,11 @@ class HubServer:
     def cut_once(self, filename: str, after_bytes: int) -> None:
         with self._lock:
             self._knobs.cut[filename] = after_bytes
+
+    def throttle(self, chunk_delay: float) -> None:
+        """Wait `chunk_delay` seconds after each MiB of every download (0 turns it off)."""
+        with self._lock:
+            self._knobs.chunk_delay = chunk_delay
 
     def clear_log(self) -> None:
         with self._lock:
@@ -212,7 +222,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if repo is None:
                 self._error(entry, 404, "RepoNotFound", "Repository not found")
                 return None
-            if revision not in ("main", repo.commit):
+            if revision not in ("main", repo.commit, repo.reported_sha):
                 self._error(entry, 404, "RevisionNotFound", "Invalid rev id: " + revision)
                 return None
             return repo
@@ -243,10 +253,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if repo is None:
                 return
             info = {
-                "_id": repo.commit[:24], "id": repo_id, "modelId": repo_id, "sha": repo.commit,
+                "_id": repo.commit[:24], "id": repo_id, "modelId": repo_id,
+                "sha": repo.commit if repo.reported_sha is None else repo.reported_sha,
                 "private": False, "gated": "manual" if repo.gated_token else False, "disabled": False,
                 "tags": [], "downloads": 0, "likes": 0, "lastModified": "2024-05-22T00:00:00.000Z",
-                "siblings": [f.sibling() for f in repo.files.values()],
+                "siblings": [{**f.sibling(), **repo.sibling_overrides.get(f.name, {})} for f in repo.files.values()],
             }
             self._json(entry, info)
 
@@ -300,6 +311,13 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 except OSError:
                     pass
                 return
-            self.wfile.write(body)
+            delay = hub._knobs.chunk_delay
+            if not delay:
+                self.wfile.write(body)
+                return
+            for i in range(0, len(body), 1 << 20):
+                self.wfile.write(body[i:i + (1 << 20)])
+                self.wfile.flush()
+                time.sleep(delay)
 
     return Handler

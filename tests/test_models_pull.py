@@ -7,8 +7,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +72,7 @@ def hub(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> H
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))  # no real login leaks in
     monkeypatch.setattr(download, "DEFAULT_RETRY", RetryPolicy(attempts=4, first_delay=0.01))
     server.fail_next(0)
+    server.throttle(0)
     server.clear_log()
     return server
 
@@ -450,6 +454,69 @@ def test_registry_is_plain_json(hub: HubServer, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "app" / "models.json").read_text())
     record = data["models"]["tiny/native-only"]
     assert record["ready"] is True and record["format"] == "native" and record["repo_id"] == "tiny/native-only"
+
+
+# ---- concurrent pulls: one lock per blob, huggingface_hub's own -----------------------------------------------
+
+
+def _blob_lock_path(tmp_path: Path, repo_folder: str, etag: str) -> Path:
+    """Where hf_hub_download puts its lock for a blob (huggingface_hub/file_download.py: <cache>/.locks/...)."""
+    return cache_dir(tmp_path) / ".locks" / repo_folder / f"{etag}.lock"
+
+
+def _pull_in_thread(name: str) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(pull.pull_model(name))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_pull_waits_for_the_blob_lock_an_hf_download_holds(hub: HubServer, tmp_path: Path,
+                                                           tiny: dict[str, dict[str, Path]]) -> None:
+    """An `hf download` of the same file holds huggingface_hub's lock: the pull waits, then finds the blob done."""
+    from huggingface_hub.utils import WeakFileLock
+
+    source = tiny["mistral"]["native"] / "consolidated.safetensors"
+    etag = sha256(source)
+    lock = _blob_lock_path(tmp_path, "models--tiny--native-only", etag)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        thread, outcome = _pull_in_thread("tiny/native-only")
+        time.sleep(1.0)
+        assert thread.is_alive() and not outcome
+        assert hub.downloads("consolidated.safetensors") == []  # nothing fetched or appended while the lock is held
+        blob = cache_dir(tmp_path) / "models--tiny--native-only" / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, blob)  # what the other tool leaves when it is done
+    thread.join(30)
+    assert outcome and isinstance(outcome[0], pull.PullResult), outcome
+    assert hub.downloads("consolidated.safetensors") == []  # checked again once the lock was ours
+    weights = resolve_model("tiny/native-only") / "consolidated.safetensors"
+    assert sha256(weights) == etag
+
+
+def test_two_pulls_of_one_model_at_once_download_each_file_once(hub: HubServer, tmp_path: Path,
+                                                                tiny: dict[str, dict[str, Path]]) -> None:
+    hub.throttle(0.05)  # ~1 s for the weights, so that the two pulls overlap
+    threads = [_pull_in_thread("tiny/native-only") for _ in range(2)]
+    for thread, _ in threads:
+        thread.join(60)
+    for _, outcome in threads:
+        assert outcome and isinstance(outcome[0], pull.PullResult), outcome
+    assert len(hub.downloads("consolidated.safetensors")) == 1
+    storage = cache_dir(tmp_path) / "models--tiny--native-only"
+    source = tiny["mistral"]["native"] / "consolidated.safetensors"
+    blob = storage / "blobs" / sha256(source)
+    assert blob.stat().st_size == source.stat().st_size and sha256(blob) == sha256(source)
+    assert not list((storage / "blobs").glob("*.incomplete"))
+    assert sha256(resolve_model("tiny/native-only") / "consolidated.safetensors") == sha256(source)
 
 
 # ---- the pulled model answers --------------------------------------------------------------------------------

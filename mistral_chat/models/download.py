@@ -16,13 +16,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
+from filelock import Timeout
 from huggingface_hub import file_download, hf_hub_url
 from huggingface_hub.utils import WeakFileLock
 from huggingface_hub.errors import (
@@ -258,17 +260,32 @@ def fetch_file(settings: HubSettings, repo_id: str, commit: str, remote: RemoteF
     paths = CachePaths.of(settings, repo_id)
     if (done := cached_file(paths, commit, remote)) is not None:
         return done
+    counted = partial_size(paths, remote)  # what the progress bar already counts as done for this file
+    with blob_lock(paths, remote, progress):
+        if (done := cached_file(paths, commit, remote)) is not None:  # finished while we waited for the lock
+            progress.advance(remote.size - counted)
+            return done
+        progress.advance(partial_size(paths, remote) - counted)  # resumed further (or less) by the last holder
+        return _fetch_locked(settings, repo_id, commit, remote, progress, retry, paths)
+
+
+@contextmanager
+def blob_lock(paths: CachePaths, remote: RemoteFile, progress: PullProgress) -> Iterator[None]:
+    """Hold the blob's lock; when another download holds it, say so on the progress line, then wait."""
     lock = paths.lock(remote.etag)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(lock):
-        return _fetch_locked(settings, repo_id, commit, remote, progress, retry, paths)
+    with ExitStack() as held:
+        try:
+            held.enter_context(WeakFileLock(lock, timeout=0.05))
+        except Timeout:
+            log.info("waiting for another download of %s (lock %s)", remote.name, lock)
+            progress.file_started(f"{remote.name} (waiting for another download)")
+            held.enter_context(WeakFileLock(lock))
+        yield
 
 
 def _fetch_locked(settings: HubSettings, repo_id: str, commit: str, remote: RemoteFile, progress: PullProgress,
                   retry: RetryPolicy, paths: CachePaths) -> Path:
-    if (done := cached_file(paths, commit, remote)) is not None:  # finished by whoever held the lock before us
-        progress.advance(remote.size - partial_size_seen(progress, remote))
-        return done
     partial = paths.partial(remote.etag)
     partial.parent.mkdir(parents=True, exist_ok=True)
     if partial.is_file() and partial.stat().st_size > remote.size:
