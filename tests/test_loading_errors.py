@@ -75,3 +75,40 @@ def test_out_of_memory_reading_weights_is_a_device_error(tiny):
     with pytest.raises(RuntimeError, match="something else"):
         load_model(tiny["native"], device="cpu", progress=other_error)
 
+
+
+@pytest.mark.parametrize("fmt, index_name, weights_name", [
+    ("native", "consolidated.safetensors.index.json", "consolidated.safetensors"),
+    ("hf", "model.safetensors.index.json", "model.safetensors"),
+])
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors", "..\\x"])
+def test_index_naming_shards_outside_the_folder_is_refused(tmp_path, tiny, fmt, index_name, weights_name, shard):
+    """A weight_map entry with path parts (`../../etc/passwd`) would read a file outside the model's folder."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[fmt], folder)
+    outside = tmp_path / "outside.safetensors"
+    (folder / weights_name).rename(outside)  # a real checkpoint, so that only the path check can refuse it
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    from safetensors import safe_open
+
+    with safe_open(str(outside), framework="pt") as f:
+        weight_map = {name: shard for name in f.keys()}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ModelFilesError) as info:
+        load_model(folder, device="cpu")
+    message = str(info.value)
+    assert "outside its folder" in message and index_name in message and "\n" not in message
+
+
+def test_index_whose_weight_map_is_not_an_object_is_refused(tmp_path, tiny):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["native"], folder)
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
+    with pytest.raises(ModelFilesError, match="not a valid safetensors index"):
+        load_model(folder, device="cpu")

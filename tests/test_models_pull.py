@@ -519,6 +519,65 @@ def test_two_pulls_of_one_model_at_once_download_each_file_once(hub: HubServer, 
     assert sha256(resolve_model("tiny/native-only") / "consolidated.safetensors") == sha256(source)
 
 
+# ---- a hostile hub: nothing it reports is used as a path unchecked --------------------------------------------
+
+
+def _files_outside(root: Path, inside: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if inside not in p.parents and p != inside]
+
+
+def test_hub_commit_sha_with_path_parts_is_refused(hub: HubServer, tmp_path: Path,
+                                                   tiny: dict[str, dict[str, Path]]) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "params.json").write_text("mine")
+    repo = hub.add_folders("evil/sha", tiny["mistral"]["native"])
+    repo.reported_sha = "../../../../../victim"  # relative to <cache>/models--evil--sha/snapshots/
+    code, _, err = run_cli("pull", "evil/sha")
+    assert code == 1
+    assert_one_line_error(err, "invalid commit id", "40 hex digits")
+    assert (victim / "params.json").read_text() == "mine" and not (victim / "params.json").is_symlink()
+    assert sorted(p.name for p in victim.iterdir()) == ["params.json"]
+    assert hub.downloads() == []
+    assert not (tmp_path / "app" / "models.json").exists()  # refused before anything was recorded
+
+
+@pytest.mark.parametrize("override", [
+    {"lfs": {"size": 1, "sha256": "../../../../victim/x", "pointerSize": 134}},
+    {"lfs": {"size": 1, "sha256": "/etc/passwd", "pointerSize": 134}},
+])
+def test_hub_blob_hash_with_path_parts_is_refused(hub: HubServer, tmp_path: Path, override: dict,
+                                                  tiny: dict[str, dict[str, Path]]) -> None:
+    repo = hub.add_folders("evil/blob", tiny["mistral"]["native"])
+    repo.sibling_overrides = {"consolidated.safetensors": override}
+    code, _, err = run_cli("pull", "evil/blob")
+    assert code == 1
+    assert_one_line_error(err, "invalid sha256 for consolidated.safetensors")
+    assert hub.downloads() == []
+    assert _files_outside(tmp_path, tmp_path / "hf") == []
+
+
+@pytest.mark.parametrize("name", ["../params.json", "/etc/passwd", "a/b.json", "..", ".hidden", "x\\y", "a\x00b"])
+def test_remote_file_names_with_path_parts_are_refused(name: str) -> None:
+    from mistral_chat.errors import DownloadError
+
+    with pytest.raises(DownloadError, match="not a plain file name"):
+        download.RemoteFile(name=name, size=1, sha256=None, blob_id="a" * 40)
+
+
+@pytest.mark.parametrize("revision", ["../../../victim", "/abs", "main/../..", "a//b", ""])
+def test_revision_with_path_parts_is_refused(hub: HubServer, tmp_path: Path, revision: str) -> None:
+    code, _, err = run_cli("pull", "tiny/native-only", "--revision", revision)
+    assert code == 1
+    assert_one_line_error(err, "invalid --revision")
+    assert hub.requests == []
+
+
+def test_revision_names_the_hub_uses_are_accepted() -> None:
+    for revision in ("main", "v0.3", "refs/pr/1", "a" * 40, "release_2024-05"):
+        assert download.check_revision(revision) == revision
+
+
 # ---- the pulled model answers --------------------------------------------------------------------------------
 
 

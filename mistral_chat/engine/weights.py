@@ -38,6 +38,12 @@ def plain_convert(device: torch.device, dtype: torch.dtype) -> Convert:
     return lambda name, t: {name: t.to(device=device, dtype=dtype)}
 
 
+
+def _plain_file_name(name: object) -> bool:
+    """A file name with no path parts: a shard listed in an index must sit in the index's own folder."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
 class _PthTensor:
     """One tensor of a .pth checkpoint behind the part of safetensors' slice API the reader uses."""
 
@@ -108,8 +114,14 @@ class CheckpointReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ModelFilesError(f"{index} is not a valid safetensors index ({exc}): re-download the model")
+            bad = sorted({repr(f)[:80] for f in weight_map.values() if not _plain_file_name(f)})
+            if bad:
+                raise ModelFilesError(f"{index} names shard file(s) outside its folder or not plain file names "
+                                      f"({', '.join(bad)}): refused; re-download the model or fix the index")
             files = sorted({self.model_dir / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,14 +50,56 @@ _HASH_CHUNK = 8 * 1024 * 1024
 _TRANSIENT_EXCEPTIONS = (httpx2.TransportError,)
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def check_commit(commit: object, source: str) -> str:
+    """The hub's commit id for `source`, refused unless it is 40 lowercase hex digits (it names a cache folder)."""
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise DownloadError(
+            f"the hub at {source} reported an invalid commit id {str(commit)[:60]!r} (expected 40 hex digits): "
+            "nothing was written; check HF_ENDPOINT points at a real Hugging Face Hub"
+        )
+    return commit
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit name that is safe as a path under refs/: no `..`, no absolute or empty parts."""
+    if not _REVISION.match(revision) or ".." in revision.split("/") or len(revision) > 255:
+        raise DownloadError(
+            f"invalid --revision {revision[:60]!r}: pass a branch, tag or commit id (letters, digits, '.', '_', '-', '/')"
+        )
+    return revision
+
+
 @dataclass(frozen=True)
 class RemoteFile:
-    """A file of a repository at one commit, as the hub's model info describes it."""
+    """A file of a repository at one commit, as the hub's model info describes it.
+
+    Every field the hub sent that becomes part of a path (the name, the hashes that name the blob) is checked here,
+    so that a hostile or broken hub cannot make a pull write outside the cache.
+    """
 
     name: str
     size: int
     sha256: str | None  # LFS files: sha256 of the content, also the cache blob name
     blob_id: str | None  # git blob id: sha1 of b"blob <size>\\0" + content; the blob name of non-LFS files
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _FILE_NAME.match(self.name) or self.name in (".", ".."):
+            raise DownloadError(f"the hub listed a file named {str(self.name)[:60]!r}, which is not a plain file name: "
+                                "nothing was written; check HF_ENDPOINT points at a real Hugging Face Hub")
+        if not isinstance(self.size, int) or self.size < 0:
+            raise DownloadError(f"the hub gave an invalid size for {self.name}: try again later")
+        if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.match(self.sha256)):
+            raise DownloadError(f"the hub gave an invalid sha256 for {self.name} ({str(self.sha256)[:60]!r}): "
+                                "nothing was written; check HF_ENDPOINT points at a real Hugging Face Hub")
+        if self.blob_id is not None and not (isinstance(self.blob_id, str) and _COMMIT.match(self.blob_id)):
+            raise DownloadError(f"the hub gave an invalid blob id for {self.name} ({str(self.blob_id)[:60]!r}): "
+                                "nothing was written; check HF_ENDPOINT points at a real Hugging Face Hub")
 
     @property
     def etag(self) -> str:

@@ -91,7 +91,9 @@ def _remote_files(info_siblings: list, selection: FileSelection) -> list[RemoteF
         size = s.lfs.size if s.lfs else s.size
         if size is None:
             raise DownloadError(f"the hub gave no size for {name}: try again later")
-        files.append(RemoteFile(name=name, size=int(size), sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id))
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise DownloadError(f"the hub gave an invalid size for {name}: try again later")
+        files.append(RemoteFile(name=name, size=size, sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id))
     return files
 
 
@@ -123,6 +125,7 @@ def pull_model(name: str, revision: str = "main", fmt: FormatChoice = "auto", to
     if target.local_dir is not None:
         return register_local(target.local_dir, fmt)
     assert target.repo_id is not None
+    download.check_revision(revision)
     settings = hub_settings(token)
     retry = retry or download.DEFAULT_RETRY
     progress = progress or PullProgress()
@@ -162,6 +165,7 @@ def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: Fo
     commit = info.sha
     if not commit:
         raise DownloadError(f"the hub gave no commit for {repo_id}@{revision}: try again later")
+    download.check_commit(commit, settings.endpoint)
     siblings = info.siblings or []
     selection = select_files([s.rfilename for s in siblings], fmt, source=f"{repo_id}@{revision}")
     remotes = _remote_files(siblings, selection)
