@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # tiny_models
 
-from mistral_chat.bench.parallel import synthetic_tekken  # noqa: E402
+from mistral_chat.bench.checkpoint import synthetic_tekken  # noqa: E402
 from mistral_chat.engine.config import load_config  # noqa: E402
 from mistral_chat.engine.kernels import int8_gemv  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep  # noqa: E402

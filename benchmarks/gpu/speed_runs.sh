@@ -37,7 +37,7 @@ startup() {  # a random Mistral-7B folder, then the one-shot CLI twice with the 
     local model=/dev/shm/mistral-chat-m7 home=/tmp/mistral-chat-startup-home
     rm -rf "$home"
     python3 -c "import torch; from mistral_chat.bench.run import bench_shape
-from mistral_chat.bench.parallel import write_random_checkpoint
+from mistral_chat.bench.checkpoint import write_random_checkpoint
 write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')"
     for cache in empty warm; do
         local started=$(date +%s%N)

@@ -80,7 +80,7 @@ direct() {  # direct NAME SECONDS RANKS [PLAN [ARGS...]]: rank 0's lines shown, 
 
 random_checkpoint() {  # random_checkpoint SHAPE FOLDER [LAYERS]: random bf16 weights of a bench shape, made on the GPU
     python3 -c "import sys, torch; from mistral_chat.bench.run import bench_shape
-from mistral_chat.bench.parallel import write_random_checkpoint
+from mistral_chat.bench.checkpoint import write_random_checkpoint
 write_random_checkpoint(sys.argv[2], bench_shape(sys.argv[1], int(sys.argv[3]) or None), torch.bfloat16, device='cuda')" \
         "$1" "$2" "${3:-0}"
 }

@@ -135,9 +135,12 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     try:
         convert = plain_convert(dev, target)
         with torch.device("meta"):
-            model = Transformer(config, parallel, plan)
-            if quantize is not None:
-                convert = _prepare_quantized(model, quantize, dev, target)
+            try:
+                model = Transformer(config, parallel, plan)
+                if quantize is not None:
+                    convert = _prepare_quantized(model, quantize, dev, target)
+            except ValueError as exc:  # a plan override that cannot work for this model
+                raise MistralChatError(f"{exc}: see docs/engine.md for the plan's fields") from exc
         state = checkpoint_state(reader, config, parallel, convert, progress, adapter=adapter)
         model.load_state_dict(state, strict=True, assign=True)
         del state

@@ -239,6 +239,8 @@ class Transformer(nn.Module):
         self.config = config
         self.parallel = parallel or Parallel()
         self.plan = plan or KernelPlan()  # plain PyTorch unless the loader chose kernels (plan.py)
+        if self.plan.norms_in_products and config.is_moe and self.plan.moe != "triton":
+            raise ValueError("plan norms_in_products needs moe=triton for a mixture-of-experts model")
         local = LocalShape.of(config, self.parallel)
         self.tok_embeddings = nn.Embedding(local.vocab_size, config.dim)  # this rank's rows of the vocabulary
         self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel, self.plan)

@@ -75,6 +75,8 @@ class KernelPlan:
                 values[key] = value in ("1", "true")
             else:
                 values[key] = value
+        if values.get("gemv") == "torch" and "norms_in_products" not in values:
+            values["norms_in_products"] = False  # it needs the GEMV kernel: follow the asked product
         plan = dataclasses.replace(self, **values)
         kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.moe)
         if kernels and not kernels_allowed(device):

@@ -80,6 +80,8 @@ def prepare_int8(model: nn.Module, dtype: torch.dtype) -> None:
     """Swap the projections of a (meta-device) model for int8 ones before its weights are loaded; they take the
     model's plan (`model.plan`, a KernelPlan)."""
     plan = model.plan
+    if plan.norms_in_products:
+        raise ValueError("plan norms_in_products needs float weights: int8 products do not compute the norm")
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name != "gate":
