@@ -72,13 +72,12 @@ def register_local(model_dir: Path, fmt: FormatChoice = "auto", registry: Regist
     model_dir = model_dir.expanduser().resolve()
     selection = select_local_files(model_dir, fmt)
     load_config(model_dir)  # raises ModelFilesError with what to fix
-    registry = registry or Registry.load()
-    record = registry.find_path(model_dir)
-    if record is None:
-        record = ModelRecord(name=registry.free_name(model_dir.name), source="local", path=str(model_dir))
-    record.format, record.files, record.ready = selection.format, list(selection.files), True
-    registry.models[record.name] = record
-    registry.save()
+    with Registry.locked(registry.path if registry else None) as registry:
+        record = registry.find_path(model_dir)
+        if record is None:
+            record = ModelRecord(name=registry.free_name(model_dir.name), source="local", path=str(model_dir))
+        record.format, record.files, record.ready = selection.format, list(selection.files), True
+        registry.models[record.name] = record
     size = sum((model_dir / f).stat().st_size for f in selection.files)
     return PullResult(record.name, model_dir, selection.format, None, None, selection.files, size, 0)
 
@@ -148,11 +147,10 @@ def _bytes_on_disk(paths: CachePaths, commit: str, remotes: list[RemoteFile]) ->
 
 
 def _forget_unless_ready(name: str) -> None:
-    registry = Registry.load()
-    record = registry.models.get(name)
-    if record is not None and not record.ready:
-        del registry.models[name]
-        registry.save()
+    with Registry.locked() as registry:
+        record = registry.models.get(name)
+        if record is not None and not record.ready:
+            del registry.models[name]
 
 
 def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: FormatChoice,
@@ -171,13 +169,14 @@ def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: Fo
     remotes = _remote_files(siblings, selection)
     paths = CachePaths.of(settings, repo_id)
 
-    registry = Registry.load()
-    record = registry.models.get(target.name) or ModelRecord(name=target.name, source="hub")
-    record.repo_id, record.revision, record.commit = repo_id, revision, commit
-    record.format, record.files, record.ready = selection.format, list(selection.files), False
-    record.path = str(paths.snapshot(commit))
-    registry.models[record.name] = record
-    registry.save()
+    with Registry.locked() as registry:
+        record = registry.models.get(target.name) or ModelRecord(name=target.name, source="hub")
+        if (record.repo_id, record.commit, record.format) != (repo_id, commit, selection.format):
+            record.ready = False  # another commit or format: not ready until its files are
+        record.repo_id, record.revision, record.commit = repo_id, revision, commit
+        record.format, record.files = selection.format, list(selection.files)
+        record.path = str(paths.snapshot(commit))
+        registry.models[record.name] = record
 
     total = sum(r.size for r in remotes)
     pending = [r for r in remotes if download.cached_file(paths, commit, r) is None]
@@ -195,11 +194,10 @@ def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: Fo
     finally:
         progress.stop()
 
-    registry = Registry.load()  # re-read: another command may have written meanwhile
-    record = registry.models.get(target.name, record)
-    record.ready = True
-    registry.models[record.name] = record
-    registry.save()
+    with Registry.locked() as registry:  # re-read under the lock: another command may have written meanwhile
+        record = registry.models.get(target.name, record)
+        record.ready = True
+        registry.models[record.name] = record
     log.info("pulled %s (%s) at %s", repo_id, selection.format, commit)
     return PullResult(target.name, paths.snapshot(commit), selection.format, repo_id, commit, selection.files,
                       total, total - already)

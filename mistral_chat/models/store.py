@@ -134,22 +134,21 @@ def resolve_model(name_or_path: str) -> Path:
 
 def mark_used(path_or_name: str | Path) -> None:
     """Remember `path_or_name` as the model used last (and when), for `list` and for a bare `mistral-chat`."""
-    registry = Registry.load()
-    key = str(path_or_name)
-    record = registry.find(key)
-    path = Path(key).expanduser()
-    if record is None and path.is_dir():
-        record = registry.find_path(path)
-        if record is None:
-            for rec in registry.models.values():
-                if rec.source == "hub" and _record_path(rec).resolve() == path.resolve():
-                    record = rec
-                    break
-        key = record.name if record else str(path.resolve())
-    elif record is not None:
-        key = record.name
-    registry.touch(key)
-    registry.save()
+    with Registry.locked() as registry:
+        key = str(path_or_name)
+        record = registry.find(key)
+        path = Path(key).expanduser()
+        if record is None and path.is_dir():
+            record = registry.find_path(path)
+            if record is None:
+                for rec in registry.models.values():
+                    if rec.source == "hub" and _record_path(rec).resolve() == path.resolve():
+                        record = rec
+                        break
+            key = record.name if record else str(path.resolve())
+        elif record is not None:
+            key = record.name
+        registry.touch(key)
 
 
 def last_used_model() -> str | None:
@@ -291,12 +290,11 @@ class RemovalPlan:
 
     def execute(self) -> None:
         self._action()
-        registry = Registry.load()
-        registry.models.pop(self.name, None)
-        registry.used.pop(self.name, None)
-        if registry.last_used == self.name:
-            registry.last_used = None
-        registry.save()
+        with Registry.locked() as registry:
+            registry.models.pop(self.name, None)
+            registry.used.pop(self.name, None)
+            if registry.last_used == self.name:
+                registry.last_used = None
 
 
 def plan_removal(name: str) -> RemovalPlan:
