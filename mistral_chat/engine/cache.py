@@ -38,6 +38,16 @@ class LayerKVCache(nn.Module):
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
 
+    def update_rows(self, rows: slice, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([N, kv_heads, T, head_dim]) of the batch rows `rows` (N of them) into each row's own slots
+        ([N, T]); return those rows' buffers (views, no copy)."""
+        keys, values = self.k[rows], self.v[rows]
+        row = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        keys[row, :, slots] = k.transpose(1, 2)  # advanced indices first: [N, T, kv_heads, head_dim]
+        values[row, :, slots] = v.transpose(1, 2)
+        return keys, values
+
 
 class SlotPositions(nn.Module):
     """Which absolute position each cache slot holds, shared by all layers; builds the attention mask.
@@ -95,3 +105,54 @@ class SlotPositions(nn.Module):
     def rewind(self, position: int) -> None:
         """Forget every position >= `position` (the next forward pass writes from there)."""
         self.positions.masked_fill_(self.positions >= position, -1)
+
+
+class RowPositions(nn.Module):
+    """Which absolute position each cache slot holds, for each row of a batch on its own: [batch, capacity].
+
+    `SlotPositions` for sequences that do not move together (continuous batching, engine/batch.py): each row has
+    its own length, takes a new sequence when its last one ends (`reset`), and builds its own attention mask.
+    Slot rules are `SlotPositions`'s: position p of a row lives in its slot p % capacity.
+    """
+
+    def __init__(self, batch: int, capacity: int, sliding_window: int | None, device: torch.device,
+                 wraps: bool = False) -> None:
+        super().__init__()
+        self.batch = batch
+        self.capacity = capacity
+        self.sliding_window = sliding_window
+        self.wraps = wraps
+        self.register_buffer("positions", torch.full((batch, capacity), -1, dtype=torch.long, device=device),
+                             persistent=False)
+
+    @property
+    def max_chunk(self) -> int:
+        """The most tokens one forward pass may write into a row (see SlotPositions.max_chunk)."""
+        if not self.wraps or self.sliding_window is None:
+            return self.capacity
+        return self.capacity - self.sliding_window + 1
+
+    def record(self, positions: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Store `positions` ([N, T], one line per row of `rows`) in their slots; return the slots ([N, T])."""
+        slots = positions % self.capacity
+        self.positions[rows].scatter_(1, slots, positions)
+        return slots
+
+    def mask(self, positions: torch.Tensor, rows: slice, window: int | None | Literal["cache"] = "cache"
+             ) -> torch.Tensor:
+        """Boolean [N, T, capacity]: in row n, the query at positions[n, t] may attend to the key in slot s."""
+        if window == "cache":
+            window = self.sliding_window
+        key_pos = self.positions[rows][:, None, :]
+        query_pos = positions[:, :, None]
+        allowed = (key_pos >= 0) & (key_pos <= query_pos)
+        if window is not None:
+            allowed &= query_pos - key_pos < window
+        return allowed
+
+    def reset(self, row: int | None = None) -> None:
+        """Forget one row (None: all of them)."""
+        if row is None:
+            self.positions.fill_(-1)
+        else:
+            self.positions[row].fill_(-1)

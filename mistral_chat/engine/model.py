@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine.kernels import decode_attention, fused
-from mistral_chat.engine.cache import LayerKVCache, SlotPositions, cache_capacity
+from mistral_chat.engine.cache import LayerKVCache, RowPositions, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.kernels.gemv import Linear
 from mistral_chat.engine.materialize import materialize
@@ -84,6 +84,15 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor, kernel: bool = False) -> tor
         return fused.rope(x, rope)
     xf = x.float().unflatten(-1, (-1, 2))
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def apply_rope_rows(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with each row at its own positions: x [B, T, H, D], rope [B, T, D/2, 2] (plain PyTorch)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
@@ -158,6 +167,28 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
         return out.transpose(1, 2).reshape(b, t, q_size)
 
+    def forward_rows(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                     key_len: int, rows: slice) -> torch.Tensor:
+        """`forward` for the batch rows `rows` of the cache, each at its own positions (continuous batching):
+        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products and attention."""
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        assert self.cache is not None, "call Transformer.setup_row_cache first"
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope_rows(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope_rows(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = self.cache.update_rows(rows, slots, k, v)
+        keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
+        if t <= GROUPED_ATTENTION_MAX_QUERIES:
+            out = grouped_attention(q, keys, values, mask[:, None, None])
+        else:
+            group = self.n_heads // self.n_kv_heads
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return all_reduce(self.wo(out.transpose(1, 2).reshape(b, t, q_size)), self.parallel)
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into w13."""
@@ -219,6 +250,14 @@ class TransformerBlock(nn.Module):
         h, weighted = linear_all_reduce_residual(heads, attention.wo, h, self.ffn_norm.weight, attention.parallel)
         return feed_forward.rows_fused(weighted, h, self.ffn_norm.eps, next_norm)
 
+    def forward_rows(self, x: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
+                     mask: torch.Tensor, key_len: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for batch rows at positions of their own (Transformer.forward_rows)."""
+        x, normed = self.attention_norm.add_and_norm(x, delta)
+        h, normed = self.ffn_norm.add_and_norm(x, self.attention.forward_rows(normed, rope, slots, mask, key_len,
+                                                                               rows))
+        return h, self.feed_forward(normed)
+
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor,
               slots: torch.Tensor, mask: torch.Tensor | None, key_len: int,
@@ -249,6 +288,7 @@ class Transformer(nn.Module):
         self.output = Linear(config.dim, local.vocab_size, bias=False)
         self.output.float_out = True
         self.slots: SlotPositions | None = None
+        self.row_positions: RowPositions | None = None  # per-row positions (setup_row_cache)
         self.rope: torch.Tensor | None = None
         for module in self.modules():
             if isinstance(module, Linear):
@@ -287,7 +327,44 @@ class Transformer(nn.Module):
             layer.attention.cache = LayerKVCache(batch, local_kv, capacity, self.config.head_dim,
                                                  self.dtype, self.device)
         self.slots = SlotPositions(capacity, window, self.device, wraps=wraps)
+        self.row_positions = None
         self.rope = rope_tables(self.config.head_dim, max_positions, self.config.rope_theta, self.device)
+
+    def setup_row_cache(self, max_positions: int, batch: int, prefill_chunk: int = 2048) -> None:
+        """`setup_cache` for `batch` rows that each hold a sequence of their own (continuous batching: see
+        `forward_rows` and engine/batch.py)."""
+        self.setup_cache(max_positions, batch, prefill_chunk)
+        assert self.slots is not None
+        self.row_positions = RowPositions(batch, self.slots.capacity, self.slots.sliding_window, self.device,
+                                          wraps=self.slots.wraps)
+
+    @torch.no_grad()
+    def forward_rows(self, tokens: torch.Tensor, start_pos: torch.Tensor, rows: slice, key_len: int) -> torch.Tensor:
+        """Float32 logits ([N, vocab]) of the last of `tokens` ([N, T]) in each of the cache's batch rows `rows`,
+        row n's tokens placed at positions start_pos[n]... (start_pos: [N] on the model's device).
+
+        Each row keeps its own positions and mask (`setup_row_cache`), so sequences of different lengths share
+        a step: one new token for every row (decode), or one row's prompt chunk (prefill). `key_len`: how many
+        cache slots attention reads (at least the longest row's positions, at most the capacity). Eager, plain
+        PyTorch attention; one process (no tensor parallelism).
+        """
+        assert self.row_positions is not None and self.rope is not None, "call setup_row_cache first"
+        if self.parallel.enabled:
+            raise NotImplementedError("per-row batches do not run under tensor parallelism")
+        t = tokens.shape[1]
+        if t > self.row_positions.max_chunk:
+            raise ValueError(f"chunk of {t} tokens exceeds the cache's {self.row_positions.max_chunk}")
+        positions = start_pos[:, None] + torch.arange(t, device=tokens.device)
+        slots = self.row_positions.record(positions, rows)
+        windows = self.config.attention_windows
+        masks = {w: self.row_positions.mask(positions, rows, window=w) for w in dict.fromkeys(windows)}
+        rope = self.rope[positions]
+        h = self.tok_embeddings(tokens)
+        delta = torch.zeros_like(h)
+        for layer, window in zip(self.layers, windows):
+            h, delta = layer.forward_rows(h, delta, rope, slots, masks[window], key_len, rows)
+        h, delta = h[:, -1:], delta[:, -1:]
+        return self.output(self.norm.add_and_norm(h, delta)[1]).float()[:, -1]
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, all_logits: bool = False,
                 key_len: int | None = None, block_regions: bool = False) -> torch.Tensor:

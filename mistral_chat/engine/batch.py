@@ -1,0 +1,258 @@
+"""Continuous batching: many answers generated together, each request taking a free row of the cache.
+
+`BatchGenerator.generate(requests)` keeps up to `batch_size` sequences in flight. A request is admitted into a free
+row by prefilling that row alone (its prompt, chunk by chunk); then every step decodes one token for all rows in
+flight at once, each row at its own position (`Transformer.forward_rows`: per-row positions and masks), so prompts
+of different lengths share a step. A sequence that ends (EOS, a stop string, max tokens, the context) frees its row
+at once and the next request takes it. Each row samples with its own `SamplingParams` (greedy, temperature,
+top-k/p, min-p, penalties, seed) and streams its own text (UTF-8-safe, stop strings held back).
+
+Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). The batch
+path runs eagerly with plain PyTorch attention; batch-1 chat keeps `Session` and its compiled decode.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK
+from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
+from mistral_chat.engine.memory import estimate_memory, free_memory, session_context
+from mistral_chat.engine.options import SamplingParams
+from mistral_chat.engine.sampling import Penalties, StopStrings, make_generator, sample
+from mistral_chat.engine.stats import GenerationStats
+from mistral_chat.errors import ContextLengthError, DeviceError, MistralChatError
+from mistral_chat.text.tokenizer import StreamDecoder
+
+DEFAULT_MAX_BATCH = 64  # the most rows a batch gets by default, memory permitting
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One answer to generate: the prompt's token ids and how to sample. `cancel` ends it early ("cancelled")."""
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """What happened to the request at `index` (its place in the requests given): new text, or its end.
+
+    With `done`: `answer` is its whole text, `generated_ids` its ids (EOS excluded), `stats` what it cost; or
+    `error` says why it got no answer (an empty or too long prompt)."""
+
+    index: int
+    text: str = ""
+    done: bool = False
+    answer: str = ""
+    generated_ids: tuple[int, ...] = ()
+    stats: GenerationStats | None = None
+    error: str = ""
+
+
+@dataclass
+class _Row:
+    """A sequence in flight in one row of the cache."""
+
+    index: int
+    request: BatchRequest
+    position: int  # tokens in the row's cache
+    generator: torch.Generator | None
+    decoder: StreamDecoder
+    stops: StopStrings
+    penalties: Penalties | None
+    stats: GenerationStats
+    started: float
+    first_at: float = 0.0
+    pending: int = 0  # the last token chosen, fed at `position` by the next step
+    ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+
+
+def batch_size_for_memory(loaded: LoadedModel, context_length: int, most: int = DEFAULT_MAX_BATCH,
+                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """How many rows of `context_length` tokens fit the device's free memory (weights already loaded), keeping a
+    tenth (and on GPUs 1 GB more) for activations; at least 1, at most `most`."""
+    per_row = estimate_memory(loaded.config, loaded.dtype, context_length, prefill_chunk=prefill_chunk).kv_cache
+    free = free_memory(loaded.device)
+    usable = free * 0.9 - (1 << 30 if loaded.device.type == "cuda" else 0)
+    return max(1, min(most, int(usable // max(1, per_row))))
+
+
+class BatchGenerator:
+    """Up to `batch_size` sequences of at most `context_length` tokens in flight on one model (one process)."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int, context_length: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.batch_size = batch_size
+        self.context_length = session_context(loaded.config, context_length)
+        self._requested_chunk = prefill_chunk
+        self._claim_cache()
+        assert self.model.row_positions is not None
+        self.prefill_chunk = min(prefill_chunk, self.model.row_positions.max_chunk)
+        self._rows: list[_Row | None] = [None] * batch_size
+
+    def _claim_cache(self) -> None:
+        """Give the model a cache of `batch_size` rows (again, where a Session took the model's cache since)."""
+        if getattr(self.model, "cache_owner", None) is self and self.model.row_positions is not None:
+            return
+        try:
+            self.model.setup_row_cache(self.context_length, self.batch_size, self._requested_chunk)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise DeviceError(f"out of memory on {self.loaded.device} allocating the cache for {self.batch_size} "
+                              f"sequences of {self.context_length} tokens: lower --batch-size or --context") from exc
+        self.model.cache_owner = self
+
+    def generate(self, requests: Iterable[BatchRequest]) -> Iterator[BatchEvent]:
+        """Answer `requests` (read lazily, as rows free up): events as they happen, each answer ending with a
+        `done` event. Answers finish in any order; `BatchEvent.index` says whose they are."""
+        self._claim_cache()
+        pending = enumerate(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and None in self._rows:
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    yield from self._admit(self._rows.index(None), *item)
+                if not any(self._rows):
+                    if exhausted:
+                        return
+                    continue
+                yield from self._step()
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise DeviceError(f"out of memory on {self.loaded.device} while generating a batch: lower --batch-size "
+                              "or --context") from exc
+        finally:
+            self._rows = [None] * self.batch_size
+
+    # ---- admission: one row's prompt ---------------------------------------------------------------------------
+
+    def _admit(self, slot: int, index: int, request: BatchRequest) -> Iterator[BatchEvent]:
+        ids = list(request.prompt_ids)
+        try:
+            if not ids:
+                raise ContextLengthError("the prompt is empty: give some text to answer")
+            if len(ids) >= self.context_length:
+                raise ContextLengthError(
+                    f"the prompt is {len(ids)} tokens but the context holds {self.context_length}: "
+                    "shorten the prompt, or raise --context if the model allows")
+        except MistralChatError as exc:
+            yield BatchEvent(index, done=True, error=str(exc), stats=GenerationStats(finish_reason="error"))
+            return
+        started = time.perf_counter()
+        device = self.loaded.device
+        model = self.model
+        assert model.row_positions is not None
+        model.row_positions.reset(slot)
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            tokens = torch.tensor([chunk], dtype=torch.long, device=device)
+            key_len = min(model.row_positions.capacity, start + len(chunk))
+            logits = model.forward_rows(tokens, torch.tensor([start], device=device), slice(slot, slot + 1),
+                                        key_len)
+        assert logits is not None
+        params = request.params
+        row = _Row(index=index, request=request, position=len(ids), generator=make_generator(params, device),
+                   decoder=StreamDecoder(self.loaded.tokenizer), stops=StopStrings(params.stop),
+                   penalties=Penalties(params, ids, logits.shape[-1], device) if params.penalised else None,
+                   stats=GenerationStats(prompt_tokens=len(ids), prefilled_tokens=len(ids), finish_reason="length"),
+                   started=started)
+        self._rows[slot] = row
+        (token,) = self._choose([row], logits)
+        yield from self._accept(slot, row, token)
+
+    # ---- one decode step for every row in flight ------------------------------------------------------------------
+
+    def _step(self) -> Iterator[BatchEvent]:
+        used = max(i for i, row in enumerate(self._rows) if row is not None) + 1
+        tokens = [0] * used  # rows without a sequence run token 0 at position 0: finite, and reset on admission
+        starts = [0] * used
+        active: list[tuple[int, _Row]] = []
+        for slot, row in enumerate(self._rows[:used]):
+            if row is not None:
+                tokens[slot], starts[slot] = row.pending, row.position
+                active.append((slot, row))
+        assert self.model.row_positions is not None
+        key_len = min(self.model.row_positions.capacity, max(starts) + 1)
+        device = self.loaded.device
+        logits = self.model.forward_rows(torch.tensor(tokens, device=device).view(used, 1),
+                                         torch.tensor(starts, device=device), slice(0, used), key_len)
+        for _, row in active:
+            row.position += 1
+        chosen = self._choose([row for _, row in active], logits[[slot for slot, _ in active]])
+        for (slot, row), token in zip(active, chosen):
+            yield from self._accept(slot, row, token)
+
+    def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits ([len(rows), vocab]): one argmax for the greedy rows, the others
+        sampled one by one with their own parameters and generators; one copy to the host."""
+        chosen = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            params = row.request.params
+            if params.temperature == 0 and row.penalties is None:
+                continue
+            row_logits = logits[i:i + 1]
+            if row.penalties is not None:
+                row_logits = row.penalties.apply(row_logits)
+            token = sample(row_logits, params, row.generator)
+            if row.penalties is not None:
+                row.penalties.observe(token)
+            chosen[i] = token[0]
+        return chosen.tolist()
+
+    def _accept(self, slot: int, row: _Row, token: int) -> Iterator[BatchEvent]:
+        """Take the row's next token: its text, or the end of its answer (as `Session.generate` decides)."""
+        stats = row.stats
+        now = time.perf_counter()
+        if not row.first_at:
+            row.first_at = now
+            stats.time_to_first_token = now - row.started
+        cancel = row.request.cancel
+        if cancel is not None and cancel.is_set():
+            yield from self._finish(slot, row, "cancelled")
+            return
+        if token == self.loaded.tokenizer.eos_id:
+            yield from self._finish(slot, row, "stop")
+            return
+        stats.generated_tokens += 1
+        row.ids.append(token)
+        stats.decode_seconds = now - row.first_at
+        delta = row.stops.push(row.decoder.push(token))
+        if delta:
+            row.pieces.append(delta)
+            yield BatchEvent(row.index, delta)
+        if row.stops.stopped:
+            yield from self._finish(slot, row, "stop")
+        elif len(row.ids) >= row.request.params.max_tokens or row.position + 1 >= self.context_length:
+            yield from self._finish(slot, row, "length")
+        else:
+            row.pending = token
+
+    def _finish(self, slot: int, row: _Row, reason: str) -> Iterator[BatchEvent]:
+        self._rows[slot] = None
+        row.stats.finish_reason = reason
+        tail = "" if row.stops.stopped or reason == "cancelled" else \
+            row.stops.push(row.decoder.flush()) + row.stops.flush()
+        if tail:
+            row.pieces.append(tail)
+        yield BatchEvent(row.index, tail, done=True, answer="".join(row.pieces), generated_ids=tuple(row.ids),
+                         stats=row.stats)
