@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from tiny_models import write_tiny_model
-from tui_helpers import isolated_home, make_app, open_settings, wait_for  # noqa: F401 - an autouse fixture
+from tui_helpers import (close_welcome, isolated_home, make_app, open_settings, wait_for,  # noqa: F401 - autouse
+                         welcome_shown)
 
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.tui.screens.chat import ChatScreen
@@ -181,7 +182,7 @@ async def test_theme_switch_persists(tmp_path: Path) -> None:
     async with app.run_test(size=(100, 30)) as pilot:
         assert {"mistral-dark", "mistral-light", "midnight", "paper"} <= set(app.available_themes)
         assert app.theme == "mistral-dark"
-        await pilot.press("escape")  # the welcome screen
+        await close_welcome(pilot)
         app.theme = "mistral-light"
         await pilot.pause()
     app = make_app(db, None)
@@ -249,7 +250,7 @@ async def test_model_text_is_data_not_markup(tmp_path: Path) -> None:
     store.close()
     app = make_app(db, None)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("escape")
+        await close_welcome(pilot)
         await pilot.pause()
         views = chat(app).chat_log.views
         assert views[0].text.startswith("[INST] hi [/INST]")
@@ -260,9 +261,9 @@ async def test_model_text_is_data_not_markup(tmp_path: Path) -> None:
 async def test_no_model_shows_the_pull_command(tmp_path: Path) -> None:
     app = make_app(tmp_path / "chats.db", None)
     async with app.run_test(size=(100, 30)) as pilot:
-        from mistral_chat.tui.screens.welcome import PULL_COMMAND, WelcomeScreen
+        from mistral_chat.tui.screens.welcome import PULL_COMMAND
 
-        assert isinstance(app.screen, WelcomeScreen)
+        await wait_for(pilot, lambda: welcome_shown(app), timeout=10, what="the welcome screen")
         assert PULL_COMMAND in str(app.screen.query_one("#welcome-text").render())
         await pilot.press("escape")
         await type_and_send(pilot, "anyone there?")
@@ -282,7 +283,7 @@ async def test_export_markdown_and_json(tmp_path: Path, isolated_home: Path) -> 
     store.close()
     app = make_app(db, None)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("escape")
+        await close_welcome(pilot)
         md = chat(app).export("markdown")
         js = chat(app).export("json")
     assert md is not None and md.parent == isolated_home / "exports"
@@ -455,7 +456,7 @@ async def test_tool_call_then_pasted_result_then_the_model_goes_on(tiny_model: P
 
     app = make_app(db, None)  # the next run shows the calls and results as they were
     async with app.run_test(size=(100, 34)) as pilot:
-        await pilot.press("escape")
+        await close_welcome(pilot)
         await pilot.pause()
         views = chat(app).chat_log.views
         assert [type(v).__name__ for v in views] == ["MessageView", "MessageView", "MessageView", "ToolCallView",
@@ -516,7 +517,7 @@ async def test_a_chat_left_waiting_for_a_tool_result_asks_for_it_when_opened(tmp
     store.close()
     app = make_app(db, None)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("escape")  # the welcome screen (no model on disk)
+        await close_welcome(pilot)
         await pilot.pause()
         screen = chat(app)
         if screen.conversation is None or screen.conversation.id != conversation.id:

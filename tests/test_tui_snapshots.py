@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tui_helpers import isolated_home, make_app, open_settings  # noqa: F401 - an autouse fixture
+from tui_helpers import close_welcome, isolated_home, make_app, open_settings, wait_for, welcome_shown  # noqa: F401 - autouse fixture
 
 from mistral_chat.chat.store import ChatStore
 
@@ -36,16 +36,17 @@ def seeded_app(tmp_path: Path):
 
 
 async def settle(pilot) -> None:
+    await close_welcome(pilot)  # no model in these tests
     pilot.app.chat.prompt.cursor_blink = False
-    await pilot.press("escape")  # the welcome screen (no model in these tests)
     pilot.app.chat.status.update_info(model="mistral-7b-instruct", device="cuda:0", dtype="bfloat16",
-                                      context_used=412, context_length=32768, time_to_first_token=0.085,
+                                      context_used=412, context_estimated=False, context_length=32768, time_to_first_token=0.085,
                                       tokens_per_second=187.3)
     await pilot.pause()
 
 
 def test_welcome_screen(snap_compare, tmp_path: Path) -> None:
     async def run_before(pilot) -> None:
+        await wait_for(pilot, lambda: welcome_shown(pilot.app), what="the welcome screen")
         pilot.app.chat.prompt.cursor_blink = False
         await pilot.pause()
 

@@ -82,3 +82,17 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("MISTRAL_CHAT_HOME", str(home))
     return home
+
+
+def welcome_shown(app) -> bool:
+    """The welcome screen is up and composed (it comes once the app found no model to open, after the first frame)."""
+    from mistral_chat.tui.screens.welcome import WelcomeScreen
+
+    return isinstance(app.screen, WelcomeScreen) and bool(app.screen.query("#welcome-text"))
+
+
+async def close_welcome(pilot: Pilot) -> None:
+    """Wait for the welcome screen, then close it."""
+    await wait_for(pilot, lambda: welcome_shown(pilot.app), timeout=10, what="the welcome screen")
+    await pilot.press("escape")
+    await pilot.pause()

@@ -75,8 +75,11 @@ class Conversation:
                 return message
         return None
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, model: str = "") -> str:
+        """The conversation as Markdown; `model` (the model that answered, when known) goes under the title."""
         lines = [f"# {self.title}", ""]
+        if model:
+            lines += [f"Model: {model}", ""]
         if self.system_prompt.strip():
             lines += ["**System:**", "", self.system_prompt, ""]
         for message in self.messages:
@@ -89,8 +92,9 @@ class Conversation:
                 lines += [f"Calls `{call.name}`:", "", "```json", format_arguments(call.arguments), "```", ""]
         return "\n".join(lines).rstrip() + "\n"
 
-    def to_json(self) -> str:
-        data = asdict(self)
+    def to_json(self, model: str = "") -> str:
+        """The conversation as JSON: every field, and `model` (the model that answered; "" when unknown)."""
+        data = {"model": model, **asdict(self)}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 

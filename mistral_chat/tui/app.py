@@ -1,16 +1,21 @@
 """The chat TUI: the Textual application, its engine thread and `run_tui`, which the CLI calls.
 
 Threads: the event loop runs the UI and the SQLite store; the engine's worker (`EngineWorker.run`, started as
-a Textual thread worker) owns the model. UI -> engine: `engine.load/generate/cancel` (a queue and events).
-Engine -> UI: every event is posted as an `EngineMessage` (`post_message` is thread-safe) and handled by the
-chat screen.
+a Textual thread worker) owns the model, and is the only thread that imports torch. UI -> engine:
+`engine.load/generate/cancel` (a queue and events). Engine -> UI: tokens gather in a `TokenBuffer` that the chat
+screen takes on a timer (tui/streaming.py); every other event is posted as an `EngineMessage` (`post_message`
+is thread-safe) and handled by the chat screen.
+
+Start-up: the first frame comes first. Finding the model to open (models/store.py and huggingface_hub, ~0.3 s
+of imports) runs in a thread after it; keys typed meanwhile land in the prompt.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,9 +27,11 @@ from textual.screen import Screen
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
-from mistral_chat.paths import app_home, database_path
-from mistral_chat.service.worker import EngineWorker, Loader, SessionFactory, default_loader, default_session
+from mistral_chat.paths import database_path
+from mistral_chat.service.worker import (EngineWorker, LoadRequest, Loader, SessionFactory, TokenDelta, default_loader,
+                                        default_session)
 from mistral_chat.tui.engine_messages import EngineMessage
+from mistral_chat.tui.streaming import TokenBuffer
 from mistral_chat.tui.model_choices import remember_model, start_model
 from mistral_chat.tui.screens.chat import ChatScreen
 from mistral_chat.tui.screens.help import HelpScreen
@@ -52,6 +59,10 @@ class AppOptions:
 ModelResolver = Callable[[str | None], "tuple[Path, str] | None"]
 
 
+class CannotStart(MistralChatError):
+    """The TUI stopped before it could be used (a damaged database, an internal error); the message says why."""
+
+
 class MistralChatApp(App[None]):
     """Chat with a local Mistral-family model."""
 
@@ -65,8 +76,12 @@ class MistralChatApp(App[None]):
         super().__init__()
         self.options = options or AppOptions()
         self.store = store or ChatStore(database_path())
-        self.engine = EngineWorker(self._post_engine_event, loader=loader, session_factory=session_factory)
+        self.tokens = TokenBuffer()  # the engine's TokenDeltas, taken by the chat screen's timer
+        self._loader = loader
+        self.engine = EngineWorker(self._post_engine_event, loader=self._load_in_engine_thread,
+                                   session_factory=session_factory)
         self._resolve_model = resolve_model
+        self.cannot_start: CannotStart | None = None
         self.model_state = "none"  # none | loading | ready | failed
         self.model_name = ""
         self.theme_problems: list[str] = []
@@ -86,16 +101,40 @@ class MistralChatApp(App[None]):
     def on_mount(self) -> None:
         self._install_themes()
         self.run_worker(self.engine.run, thread=True, name="engine", group="engine", exit_on_error=False)
+        if self.options.model is not None:
+            self.model_state = "loading"  # answers asked for before the model is found wait for it
+            self.model_name = self.options.model
+        self.call_after_refresh(self._find_start_model)
+
+    def _find_start_model(self) -> None:
+        self.run_worker(self._resolve_in_thread, thread=True, name="find-model", group="find-model",
+                        exit_on_error=False)
+
+    def _resolve_in_thread(self) -> None:
         try:
-            found = self._resolve_model(self.options.model)
+            found: object = self._resolve_model(self.options.model)
         except MistralChatError as exc:
-            self.push_screen(WelcomeScreen(str(exc)), self._after_welcome)
-            return
-        if found is None:
-            self.push_screen(WelcomeScreen(), self._after_welcome)
-            return
-        path, name = found
-        self.load_model(path, name)
+            found = exc
+        except Exception as exc:  # noqa: BLE001 - the chat opens anyway; the welcome screen says why
+            log.warning("cannot look up the model to open", exc_info=True)
+            found = MistralChatError(f"cannot look up the model to open: {exc}")
+        self.call_from_thread(self._open_start_model, found)
+
+    def _open_start_model(self, found: object) -> None:
+        if isinstance(found, MistralChatError):
+            self.model_state = "none"
+            self.push_screen(WelcomeScreen(str(found)), self._after_welcome)
+        elif found is None:
+            self.push_screen(WelcomeScreen(registered=self._registered_models()), self._after_welcome)
+        else:
+            path, name = found  # type: ignore[misc]
+            self.load_model(path, name)
+
+    @staticmethod
+    def _registered_models() -> int:
+        from mistral_chat.tui.model_choices import local_models
+
+        return len(local_models())
 
     def _after_welcome(self, choice: str | None) -> None:
         if choice == "pick":
@@ -109,16 +148,30 @@ class MistralChatApp(App[None]):
             self.chat.status.update_info(model=name, device="", dtype="", loading="loading…")
         except (LookupError, NoMatches):  # the chat screen shows it when it mounts
             pass
-        if self.options.load.compile:
-            from mistral_chat.engine.decode import use_compile_cache
-
-            use_compile_cache(app_home() / "compile-cache")
         self.engine.load(path, self.options.load)
         remember_model(name)
 
+    def _load_in_engine_thread(self, request: LoadRequest, progress: Callable[[int, int], None]) -> object:
+        """The loader, run in the engine's thread: deciding on compiling imports torch, which the UI never does."""
+        from mistral_chat.service.loading import prepare_compile
+
+        return self._loader(replace(request, options=prepare_compile(request.options)), progress)
+
     def _post_engine_event(self, event: object) -> None:
-        """Called in the engine's thread."""
-        self.post_message(EngineMessage(event))  # type: ignore[arg-type]
+        """Called in the engine's thread: tokens gather for the screen's timer, other events become messages."""
+        if isinstance(event, TokenDelta):
+            self.tokens.add(event)
+        else:
+            self.post_message(EngineMessage(event))  # type: ignore[arg-type]
+
+    def cannot_start_with_database(self, exc: sqlite3.DatabaseError) -> None:
+        """The conversation database is unreadable: stop, leaving the file exactly as it is, and say what to do."""
+        path = self.store.path
+        self.cannot_start = CannotStart(
+            f"the conversation database {path} cannot be read ({exc}); it was left untouched: move it aside "
+            f"(mv {path} {path}.damaged) to start with an empty one, or set MISTRAL_CHAT_HOME to another folder")
+        self.engine.shutdown()
+        self.exit(return_code=1)
 
     async def on_engine_message(self, message: EngineMessage) -> None:
         from mistral_chat.service.worker import EngineFailed, ModelReady
@@ -220,3 +273,7 @@ def run_tui(options: AppOptions) -> None:
         if hooks is not None:
             hooks.close()
         store.close()
+    if app.cannot_start is not None:
+        raise app.cannot_start
+    if app.return_code:  # Textual printed the traceback of what stopped it
+        raise CannotStart("the chat stopped on an internal error (the traceback is above); please report it")

@@ -1,19 +1,15 @@
 """The main screen: chat list, conversation, prompt and status bar; every conversation action lives here.
 
-Streaming: tokens arrive as engine messages and are only buffered; a 50 ms timer appends the buffer to the
-answer's Markdown widget (which parses just the new tail) and, at least once a second, saves the answer so far.
-
-Tools: a chat with a tools file offers its functions to the model. An answer that calls some is shown as a
-ToolCallView and saved with its calls; the prompt then asks for each call's result (Ctrl+T, or r on the call,
-starts that again after Escape), saves it as a "tool" message, and once every call has one the model goes on.
+Streaming: tokens gather in the app's TokenBuffer (engine thread); a timer, at most ~30 times a second, appends
+what gathered to the answer's Markdown widget (which parses just the new tail), updates the live token count
+and speed in the status bar and, at least once a second, saves the answer so far. Tool calls and their results
+are handled in chat_tools.py (mixed in), exports in tui/export.py.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import time
-from dataclasses import dataclass, field
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,20 +21,23 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, title_from
-from mistral_chat.chat.tools import Tool, ToolCall, ToolsFileError, load_tools
-from mistral_chat.service.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
-                                        ModelReady, TokenDelta)
+from mistral_chat.chat.tools import ToolCall
+from mistral_chat.errors import MistralChatError
 from mistral_chat.paths import app_home
+from mistral_chat.tui.clipboard import copy_text
+from mistral_chat.tui.export import ExportKind, export_conversation
+from mistral_chat.tui.screens.chat_answers import AnswersPart
+from mistral_chat.tui.screens.chat_tools import ToolCallsPart
 from mistral_chat.tui.screens.confirm import ConfirmScreen
 from mistral_chat.tui.screens.model_picker import ModelPickerScreen
 from mistral_chat.tui.screens.settings import ChatSettings, SettingsScreen
+from mistral_chat.tui.safe_text import displayable
 from mistral_chat.tui.screens.text_prompt import TextPromptScreen
+from mistral_chat.tui.streaming import FLUSH_SECONDS, Streaming
 from mistral_chat.tui.widgets.chat_log import ChatLog
-from mistral_chat.tui.widgets.message_view import MessageView, code_blocks
+from mistral_chat.tui.widgets.message_view import code_blocks
 from mistral_chat.tui.widgets.prompt_input import PromptInput
 from mistral_chat.tui.widgets.sidebar import Sidebar
-from mistral_chat.tui.widgets.tool_call_view import ToolCallView
-from mistral_chat.tui.widgets.tool_result_view import ToolResultView
 from mistral_chat.tui.widgets.status_bar import StatusBar
 
 if TYPE_CHECKING:
@@ -46,27 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 0.05
-SAVE_SECONDS = 1.0
-NOTES = {"cancelled": "(stopped)", "error": "(error)", "length": ""}
+CHARS_PER_TOKEN = 4  # the estimate of a reopened chat's context use, until an answer counts it exactly
 
 
-@dataclass
-class Streaming:
-    """The answer being generated: where it goes, what arrived, what is shown and what is saved."""
-
-    request_id: int
-    conversation_id: int
-    view: MessageView | None
-    text: str = ""
-    pending: str = ""  # arrived but not yet shown
-    message_id: int = 0  # its row once saved
-    saved_text: str = ""
-    saved_at: float = field(default_factory=time.monotonic)
-    tools: bool = False  # the request offered tools
-
-
-class ChatScreen(Screen[None]):
+class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -89,6 +71,7 @@ class ChatScreen(Screen[None]):
         self.editing_message_id: int | None = None
         self.answering_call: ToolCall | None = None  # the prompt takes this call's result
         self._trim_warned: set[int] = set()
+        self._store_warned = False
 
     @property
     def chat_app(self) -> "MistralChatApp":
@@ -123,8 +106,12 @@ class ChatScreen(Screen[None]):
         self._flush_timer = self.set_interval(FLUSH_SECONDS, self.flush_stream, pause=True)
         if self.chat_app.model_state == "loading":
             self.status.update_info(model=self.chat_app.model_name, loading="loading…")
-        recent = self.chat_app.store.list_conversations()
-        await self.open_conversation(recent[0].id if recent else None)
+        try:
+            recent = self.chat_app.store.list_conversations()
+            await self.open_conversation(recent[0].id if recent else None)
+        except sqlite3.DatabaseError as exc:  # corrupt pages: nothing to show, and nothing is written to it
+            self.chat_app.cannot_start_with_database(exc)
+            return
         self.prompt.focus()
 
     # ---- conversations ---------------------------------------------------------------------------------------
@@ -150,12 +137,32 @@ class ChatScreen(Screen[None]):
         if live is not None:
             live.view = await self.chat_log.add("assistant", live.text, live.message_id, note="…")
             live.pending = ""
-        self.chat_log.border_title = Content(conversation.title)
-        self.status.update_info(context_used=0, trimmed_messages=0)
+        self.chat_log.border_title = Content(displayable(conversation.title))
+        self.status.update_info(context_used=self._estimated_context(conversation), context_estimated=True,
+                                trimmed_messages=0, time_to_first_token=None, tokens_per_second=None,
+                                generated_tokens=None)
+        self.prompt.seed_history(m.content for m in conversation.messages if m.role == "user")
         await self.refresh_sidebar()
         pending = conversation.pending_tool_calls() if live is None else []
         if pending:  # a chat left waiting for a tool's result asks for it again
             self._begin_tool_result(pending[0])
+
+    @staticmethod
+    def _estimated_context(conversation: Conversation) -> int:
+        """Roughly the tokens the chat's prompt takes (the exact count comes with the next answer)."""
+        chars = len(conversation.system_prompt) + sum(len(m.content) for m in conversation.messages)
+        return chars // CHARS_PER_TOKEN
+
+    def write_failed(self, what: str, exc: Exception) -> None:
+        """Say (once a run) that the database refused a write; the app goes on with what it shows."""
+        log.warning("cannot %s: %s", what, exc)
+        if self._store_warned:
+            self.notify(f"Cannot {what}: {exc}", severity="error", markup=False)
+            return
+        self._store_warned = True
+        self.notify(f"Cannot {what}: {exc}. The conversation database {self.chat_app.store.path} is not "
+                    "writable: chats are not saved until it is (check its permissions and the disk).",
+                    title="Not saved", severity="error", timeout=15, markup=False)
 
     async def refresh_sidebar(self) -> None:
         store = self.chat_app.store
@@ -189,7 +196,7 @@ class ChatScreen(Screen[None]):
             if title:
                 self.chat_app.store.rename(conversation.id, title)
                 conversation.title = title
-                self.chat_log.border_title = Content(title)
+                self.chat_log.border_title = Content(displayable(title))
                 await self.refresh_sidebar()
 
         self.app.push_screen(TextPromptScreen("Rename the chat", conversation.title), rename)
@@ -274,88 +281,26 @@ class ChatScreen(Screen[None]):
             self.notify(f"The model waits for the result of {pending[0].name}: press Ctrl+T to paste it, or Ctrl+R "
                         "for another answer", severity="warning", markup=False)
             return
-        if self.editing_message_id is not None:
-            store.delete_messages_from(conversation.id, self.editing_message_id)
-            self.editing_message_id = None
-            await self.open_conversation(conversation.id)
-            conversation = self.conversation
-            assert conversation is not None
-        message = store.add_message(conversation.id, "user", text)  # saved before anything is generated
-        conversation.messages.append(message)
-        if conversation.title == DEFAULT_TITLE and sum(m.role == "user" for m in conversation.messages) == 1:
-            conversation.title = title_from(text)
-            store.rename(conversation.id, conversation.title)
-            self.chat_log.border_title = Content(conversation.title)
+        try:
+            if self.editing_message_id is not None:
+                store.delete_messages_from(conversation.id, self.editing_message_id)
+                self.editing_message_id = None
+                await self.open_conversation(conversation.id)
+                conversation = self.conversation
+                assert conversation is not None
+            message = store.add_message(conversation.id, "user", text)  # saved before anything is generated
+            conversation.messages.append(message)
+            if conversation.title == DEFAULT_TITLE and sum(m.role == "user" for m in conversation.messages) == 1:
+                conversation.title = title_from(text)
+                store.rename(conversation.id, conversation.title)
+                self.chat_log.border_title = Content(displayable(conversation.title))
+        except sqlite3.Error as exc:  # the message stays in the prompt
+            self.write_failed("save your message", exc)
+            return
         self.prompt.clear()
         await self.chat_log.add("user", text, message.id)
         await self.refresh_sidebar()
         await self.start_answer()
-
-    # ---- tool calls and their results -------------------------------------------------------------------------
-
-    def action_tool_result(self) -> None:
-        """Paste the result of the first call of the last answer that has none yet."""
-        pending = self.conversation.pending_tool_calls() if self.conversation else []
-        if not pending:
-            self.notify("No tool call waits for a result", severity="warning")
-            return
-        self._begin_tool_result(pending[0])
-
-    def on_tool_call_view_answer_requested(self, event: ToolCallView.AnswerRequested) -> None:
-        pending = self.conversation.pending_tool_calls() if self.conversation else []
-        waiting = [call for call in pending if call in event.view.calls]
-        if not waiting:
-            self.notify("Every call of this answer has its result already", severity="warning")
-            return
-        self._begin_tool_result(waiting[0])
-
-    def _begin_tool_result(self, call: ToolCall) -> None:
-        if self.editing_message_id is not None:
-            self._end_edit()
-        self.answering_call = call
-        self.prompt.border_title = Content(f"Tool result for {call.name} (Enter sends, Escape cancels)")
-        self.prompt.placeholder = f"Paste what {call.name} returned"
-        self.prompt.add_class("tool-result")
-        self.prompt.focus()
-
-    def _end_tool_result(self) -> None:
-        if self.answering_call is None:
-            return
-        self.answering_call = None
-        self.prompt.border_title = None
-        self.prompt.placeholder = PromptInput.PLACEHOLDER
-        self.prompt.remove_class("tool-result")
-
-    async def send_tool_result(self, text: str) -> None:
-        """Save `text` as the result of the call being answered; the model goes on once every call has one."""
-        call, conversation = self.answering_call, self.conversation
-        if self.streaming is not None:
-            self.notify("An answer is still coming: press Escape to stop it first", severity="warning")
-            return
-        if call is None or conversation is None or call not in conversation.pending_tool_calls():
-            self._end_tool_result()
-            return
-        message = self.chat_app.store.add_message(conversation.id, "tool", text, tool_call_id=call.id,
-                                                  name=call.name)
-        conversation.messages.append(message)
-        self._end_tool_result()
-        self.prompt.clear()
-        await self.chat_log.add_view(ToolResultView(text, call.name, call.id, message.id))
-        pending = conversation.pending_tool_calls()
-        if pending:
-            self._begin_tool_result(pending[0])
-        else:
-            await self.start_answer()
-
-    def _tools(self, conversation: Conversation) -> list[Tool] | None:
-        """The chat's tools (none without a tools file); None, after saying why, when the file cannot be read."""
-        if not conversation.tools_path:
-            return []
-        try:
-            return load_tools(conversation.tools_path)
-        except ToolsFileError as exc:
-            self.notify(f"{exc}: fix it in the settings (Ctrl+S)", title="Tools", severity="error", markup=False)
-            return None
 
     async def start_answer(self) -> None:
         conversation = self.conversation
@@ -375,119 +320,9 @@ class ChatScreen(Screen[None]):
         view = await self.chat_log.add("assistant", "", note="…")  # before any event of the answer can arrive
         request_id = self.chat_app.engine.generate(conversation.id, conversation.chat_messages(), params, tools)
         self.streaming = Streaming(request_id, conversation.id, view, tools=bool(tools))
-        self.status.update_info(generating=True)
+        self.status.update_info(generating=True, time_to_first_token=None, tokens_per_second=None,
+                                generated_tokens=0)
         self._flush_timer.resume()
-
-    async def flush_stream(self) -> None:
-        streaming = self.streaming
-        if streaming is None:
-            return
-        if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
-            fragment, streaming.pending = streaming.pending, ""
-            await streaming.view.append(fragment)
-            self.chat_log.follow()
-        if time.monotonic() - streaming.saved_at >= SAVE_SECONDS:
-            self.save_answer(streaming)
-
-    def save_answer(self, streaming: Streaming, keep_empty: bool = False) -> None:
-        """Write the answer so far (creating its row on the first write)."""
-        streaming.saved_at = time.monotonic()
-        if streaming.text == streaming.saved_text and (streaming.message_id or not keep_empty):
-            return
-        store = self.chat_app.store
-        if streaming.message_id == 0:
-            if store.load(streaming.conversation_id) is None:  # deleted meanwhile
-                return
-            streaming.message_id = store.add_message(streaming.conversation_id, "assistant", streaming.text).id
-        else:
-            store.update_message(streaming.message_id, streaming.text)
-        streaming.saved_text = streaming.text
-
-    def save_now(self) -> None:
-        """Save the streaming answer as it is (called on quit)."""
-        if self.streaming is not None:
-            self.save_answer(self.streaming)
-
-    async def handle_engine_event(self, event: EngineEvent) -> None:
-        streaming = self.streaming
-        if isinstance(event, TokenDelta):
-            if streaming is not None and event.request_id == streaming.request_id:
-                streaming.text += event.text
-                streaming.pending += event.text
-        elif isinstance(event, GenerationStarted):
-            if streaming is not None and event.request_id == streaming.request_id:
-                self.status.update_info(context_used=event.prompt_tokens, context_length=event.context_length,
-                                        trimmed_messages=event.dropped_messages)
-                if streaming.tools and not event.tools_used:
-                    self.notify("This model has no function calling (its tokenizer has no tool tokens): it answers "
-                                "without the chat's tools.", title="Tools", severity="warning")
-                if event.dropped_messages and event.conversation_id not in self._trim_warned:
-                    self._trim_warned.add(event.conversation_id)
-                    self.notify(f"The chat is longer than the model's context: the {event.dropped_messages} oldest "
-                                "messages are left out of the prompt (the system prompt stays).", severity="warning")
-        elif isinstance(event, GenerationDone):
-            if streaming is not None and event.request_id == streaming.request_id:
-                await self._finish(streaming, event)
-        elif isinstance(event, EngineFailed):
-            self.notify(event.message, title="Model error", severity="error", timeout=10, markup=False)
-            if event.during == "load":
-                self.status.update_info(loading="", model=f"{self.status.info.model} (failed to load)")
-        elif isinstance(event, LoadProgress):
-            percent = 100 * event.done // max(event.total, 1)
-            self.status.update_info(loading=f"loading {percent}%")
-        elif isinstance(event, ModelReady):
-            self.status.update_info(model=event.name, device=event.device, dtype=event.dtype, loading="",
-                                    context_length=event.context_length)
-
-    async def _finish(self, streaming: Streaming, event: GenerationDone) -> None:
-        self._flush_timer.pause()
-        self.streaming = None
-        streaming.text = event.text
-        reason = event.stats.finish_reason
-        if event.tool_call_error:
-            self.notify(f"{event.tool_call_error}; it is shown as a plain answer", title="Unreadable tool call",
-                        severity="warning", timeout=10, markup=False)
-        if event.tool_calls:
-            await self._finish_with_calls(streaming, event)
-        elif streaming.text or reason == "stop":
-            self.save_answer(streaming, keep_empty=True)
-        view = streaming.view
-        if not event.tool_calls and view is not None and view.is_mounted:
-            if not streaming.text and reason in ("cancelled", "error"):
-                await view.remove()
-            else:
-                await view.finish(streaming.text)
-                view.message_id = streaming.message_id
-                view.set_note(NOTES.get(reason, ""))
-        stats = event.stats
-        self.status.update_info(generating=False, time_to_first_token=stats.time_to_first_token or None,
-                                tokens_per_second=stats.tokens_per_second or None,
-                                context_used=stats.prompt_tokens + stats.generated_tokens)
-        if self.conversation is not None and self.conversation.id == streaming.conversation_id:
-            reloaded = self.chat_app.store.load(streaming.conversation_id)
-            if reloaded is not None:
-                self.conversation = reloaded
-                self.conversation.title = reloaded.title
-                pending = reloaded.pending_tool_calls()
-                if event.tool_calls and pending:
-                    self._begin_tool_result(pending[0])
-
-    async def _finish_with_calls(self, streaming: Streaming, event: GenerationDone) -> None:
-        """Save the answer with its calls, and show them in place of the streamed text."""
-        store = self.chat_app.store
-        if streaming.message_id:
-            store.update_message(streaming.message_id, event.text, event.tool_calls)
-        elif store.load(streaming.conversation_id) is not None:
-            streaming.message_id = store.add_message(streaming.conversation_id, "assistant", event.text,
-                                                     tool_calls=event.tool_calls).id
-        streaming.saved_text = event.text
-        names = ", ".join(dict.fromkeys(call.name for call in event.tool_calls))
-        if streaming.view is not None and streaming.view.is_mounted:
-            await streaming.view.finish()
-            await streaming.view.remove()
-            await self.chat_log.add_view(ToolCallView(event.text, event.tool_calls, streaming.message_id))
-        self.notify(f"The model calls {names}: paste each result in the prompt (Enter sends it)", title="Tool call",
-                    markup=False)
 
     def action_stop(self) -> None:
         if self.streaming is not None:
@@ -554,24 +389,27 @@ class ChatScreen(Screen[None]):
         if not answer:
             self.notify("No answer to copy yet", severity="warning")
             return
-        self.app.copy_to_clipboard(answer)
-        self.notify("Answer copied to the clipboard")
+        copy_text(self, answer, "The last answer")
 
     def copy_code_block(self, index: int) -> None:
         blocks = code_blocks(self.last_answer() or "")
         if index < len(blocks):
-            self.app.copy_to_clipboard(blocks[index])
-            self.notify(f"Code block {index + 1} copied to the clipboard")
+            copy_text(self, blocks[index], f"Code block {index + 1}")
 
-    def export(self, kind: str) -> Path | None:
-        conversation = self.chat_app.store.load(self.conversation.id) if self.conversation else None
+    def export(self, kind: ExportKind) -> Path | None:
+        """Write the chat to a file under the app home's exports folder; says where, or why it could not."""
+        try:
+            conversation = self.chat_app.store.load(self.conversation.id) if self.conversation else None
+        except sqlite3.Error as exc:
+            self.notify(f"Cannot read the chat to export it: {exc}", severity="error", markup=False)
+            return None
         if conversation is None:
             return None
-        folder = app_home() / "exports"
-        folder.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^\w-]+", "-", conversation.title.lower()).strip("-")[:40] or "chat"
-        path = folder / f"{conversation.id}-{slug}.{'md' if kind == 'markdown' else 'json'}"
-        path.write_text(conversation.to_markdown() if kind == "markdown" else conversation.to_json(),
-                        encoding="utf-8")
+        model = self.status.info.model if self.chat_app.model_state == "ready" else ""
+        try:
+            path = export_conversation(conversation, kind, app_home() / "exports", model)
+        except MistralChatError as exc:
+            self.notify(str(exc), title="Export failed", severity="error", timeout=15, markup=False)
+            return None
         self.notify(f"Exported to {path}", markup=False)
         return path

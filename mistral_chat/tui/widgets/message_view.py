@@ -1,4 +1,6 @@
-"""One message of the conversation: a role label and its text as Markdown (model text is data, never markup)."""
+"""One message of the conversation: a role label and its text. The model's text is Markdown; the user's is shown
+exactly as typed (line breaks, backticks and asterisks kept). Either is data, never markup, and control
+characters never reach the terminal (safe_text.displayable)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
-from textual.widgets import Label, Markdown
+from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from mistral_chat.chat.templates import Role
+from mistral_chat.tui.clipboard import copy_text
+from mistral_chat.tui.safe_text import displayable
 
 FENCE_OPEN = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System", "tool": "Tool result"}
@@ -55,7 +59,10 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
-        yield Markdown(self.text, classes="body")
+        if self.role == "user":
+            yield Static(Content(displayable(self.text)), classes="body plain")
+        else:
+            yield Markdown(displayable(self.text), classes="body")
 
     def _label(self) -> Content:
         label = ROLE_LABELS.get(self.role, self.role)
@@ -81,7 +88,7 @@ class MessageView(Vertical, can_focus=True):
             if markdown is None:
                 return
             self._stream = Markdown.get_stream(markdown)
-        await self._stream.write(fragment)
+        await self._stream.write(displayable(fragment))
 
     async def finish(self, text: str | None = None) -> None:
         """End the stream; with `text`, show exactly that."""
@@ -92,17 +99,15 @@ class MessageView(Vertical, can_focus=True):
             self.text = text
             markdown = self.markdown
             if markdown is not None:
-                await markdown.update(text)
+                await markdown.update(displayable(text))
 
     def action_copy_message(self) -> None:
-        self.app.copy_to_clipboard(self.text)
-        self.notify("Message copied to the clipboard")
+        copy_text(self, self.text, "The message")
 
     def action_copy_code(self) -> None:
         blocks = code_blocks(self.text)
         if not blocks:
             self.notify("This message has no code block", severity="warning")
             return
-        self.app.copy_to_clipboard(blocks[-1])
-        self.notify("Code block copied to the clipboard" if len(blocks) == 1 else
-                    f"Last of {len(blocks)} code blocks copied (the command palette copies the others)")
+        copy_text(self, blocks[-1], "The code block" if len(blocks) == 1 else
+                  f"The last of {len(blocks)} code blocks (the command palette copies the others)")

@@ -1,8 +1,15 @@
-"""The multi-line prompt editor: Enter sends, Ctrl+J inserts a newline, Up/Down walk the input history."""
+"""The multi-line prompt editor: Enter sends, Ctrl+J / Alt+Enter insert a newline, Up/Down walk the history.
+
+Enter is handled in the widget's own key handler, in order with the keys before it: as a priority binding it ran
+as soon as the app read it, before the TextArea had taken the keys queued ahead of it, so "hi" + Enter arriving
+in one burst (a paste, tmux send-keys, a slow SSH link) sent an empty message.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from textual import events
 from textual.binding import Binding
@@ -10,13 +17,27 @@ from textual.message import Message
 from textual.widgets import TextArea
 
 NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+HISTORY_LIMIT = 200
+
+
+def read_alt_enter() -> None:
+    """Teach Textual's key reader ESC CR, the Alt+Enter of xterm-style terminals and tmux: it reads it as a
+    plain Enter (the Alt is kept only for one-character keys), which sent half-typed messages."""
+    try:
+        from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
+    except ImportError:  # a Textual without that table: Alt+Enter sends, Ctrl+J still adds a line
+        return
+    ANSI_SEQUENCES_KEYS.setdefault("\x1b\r", (SimpleNamespace(value="alt+enter"),))  # type: ignore[arg-type]
+
+
+read_alt_enter()
 
 
 class PromptInput(TextArea):
     """A TextArea that sends on Enter and remembers what was sent."""
 
     BINDINGS = [
-        Binding("enter", "submit", "Send", show=True, priority=True),
+        Binding("enter", "submit", "Send", show=True),  # shown in the footer; _on_key runs it, in key order
         Binding("ctrl+j", "newline", "Newline", show=True),
     ]
 
@@ -40,6 +61,11 @@ class PromptInput(TextArea):
             event.prevent_default()
             self.action_newline()
             return
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.action_submit()
+            return
         await super()._on_key(event)
 
     def action_newline(self) -> None:
@@ -55,6 +81,17 @@ class PromptInput(TextArea):
     def remember(self, text: str) -> None:
         if not self.sent or self.sent[-1] != text:
             self.sent.append(text)
+            del self.sent[:-HISTORY_LIMIT]
+        self._history_index = None
+
+    def seed_history(self, texts: Iterable[str]) -> None:
+        """Start the history with `texts` (the chat's own messages, oldest first), so Up recalls them after a
+        restart; what was sent in this run and is not among them comes after."""
+        seeded: list[str] = []
+        for text in texts:
+            if text.strip() and (not seeded or seeded[-1] != text):
+                seeded.append(text)
+        self.sent = (seeded + [t for t in self.sent if t not in seeded])[-HISTORY_LIMIT:]
         self._history_index = None
 
     def set_text(self, text: str) -> None:

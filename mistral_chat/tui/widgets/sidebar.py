@@ -12,11 +12,12 @@ from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
 from mistral_chat.chat.conversation import Conversation
+from mistral_chat.tui.safe_text import displayable
 
 
 class ConversationItem(ListItem):
     def __init__(self, conversation: Conversation) -> None:
-        super().__init__(Label(Content(conversation.title)), id=f"conversation-{conversation.id}")
+        super().__init__(Label(Content(displayable(conversation.title))), id=f"conversation-{conversation.id}")
         self.conversation_id = conversation.id
 
 

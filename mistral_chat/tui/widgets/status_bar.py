@@ -1,11 +1,21 @@
-"""The bottom line: model, device and dtype, context used / length, and the last answer's speed."""
+"""The bottom line: model, device and dtype, context used / length, and the answer's speed (live while it streams).
+
+It fits its width: narrower, the separators shrink, then the least needed parts go (the trimmed-messages note,
+device and dtype, first-token time, the context), then the model's name is shortened; the speed and the
+"generating (Esc stops)" hint stay to the last.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from textual import events
 from textual.content import Content
 from textual.widgets import Static
+
+from mistral_chat.tui.safe_text import displayable
+
+WIDE, NARROW = "  │  ", " │ "
 
 
 @dataclass(frozen=True)
@@ -13,33 +23,63 @@ class StatusInfo:
     model: str = "no model"
     device: str = ""
     dtype: str = ""
-    loading: str = ""  # "loading 3/10" while a model loads
+    loading: str = ""  # "loading 30%" while a model loads
     context_used: int = 0
+    context_estimated: bool = False  # context_used is a guess from the text (a reopened chat)
     context_length: int = 0
     trimmed_messages: int = 0
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
+    generated_tokens: int | None = None  # the answer's tokens so far (live) or in all
     generating: bool = False
 
 
-def status_text(info: StatusInfo) -> str:
-    parts = [info.model]
+def status_parts(info: StatusInfo) -> list[tuple[int, str]]:
+    """(priority, text) in display order; the lowest priority goes first when the line is too narrow."""
+    parts = [(6, displayable(info.model))]
     if info.device:
-        parts.append(f"{info.device} {info.dtype}".strip())
+        parts.append((1, f"{info.device} {info.dtype}".strip()))
     if info.loading:
-        parts.append(info.loading)
+        parts.append((7, info.loading))
     if info.context_length:
-        ctx = f"ctx {info.context_used}/{info.context_length}"
+        used = f"~{info.context_used}" if info.context_estimated else str(info.context_used)
+        parts.append((3, f"ctx {used}/{info.context_length}"))
         if info.trimmed_messages:
-            ctx += f" ({info.trimmed_messages} older messages left out)"
-        parts.append(ctx)
+            parts.append((0, f"{info.trimmed_messages} older messages left out"))
     if info.time_to_first_token is not None:
-        parts.append(f"first token {info.time_to_first_token * 1000:.0f} ms")
+        parts.append((2, f"first token {info.time_to_first_token * 1000:.0f} ms"))
+    if info.generated_tokens is not None and (info.generating or info.generated_tokens):
+        parts.append((4, f"{info.generated_tokens} tok"))
     if info.tokens_per_second is not None:
-        parts.append(f"{info.tokens_per_second:.1f} tok/s")
+        parts.append((5, f"{info.tokens_per_second:.1f} tok/s"))
     if info.generating:
-        parts.append("generating (Esc stops)")
-    return "  │  ".join(parts)
+        parts.append((8, "generating (Esc stops)"))
+    return parts
+
+
+def status_text(info: StatusInfo, width: int | None = None) -> str:
+    """The line for `info`, fitted into `width` cells (None: no limit)."""
+    parts = status_parts(info)
+    line = WIDE.join(text for _, text in parts)
+    if width is None or len(line) <= width:
+        return line
+    while True:
+        line = NARROW.join(text for _, text in parts)
+        if len(line) <= width or len(parts) == 1:
+            break
+        lowest = min(range(len(parts)), key=lambda i: (parts[i][0] if parts[i][0] != 6 else 99, i))
+        if parts[lowest][0] == 6:  # only the model is left to give up: shorten it instead
+            break
+        parts.pop(lowest)
+    if len(line) > width:  # shorten the model's name, then cut what is left
+        priority, model = parts[0]
+        rest = NARROW.join(text for _, text in parts[1:])
+        room = width - len(rest) - (len(NARROW) if rest else 0)
+        if room >= 8:
+            parts[0] = (priority, model[:room - 1] + "…")
+            line = NARROW.join(text for _, text in parts)
+        line = line[:width]
+    return line
 
 
 class StatusBar(Static):
@@ -50,8 +90,22 @@ class StatusBar(Static):
         self.info = StatusInfo()
 
     def on_mount(self) -> None:
-        self.update(Content(status_text(self.info)))
+        self._show()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._show()
 
     def update_info(self, **changes: object) -> None:
         self.info = replace(self.info, **changes)  # type: ignore[arg-type]
-        self.update(Content(status_text(self.info)))
+        self._show()
+
+    @property
+    def text(self) -> str:
+        return status_text(self.info, self._width())
+
+    def _width(self) -> int | None:
+        width = self.content_region.width if self.is_mounted else 0
+        return width or None
+
+    def _show(self) -> None:
+        self.update(Content(self.text))

@@ -13,6 +13,7 @@ from textual.widgets import Label, Static
 
 from mistral_chat.chat.conversation import format_arguments
 from mistral_chat.chat.tools import ToolCall
+from mistral_chat.tui.safe_text import displayable
 from mistral_chat.tui.widgets.message_view import MessageView
 
 
@@ -44,11 +45,11 @@ class ToolCallView(MessageView):
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
         if self.answer_text:
-            yield Static(self.answer_text, classes="body", markup=False)
+            yield Static(Content(displayable(self.answer_text)), classes="body")
         for call in self.calls:
             yield Static(Content.assemble(("calls ", "dim"), (call.name, "bold"), (f"  (id {call.id})", "dim")),
                          classes="call-name")
-            yield Static(Content(format_arguments(call.arguments)), classes="call-arguments")
+            yield Static(Content(displayable(format_arguments(call.arguments))), classes="call-arguments")
 
     def _label(self) -> Content:
         return Content(f"Assistant  {self.note}" if self.note else "Assistant")

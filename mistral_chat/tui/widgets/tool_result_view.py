@@ -6,6 +6,7 @@ from textual.app import ComposeResult
 from textual.content import Content
 from textual.widgets import Label, Static
 
+from mistral_chat.tui.safe_text import displayable
 from mistral_chat.tui.widgets.message_view import MessageView
 
 
@@ -19,7 +20,7 @@ class ToolResultView(MessageView):
 
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
-        yield Static(Content(self.text), classes="body")
+        yield Static(Content(displayable(self.text)), classes="body")
 
     def _label(self) -> Content:
         what = self.function_name or self.call_id or "a call"

@@ -1,0 +1,88 @@
+"""An answer as it streams: tokens gathered in the engine's thread, taken by the UI a few tens of times a second.
+
+The engine can make hundreds of tokens a second; one Textual message (and one Markdown re-render) per token
+made the TUI show answers 2-5x slower than the engine made them. So TokenDeltas never become messages: the app's
+emit callback adds them to a `TokenBuffer` (a lock and a dict), and the chat screen's flush timer takes what
+gathered, appends it to the answer's view in one go and updates the live count in the status bar. Every other
+engine event takes the buffer first, so a GenerationDone never overtakes the tokens before it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mistral_chat.service.worker import TokenDelta
+
+if TYPE_CHECKING:
+    from mistral_chat.tui.widgets.message_view import MessageView
+
+FLUSH_SECONDS = 1 / 30  # at most ~30 screen updates a second while an answer streams
+
+
+@dataclass
+class Tokens:
+    """What arrived for one request since the UI last looked."""
+
+    request_id: int
+    conversation_id: int
+    text: str = ""
+    count: int = 0
+
+
+class TokenBuffer:
+    """Thread-safe: `add` in the engine's thread, `take` in the UI's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, Tokens] = {}
+
+    def add(self, delta: TokenDelta) -> None:
+        with self._lock:
+            tokens = self._pending.get(delta.request_id)
+            if tokens is None:
+                tokens = self._pending[delta.request_id] = Tokens(delta.request_id, delta.conversation_id)
+            tokens.text += delta.text
+            tokens.count += 1
+
+    def take(self) -> list[Tokens]:
+        with self._lock:
+            taken, self._pending = list(self._pending.values()), {}
+        return taken
+
+
+@dataclass
+class Streaming:
+    """The answer being generated: where it goes, what arrived, what is shown and what is saved."""
+
+    request_id: int
+    conversation_id: int
+    view: MessageView | None  # where it streams (None while another chat is shown)
+    text: str = ""
+    pending: str = ""  # arrived but not yet shown
+    message_id: int = 0  # its row once saved
+    saved_text: str = ""
+    saved_at: float = field(default_factory=time.monotonic)
+    tools: bool = False  # the request offered tools
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    tokens: int = 0  # TokenDeltas received (one per generated token)
+
+    def receive(self, tokens: Tokens, now: float | None = None) -> None:
+        if tokens.count and self.first_token_at is None:
+            self.first_token_at = time.monotonic() if now is None else now
+        self.text += tokens.text
+        self.pending += tokens.text
+        self.tokens += tokens.count
+
+    def live_figures(self, now: float | None = None) -> tuple[float | None, float | None]:
+        """Time to the first token and tokens a second so far, as the UI saw them (None until known)."""
+        if self.first_token_at is None:
+            return None, None
+        now = time.monotonic() if now is None else now
+        first = self.first_token_at - self.started_at
+        elapsed = now - self.first_token_at
+        rate = (self.tokens - 1) / elapsed if self.tokens > 1 and elapsed > 0 else None
+        return first, rate
