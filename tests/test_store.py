@@ -117,3 +117,72 @@ def test_tool_calls_results_tools_file_and_new_settings_round_trip(tmp_path: Pat
     assert store.load(conversation.id).pending_tool_calls() == [call]
     assert "get_weather" in loaded.to_markdown() and '"city": "Paris"' in loaded.to_markdown()
     store.close()
+
+
+# ---- two app instances on one data folder --------------------------------------------------------------------
+
+
+def test_second_instance_cannot_write_into_a_conversation_the_first_holds(tmp_path: Path) -> None:
+    import pytest
+
+    from mistral_chat.chat.store import ConversationBusyError
+
+    first, second = ChatStore(tmp_path / "c.db"), ChatStore(tmp_path / "c.db")
+    conv = first.create_conversation("mine")  # a new conversation is held by its creator
+    first.add_message(conv.id, "user", "hello from the first")
+    reply = first.add_message(conv.id, "assistant", "hi")
+    assert first.holds(conv.id) and second.held_elsewhere(conv.id) and not first.held_elsewhere(conv.id)
+    assert not second.claim(conv.id)
+    for write in (lambda: second.add_message(conv.id, "user", "hello from the second"),
+                  lambda: second.update_message(reply.id, "overwritten"),
+                  lambda: second.delete_messages_from(conv.id, reply.id),
+                  lambda: second.rename(conv.id, "theirs"),
+                  lambda: second.update_settings(conv.id, "sys", SamplingParams()),
+                  lambda: second.delete(conv.id)):
+        with pytest.raises(ConversationBusyError, match="open in another mistral-chat window"):
+            write()
+    loaded = second.load(conv.id)  # reading is never blocked
+    assert loaded is not None and loaded.title == "mine"
+    assert [m.content for m in loaded.messages] == ["hello from the first", "hi"]
+
+    first.release(conv.id)  # the first moves to another chat: now the second may take it
+    assert second.claim(conv.id)
+    second.add_message(conv.id, "user", "hello from the second")
+    with pytest.raises(ConversationBusyError):
+        first.add_message(conv.id, "user", "interleaved")
+    second.close()  # closing lets go of everything held
+    assert first.claim(conv.id)
+    first.close()
+
+
+def test_second_instance_sees_the_first_instances_chats_when_it_refreshes(tmp_path: Path) -> None:
+    first, second = ChatStore(tmp_path / "c.db"), ChatStore(tmp_path / "c.db")
+    assert second.list_conversations() == []
+    a = first.create_conversation("from the first")
+    first.add_message(a.id, "user", "needle")
+    assert [c.title for c in second.list_conversations()] == ["from the first"]
+    assert [c.id for c in second.list_conversations("needle")] == [a.id]
+    b = second.create_conversation("from the second")  # each writes its own chats
+    second.add_message(b.id, "user", "x")
+    assert {c.title for c in first.list_conversations()} == {"from the first", "from the second"}
+
+
+def test_a_conversation_held_by_a_killed_process_is_free_again(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = ChatStore(tmp_path / "c.db")
+    conv = store.create_conversation("shared")
+    store.release(conv.id)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mistral_chat.chat.store import ChatStore\n"
+         f"s = ChatStore({str(tmp_path / 'c.db')!r})\nassert s.claim({conv.id})\nprint('held', flush=True)\n"
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert not store.claim(conv.id)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the OS drops the lock
+        holder.wait(10)
+    assert store.claim(conv.id)
+    store.add_message(conv.id, "user", "mine now")

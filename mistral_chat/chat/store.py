@@ -5,6 +5,12 @@ One connection per store; the TUI uses it from its event-loop thread only.
 
 Databases of earlier versions are migrated when opened: missing columns are added (`MIGRATIONS`), nothing is
 dropped. Tool calls are kept as OpenAI-style JSON ([{"id", "type", "function": {"name", "arguments"}}]).
+
+Several app instances may open one database (two terminals on one data folder). Each conversation is written by
+one instance at a time: the store that writes into a conversation holds it (`claim`), through an OS file lock
+`<database>.locks/<id>.lock` that the OS releases when the process ends, even by kill -9. A write into a
+conversation another instance holds raises `ConversationBusyError` and changes nothing. Reads are never blocked:
+`list_conversations` and `load` see what other instances committed.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, Message
 from mistral_chat.chat.tools import ToolCall
@@ -63,11 +71,21 @@ class StoreError(MistralChatError):
     """The conversation database cannot be opened or written."""
 
 
+class ConversationBusyError(StoreError):
+    """Another app instance holds the conversation (it is open there): nothing was written."""
+
+    def __init__(self, conversation_id: int) -> None:
+        super().__init__(f"conversation {conversation_id} is open in another mistral-chat window, which writes into "
+                         "it: nothing was written here; start a new chat, or close it there first")
+        self.conversation_id = conversation_id
+
+
 class ChatStore:
     """Conversations, their messages and the UI's preferences in one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._held: dict[int, FileLock] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -81,7 +99,56 @@ class ChatStore:
                              "is writable, or set MISTRAL_CHAT_HOME to another folder") from exc
 
     def close(self) -> None:
+        for conversation_id in list(self._held):
+            self.release(conversation_id)
         self._db.close()
+
+    # ---- which instance writes into which conversation ---------------------------------------------------
+
+    def _lock_path(self, conversation_id: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.locks") / f"{int(conversation_id)}.lock"
+
+    def claim(self, conversation_id: int) -> bool:
+        """Hold the conversation for this store to write into: True when it does (now or already), False when
+        another instance (another process, or another store on the same file) holds it. Held until `release`,
+        `close` or the end of the process."""
+        if conversation_id in self._held:
+            return True
+        path = self._lock_path(conversation_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(path, timeout=0, thread_local=False)
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except OSError as exc:  # a read-only data folder: nobody can write here, so nobody else can either
+            log.warning("cannot lock conversation %s (%s); writing without a lock", conversation_id, exc)
+            return True
+        self._held[conversation_id] = lock
+        return True
+
+    def release(self, conversation_id: int) -> None:
+        """Let other instances write into the conversation (when this one moves to another chat)."""
+        lock = self._held.pop(conversation_id, None)
+        if lock is not None:
+            lock.release()
+
+    def holds(self, conversation_id: int) -> bool:
+        """Whether this store holds the conversation."""
+        return conversation_id in self._held
+
+    def held_elsewhere(self, conversation_id: int) -> bool:
+        """Whether another instance holds the conversation now (to mark it in a list); nothing is kept."""
+        if conversation_id in self._held:
+            return False
+        if not self.claim(conversation_id):
+            return True
+        self.release(conversation_id)
+        return False
+
+    def _require(self, conversation_id: int) -> None:
+        if not self.claim(conversation_id):
+            raise ConversationBusyError(conversation_id)
 
     def _migrate(self) -> None:
         for table, column, declaration in MIGRATIONS:
@@ -109,6 +176,7 @@ class ChatStore:
         cur = self._db.execute(
             "INSERT INTO conversations (title, system_prompt, settings, created_at, updated_at, tools_path) "
             "VALUES (?,?,?,?,?,?)", (title, system_prompt, json.dumps(asdict(settings)), now, now, tools_path))
+        self.claim(int(cur.lastrowid or 0))  # a new id (never reused): nobody else can hold it
         return Conversation(id=int(cur.lastrowid or 0), title=title, system_prompt=system_prompt,
                             settings=settings, created_at=now, updated_at=now, tools_path=tools_path)
 
@@ -135,16 +203,21 @@ class ChatStore:
         return conv
 
     def rename(self, conversation_id: int, title: str) -> None:
+        self._require(conversation_id)
         self._db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
 
     def delete(self, conversation_id: int) -> None:
+        self._require(conversation_id)
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        self._lock_path(conversation_id).unlink(missing_ok=True)  # still held: ids are never reused
+        self.release(conversation_id)
 
     def update_settings(self, conversation_id: int, system_prompt: str, settings: SamplingParams,
                         tools_path: str | None = None) -> None:
         """Save a conversation's system prompt and settings (and its tools file, unless None)."""
+        self._require(conversation_id)
         self._db.execute("UPDATE conversations SET system_prompt = ?, settings = ? WHERE id = ?",
                          (system_prompt, json.dumps(asdict(settings)), conversation_id))
         if tools_path is not None:
@@ -157,6 +230,7 @@ class ChatStore:
 
     def add_message(self, conversation_id: int, role: str, content: str, *, tool_calls: tuple[ToolCall, ...] = (),
                     tool_call_id: str | None = None, name: str | None = None) -> Message:
+        self._require(conversation_id)
         now = time.time()
         with self._transaction() as db:
             cur = db.execute("INSERT INTO messages (conversation_id, role, content, created_at, tool_calls, "
@@ -168,6 +242,10 @@ class ChatStore:
 
     def update_message(self, message_id: int, content: str, tool_calls: tuple[ToolCall, ...] | None = None) -> None:
         """Replace a message's text (and its tool calls, unless None)."""
+        row = self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return
+        self._require(row[0])
         if tool_calls is None:
             self._db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
         else:
@@ -176,6 +254,7 @@ class ChatStore:
 
     def delete_messages_from(self, conversation_id: int, message_id: int) -> None:
         """Delete `message_id` and every later message of the conversation."""
+        self._require(conversation_id)
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id))
             self._touch(db, conversation_id)
