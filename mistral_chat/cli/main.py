@@ -130,9 +130,11 @@ def _stdout_closed() -> None:
 
 
 def _register_commands() -> None:
+    from mistral_chat.cli import batch
     from mistral_chat.cli.models import register
 
     register(app)
+    batch.register(app)
 
 
 def _configure_logging(debug: bool, verbose: bool) -> None:
