@@ -150,3 +150,125 @@ def test_tekken_wins_over_sentencepiece_files(tmp_path):
     copy_tokenizer(tmp_path, "tekken")
     assert find_tokenizer_file(tmp_path).name == "tekken.json"
     assert load_tokenizer(tmp_path).is_tekken
+
+
+# ---- wrong types and sizes: one line naming the key and what it must be ----------------------------------------
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("dim", "sixty-four", "'dim' must be a positive integer, got 'sixty-four'"),
+    ("dim", 64.7, "'dim' must be a positive integer, got 64.7"),
+    ("dim", -64, "'dim' must be a positive integer, got -64"),
+    ("dim", True, "'dim' must be a positive integer, got True"),
+    ("dim", [64], "'dim' must be a positive integer, got [64]"),
+    ("n_heads", 0, "'n_heads' must be a positive integer, got 0"),
+    ("n_kv_heads", 0, "'n_kv_heads' must be a positive integer, got 0"),
+    ("n_kv_heads", 3, "'n_heads' (4) must be a multiple of 'n_kv_heads' (3)"),
+    ("n_layers", "2", "'n_layers' must be a positive integer, got '2'"),
+    ("head_dim", 0, "'head_dim' must be a positive integer, got 0"),
+    ("hidden_dim", -1, "'hidden_dim' must be a positive integer, got -1"),
+    ("vocab_size", 3.5e4, None),  # an integral float is that integer
+    ("vocab_size", 0, "'vocab_size' must be a positive integer, got 0"),
+    ("norm_eps", 0, "'norm_eps' must be a positive number, got 0"),
+    ("norm_eps", "tiny", "'norm_eps' must be a positive number, got 'tiny'"),
+    ("rope_theta", -1.0, "'rope_theta' must be a positive number, got -1.0"),
+    ("max_seq_len", 0, "'max_seq_len' must be a positive integer, got 0"),
+    ("moe", [8, 2], "'moe' must be an object"),
+    ("moe", {"num_experts": 8, "num_experts_per_tok": 0}, "'num_experts_per_tok' must be a positive integer"),
+    ("moe", {"num_experts": 2, "num_experts_per_tok": 4}, "'num_experts_per_tok' (4) is more than 'num_experts' (2)"),
+])
+def test_params_with_wrong_types_or_sizes_are_refused_naming_the_key(key, value, expected):
+    from mistral_chat.errors import ModelFilesError
+
+    data = {**PARAMS, key: value}
+    if expected is None:
+        assert parse_params(data, source="x/params.json").vocab_size == 35000
+        return
+    with pytest.raises(ModelFilesError) as info:
+        parse_params(data, source="x/params.json")
+    message = str(info.value)
+    assert message.startswith("x/params.json") and expected in message and "\n" not in message
+
+
+def test_params_without_head_dim_need_dim_divisible_by_heads():
+    from mistral_chat.errors import ModelFilesError
+
+    data = {k: v for k, v in PARAMS.items() if k != "head_dim"}
+    assert parse_params({**data, "dim": 64}).head_dim == 16
+    with pytest.raises(ModelFilesError, match="'dim' \\(66\\) is not divisible by 'n_heads' \\(4\\)"):
+        parse_params({**data, "dim": 66})
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("hidden_size", "64", "'hidden_size' must be a positive integer"),
+    ("num_attention_heads", 0, "'num_attention_heads' must be a positive integer, got 0"),
+    ("intermediate_size", 12.5, "'intermediate_size' must be a positive integer, got 12.5"),
+    ("rms_norm_eps", -1e-5, "'rms_norm_eps' must be a positive number"),
+    ("rope_theta", "big", "'rope_theta' must be a positive number"),
+    ("max_position_embeddings", -1, "'max_position_embeddings' must be a positive integer"),
+])
+def test_hf_config_with_wrong_types_or_sizes_is_refused_naming_the_key(key, value, expected):
+    from mistral_chat.errors import ModelFilesError
+
+    with pytest.raises(ModelFilesError) as info:
+        parse_hf_config({**HF_CONFIG, key: value}, source="x/config.json")
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+_READ_AS_USER = """
+import sys
+from mistral_chat.engine.config import load_config
+from mistral_chat.errors import ModelFilesError
+from mistral_chat.models.files import select_local_files
+for read in (load_config, select_local_files)[:int(sys.argv[2])]:
+    try:
+        read(sys.argv[1])
+    except ModelFilesError as exc:
+        print(exc)
+    else:
+        print("no error")
+"""
+
+
+def _read_as_user(folder: str, readers: int) -> list[str]:
+    """Each reader's error line, run as a user permissions apply to (as root, a subprocess as nobody: root reads
+    anything)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", _READ_AS_USER, folder, str(readers)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop to another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/",
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_model_folder_without_read_permission_is_one_line():
+    import os
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="unreadable-")  # outside pytest's tmp folder, which only root may enter
+    folder = os.path.join(base, "model")
+    try:
+        os.chmod(base, 0o755)
+        os.mkdir(folder)
+        with open(os.path.join(folder, "params.json"), "w") as f:
+            json.dump(PARAMS, f)
+        os.chmod(os.path.join(folder, "params.json"), 0o644)
+        for mode in (0o000, 0o700, 0o711):  # nothing; the owner only; traversable but not listable
+            os.chmod(folder, mode)
+            lines = _read_as_user(folder, 2 if mode != 0o711 else 1)
+            for line in lines:
+                assert "cannot read the model folder" in line and folder in line and "permission denied" in line, line
+        os.chmod(folder, 0o755)
+        os.chmod(os.path.join(folder, "params.json"), 0o000)
+        (line,) = _read_as_user(folder, 1)
+        assert line.startswith("cannot read") and "params.json (permission denied)" in line, line
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(base)

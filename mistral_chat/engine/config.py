@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +80,9 @@ def detect_format(model_dir: Path) -> CheckpointFormat:
         raise ModelFilesError(f"model directory {model_dir} does not exist: check the path or run `mistral-chat pull`")
     if not model_dir.is_dir():
         raise ModelFilesError(f"{model_dir} is a file, not a model directory: pass the folder that holds it")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise ModelFilesError(f"cannot read the model folder {model_dir} (permission denied): give your user read "
+                              f"access to it (chmod u+rx, or chmod -R u+rX for its files)")
     if (model_dir / "params.json").exists():
         return "native"
     if (model_dir / "config.json").exists():
@@ -100,6 +105,9 @@ def load_config(model_dir: Path) -> ModelConfig:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise ModelFilesError(f"cannot read {path} (permission denied): give your user read access to it "
+                              "(chmod u+r)") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFilesError(f"{path} is not valid JSON ({exc}): re-download the model") from exc
     if not isinstance(data, dict):
@@ -111,6 +119,67 @@ def _need(data: dict[str, Any], key: str, source: str) -> Any:
     if key not in data or data[key] is None:
         raise ModelFilesError(f"{source} lacks '{key}': the file is incomplete, re-download the model")
     return data[key]
+
+
+def _bad(source: str, key: str, expected: str, value: Any) -> ModelFilesError:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return ModelFilesError(f"{source}: '{key}' must be {expected}, got {shown}: fix the file or re-download the model")
+
+
+def _int(data: dict[str, Any], key: str, source: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer >= `minimum` (64.0 is 64; 64.7, "64", true are refused); `default` when absent or null, else
+    the key is required."""
+    value = data.get(key)
+    if value is None:
+        if default is None:
+            return int(_need(data, key, source))
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(source, key, expected, value)
+    return value
+
+
+def _positive_float(data: dict[str, Any], key: str, source: str, default: float) -> float:
+    """A finite number > 0; `default` when absent or null."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _bad(source, key, "a positive number", value)
+    return float(value)
+
+
+def _heads(dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None, keys: tuple[str, str, str, str],
+           source: str) -> int:
+    """head_dim (given, or dim / n_heads), after checking that the heads divide as attention needs."""
+    dim_key, heads_key, kv_key, head_dim_key = keys
+    if n_heads % n_kv_heads:
+        raise ModelFilesError(f"{source}: '{heads_key}' ({n_heads}) must be a multiple of '{kv_key}' ({n_kv_heads}): "
+                              "fix the file or re-download the model")
+    if head_dim is None:
+        if dim % n_heads:
+            raise ModelFilesError(f"{source}: '{dim_key}' ({dim}) is not divisible by '{heads_key}' ({n_heads}) and "
+                                  f"'{head_dim_key}' is not given: fix the file or re-download the model")
+        return dim // n_heads
+    return head_dim
+
+
+def _moe(data: dict[str, Any], source: str) -> tuple[int, int]:
+    """(num_experts, num_experts_per_tok) of params.json's optional `moe` object; (0, 0) without one."""
+    moe = data.get("moe")
+    if moe is None:
+        return 0, 0
+    if not isinstance(moe, dict):
+        raise _bad(source, "moe", "an object {num_experts, num_experts_per_tok}", moe)
+    experts = _int(moe, "num_experts", f"{source} moe")
+    per_token = _int(moe, "num_experts_per_tok", f"{source} moe")
+    if per_token > experts:
+        raise ModelFilesError(f"{source}: moe 'num_experts_per_tok' ({per_token}) is more than 'num_experts' "
+                              f"({experts}): fix the file or re-download the model")
+    return experts, per_token
 
 
 def _window(value: Any, source: str) -> int | None:
@@ -144,34 +213,38 @@ def _combine_windows(windows: tuple[int | None, ...]) -> tuple[int | None, tuple
 
 
 def parse_params(data: dict[str, Any], source: str = "params.json") -> ModelConfig:
-    """Native (mistral-inference) params.json."""
+    """Native (mistral-inference) params.json. Every size is checked (type and range) and named when wrong."""
     unknown = set(data) - _NATIVE_KEYS - _NATIVE_IGNORED
     if unknown:
         log.warning("%s: ignoring unknown keys %s", source, ", ".join(sorted(unknown)))
-    dim = int(_need(data, "dim", source))
-    n_heads = int(_need(data, "n_heads", source))
-    n_layers = int(_need(data, "n_layers", source))
+    dim = _int(data, "dim", source)
+    n_heads = _int(data, "n_heads", source)
+    n_layers = _int(data, "n_layers", source)
+    n_kv_heads = _int(data, "n_kv_heads", source, default=n_heads)
+    head_dim = _heads(dim, n_heads, n_kv_heads, _int(data, "head_dim", source, default=0, minimum=1) or None,
+                      ("dim", "n_heads", "n_kv_heads", "head_dim"), source)
     window, layer_windows = _layer_windows(data.get("sliding_window"), n_layers, source)
-    moe = data.get("moe") or {}
-    rope_theta = data.get("rope_theta")
-    if rope_theta is None:  # mistral-inference's default: 10000 with a window (7B v0.1), 1e6 otherwise
-        windowed = window is not None or any(w is not None for w in layer_windows)
-        rope_theta = 10000.0 if windowed else 1_000_000.0
+    experts, per_token = _moe(data, source)
+    windowed = window is not None or any(w is not None for w in layer_windows)
+    # mistral-inference's default rope_theta: 10000 with a window (7B v0.1), 1e6 otherwise
+    rope_theta = _positive_float(data, "rope_theta", source, 10000.0 if windowed else 1_000_000.0)
+    max_seq_len = _int(data, "max_seq_len", source, default=0) or _int(data, "max_position_embeddings", source,
+                                                                      default=32768)
     return ModelConfig(
         dim=dim,
         n_layers=n_layers,
-        head_dim=int(data.get("head_dim") or dim // n_heads),
-        hidden_dim=int(_need(data, "hidden_dim", source)),
+        head_dim=head_dim,
+        hidden_dim=_int(data, "hidden_dim", source),
         n_heads=n_heads,
-        n_kv_heads=int(data.get("n_kv_heads") or n_heads),
-        vocab_size=int(_need(data, "vocab_size", source)),
-        norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(rope_theta),
+        n_kv_heads=n_kv_heads,
+        vocab_size=_int(data, "vocab_size", source),
+        norm_eps=_positive_float(data, "norm_eps", source, 1e-5),
+        rope_theta=rope_theta,
         sliding_window=window,
         layer_windows=layer_windows,
-        num_experts=int(moe.get("num_experts", 0)),
-        num_experts_per_tok=int(moe.get("num_experts_per_tok", 0)),
-        max_seq_len=int(data.get("max_seq_len") or data.get("max_position_embeddings") or 32768),
+        num_experts=experts,
+        num_experts_per_tok=per_token,
+        max_seq_len=max_seq_len,
         checkpoint_format="native",
     )
 
@@ -182,12 +255,22 @@ def parse_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelC
     if model_type not in ("mistral", "mixtral", "ministral"):
         raise ModelFilesError(f"{source}: model_type {model_type!r} is not supported; mistral-chat runs "
                               "'mistral', 'mixtral' and 'ministral' models")
-    dim = int(_need(data, "hidden_size", source))
-    n_heads = int(_need(data, "num_attention_heads", source))
+    dim = _int(data, "hidden_size", source)
+    n_heads = _int(data, "num_attention_heads", source)
+    n_kv_heads = _int(data, "num_key_value_heads", source, default=n_heads)
+    head_dim = _heads(dim, n_heads, n_kv_heads, _int(data, "head_dim", source, default=0) or None,
+                      ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"), source)
     rope = data.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
-    experts = int(data.get("num_local_experts", 0)) if model_type == "mixtral" else 0
-    n_layers = int(_need(data, "num_hidden_layers", source))
+    if not isinstance(rope, dict):
+        raise _bad(source, "rope_parameters", "an object", rope)
+    rope_theta = _positive_float(rope, "rope_theta", f"{source} rope_parameters",
+                                 _positive_float(data, "rope_theta", source, 10000.0))
+    experts = _int(data, "num_local_experts", source, default=0, minimum=0) if model_type == "mixtral" else 0
+    per_token = _int(data, "num_experts_per_tok", source, default=0, minimum=0) if experts else 0
+    if experts and not 1 <= per_token <= experts:
+        raise ModelFilesError(f"{source}: 'num_experts_per_tok' ({per_token}) must be between 1 and "
+                              f"'num_local_experts' ({experts}): fix the file or re-download the model")
+    n_layers = _int(data, "num_hidden_layers", source)
     window = _window(data.get("sliding_window"), source)
     if data.get("use_sliding_window") is False:
         window = None
@@ -195,18 +278,18 @@ def parse_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelC
     return ModelConfig(
         dim=dim,
         n_layers=n_layers,
-        head_dim=int(data.get("head_dim") or dim // n_heads),
-        hidden_dim=int(_need(data, "intermediate_size", source)),
+        head_dim=head_dim,
+        hidden_dim=_int(data, "intermediate_size", source),
         n_heads=n_heads,
-        n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
-        vocab_size=int(_need(data, "vocab_size", source)),
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        n_kv_heads=n_kv_heads,
+        vocab_size=_int(data, "vocab_size", source),
+        norm_eps=_positive_float(data, "rms_norm_eps", source, 1e-6),
+        rope_theta=rope_theta,
         sliding_window=window,
         layer_windows=layer_windows,
         num_experts=experts,
-        num_experts_per_tok=int(data.get("num_experts_per_tok", 0)) if experts else 0,
-        max_seq_len=int(data.get("max_position_embeddings") or 32768),
+        num_experts_per_tok=per_token,
+        max_seq_len=_int(data, "max_position_embeddings", source, default=32768),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         checkpoint_format="hf",
     )

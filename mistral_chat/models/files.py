@@ -111,4 +111,11 @@ def select_files(names: Iterable[str], fmt: FormatChoice = "auto", source: str =
 
 def select_local_files(model_dir: Path, fmt: FormatChoice = "auto") -> FileSelection:
     """`select_files` over the files of a folder."""
-    return select_files((p.name for p in Path(model_dir).iterdir()), fmt, source=str(model_dir))
+    try:
+        names = [p.name for p in Path(model_dir).iterdir()]
+    except PermissionError as exc:
+        raise ModelFilesError(f"cannot read the model folder {model_dir} (permission denied): give your user read "
+                              "access to it (chmod u+rx, or chmod -R u+rX for its files)") from exc
+    except OSError as exc:
+        raise ModelFilesError(f"cannot read the model folder {model_dir} ({exc.strerror or exc}): check the path") from exc
+    return select_files(names, fmt, source=str(model_dir))
