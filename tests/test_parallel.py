@@ -142,6 +142,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.slow
 def test_a_dead_follower_ends_the_run_within_seconds(tiny):
     """Started through the hooks the engine worker takes (loader, session_factory), as the TUI does."""
     from mistral_chat.service.worker import LoadRequest
@@ -167,6 +168,7 @@ def test_a_dead_follower_ends_the_run_within_seconds(tiny):
         hooks.close()
 
 
+@pytest.mark.slow
 def test_rank_0_stuck_with_a_dead_follower_is_told_within_seconds(tiny):
     """Where a collective would never return (NCCL), the watcher calls on_stuck instead of hanging."""
     told: list[str] = []
@@ -192,6 +194,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow
 def test_followers_exit_when_rank_0_dies(tiny):
     proc = subprocess.run([sys.executable, "-c", RANK0_THEN_DIE, str(tiny["mistral"])], capture_output=True,
                           text=True, timeout=60)
@@ -203,6 +206,7 @@ def test_followers_exit_when_rank_0_dies(tiny):
     assert not _alive(follower)
 
 
+@pytest.mark.slow
 def test_one_shot_cli_with_tp_2_equals_without(tiny, tmp_path):
     env = dict(os.environ, MISTRAL_CHAT_HOME=str(tmp_path / "home"))
     base = [sys.executable, "-m", "mistral_chat.cli.main", "--model", str(tiny["mistral"]), "--device", "cpu",
@@ -266,6 +270,7 @@ def test_leaving_an_nccl_group_never_waits_forever(monkeypatch):
     assert calls == ["graphs dropped", "destroy", "abort"]
 
 
+@pytest.mark.slow
 def test_rank_0_leaves_the_group_with_the_followers_not_after_them(tiny, monkeypatch):
     """Rank 0 leaves the process group as soon as it has told the followers to stop, and only then waits for
     them: waiting first deadlocked NCCL teardown (the followers waited in it for rank 0) on GPUs."""
@@ -296,6 +301,7 @@ def _dequantized(w: torch.Tensor, slices: int = 1) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mistral", "mixtral"])
 def test_int8_ranks_quantize_their_own_slices(tiny, kind):
     """--quantize int8 with --tp 2: every rank quantizes the slices it holds. Column-parallel weights keep the
@@ -322,3 +328,48 @@ def test_int8_ranks_quantize_their_own_slices(tiny, kind):
             assert int(got.argmax()) == token
             got, expected = decode_next(parallel, token), decode_next(single, token)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def _listening_sockets(pids: list[int]) -> list[str]:
+    """The TCP addresses (hex, as /proc/net/tcp{,6} gives them) the processes `pids` listen on."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, owned by one of `pids`
+                    found.append(fields[1])
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
+        return host.endswith("7F")
+    return host in ("00000000000000000000000001000000", ) or (  # ::1, or ::ffff:127.x.x.x
+        host.startswith("0000000000000000FFFF0000") and host.endswith("7F"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp (Linux)")
+def test_rendezvous_listens_on_loopback_only(tiny):
+    """The TCP store of a spawned --tp run (and whatever else its ranks listen on) is reachable from this host
+    only: torch's TCPStore alone binds every interface (*:PORT) whatever host it is given."""
+    loaded, parallel = start(tiny["mistral"])
+    with parallel:
+        pids = [os.getpid(), *parallel.followers.pids.values()]
+        listening = _listening_sockets(pids)
+        assert listening, "the run listens on nothing?"
+        assert [a for a in listening if not _is_loopback(a)] == []

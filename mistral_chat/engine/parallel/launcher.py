@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -192,6 +193,30 @@ def exit_with_error(message: str) -> None:
 # ---- rank 0 --------------------------------------------------------------------------------------------------
 
 
+def loopback_store(world: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on 127.0.0.1 only.
+
+    `dist.TCPStore("127.0.0.1", 0, is_master=True)` binds its server to every interface (`*:PORT`, IPv4 and IPv6)
+    whatever host it is given: the host only says where clients connect. So the socket is bound to loopback here
+    and handed over (`master_listen_fd`); the store owns it from then on.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(max(world, 16))
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()
+    try:
+        return dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
+                             wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def start_parallel_session(options: RankOptions, world: int | None = None,
                            progress: Callable[[int, int], None] | None = None,
                            on_stuck: Callable[[str], None] | None = None
@@ -213,8 +238,7 @@ def start_parallel_session(options: RankOptions, world: int | None = None,
     dev_type = device_type(options.options.device)
     check_launch(world, dev_type)
     check_model_splits(options.path, world)
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
-                          wait_for_workers=False)
+    store = loopback_store(world)
     followers = FollowerProcesses(world, dev_type, store.port)
     if on_stuck is not None:
         followers.on_stuck = on_stuck
