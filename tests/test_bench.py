@@ -3,6 +3,7 @@ the floor; the numbers themselves are the GPU's business (BENCHMARKS.md), so not
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
     assert lines[3].split() == ["engine", "what", "batch", "ms", "tokens/s", "%", "floor", "warm-up", "s"]
 
 
+@pytest.mark.slow
 def test_bench_plan_overrides(tmp_path):
     """--plan KEY=VALUE replaces the plan's choices (a single-process run); a plan the CPU cannot run, an unknown
     field or a malformed pair is refused."""

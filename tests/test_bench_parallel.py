@@ -48,6 +48,7 @@ def test_sharded_moe_checkpoint_loads(tmp_path):
     assert out[:special_count(300)].abs().max() == 0 and 0.015 < out[20:].std() < 0.025  # EOS never wins
 
 
+@pytest.mark.slow
 def test_world_2_decodes_the_tokens_of_world_1():
     result = run_parallel_bench("tiny", worlds=(1, 2), dtype="float32", device="cpu", prompt=24, steps=16)
     one, two = result.runs
@@ -65,6 +66,7 @@ def test_world_2_decodes_the_tokens_of_world_1():
     assert "world" in format_parallel_table(result)
 
 
+@pytest.mark.slow
 def test_bench_cli_with_tp(tmp_path):
     out = tmp_path / "tp.json"
     proc = subprocess.run([sys.executable, "-m", "mistral_chat.bench.run", "--shape", "tiny", "--tp", "1,2", "--device",

@@ -34,6 +34,7 @@ def greedy(model, ids: list[int], steps: int, compile: bool, cache: int = 300) -
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_decode_equals_eager(tmp_path, quantize):
     loaded = load_model(write_tiny_model(tmp_path, "mistral")["native"], device="cpu", dtype="float32",
@@ -44,6 +45,7 @@ def test_compiled_decode_equals_eager(tmp_path, quantize):
     assert compiled == eager
 
 
+@pytest.mark.slow
 def test_compiled_decode_serves_every_cache_bucket_with_one_graph():
     from torch._dynamo.utils import counters
 
@@ -63,6 +65,7 @@ def test_compiled_decode_serves_every_cache_bucket_with_one_graph():
     assert counters["stats"]["unique_graphs"] - before == 1  # (a bucket equal to the whole cache adds one more)
 
 
+@pytest.mark.slow
 def test_stored_activations_change_no_value():
     """`materialize` only tells the compiler to keep a value in its own buffer: the feed-forward block gives the
     same output compiled as eager, and eager is untouched."""
@@ -102,6 +105,7 @@ def test_prefill_runs_eagerly_and_gives_the_last_positions_logits():
     torch.testing.assert_close(got, want[:, -1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_batched_mixtral_decode_equals_eager():
     """Batch 8 with 2 experts a token is more than the gathered path takes (8 pairs): eager runs each expert on its
     tokens, which a compiled block cannot (data-dependent shapes; `bench --shape mixtral-8x7b` failed at batch 8),

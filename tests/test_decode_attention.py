@@ -89,6 +89,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_decode_attention_matches_grouped_attention():
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
                           env=checks_env(TRITON_INTERPRET="1"), timeout=600)

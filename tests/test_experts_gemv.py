@@ -66,6 +66,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,

@@ -87,6 +87,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_fused_kernels_match_the_formulas_and_the_models_decode_the_same():
     env = checks_env(TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)

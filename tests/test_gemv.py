@@ -90,6 +90,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
     pytest.importorskip("triton")
     env = checks_env(TRITON_INTERPRET="1")

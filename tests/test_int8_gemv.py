@@ -65,6 +65,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_int8_kernel_matches_the_plain_product_and_the_model_decodes_the_same():
     env = checks_env(TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,

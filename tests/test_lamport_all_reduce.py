@@ -105,6 +105,7 @@ def _rank(rank: int, world: int, buffers: list[torch.Tensor], results) -> None:
     results.put((rank, worst, outs, parallel._fast_kernel.counters.tolist(), same, phases))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_lamport_all_reduce_sums_across_processes(monkeypatch, world):
     import torch.multiprocessing as mp

@@ -3,6 +3,7 @@ the checkpoint's size (no float32 copy of a bf16 model, no second copy of the we
 
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -36,6 +37,7 @@ print(peak[0] - before)
 """
 
 
+@pytest.mark.slow
 def test_peak_host_memory_is_about_the_checkpoint_size(tmp_path: Path):
     dim, hidden, layers, vocab = 512, 2048, 8, 32768
     g = torch.Generator().manual_seed(0)

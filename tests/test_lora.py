@@ -179,6 +179,7 @@ def test_merged_adapter_matches_peft(tiny, tmp_path, fmt):
     assert engine_greedy(model, ids[:, :20], 24) == hf_greedy(reference, ids[:, :20], 24)
 
 
+@pytest.mark.slow
 def test_mixtral_expert_adapter_matches_merged_reference(tiny, tmp_path):
     """Experts merge the same way from either format (the q/k permute of HF checkpoints is tested above)."""
     paths, fmt = tiny["mixtral"], "native"
@@ -215,6 +216,7 @@ def test_int8_quantizes_the_merged_weights(tiny, tmp_path):
         torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["native", "hf"])
 @pytest.mark.parametrize("kind", ["mistral", "mixtral"])
 def test_tensor_parallel_ranks_merge_their_slices(tiny, tmp_path, kind, fmt):

@@ -82,6 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("all_reduce", ["nccl", "fast", "lamport", "fused", "fused-mixtral"])
 def test_compiled_tensor_parallel_decode_equals_single_process_eager(tmp_path, monkeypatch, all_reduce):
     """"nccl": the plain plan (no Triton here), all-reduces through c10d (gloo). "fast": the symmetric-memory
