@@ -299,6 +299,42 @@ def test_no_network(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_one_line_error(err, f"cannot reach http://127.0.0.1:{port}", "network")
 
 
+def _dead_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_no_route_to_the_hub_fails_fast_with_one_retry_line(hub: HubServer, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 28: ~15 s through four WARNING lines before the message; and "downloaded bytes are kept" with none."""
+    monkeypatch.setattr(download, "DEFAULT_RETRY", RetryPolicy())  # the real backoff: 1, 2, 4, 8 s
+    monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="mistral_chat.models.download"):
+        code, _, err = run_cli("pull", "tiny/native-only")
+    assert time.monotonic() - started < 3.0
+    assert code == 1
+    assert_one_line_error(err, "cannot reach", "network")
+    assert "kept" not in err  # nothing was downloaded
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) <= 1, [r.getMessage() for r in retries]
+
+
+def test_lost_hub_after_a_partial_download_says_the_bytes_are_kept(hub: HubServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(commands, "progress_for", lambda console, label: InterruptAfter(12_000_000))
+        run_cli("pull", "tiny/native-only")
+    partial = next((cache_dir(tmp_path) / "models--tiny--native-only" / "blobs").glob("*.incomplete"))
+    monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
+    code, _, err = run_cli("pull", "tiny/native-only")
+    assert code == 1
+    assert_one_line_error(err, "cannot reach", f"{partial.stat().st_size:,} bytes downloaded so far are kept")
+
+
 def test_offline_mode_refuses_to_pull_but_finds_downloaded_models(hub: HubServer,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_cli("pull", "tiny/native-only")[0] == 0

@@ -171,17 +171,32 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT_EXCEPTIONS)
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """No connection could be made at all (no route, refused, DNS, connect timeout): retried once, not more."""
+    return isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout))
+
+
 def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
-    """Run `call`, retrying transient failures with backoff; the last failure is raised as it came."""
+    """Run `call`, retrying transient failures with backoff; the last failure is raised as it came.
+
+    A hub that cannot be reached at all gets one more try (one "retrying" line), not the whole backoff: without a
+    route to it, waiting longer only delays the message that says so."""
     delays = policy.delays()
+    unreachable_before = False
     for attempt in range(policy.attempts):
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - re-raised unless transient
             if not is_transient(exc) or attempt == len(delays):
                 raise
-            log.warning("%s failed (%s); retrying in %.1fs [%d/%d]", what, _short(exc), delays[attempt],
-                        attempt + 1, policy.attempts - 1)
+            if is_unreachable(exc):
+                if unreachable_before:
+                    raise
+                unreachable_before = True
+                log.warning("%s: cannot connect (%s); retrying once in %.1fs", what, _short(exc), delays[attempt])
+            else:
+                log.warning("%s failed (%s); retrying in %.1fs [%d/%d]", what, _short(exc), delays[attempt],
+                            attempt + 1, policy.attempts - 1)
             time.sleep(delays[attempt])
     raise AssertionError("unreachable")
 
@@ -193,8 +208,10 @@ def _short(exc: BaseException) -> str:
 
 
 def hub_error(exc: BaseException, repo_id: str, settings: HubSettings, revision: str | None = None,
-              attempts: int = 1) -> MistralChatError:
-    """One-line, actionable error for something huggingface_hub or the network raised."""
+              attempts: int = 1, kept_bytes: int = 0) -> MistralChatError:
+    """One-line, actionable error for something huggingface_hub or the network raised; `kept_bytes`: what this
+    repository's partial downloads hold (said only when there is something to resume)."""
+    kept = f" ({kept_bytes:,} bytes downloaded so far are kept and resumed)" if kept_bytes else ""
     page = settings.repo_url(repo_id)
     login = "then run `hf auth login` or set HF_TOKEN (or pass --token)"
     if isinstance(exc, GatedRepoError) or (
@@ -219,13 +236,13 @@ def hub_error(exc: BaseException, repo_id: str, settings: HubSettings, revision:
         if status >= 500 or status in (408, 429):
             return DownloadError(
                 f"the hub answered HTTP {status} for {repo_id} {attempts} time(s) in a row: it may be down or busy; "
-                "run the pull again later (downloaded bytes are kept and resumed)"
+                f"run the pull again later{kept}"
             )
         return DownloadError(f"the hub answered HTTP {status} for {repo_id}: check the name and --revision, then retry")
     if isinstance(exc, httpx2.TransportError):
         return DownloadError(
             f"cannot reach {settings.endpoint} ({type(exc).__name__}): check your network connection or proxy "
-            "(HF_ENDPOINT if you use a mirror), then run the pull again; downloaded bytes are kept"
+            f"(HF_ENDPOINT if you use a mirror), then run the pull again{kept}"
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DownloadError(
@@ -285,6 +302,14 @@ def cached_file(paths: CachePaths, commit: str, remote: RemoteFile) -> Path | No
                 _link(blob, pointer)
         return pointer
     return None
+
+
+def partial_bytes(settings: HubSettings, repo_id: str) -> int:
+    """The bytes of every partial download of `repo_id` in the cache (0 when none, or when it cannot be read)."""
+    try:
+        return sum(p.stat().st_size for p in (CachePaths.of(settings, repo_id).storage / "blobs").glob("*.incomplete"))
+    except OSError:
+        return 0
 
 
 def partial_size(paths: CachePaths, remote: RemoteFile) -> int:

@@ -138,7 +138,8 @@ def pull_model(name: str, revision: str = "main", fmt: FormatChoice = "auto", to
     except MistralChatError:
         raise
     except Exception as exc:  # noqa: BLE001 - every hub/network/disk failure becomes one actionable line
-        raise hub_error(exc, target.repo_id, settings, revision, retry.attempts) from exc
+        raise hub_error(exc, target.repo_id, settings, revision, retry.attempts,
+                        download.partial_bytes(settings, target.repo_id)) from exc
 
 
 def _bytes_on_disk(paths: CachePaths, commit: str, remotes: list[RemoteFile]) -> int:
