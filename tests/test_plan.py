@@ -133,7 +133,7 @@ def test_overrides_give_kernels_only_where_they_run(triton_here, monkeypatch):
 
 def test_describe_names_every_field():
     assert PLAIN.describe() == ("kernel plan: fused=False attention=torch gemv=torch int8=torch moe=torch "
-                                "norms_in_products=False all_reduce=none compile_decode=False")
+                                "norms_in_products=False all_reduce=none compile_decode=False decode_graphs=False")
     assert "gemv=triton" in KernelPlan(gemv="triton").describe()
 
 

@@ -1,8 +1,10 @@
-"""One decode step, compiled into CUDA graphs on GPUs.
+"""One decode step: compiled into CUDA graphs on GPUs, or the eager step captured in CUDA graphs.
 
 Batch-1 decode is bound by reading the weights once per token; in eager mode the CPU cannot launch the
 ~10 kernels per layer fast enough to keep the GPU busy. `torch.compile(mode="reduce-overhead")` fuses the small
-operations and replays the whole step as one CUDA graph. One transformer block is compiled once for all layers
+operations and replays the whole step as one CUDA graph. Without the compiler, `GraphedStep` captures the eager step
+itself (the engine's Triton kernels and torch's products) in a CUDA graph per cache bucket, which should take well
+under a second where compiling takes tens of seconds (the plan's decode_graphs; to be measured on a GPU). One transformer block is compiled once for all layers
 (model.run_block_once), and the number of cache slots attention reads is a symbolic size: the position goes in as
 a tensor, attention reads the cache up to a power-of-two bucket of the position, and a CUDA graph is recorded per
 bucket (fast), so a graph serves every position and empty slots far beyond the conversation are not read.
@@ -47,9 +49,51 @@ def _decode(model: Transformer, tokens: torch.Tensor, position: torch.Tensor,
     return model(tokens, position, key_len=key_len_carrier.shape[0], block_regions=True)
 
 
+class GraphedStep:
+    """The eager decode step captured in CUDA graphs, one per (batch size, cache bucket), sharing one memory pool.
+
+    Each graph reads its tokens and the position from static tensors. Before a capture the step runs twice on a
+    side stream (Triton's autotuning and lazy initialisation stay out of the graph) with the position of the call,
+    so those runs write only the cache slot that the call itself then writes."""
+
+    def __init__(self, model: Transformer, position: torch.Tensor) -> None:
+        self.model = model
+        self._position = position
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self._pool = None
+
+    def __call__(self, tokens: torch.Tensor, position: int, key_len: int) -> torch.Tensor:
+        self._position.fill_(position)
+        entry = self._graphs.get((tokens.shape[0], key_len))
+        if entry is None:
+            entry = self._capture(tokens, key_len)
+        static_tokens, out, graph = entry
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return out[:, -1].clone()
+
+    def _capture(self, tokens: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     torch.cuda.CUDAGraph]:
+        static_tokens = tokens.clone()
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model(static_tokens, self._position, key_len=key_len)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model(static_tokens, self._position, key_len=key_len)
+        self._pool = graph.pool()
+        entry = (static_tokens, out, graph)
+        self._graphs[(tokens.shape[0], key_len)] = entry
+        return entry
+
+
 class DecodeStep:
-    """Logits for one new token per sequence, given its position; compiled (`compile`, the plan's compile_decode)
-    into CUDA graphs on GPUs, or eager."""
+    """Logits for one new token per sequence, given its position. `compile` (the plan's compile_decode): compiled
+    into CUDA graphs on GPUs; otherwise eager, or on one GPU where the plan's decode_graphs says so, the eager step
+    captured in CUDA graphs (`GraphedStep`)."""
 
     def __init__(self, model: Transformer, compile: bool = True) -> None:
         self.model = model
@@ -58,6 +102,9 @@ class DecodeStep:
         self._position = torch.zeros(1, dtype=torch.long, device=model.device)
         self._carriers: dict[int, torch.Tensor] = {}  # bucket length -> empty [length, 0] tensor
         self._step = None
+        self._graphed = None
+        if model.plan.decode_graphs and not self.compiled and self.cuda_graphs and not model.parallel.enabled:
+            self._graphed = GraphedStep(model, self._position)
         if self.compiled:
             import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
@@ -73,6 +120,8 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """tokens: [B, 1] on the model's device; returns float32 logits [B, vocab] (a fresh tensor)."""
         assert self.model.slots is not None
+        if self._graphed is not None:
+            return self._graphed(tokens, position, key_bucket(position, self.model.slots.capacity))
         if self._step is None:
             return self.model(tokens, position)[:, -1]
         self._position.fill_(position)

@@ -48,6 +48,9 @@ class KernelPlan:
     norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
     all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
     compile_decode: bool = False  # decode compiled by torch.compile and replayed as CUDA graphs
+    # without compile_decode, on one GPU: the eager step captured in CUDA graphs (decode.GraphedStep). Not measured on
+    # a GPU yet, so never chosen: `bench --no-compile --plan decode_graphs=1` measures it against plain eager
+    decode_graphs: bool = False
 
     def __post_init__(self) -> None:
         for field, allowed in _CHOICES.items():
