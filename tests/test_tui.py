@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from tiny_models import write_tiny_model
-from tui_helpers import (close_welcome, isolated_home, make_app, open_settings, wait_for,  # noqa: F401 - autouse
-                         welcome_shown)
+from tui_helpers import (close_welcome, isolated_home, make_app, open_settings, record_notes,  # noqa: F401 - autouse
+                         wait_for, welcome_shown)
 
 from mistral_chat.chat.store import ChatStore
 from mistral_chat.tui.screens.chat import ChatScreen
@@ -323,19 +323,6 @@ def test_settings_validation_of_sampling_fields_stop_strings_and_tools_file(tmp_
 WEATHER_TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-def record_notes(app) -> list[str]:
-    """Every notification's text (app._notifications forgets them after their timeout, which a busy CI passes)."""
-    notes: list[str] = []
-    notify = app.notify
-
-    def recording(message, *args, **kwargs):
-        notes.append(str(message))
-        return notify(message, *args, **kwargs)
-
-    app.notify = recording
-    return notes
 
 
 def scripted_session_class():

@@ -73,6 +73,44 @@ class SlowSession:
         pass
 
 
+class FastSession(SlowSession):
+    """Streams `words` tokens as fast as the loop runs (a stand-in for an engine faster than the screen); `texts`
+    replaces the "wordN " tokens."""
+
+    def __init__(self, loaded: object, context_length: int | None, words: int = 2000,
+                 texts: list[str] | None = None) -> None:
+        super().__init__(loaded, context_length, delay=0.0, words=words)
+        self.texts = texts
+
+    def generate(self, prompt_ids, params=None, cancel=None):
+        from mistral_chat.engine.generate import GenerationStats
+
+        texts = self.texts if self.texts is not None else [f"word{i} " for i in range(self.words)]
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids),
+                                     finish_reason="length")
+        start = time.perf_counter()
+        for text in texts:
+            if cancel is not None and cancel.is_set():
+                self.stats.finish_reason = "cancelled"
+                return
+            self.stats.generated_tokens += 1
+            yield text
+        self.stats.decode_seconds = time.perf_counter() - start
+
+
+def record_notes(app) -> list[str]:
+    """Every notification's text (app._notifications forgets them after their timeout, which a busy CI passes)."""
+    notes: list[str] = []
+    notify = app.notify
+
+    def recording(message, *args, **kwargs):
+        notes.append(str(message))
+        return notify(message, *args, **kwargs)
+
+    app.notify = recording
+    return notes
+
+
 import pytest  # noqa: E402
 
 

@@ -99,7 +99,11 @@ class MistralChatApp(App[None]):
         raise LookupError("the chat screen is not running")
 
     def on_mount(self) -> None:
-        self._install_themes()
+        try:
+            self._install_themes()
+        except sqlite3.DatabaseError as exc:
+            self.cannot_start_with_database(exc)
+            return
         self.run_worker(self.engine.run, thread=True, name="engine", group="engine", exit_on_error=False)
         if self.options.model is not None:
             self.model_state = "loading"  # answers asked for before the model is found wait for it
@@ -167,6 +171,8 @@ class MistralChatApp(App[None]):
     def cannot_start_with_database(self, exc: sqlite3.DatabaseError) -> None:
         """The conversation database is unreadable: stop, leaving the file exactly as it is, and say what to do."""
         path = self.store.path
+        if self.cannot_start is not None:
+            return
         self.cannot_start = CannotStart(
             f"the conversation database {path} cannot be read ({exc}); it was left untouched: move it aside "
             f"(mv {path} {path}.damaged) to start with an empty one, or set MISTRAL_CHAT_HOME to another folder")
@@ -184,7 +190,12 @@ class MistralChatApp(App[None]):
                             "time, less once cached (--no-compile skips it).", title="Compiling", timeout=15)
         elif isinstance(event, EngineFailed) and event.during == "load":
             self.model_state = "failed"
-        await self.chat.handle_engine_event(event)
+        chat = self.chat
+        try:
+            await chat.handle_engine_event(event)
+        except NoMatches:  # the screen is being taken down (quitting): there is nothing to show the event on
+            if chat.children:
+                raise
 
     async def action_quit(self) -> None:
         self.shutdown_engine()
@@ -209,10 +220,15 @@ class MistralChatApp(App[None]):
         wanted = self.store.get_preference(THEME_PREFERENCE) or DEFAULT_THEME
         if wanted in self.available_themes:
             self.theme = wanted
-        self.theme_changed_signal.subscribe(self, lambda theme: self.store.set_preference(THEME_PREFERENCE,
-                                                                                           theme.name))
+        self.theme_changed_signal.subscribe(self, self._save_theme)
         for problem in self.theme_problems:
             self.notify(f"Theme skipped: {problem}", severity="warning", markup=False)
+
+    def _save_theme(self, theme: object) -> None:
+        try:
+            self.store.set_preference(THEME_PREFERENCE, theme.name)  # type: ignore[attr-defined]
+        except sqlite3.Error as exc:  # a read-only database: the theme holds for this run
+            log.warning("cannot save the theme: %s", exc)
 
     # ---- the command palette ---------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The bottom line: model, device and dtype, context used / length, and the answer's speed (live while it streams).
 
 It fits its width: narrower, the separators shrink, then the least needed parts go (the trimmed-messages note,
-device and dtype, first-token time, the context), then the model's name is shortened; the speed and the
-"generating (Esc stops)" hint stay to the last.
+device and dtype, first-token time, the context, the token count), then the model's name is shortened; the
+speed and the "generating (Esc stops)" hint stay to the last.
 """
 
 from __future__ import annotations
@@ -57,29 +57,36 @@ def status_parts(info: StatusInfo) -> list[tuple[int, str]]:
     return parts
 
 
+SPEED = 5  # the parts from the speed up stay until the model's name has been shortened
+MODEL_MIN = 10
+
+
 def status_text(info: StatusInfo, width: int | None = None) -> str:
     """The line for `info`, fitted into `width` cells (None: no limit)."""
     parts = status_parts(info)
     line = WIDE.join(text for _, text in parts)
     if width is None or len(line) <= width:
         return line
-    while True:
-        line = NARROW.join(text for _, text in parts)
-        if len(line) <= width or len(parts) == 1:
-            break
-        lowest = min(range(len(parts)), key=lambda i: (parts[i][0] if parts[i][0] != 6 else 99, i))
-        if parts[lowest][0] == 6:  # only the model is left to give up: shorten it instead
-            break
-        parts.pop(lowest)
-    if len(line) > width:  # shorten the model's name, then cut what is left
+
+    def joined() -> str:
+        return NARROW.join(text for _, text in parts)
+
+    def drop_below(limit: int) -> None:
+        while len(joined()) > width:
+            candidates = [i for i in range(1, len(parts)) if parts[i][0] < limit]
+            if not candidates:
+                return
+            parts.pop(min(candidates, key=lambda i: (parts[i][0], i)))
+
+    drop_below(SPEED)
+    excess = len(joined()) - width
+    if excess > 0:  # shorten the model's name
         priority, model = parts[0]
-        rest = NARROW.join(text for _, text in parts[1:])
-        room = width - len(rest) - (len(NARROW) if rest else 0)
-        if room >= 8:
-            parts[0] = (priority, model[:room - 1] + "…")
-            line = NARROW.join(text for _, text in parts)
-        line = line[:width]
-    return line
+        keep = max(MODEL_MIN, len(model) - excess - 1)
+        if keep < len(model):
+            parts[0] = (priority, model[:keep] + "…")
+    drop_below(100)
+    return joined()[:width]
 
 
 class StatusBar(Static):

@@ -1,0 +1,117 @@
+"""The TUI keeps up with the engine: tokens are gathered and shown in batches, the status bar counts them live.
+
+Counts, not wall time: an engine faster than any screen streams thousands of tokens; the screen must take them
+in a few tens of updates a second, with no Textual message per token, and show every one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from tiny_models import write_tiny_model
+from tui_helpers import FastSession, SlowSession, isolated_home, make_app, wait_for  # noqa: F401 - autouse
+
+from mistral_chat.service.worker import TokenDelta
+from mistral_chat.tui.engine_messages import EngineMessage
+from mistral_chat.tui.streaming import FLUSH_SECONDS, Streaming, TokenBuffer, Tokens
+from mistral_chat.tui.widgets.message_view import MessageView
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "mistral")["native"]
+
+
+async def send(pilot, text: str) -> None:
+    prompt = pilot.app.chat.prompt
+    prompt.focus()
+    prompt.load_text(text)
+    await pilot.press("enter")
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[float]:
+    """Record the time of every call of `cls.name`."""
+    calls: list[float] = []
+    original = getattr(cls, name)
+
+    async def counted(self, *args, **kwargs):
+        calls.append(time.monotonic())
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_model: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = 3000
+    app = make_app(tmp_path / "chats.db", tiny_model,
+                   session_factory=lambda loaded, ctx: FastSession(loaded, ctx, words=tokens))
+    messages: list[object] = []
+    post = app.post_message
+
+    def counting(message):
+        if isinstance(message, EngineMessage):
+            messages.append(message.event)
+        return post(message)
+
+    app.post_message = counting
+    appends = count_calls(monkeypatch, MessageView, "append")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        messages.clear()
+        started = time.monotonic()
+        await send(pilot, "Count")
+        await wait_for(pilot, lambda: app.chat.streaming is None and app.chat.status.info.generated_tokens,
+                       timeout=60, what="the answer")
+        seconds = time.monotonic() - started
+        view = app.chat.chat_log.last_view("assistant")
+        expected = "".join(f"word{i} " for i in range(tokens))
+        assert view is not None and view.text == expected  # every token shown
+        assert app.store.load(app.chat.conversation.id).messages[-1].content == expected
+        assert not [m for m in messages if isinstance(m, TokenDelta)]  # no message per token
+        assert len(messages) == 2, messages  # GenerationStarted, GenerationDone
+        # screen updates: a few tens a second at most, far fewer than tokens
+        assert len(appends) <= seconds / FLUSH_SECONDS + 3 and len(appends) <= tokens / 20, (len(appends), seconds)
+        assert app.chat.status.info.generated_tokens == tokens
+
+
+async def test_the_status_bar_counts_tokens_and_speed_live(tiny_model: Path, tmp_path: Path) -> None:
+    app = make_app(tmp_path / "chats.db", tiny_model,
+                   session_factory=lambda loaded, ctx: SlowSession(loaded, ctx, delay=0.01, words=400))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        status = app.chat.status
+        status.update_info(time_to_first_token=9.9, tokens_per_second=999.0)  # a previous answer's figures
+        await send(pilot, "Count")
+        assert status.info.time_to_first_token != 9.9 and status.info.tokens_per_second != 999.0  # not stale
+        await wait_for(pilot, lambda: (status.info.generated_tokens or 0) >= 20, timeout=20, what="a live count")
+        seen = status.info
+        assert seen.generating and seen.tokens_per_second is not None and seen.tokens_per_second != 999.0
+        assert f"{seen.generated_tokens} tok" in status.text and "tok/s" in status.text
+        await wait_for(pilot, lambda: (status.info.generated_tokens or 0) > seen.generated_tokens + 10,
+                       timeout=20, what="the count to grow")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.chat.streaming is None, what="the stop")
+
+
+def test_token_buffer_gathers_per_request_and_keeps_order() -> None:
+    buffer = TokenBuffer()
+    for i in range(5):
+        buffer.add(TokenDelta(1, 7, f"a{i}"))
+    buffer.add(TokenDelta(2, 8, "b"))
+    taken = buffer.take()
+    assert [(t.request_id, t.text, t.count) for t in taken] == [(1, "a0a1a2a3a4", 5), (2, "b", 1)]
+    assert buffer.take() == []
+
+
+def test_streaming_live_figures() -> None:
+    streaming = Streaming(1, 1, None, started_at=10.0)
+    assert streaming.live_figures(now=11.0) == (None, None)
+    streaming.receive(Tokens(1, 1, "a", 1), now=10.5)
+    streaming.receive(Tokens(1, 1, "bcd", 10), now=11.0)
+    first, rate = streaming.live_figures(now=11.5)
+    assert first == pytest.approx(0.5) and rate == pytest.approx(10 / 1.0)
+    assert streaming.text == "abcd" and streaming.tokens == 11
