@@ -72,8 +72,7 @@ def test_chat_in_a_real_terminal(tmp_path: Path) -> None:
     try:
         tmux.start(command, env)
         tmux.wait(lambda s: "cpu float32" in s, 90, "the model to load")
-        tmux.keys("-l", "Hello from tmux")
-        tmux.keys("Enter")
+        tmux.keys("-l", "Hello from tmux\r")  # text and Enter in one burst, as a paste or a slow link brings them
         screen = tmux.wait(lambda s: "tok/s" in s, 60, "the answer")
         assert "Assistant" in screen and "Hello from tmux" in screen
         tmux.keys("C-q")
@@ -83,6 +82,26 @@ def test_chat_in_a_real_terminal(tmp_path: Path) -> None:
         tmux.start(command, env)
         screen = tmux.wait(lambda s: "Hello from tmux" in s and "Assistant" in s, 90, "the saved chat")
         assert screen.count("Hello from tmux") >= 2  # the sidebar title and the message
+        tmux.keys("C-q")
+    finally:
+        tmux.kill()
+
+
+def test_keys_typed_while_the_app_starts_are_kept(tmp_path: Path) -> None:
+    """Typed before the first frame: the keys land in the prompt (and Enter sends them), none is lost."""
+    env = {"MISTRAL_CHAT_HOME": str(tmp_path / "home"), "TERM": "xterm-256color",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    tmux = Tmux(f"mc-{uuid.uuid4().hex[:8]}", f"mc-{uuid.uuid4().hex[:8]}")
+    try:
+        tmux.start(f"{shlex.quote(sys.executable)} -m mistral_chat.cli.main", env)
+        tmux.keys("-l", "typed before the first frame")  # the app is still importing
+        tmux.wait(lambda s: "Welcome" in s, 30, "the welcome screen (no model)")
+        tmux.keys("Escape")
+        screen = tmux.wait(lambda s: "typed before the first frame" in s, 30, "the early keys in the prompt")
+        assert screen.count("typed before the first frame") == 1
+        tmux.keys("-l", " and after\r")
+        screen = tmux.wait(lambda s: "You" in s and "typed before the first frame and after" in s, 30,
+                           "the message sent")
         tmux.keys("C-q")
     finally:
         tmux.kill()

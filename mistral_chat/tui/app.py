@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
@@ -139,6 +140,13 @@ class MistralChatApp(App[None]):
         from mistral_chat.tui.model_choices import local_models
 
         return len(local_models())
+
+    async def on_event(self, event: events.Event) -> None:
+        """Keys that arrive before anything has focus (typed while the app starts) go to the chat's prompt."""
+        if (isinstance(event, events.Key) and not event.is_forwarded and self.focused is None
+                and isinstance(self.screen, ChatScreen) and self.screen.take_early_key(event)):
+            return
+        await super().on_event(event)
 
     def _after_welcome(self, choice: str | None) -> None:
         if choice == "pick":

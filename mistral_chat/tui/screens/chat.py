@@ -13,10 +13,12 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
@@ -72,6 +74,7 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
         self.answering_call: ToolCall | None = None  # the prompt takes this call's result
         self._trim_warned: set[int] = set()
         self._store_warned = False
+        self._early_text = ""  # typed before the prompt had focus ("\n": Enter)
 
     @property
     def chat_app(self) -> "MistralChatApp":
@@ -113,6 +116,36 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
             self.chat_app.cannot_start_with_database(exc)
             return
         self.prompt.focus()
+        self._type_early_keys()
+
+    def take_early_key(self, event: events.Key) -> bool:
+        """A key that came while nothing had focus (typed before the first frame): kept for the prompt, in order.
+        True when taken."""
+        if event.key == "enter" and self._early_text:
+            self._early_text += "\n"  # sent once the prompt is there
+        elif event.is_printable and event.character:
+            self._early_text += event.character
+        else:
+            return False
+        self.call_after_refresh(self._type_early_keys)
+        return True
+
+    def _type_early_keys(self) -> None:
+        try:
+            prompt = self.prompt
+        except NoMatches:  # not composed yet: on_mount types them
+            return
+        text, self._early_text = self._early_text, ""
+        if not text:
+            return
+        prompt.focus()
+        line, sends, rest = text.partition("\n")
+        prompt.insert(line)
+        if sends:
+            prompt.action_submit()
+            if rest:
+                self._early_text = rest
+                self.call_after_refresh(self._type_early_keys)
 
     # ---- conversations ---------------------------------------------------------------------------------------
 
