@@ -25,7 +25,7 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
     assert "floor_pct" in result["rows"][1]  # batch 1 decode is compared with the floor
     # the kernel plan it ran (on the CPU: plain PyTorch), in the JSON and on the table's third line
     plain = ("kernel plan: fused=False attention=torch gemv=torch int8=torch moe=torch norms_in_products=False "
-             "all_reduce=none compile_decode=False")
+             "all_reduce=none compile_decode=False decode_graphs=False")
     assert result["plan"] == plain
     lines = proc.stdout.splitlines()
     assert lines[2] == plain
