@@ -9,21 +9,23 @@ the same process (eager, and static cache + torch.compile).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from enum import Enum
+from typing import Any, Callable, Optional
 
 import torch
+import typer
 
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.generate import TokenReader
 from mistral_chat.engine.model import Transformer
+from mistral_chat.errors import MistralChatError
 
 SHAPES: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
@@ -272,30 +274,91 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mistral-chat bench", description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, help="keep only this many layers (e.g. 16 for Mixtral-8x7B on one H100)")
-    p.add_argument("--window", type=int, help="override the sliding window")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--quantize", choices=["int8"])
-    p.add_argument("--prompt", type=int, default=512, help="prompt tokens before decoding")
-    p.add_argument("--steps", type=int, default=128, help="decode steps timed")
-    p.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")
-    p.add_argument("--prefill", default=None, help="comma-separated prefill lengths (default: prompt,2048)")
-    p.add_argument("--no-compile", action="store_true", help="time eager decode")
-    p.add_argument("--vs-hf", action="store_true", help="also time HF transformers on the same shape")
-    p.add_argument("--plan", default="", help="override the kernel plan to compare implementations, e.g. "
-                                              "gemv=triton,attention=torch (fields: see docs/engine.md)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--json-file", help="also write the JSON to this file")
-    p.add_argument("--tp", help="comma-separated world sizes, e.g. 1,2,4: write one random checkpoint and compare "
-                                "greedy tokens and decode speed of single-GPU and tensor-parallel runs "
-                                "(uses --shape --layers --window --dtype --quantize --prompt --steps --device)")
-    p.add_argument("--tp-checkpoint", help="with --tp: keep the random checkpoint in this folder (reused by a later "
-                                           "run of the same shape) instead of a temporary one")
-    return p.parse_args(argv)
+Shape = Enum("Shape", {name: name for name in sorted(SHAPES)}, type=str)  # what --shape takes
+
+
+class Dtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
+@dataclass
+class BenchArgs:
+    """The command's options, as `main_parallel` and `run` read them."""
+
+    shape: str = "mistral-7b"
+    layers: int | None = None
+    window: int | None = None
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    quantize: str | None = None
+    prompt: int = 512
+    steps: int = 128
+    batch: str = "1,8"
+    prefill: str | None = None
+    no_compile: bool = False
+    vs_hf: bool = False
+    plan: str = ""
+    json: bool = False
+    json_file: str | None = None
+    tp: str | None = None
+    tp_checkpoint: str | None = None
+
+
+def _flag(*names: str, help: str) -> Any:
+    return typer.Option(False, *names, help=help, metavar="")
+
+
+def bench_command(
+    shape: Shape = typer.Option("mistral-7b", "--shape", metavar="<name>",
+                               help=f"The real model shape to build random weights of: {', '.join(sorted(SHAPES))}."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1,
+                                         help="Keep only this many layers (e.g. 16 for Mixtral-8x7B on one H100)."),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="Override the sliding window."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Dtype = typer.Option("bfloat16", "--dtype", help="Weights' dtype."),
+    quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="Weight-only int8."),
+    prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens before decoding."),
+    steps: int = typer.Option(128, "--steps", min=1, help="Decode steps timed."),
+    batch: str = typer.Option("1,8", "--batch", help="Comma-separated decode batch sizes."),
+    prefill: Optional[str] = typer.Option(None, "--prefill",
+                                          help="Comma-separated prefill lengths (default: prompt,2048; empty: none)."),
+    no_compile: bool = _flag("--no-compile", help="Time eager decode."),
+    vs_hf: bool = _flag("--vs-hf", help="Also time HF transformers on the same shape."),
+    plan: str = typer.Option("", "--plan", help="Override the kernel plan to compare implementations, e.g. "
+                                                "gemv=triton,attention=torch (fields: see docs/engine.md)."),
+    json_output: bool = _flag("--json", help="Print JSON instead of a table."),
+    json_file: Optional[str] = typer.Option(None, "--json-file", help="Also write the JSON to this file."),
+    tp: Optional[str] = typer.Option(None, "--tp", help="Comma-separated world sizes, e.g. 1,2,4: write one random "
+                                                        "checkpoint and compare greedy tokens and decode speed of "
+                                                        "single-GPU and tensor-parallel runs (uses --shape --layers "
+                                                        "--window --dtype --quantize --prompt --steps --device)."),
+    tp_checkpoint: Optional[str] = typer.Option(None, "--tp-checkpoint",
+                                                help="With --tp: keep the random checkpoint in this folder (reused by "
+                                                     "a later run of the same shape) instead of a temporary one."),
+) -> int:
+    """Time prefill and decode on random weights of a real model shape, next to the bandwidth floor."""
+    args = BenchArgs(shape=shape.value, layers=layers, window=window, device=device, dtype=dtype.value,
+                     quantize=quantize.value if quantize else None, prompt=prompt, steps=steps, batch=batch,
+                     prefill=prefill, no_compile=no_compile, vs_hf=vs_hf, plan=plan, json=json_output,
+                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint)
+    return run(args)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [0]
+    if any(v < 1 for v in values):
+        raise typer.BadParameter(f"{text!r}: give positive whole numbers separated by commas, e.g. 1,8",
+                                 param_hint=f"'{option}'")
+    return values
 
 
 def parse_plan(text: str) -> dict[str, str]:
@@ -304,7 +367,7 @@ def parse_plan(text: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"mistral-chat bench: error: --plan {text}: give KEY=VALUE pairs, e.g. gemv=triton")
+            raise typer.BadParameter(f"{text!r}: give KEY=VALUE pairs, e.g. gemv=triton", param_hint="'--plan'")
         overrides[key.strip()] = value.strip()
     return overrides
 
@@ -313,13 +376,13 @@ def parse_worlds(text: str) -> tuple[int, ...]:
     try:
         worlds = tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError:
-        raise SystemExit(f"mistral-chat bench: error: --tp {text}: give world sizes like 1,2,4") from None
+        worlds = ()
     if not worlds or min(worlds) < 1:
-        raise SystemExit(f"mistral-chat bench: error: --tp {text}: give world sizes like 1,2,4")
+        raise typer.BadParameter(f"{text!r}: give world sizes like 1,2,4", param_hint="'--tp'")
     return worlds
 
 
-def main_parallel(a: argparse.Namespace) -> int:
+def main_parallel(a: BenchArgs) -> int:
     from mistral_chat.bench.parallel import describe_run, format_parallel_table, result_json, run_parallel_bench
 
     def tell(run: Any) -> None:
@@ -336,20 +399,36 @@ def main_parallel(a: argparse.Namespace) -> int:
     return 0 if any(r.status == "ok" for r in result.runs) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+def run(a: BenchArgs) -> int:
+    """The benchmark the options ask for: the table (or JSON) on stdout; exit status 0 when it ran."""
     if a.tp is not None and parse_worlds(a.tp) != (1,):
         return main_parallel(a)
-    result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps,
-                       [int(b) for b in a.batch.split(",")], not a.no_compile, a.quantize, a.vs_hf,
-                       [int(x) for x in a.prefill.split(",") if x] if a.prefill is not None else None, a.window,
-                       parse_plan(a.plan))
+    batches = _int_list(a.batch, "--batch")
+    prefill_lengths = _int_list(a.prefill, "--prefill") if a.prefill is not None else None
+    overrides = parse_plan(a.plan)
+    try:
+        result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps, batches, not a.no_compile,
+                           a.quantize, a.vs_hf, prefill_lengths, a.window, overrides)
+    except ValueError as exc:
+        if not overrides:
+            raise
+        raise MistralChatError(f"--plan {a.plan}: {exc}") from None  # a field, value or device the plan refuses
     text = json.dumps(asdict(result), indent=2)
     if a.json_file:
         with open(a.json_file, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     print(text if a.json else format_table(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mistral_chat.bench [OPTIONS]`: the same command as `mistral-chat bench`, with the same errors."""
+    from mistral_chat.cli.runner import Command, run_app
+
+    app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+    app.command(cls=Command)(bench_command)
+    args = sys.argv[1:] if argv is None else argv
+    return run_app(app, list(args), "mistral-chat bench", debug="--debug" in args)
 
 
 if __name__ == "__main__":

@@ -5,26 +5,34 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import click
 import typer
 
 from mistral_chat import __version__
+from mistral_chat.cli.runner import PROG, Command, Group, run_app, say, stdout_gone
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger("mistral_chat")
 
 app = typer.Typer(
+    cls=Group,
     add_completion=False,
     no_args_is_help=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Chat with Mistral-family models on your own GPU or CPU.\n\n"
          "With no command: opens the chat TUI on a terminal, or answers --prompt / piped stdin once and exits.",
 )
+
+
+SEED_MAX = 2**64 - 1  # torch's generator takes a 64-bit seed
+
+
+def flag(*names: str, help: str, **kwargs: Any) -> Any:
+    """A boolean flag: --help shows no value type for it (typer would print `<bool>`)."""
+    return typer.Option(False, *names, help=help, metavar="", **kwargs)
 
 
 def _version(value: bool) -> None:
@@ -45,7 +53,8 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: all)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=SEED_MAX,
+                                        help="Seed for sampling."),
     min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=0.99,
                                 help="Drop tokens less likely than this fraction of the likeliest."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01,
@@ -54,8 +63,7 @@ def run(
                                            help="Subtracted from the logits of tokens already in the answer."),
     stop: Optional[list[str]] = typer.Option(None, "--stop",
                                              help="End the answer before this text (repeat for several)."),
-    json_output: bool = typer.Option(False, "--json",
-                                     help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
+    json_output: bool = flag("--json", help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
     tools: Optional[Path] = typer.Option(None, "--tools",
                                          help="JSON file of functions the model may call; one-shot prints calls as JSON."),
     fim_prefix: Optional[str] = typer.Option(None, "--fim-prefix", help="Fill in the middle: code before the cursor."),
@@ -72,11 +80,10 @@ def run(
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
     quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
                                            help="int8: weight-only int8 at load time (half the memory)."),
-    no_compile: bool = typer.Option(False, "--no-compile",
-                                    help="Run eager on GPU instead of compiling decode into CUDA graphs."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Statistics and progress on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Full tracebacks and debug logs."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    no_compile: bool = flag("--no-compile", help="Run eager on GPU instead of compiling decode into CUDA graphs."),
+    verbose: bool = flag("--verbose", "-v", help="Statistics and progress on stderr."),
+    debug: bool = flag("--debug", help="Full tracebacks and debug logs."),
+    version: bool = flag("--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -110,69 +117,69 @@ def run(
                           fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file)
     try:
         run_one_shot(opts)
-    except BrokenPipeError:  # caught here: click would turn it into exit status 1
-        _stdout_closed()
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Time prefill and decode on random weights of a real model shape (see `mistral-chat bench --help`)."""
-    from mistral_chat.bench.run import main as bench_main
-
-    raise typer.Exit(bench_main(list(ctx.args)))
-
-
-def _stdout_closed() -> None:
-    """The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # caught here: typer would turn it into exit status 1
+        stdout_gone()
 
 
 def _register_commands() -> None:
+    from mistral_chat.bench.run import bench_command
     from mistral_chat.cli import batch
     from mistral_chat.cli.models import register
 
     register(app)
+    app.command("bench", cls=Command)(bench_command)
     batch.register(app)
 
 
+class _PlainFormatter(logging.Formatter):
+    """-v: progress lines as plain text (`kernel plan: ...`); warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{PROG}: {record.levelname.lower()}: {text}"
+        return text
+
+
 def _configure_logging(debug: bool, verbose: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """--debug: every logger's lines with level and name; otherwise the app's own lines, plain (INFO with -v)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_PlainFormatter("%(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_mistral_chat", False)]:
+        root.removeHandler(old)
+    handler._mistral_chat = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("mistral_chat").setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+
+def _stdout_is_open() -> bool:
+    """False when the command was started with stdout closed (`mistral-chat ... >&-`)."""
+    if sys.stdout is None:
+        return False
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: turns every error a user can cause into one line on stderr and a non-zero exit."""
+    """Entry point: turns every error a user can cause into one line on stderr and an exit status (2 for a
+    command-line mistake, 130 for Ctrl-C)."""
     args = sys.argv[1:] if argv is None else argv
+    if argv is None and not _stdout_is_open():
+        stdout_gone()  # hold fd 1, so that no file opened later takes its place
+        say(f"{PROG}: error: stdout is closed: redirect it to a file or /dev/null instead of closing it")
+        return 1
     debug = "--debug" in args or os.environ.get("MISTRAL_CHAT_DEBUG") == "1"
     _configure_logging(debug, "--verbose" in args or "-v" in args)
     _register_commands()
-    try:
-        result = app(args=args, prog_name="mistral-chat", standalone_mode=False)
-        return int(result) if isinstance(result, int) else 0
-    except MistralChatError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"mistral-chat: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("\nmistral-chat: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        _stdout_closed()
-        return 0
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
-        if debug:
-            traceback.print_exc()
-        print(f"mistral-chat: internal error: {type(exc).__name__}: {exc} (run with --debug for details, "
-              "and please report it)", file=sys.stderr)
-        return 1
+    return run_app(app, args, PROG, debug)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from enum import Enum
+from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mistral_chat.errors import DownloadError, MistralChatError
 from mistral_chat.models.catalogue import CATALOGUE
@@ -44,6 +46,28 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
+def human_context(n: int | None) -> str:
+    """A context length as people write it: 4096, 32K, 128K (exact powers of two of 1024 and more in K)."""
+    if n is None:
+        return "?"
+    if n < 10_000:
+        return str(n)
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n % 1024 == 0:
+        return f"{n >> 10}K"
+    return human_count(n)
+
+
+def _text(value: object) -> Text:
+    """Data (a model name, a path, a repo id) as plain text: never read as Rich markup."""
+    return Text(str(value))
+
+
+def _say(console: Console, line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def human_age(when: float | None, now: float | None = None) -> str:
     if when is None:
         return "never"
@@ -68,36 +92,37 @@ def pull(
     except KeyboardInterrupt:
         raise PullInterrupted(f"pull of {model} interrupted: run `mistral-chat pull {model}` again to resume") from None
     if result.repo_id is None:
-        console.print(f"registered {result.name} ({result.format}, {human_bytes(result.total_bytes)}) at {result.path}",
-                      highlight=False)
+        _say(console, f"registered {result.name} ({result.format}, {human_bytes(result.total_bytes)}) "
+                      f"at {result.path}")
     else:
         fetched = f", {human_bytes(result.downloaded_bytes)} downloaded" if result.downloaded_bytes else ", already on disk"
-        console.print(f"{result.name} is ready ({result.format}, {human_bytes(result.total_bytes)}{fetched}) "
-                      f"at {result.path}", highlight=False, soft_wrap=True)
-    console.print(f"chat with it: mistral-chat --model {result.name}", highlight=False)
+        _say(console, f"{result.name} is ready ({result.format}, {human_bytes(result.total_bytes)}{fetched}) "
+                      f"at {result.path}")
+    _say(console, f"chat with it: mistral-chat --model {result.name}")
 
 
 def list_command(
-    catalogue: bool = typer.Option(False, "--catalogue", help="List the aliases `pull` knows instead."),
+    catalogue: bool = typer.Option(False, "--catalogue", help="List the aliases `pull` knows instead.", metavar=""),
 ) -> None:
     """List the models on disk: name, repository, format, size, parameters, context length, last use."""
     console = _console()
     if catalogue:
         table = Table("alias", "repository", "description", box=None)
         for entry in CATALOGUE.values():
-            table.add_row(entry.alias, entry.repo_id, entry.description)
+            table.add_row(_text(entry.alias), _text(entry.repo_id), _text(entry.description))
         console.print(table)
         return
     rows = list_models()
     if not rows:
-        console.print("no models yet: run `mistral-chat pull mistral-7b-instruct` (or `list --catalogue`)")
+        _say(console, "no models yet: run `mistral-chat pull mistral-7b-instruct` (or `list --catalogue`)")
         return
     table = Table("name", "repo", "format", "size", "params", "context", "last used", "status", box=None)
     for r in rows:
         status = "ready" if r.ready else f"incomplete: run `mistral-chat pull {r.name}`"
         repo = r.repo_id or str(r.path)
-        table.add_row(r.name, repo, r.format or "?", human_bytes(r.size_on_disk), human_count(r.parameters),
-                      human_count(r.context_length), human_age(r.last_used), status)
+        table.add_row(*map(_text, (r.name, repo, r.format or "?", human_bytes(r.size_on_disk),
+                                   human_count(r.parameters), human_context(r.context_length), human_age(r.last_used),
+                                   status)))
     console.print(table, soft_wrap=True)
 
 
@@ -106,67 +131,90 @@ def show(model: str = typer.Argument(..., help="Name, alias, repo id or folder."
     details = describe_model(model)
     s = details.summary
     console = _console()
-    table = Table(show_header=False, box=None)
-    table.add_row("name", s.name)
-    table.add_row("source", s.source)
+    rows: list[tuple[str, object]] = [("name", s.name), ("source", s.source)]
     if s.repo_id:
-        table.add_row("repo", s.repo_id)
+        rows.append(("repo", s.repo_id))
     if details.revision:
-        table.add_row("revision", f"{details.revision} ({details.commit})")
-    table.add_row("path", str(s.path))
-    table.add_row("status", "ready" if s.ready else f"incomplete: run `mistral-chat pull {s.name}`")
-    table.add_row("format", s.format or "?")
-    table.add_row("architecture", details.architecture or "?")
-    table.add_row("parameters", human_count(s.parameters))
-    for key, value in details.config.items():
-        table.add_row(key, "none" if value is None else str(value))
-    table.add_row("tokenizer", details.tokenizer or "?")
-    table.add_row("instruct format", details.instruct_format or "?")
-    table.add_row("size on disk", human_bytes(s.size_on_disk))
+        rows.append(("revision", f"{details.revision} ({details.commit})"))
+    rows += [("path", s.path), ("status", "ready" if s.ready else f"incomplete: run `mistral-chat pull {s.name}`"),
+             ("format", s.format or "?"), ("architecture", details.architecture or "?"),
+             ("parameters", human_count(s.parameters))]
+    rows += [(key, "none" if value is None else value) for key, value in details.config.items()]
+    rows += [("tokenizer", details.tokenizer or "?"), ("instruct format", details.instruct_format or "?"),
+             ("size on disk", human_bytes(s.size_on_disk))]
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(_text(key), _text(value))
     console.print(table, highlight=False)
     files = Table("file", "size", box=None)
     for name, size in details.files:
-        files.add_row(name, human_bytes(size) if size >= 0 else "missing")
+        files.add_row(_text(name), _text(human_bytes(size) if size >= 0 else "missing"))
     console.print(files, highlight=False)
 
 
+def _registered_name(model: str) -> str:
+    """`model`, or the name of the registered folder it is the path of (the path that `list` shows)."""
+    if not any(sep in model for sep in ("/", "\\", "~")) and not Path(model).exists():
+        return model
+    try:
+        target = Path(model).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return model
+    for row in list_models():
+        if row.repo_id is None and row.path is not None:
+            try:
+                if Path(row.path).expanduser().resolve() == target:
+                    return row.name
+            except (OSError, RuntimeError):
+                continue
+    return model
+
+
+def ask(question: str) -> bool:
+    """A yes/no question on the terminal, no by default; the end of input is a no, Ctrl-C stops the command."""
+    sys.stdout.write(f"{question} [y/N]: ")
+    sys.stdout.flush()
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise
+    if not answer:  # end of input: nobody answered
+        sys.stdout.write("\n")
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def rm(
-    model: str = typer.Argument(..., help="Name, alias or repo id."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    model: str = typer.Argument(..., help="Name, alias, repo id, or the path of a registered folder."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.", metavar=""),
 ) -> None:
     """Remove a model: delete a pulled repo from the Hugging Face cache, or forget a registered folder."""
-    plan = plan_removal(model)
+    plan = plan_removal(_registered_name(model))
     freed = f" (frees {human_bytes(plan.freed_bytes)})" if plan.freed_bytes else ""
-    if not yes and not typer.confirm(f"{plan.description}{freed}?", default=False):
-        Console().print("nothing removed")
+    console = Console()
+    if not yes and not ask(f"Remove {plan.name}: {plan.description}{freed}. Go ahead?"):
+        _say(console, "nothing removed")
         raise typer.Exit(1)
     plan.execute()
-    Console().print(f"removed {plan.name}{freed}", highlight=False)
+    _say(console, f"removed {plan.name}{freed}")
 
 
 def register(app: typer.Typer) -> None:
     """Add `pull`, `list`, `show` and `rm` to the main app."""
-    app.command("pull")(pull)
-    app.command("list")(list_command)
-    app.command("show")(show)
-    app.command("rm")(rm)
+    from mistral_chat.cli.runner import Command
+
+    app.command("pull", cls=Command)(pull)
+    app.command("list", cls=Command)(list_command)
+    app.command("show", cls=Command)(show)
+    app.command("rm", cls=Command)(rm)
 
 
 def run_command(app: typer.Typer, args: list[str] | None = None) -> int:
-    """Run `app` as the main CLI does: a MistralChatError becomes one line on stderr and its exit code."""
-    try:
-        result = app(args=args, standalone_mode=False)  # click returns typer.Exit's code here instead of raising
-    except MistralChatError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False, highlight=False)
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return result if isinstance(result, int) else 0
+    """Run `app` as the main CLI does: an error a user can cause becomes one line on stderr and an exit status."""
+    from mistral_chat.cli.runner import run_app
+
+    return run_app(app, list(args or []))
 
 
 __all__ = ["register", "run_command", "pull", "list_command", "show", "rm", "PullInterrupted"]
