@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mistral_chat.chat.fim import encode_fim
+from mistral_chat.cli.terminal import TerminalText, terminal_safe
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
 from mistral_chat.chat.tools import Tool, ToolCall, ToolCallParseError, load_tools, parse_tool_calls
 from mistral_chat.engine.generate import Session
@@ -55,25 +56,63 @@ class OneShotRequest:
     text: str | None = None
     tools: tuple[Tool, ...] = ()
     fim: tuple[str, str] | None = None  # (prefix, suffix)
+    system: str | None = None
+
+
+def valid_text(text: str, what: str) -> str:
+    """`text` as valid Unicode: bytes that were not UTF-8 (in argv they arrive as lone surrogates) become U+FFFD,
+    with a warning that names `what`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    raw = text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "replace")
+    print(f"mistral-chat: warning: {what} is not valid UTF-8: the bytes that are not were replaced by \ufffd",
+          file=sys.stderr)
+    return raw.decode("utf-8", "replace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(ch) <= 0xDFFF or 0xDC80 <= ord(ch) <= 0xDCFF for ch in text)
+
+
+def read_stdin(stdin: TextIO) -> str:
+    """All of piped stdin, decoded as UTF-8; bytes that are not UTF-8 are replaced (and said so)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes under it (tests)
+        return valid_text(stdin.read(), "stdin")
+    raw = buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        print("mistral-chat: warning: stdin is not valid UTF-8: the bytes that are not were replaced by \ufffd",
+              file=sys.stderr)
+        return raw.decode("utf-8", "replace")
 
 
 def read_prompt(prompt: str | None, stdin: TextIO) -> str:
-    """--prompt, piped stdin, or both (stdin after the prompt, as `llm` and `ollama run` do)."""
-    piped = None if stdin.isatty() else stdin.read()
+    """--prompt, piped stdin, or both (stdin after the prompt, as `llm` and `ollama run` do); an empty or blank
+    prompt is refused."""
+    piped = None if stdin.isatty() else read_stdin(stdin)
     if prompt is None and piped is None:
         raise MistralChatError("no prompt: pass --prompt TEXT or pipe text into mistral-chat")
-    if prompt is None:
-        return piped or ""
-    if piped:
-        return f"{prompt}\n\n{piped}"
-    return prompt
+    if prompt is not None:
+        prompt = valid_text(prompt, "--prompt")
+    text = "\n\n".join(part for part in (prompt, piped) if part)
+    if not text.strip():
+        where = "--prompt and stdin are" if prompt is not None and piped is not None else \
+            "--prompt is" if prompt is not None else "stdin is"
+        raise MistralChatError(f"empty prompt: {where} empty or blank: pass the text to answer with --prompt TEXT "
+                               "or pipe it in")
+    return text
 
 
 def _text_option(text: str | None, path: Path | None) -> str | None:
     if path is None:
         return text
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MistralChatError(f"cannot read {path} ({exc}): check the path") from exc
 
@@ -86,8 +125,8 @@ def read_fim(opts: OneShotOptions, stdin: TextIO) -> tuple[str, str]:
         if stdin.isatty():
             raise MistralChatError("fill-in-the-middle needs the code before the cursor: pass --fim-prefix TEXT, "
                                    "--fim-prefix-file FILE or pipe it in")
-        prefix = stdin.read()
-    return prefix, suffix
+        prefix = read_stdin(stdin)
+    return valid_text(prefix, "--fim-prefix"), valid_text(suffix, "--fim-suffix")
 
 
 def read_request(opts: OneShotOptions, stdin: TextIO) -> OneShotRequest:
@@ -96,8 +135,9 @@ def read_request(opts: OneShotOptions, stdin: TextIO) -> OneShotRequest:
         if opts.tools is not None:
             raise MistralChatError("--tools and --fim-prefix/--fim-suffix do not go together: use one of them")
         return OneShotRequest(fim=read_fim(opts, stdin))
+    system = valid_text(opts.system, "--system") if opts.system else None
     tools = tuple(load_tools(opts.tools)) if opts.tools is not None else ()
-    return OneShotRequest(text=read_prompt(opts.prompt, stdin), tools=tools)
+    return OneShotRequest(text=read_prompt(opts.prompt, stdin), tools=tools, system=system)
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -147,7 +187,7 @@ def answer_once(opts: OneShotOptions, loaded: "LoadedModel", session: Session, r
     if request.fim is not None:
         ids = encode_fim(tokenizer, *request.fim)
     else:
-        messages = ([ChatMessage("system", opts.system)] if opts.system else [])
+        messages = ([ChatMessage("system", request.system)] if request.system else [])
         messages.append(ChatMessage("user", request.text or ""))
         ids = encode_conversation(tokenizer, messages, list(request.tools) or None)
     params = opts.sampling
@@ -159,7 +199,8 @@ def answer_once(opts: OneShotOptions, loaded: "LoadedModel", session: Session, r
         elif calls is not None:
             print(json.dumps([c.to_json() for c in calls], ensure_ascii=False, indent=2))
         else:
-            print(text if not text.endswith("\n") else text[:-1])
+            shown = text if not text.endswith("\n") else text[:-1]
+            print(terminal_safe(shown) if _is_terminal(sys.stdout) else shown)
         sys.stdout.flush()
     else:
         stream_answer(session, ids, params, sys.stdout)
@@ -197,12 +238,21 @@ def announce_compile(options: LoadOptions) -> None:
               "--no-compile skips it)", file=sys.stderr)
 
 
+def _is_terminal(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def stream_answer(session: Session, ids: list[int], params: SamplingParams, out: TextIO) -> str:
-    """Write the answer to `out` as it arrives, flushing each piece; end with a newline."""
+    """Write the answer to `out` as it arrives, flushing each piece; end with a newline. On a terminal, control
+    sequences in the answer are not written (they would retitle or recolour it); a pipe or file gets every byte."""
+    screen = TerminalText() if _is_terminal(out) else None
     pieces = []
     for delta in session.generate(ids, params):
         pieces.append(delta)
-        out.write(delta)
+        out.write(screen.feed(delta) if screen is not None else delta)
         out.flush()
     answer = "".join(pieces)
     if not answer.endswith("\n"):

@@ -118,15 +118,27 @@ def tool_from_json(entry: Any, where: str) -> Tool:
     return Tool(name=name, description=description, parameters=parameters)
 
 
+MAX_TOOLS_BYTES = 4 << 20  # a tools file is a few KB; more is a mistake (`--tools /dev/zero`)
+
+
 def load_tools(path: str | Path) -> list[Tool]:
-    """The tools of a JSON file: a list of OpenAI-style tools or bare function objects (one object also works)."""
+    """The tools of a JSON file: a list of OpenAI-style tools or bare function objects (one object also works).
+    At most MAX_TOOLS_BYTES are read."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_TOOLS_BYTES + 1)
     except OSError as exc:
         raise ToolsFileError(f"cannot read tools file {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_TOOLS_BYTES:
+        raise ToolsFileError(f"tools file {path} is larger than {MAX_TOOLS_BYTES >> 20} MB: "
+                             "pass a JSON file of tool definitions")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as exc:  # JSONDecodeError and bad UTF-8
         raise ToolsFileError(f"tools file {path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ToolsFileError(f"tools file {path} nests too deeply to be tool definitions") from None
     if isinstance(data, dict) and isinstance(data.get("tools"), list):
         data = data["tools"]  # a request body {"tools": [...]} works too
     entries = data if isinstance(data, list) else [data]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from mistral_chat.engine.options import LoadOptions
-from mistral_chat.errors import ModelNotFoundError
+from mistral_chat.errors import MistralChatError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name: str | None) -> str:
     """The folder of the model `name` (a folder, an alias or a repo id; None: the last one used), remembered as
-    the last used; ModelNotFoundError says what to do when there is none."""
+    the last used (best-effort: a read-only data folder does not stop the answer); ModelNotFoundError says what to
+    do when there is none."""
     from mistral_chat.models.store import last_used_model, mark_used, resolve_model
 
     if name is None:
@@ -19,7 +23,10 @@ def resolve_model_path(name: str | None) -> str:
             raise ModelNotFoundError("no model given and none used before: pass --model PATH_OR_NAME, "
                                      "or run `mistral-chat pull mistral-7b-instruct` first")
     path = resolve_model(name)
-    mark_used(name)
+    try:
+        mark_used(name)
+    except (OSError, MistralChatError) as exc:  # bookkeeping: the answer comes anyway
+        log.info("cannot record %s as the last used model: %s", name, exc)
     return str(path)
 
 
