@@ -5,7 +5,6 @@ not UTF-8, and a data folder that cannot be written."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import shutil

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mistral_chat.errors import DownloadError, MistralChatError
+from mistral_chat.errors import DownloadError
 from mistral_chat.models.catalogue import CATALOGUE
 from mistral_chat.models.progress import progress_for
 from mistral_chat.models.pull import human_bytes, pull_model
