@@ -48,7 +48,8 @@ async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     tokens = 3000
     app = make_app(tmp_path / "chats.db", tiny_model,
-                   session_factory=lambda loaded, ctx: FastSession(loaded, ctx, words=tokens))
+                   session_factory=lambda loaded, ctx: FastSession(loaded, ctx, words=tokens, pause_every=20,
+                                                                   pause=0.01))
     messages: list[object] = []
     post = app.post_message
 
@@ -64,8 +65,9 @@ async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_
         messages.clear()
         started = time.monotonic()
         await send(pilot, "Count")
-        await wait_for(pilot, lambda: app.chat.streaming is None and app.chat.status.info.generated_tokens,
-                       timeout=60, what="the answer")
+        info = lambda: app.chat.status.info  # noqa: E731
+        await wait_for(pilot, lambda: app.chat.streaming is None and not info().generating
+                       and info().generated_tokens == tokens, timeout=60, what="the answer")
         seconds = time.monotonic() - started
         view = app.chat.chat_log.last_view("assistant")
         expected = "".join(f"word{i} " for i in range(tokens))
@@ -74,7 +76,8 @@ async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_
         assert not [m for m in messages if isinstance(m, TokenDelta)]  # no message per token
         assert len(messages) == 2, messages  # GenerationStarted, GenerationDone
         # screen updates: a few tens a second at most, far fewer than tokens
-        assert len(appends) <= seconds / FLUSH_SECONDS + 3 and len(appends) <= tokens / 20, (len(appends), seconds)
+        print(f"\n{tokens} tokens in {seconds:.2f} s: {len(appends)} screen updates, {len(messages)} engine messages")
+        assert 5 <= len(appends) <= seconds / FLUSH_SECONDS + 3 and len(appends) <= tokens / 20, (len(appends), seconds)
         assert app.chat.status.info.generated_tokens == tokens
 
 
