@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -141,20 +141,36 @@ class _PlainFormatter(logging.Formatter):
         return text
 
 
-def _configure_logging(debug: bool, verbose: bool) -> None:
-    """--debug: every logger's lines with level and name; otherwise the app's own lines, plain (INFO with -v)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if debug:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(_PlainFormatter("%(message)s"))
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_mistral_chat", False)]:
-        root.removeHandler(old)
-    handler._mistral_chat = True  # type: ignore[attr-defined]
+class _StderrHandler(logging.StreamHandler):
+    """Writes each line to sys.stderr as it is then (not as it was when the handler was made)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _configure_logging(debug: bool, verbose: bool) -> Callable[[], None]:
+    """--debug: every logger's lines with level and name; otherwise the app's own lines, plain (INFO with -v).
+    Returns what undoes it, so that main() leaves the logging set-up as it found it."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if debug
+                         else _PlainFormatter("%(message)s"))
+    root, app_log = logging.getLogger(), logging.getLogger("mistral_chat")
+    levels = root.level, app_log.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("mistral_chat").setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    app_log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        app_log.setLevel(levels[1])
+
+    return undo
 
 
 def _stdout_is_open() -> bool:
@@ -177,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{PROG}: error: stdout is closed: redirect it to a file or /dev/null instead of closing it")
         return 1
     debug = "--debug" in args or os.environ.get("MISTRAL_CHAT_DEBUG") == "1"
-    _configure_logging(debug, "--verbose" in args or "-v" in args)
-    _register_commands()
-    return run_app(app, args, PROG, debug)
+    undo_logging = _configure_logging(debug, "--verbose" in args or "-v" in args)
+    try:
+        _register_commands()
+        return run_app(app, args, PROG, debug)
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":
