@@ -205,6 +205,16 @@ class MistralChatApp(App[None]):
             if chat.children:
                 raise
 
+    async def on_app_focus(self, event: events.AppFocus) -> None:
+        """Back in this window: list the chats again, with those other windows started or took meanwhile."""
+        try:
+            chat = self.chat
+            await chat.refresh_sidebar()
+        except (LookupError, NoMatches):  # not composed yet: it lists them when it mounts
+            pass
+        except sqlite3.Error as exc:
+            log.warning("cannot list the chats again: %s", exc)
+
     async def action_quit(self) -> None:
         self.shutdown_engine()
         self.exit()

@@ -8,6 +8,7 @@ are handled in chat_tools.py (mixed in), exports in tui/export.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from pathlib import Path
@@ -23,6 +24,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from mistral_chat.chat.conversation import DEFAULT_TITLE, Conversation, title_from
+from mistral_chat.chat.store import ConversationBusyError, StoreError
 from mistral_chat.chat.tools import ToolCall
 from mistral_chat.errors import MistralChatError
 from mistral_chat.paths import app_home
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4  # the estimate of a reopened chat's context use, until an answer counts it exactly
+CLAIM_RETRY_SECONDS = 0.05  # another window's sidebar may hold a chat's lock for an instant while it looks
 
 
 class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
@@ -118,6 +121,14 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
         self.prompt.focus()
         self._type_early_keys()
 
+    def on_unmount(self) -> None:
+        """The app ends: other windows may write into the chats this one held (the store may live on)."""
+        store = self.chat_app.store
+        if self.streaming is not None:
+            store.release(self.streaming.conversation_id)
+        if self.conversation is not None:
+            store.release(self.conversation.id)
+
     def take_early_key(self, event: events.Key) -> bool:
         """A key that came while nothing had focus (typed before the first frame): kept for the prompt, in order.
         True when taken."""
@@ -156,11 +167,22 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
                                                        tools_path=options.tools_path)
 
     async def open_conversation(self, conversation_id: int | None) -> None:
+        """Show a chat (None: a new one). This window holds the chat it shows (`ChatStore.claim`); a chat another
+        mistral-chat window holds is not opened: a new chat is, and a notification says why."""
         store = self.chat_app.store
+        previous = self.conversation
         conversation = store.load(conversation_id) if conversation_id is not None else None
+        if conversation is not None and not await self._claim(conversation.id):
+            self.notify(f"chat {conversation.id} is open in another mistral-chat window; started a new chat",
+                        severity="warning", timeout=8, markup=False)
+            conversation = None
+            if previous is not None and not previous.messages and store.holds(previous.id):
+                conversation = store.load(previous.id)  # the empty chat already open is that new chat
         if conversation is None:
             conversation = self._new_conversation()
         self.conversation = conversation
+        if previous is not None and previous.id != conversation.id:
+            self.let_go(previous.id)
         self.editing_message_id = None
         self._end_tool_result()
         live = self.streaming if self.streaming and self.streaming.conversation_id == conversation.id else None
@@ -180,6 +202,23 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
         if pending:  # a chat left waiting for a tool's result asks for it again
             self._begin_tool_result(pending[0])
 
+    async def _claim(self, conversation_id: int) -> bool:
+        store = self.chat_app.store
+        if store.claim(conversation_id):
+            return True
+        await asyncio.sleep(CLAIM_RETRY_SECONDS)  # not a sidebar's passing look (see held_elsewhere)
+        return store.claim(conversation_id)
+
+    def let_go(self, conversation_id: int) -> None:
+        """Let other windows write into a chat this one leaves; one whose answer still streams is let go when the
+        answer ends."""
+        streaming = self.streaming
+        if streaming is not None and streaming.conversation_id == conversation_id:
+            return
+        if self.conversation is not None and self.conversation.id == conversation_id:
+            return
+        self.chat_app.store.release(conversation_id)
+
     @staticmethod
     def _estimated_context(conversation: Conversation) -> int:
         """Roughly the tokens the chat's prompt takes (the exact count comes with the next answer)."""
@@ -189,6 +228,9 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
     def write_failed(self, what: str, exc: Exception) -> None:
         """Say (once a run) that the database refused a write; the app goes on with what it shows."""
         log.warning("cannot %s: %s", what, exc)
+        if isinstance(exc, ConversationBusyError):  # the database is fine: another window holds the chat
+            self.notify(f"Cannot {what}: {exc}", title="Not saved", severity="error", timeout=10, markup=False)
+            return
         if self._store_warned:
             self.notify(f"Cannot {what}: {exc}", severity="error", markup=False)
             return
@@ -198,9 +240,11 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
                     title="Not saved", severity="error", timeout=15, markup=False)
 
     async def refresh_sidebar(self) -> None:
+        """List the chats again (other windows' new ones too), marking those another window holds."""
         store = self.chat_app.store
-        await self.sidebar.show(store.list_conversations(self.sidebar.search_text),
-                                self.conversation.id if self.conversation else None)
+        conversations = store.list_conversations(self.sidebar.search_text)
+        elsewhere = {c.id for c in conversations if store.held_elsewhere(c.id)}
+        await self.sidebar.show(conversations, self.conversation.id if self.conversation else None, elsewhere)
 
     async def on_sidebar_selected(self, event: Sidebar.Selected) -> None:
         if self.conversation is None or event.conversation_id != self.conversation.id:
@@ -227,7 +271,11 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
 
         async def rename(title: str | None) -> None:
             if title:
-                self.chat_app.store.rename(conversation.id, title)
+                try:
+                    self.chat_app.store.rename(conversation.id, title)
+                except (sqlite3.Error, StoreError) as exc:
+                    self.write_failed("rename the chat", exc)
+                    return
                 conversation.title = title
                 self.chat_log.border_title = Content(displayable(title))
                 await self.refresh_sidebar()
@@ -249,7 +297,12 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
                 return
             if self.streaming is not None and self.streaming.conversation_id == conversation_id:
                 self.chat_app.engine.cancel(self.streaming.request_id)
-            store.delete(conversation_id)
+            try:
+                store.delete(conversation_id)
+            except (sqlite3.Error, StoreError) as exc:
+                self.write_failed("delete the chat", exc)
+                await self.refresh_sidebar()
+                return
             if self.conversation is not None and self.conversation.id == conversation_id:
                 remaining = store.list_conversations()
                 await self.open_conversation(remaining[0].id if remaining else None)
@@ -278,9 +331,13 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
             if result is None:
                 return
             conversation.system_prompt, conversation.settings = result.system_prompt, result.generation
-            conversation.tools_path = result.tools_path
-            self.chat_app.store.update_settings(conversation.id, result.system_prompt, result.generation,
-                                                result.tools_path)
+            conversation.tools_path = result.tools_path  # used in this window even when not saved
+            try:
+                self.chat_app.store.update_settings(conversation.id, result.system_prompt, result.generation,
+                                                    result.tools_path)
+            except (sqlite3.Error, StoreError) as exc:
+                self.write_failed("save the settings", exc)
+                return
             self.notify("Settings saved for this chat")
 
         current = ChatSettings(conversation.system_prompt, conversation.settings, conversation.tools_path)
@@ -327,7 +384,7 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
                 conversation.title = title_from(text)
                 store.rename(conversation.id, conversation.title)
                 self.chat_log.border_title = Content(displayable(conversation.title))
-        except sqlite3.Error as exc:  # the message stays in the prompt
+        except (sqlite3.Error, StoreError) as exc:  # the message stays in the prompt
             self.write_failed("save your message", exc)
             return
         self.prompt.clear()
@@ -384,8 +441,12 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
             return
         last = conversation.messages[-1]
         if last.role == "assistant":
+            try:
+                self.chat_app.store.delete_messages_from(conversation.id, last.id)
+            except (sqlite3.Error, StoreError) as exc:
+                self.write_failed("remove the last answer", exc)
+                return
             self._end_tool_result()
-            self.chat_app.store.delete_messages_from(conversation.id, last.id)
             conversation.messages.pop()
             view = self.chat_log.last_view()
             if view is not None and view.role == "assistant":

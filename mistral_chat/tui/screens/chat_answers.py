@@ -9,6 +9,7 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING
 
+from mistral_chat.chat.store import StoreError
 from mistral_chat.service.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
 from mistral_chat.tui.streaming import Streaming, Tokens
@@ -67,7 +68,7 @@ class AnswersPart(_Base):
                 streaming.message_id = store.add_message(streaming.conversation_id, "assistant", streaming.text).id
             else:
                 store.update_message(streaming.message_id, streaming.text)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             streaming.saved_text = streaming.text  # try again once more text comes
             self.write_failed("save the answer", exc)
             return
@@ -142,3 +143,5 @@ class AnswersPart(_Base):
                 pending = reloaded.pending_tool_calls()
                 if event.tool_calls and pending:
                     self._begin_tool_result(pending[0])
+        else:
+            self.let_go(streaming.conversation_id)  # the answer of a chat this window left meanwhile

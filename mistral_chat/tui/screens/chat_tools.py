@@ -7,11 +7,13 @@ again after Escape), saves it as a "tool" message, and once every call has one t
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
 from textual.content import Content
 
 from mistral_chat.chat.conversation import Conversation
+from mistral_chat.chat.store import StoreError
 from mistral_chat.chat.tools import Tool, ToolCall, ToolsFileError, load_tools
 from mistral_chat.service.worker import GenerationDone
 from mistral_chat.tui.streaming import Streaming
@@ -74,8 +76,12 @@ class ToolCallsPart(_Base):
         if call is None or conversation is None or call not in conversation.pending_tool_calls():
             self._end_tool_result()
             return
-        message = self.chat_app.store.add_message(conversation.id, "tool", text, tool_call_id=call.id,
-                                                  name=call.name)
+        try:
+            message = self.chat_app.store.add_message(conversation.id, "tool", text, tool_call_id=call.id,
+                                                      name=call.name)
+        except (sqlite3.Error, StoreError) as exc:  # the result stays in the prompt
+            self.write_failed("save the tool result", exc)
+            return
         conversation.messages.append(message)
         self._end_tool_result()
         self.prompt.clear()
@@ -99,11 +105,14 @@ class ToolCallsPart(_Base):
     async def _finish_with_calls(self, streaming: Streaming, event: GenerationDone) -> None:
         """Save the answer with its calls, and show them in place of the streamed text."""
         store = self.chat_app.store
-        if streaming.message_id:
-            store.update_message(streaming.message_id, event.text, event.tool_calls)
-        elif store.load(streaming.conversation_id) is not None:
-            streaming.message_id = store.add_message(streaming.conversation_id, "assistant", event.text,
-                                                     tool_calls=event.tool_calls).id
+        try:
+            if streaming.message_id:
+                store.update_message(streaming.message_id, event.text, event.tool_calls)
+            elif store.load(streaming.conversation_id) is not None:
+                streaming.message_id = store.add_message(streaming.conversation_id, "assistant", event.text,
+                                                         tool_calls=event.tool_calls).id
+        except (sqlite3.Error, StoreError) as exc:
+            self.write_failed("save the answer", exc)
         streaming.saved_text = event.text
         names = ", ".join(dict.fromkeys(call.name for call in event.tool_calls))
         view = streaming.view

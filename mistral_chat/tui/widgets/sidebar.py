@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from textual.app import ComposeResult
@@ -15,10 +16,18 @@ from mistral_chat.chat.conversation import Conversation
 from mistral_chat.tui.safe_text import displayable
 
 
+ELSEWHERE = " (open elsewhere)"
+
+
 class ConversationItem(ListItem):
-    def __init__(self, conversation: Conversation) -> None:
-        super().__init__(Label(Content(displayable(conversation.title))), id=f"conversation-{conversation.id}")
+    def __init__(self, conversation: Conversation, elsewhere: bool = False) -> None:
+        """`elsewhere`: another mistral-chat window holds the chat (it writes into it)."""
+        label = Content(displayable(conversation.title))
+        if elsewhere:
+            label = label + Content.styled(ELSEWHERE, "dim")
+        super().__init__(Label(label), id=f"conversation-{conversation.id}")
         self.conversation_id = conversation.id
+        self.elsewhere = elsewhere
 
 
 class Sidebar(Vertical):
@@ -40,6 +49,10 @@ class Sidebar(Vertical):
     class DeleteRequested(Message):
         conversation_id: int
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._showing = asyncio.Lock()  # one listing at a time (the app's focus and the screen both refresh it)
+
     def compose(self) -> ComposeResult:
         yield Input(placeholder="Search chats", id="search")
         yield ListView(id="conversations")
@@ -48,15 +61,19 @@ class Sidebar(Vertical):
     def search_text(self) -> str:
         return self.query_one("#search", Input).value
 
-    async def show(self, conversations: list[Conversation], current_id: int | None) -> None:
-        listing = self.query_one("#conversations", ListView)
-        await listing.clear()
-        await listing.extend(ConversationItem(c) for c in conversations)
-        for index, conversation in enumerate(conversations):
-            if conversation.id == current_id:
-                with listing.prevent(ListView.Highlighted):
-                    listing.index = index
-                break
+    async def show(self, conversations: list[Conversation], current_id: int | None,
+                   elsewhere: set[int] | frozenset[int] = frozenset()) -> None:
+        """List `conversations`, highlighting the current one and marking those in `elsewhere` (held by another
+        window)."""
+        async with self._showing:
+            listing = self.query_one("#conversations", ListView)
+            await listing.clear()
+            await listing.extend(ConversationItem(c, c.id in elsewhere) for c in conversations)
+            for index, conversation in enumerate(conversations):
+                if conversation.id == current_id:
+                    with listing.prevent(ListView.Highlighted):
+                        listing.index = index
+                    break
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
