@@ -13,7 +13,7 @@ import torch
 
 from mistral_chat.bench.checkpoint import special_count, synthetic_tekken, write_random_checkpoint
 from mistral_chat.bench.parallel import format_parallel_table, run_parallel_bench
-from mistral_chat.bench.run import SHAPES
+from mistral_chat.bench.shapes import SHAPES
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.loader import load_model
 from mistral_chat.text.tokenizer import StreamDecoder, load_tokenizer

@@ -82,7 +82,7 @@ def test_usage_errors_are_one_line_and_exit_2(case, home, capsys):
 
 
 def test_python_m_bench_reports_usage_errors_the_same_way(capsys):
-    from mistral_chat.bench.run import main as bench_main
+    from mistral_chat.bench.command import main as bench_main
 
     code = bench_main(["--batch", "1,x"])
     line = one_line(capsys.readouterr().err)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from mistral_chat.bench.run import SHAPES
+from mistral_chat.bench.shapes import SHAPES
 from mistral_chat.engine.decode import DecodeStep
 from mistral_chat.engine.loader import random_model
 from mistral_chat.engine.plan import choose_plan

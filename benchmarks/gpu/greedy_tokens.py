@@ -13,7 +13,7 @@ import json
 import torch
 
 try:
-    from mistral_chat.bench.run import SHAPES
+    from mistral_chat.bench.shapes import SHAPES
     from mistral_chat.engine.loader import random_model
 except ImportError:  # the engine before the redesign
     from mistral_chat.bench import SHAPES, random_model  # type: ignore[no-redef]

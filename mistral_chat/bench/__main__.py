@@ -1,5 +1,5 @@
 import sys
 
-from mistral_chat.bench.run import main
+from mistral_chat.bench.command import main
 
 sys.exit(main())

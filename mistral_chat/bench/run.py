@@ -15,35 +15,18 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
-import typer
 
+from mistral_chat.bench.command import BenchArgs, int_list, parse_plan, parse_worlds
+from mistral_chat.bench.shapes import SHAPES, bench_shape  # noqa: F401 - SHAPES: the shapes this benchmark builds
 from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.generate import TokenReader
 from mistral_chat.engine.model import Transformer
 from mistral_chat.errors import MistralChatError
 
-SHAPES: dict[str, ModelConfig] = {
-    "mistral-7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                              vocab_size=32768, rope_theta=1e6, max_seq_len=32768),
-    "mistral-7b-v0.1": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                   vocab_size=32000, sliding_window=4096, max_seq_len=32768),
-    "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                vocab_size=32000, rope_theta=1e6, num_experts=8, num_experts_per_tok=2),
-    "mixtral-8x22b": ModelConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
-                                 vocab_size=32768, rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
-                                 max_seq_len=65536),
-    "nemo-12b": ModelConfig(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                            vocab_size=131072, rope_theta=1e6, max_seq_len=131072),
-    "small-22b": ModelConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
-                             vocab_size=32768, rope_theta=1e6),
-    "tiny": ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=512,
-                        sliding_window=64, max_seq_len=4096),
-}
 
 
 @dataclass
@@ -214,16 +197,6 @@ def bench_hf(config: ModelConfig, device: torch.device, dtype: torch.dtype, prom
     return rows
 
 
-def bench_shape(shape: str, layers: int | None = None, window: int | None = None) -> ModelConfig:
-    """A named real shape, optionally cut to `layers` layers or given another sliding window."""
-    config = SHAPES[shape]
-    if layers:
-        config = config.with_(n_layers=layers)
-    if window:
-        config = config.with_(sliding_window=window)
-    return config
-
-
 def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers: int | None = None,
               prompt: int = 512, steps: int = 128, batches: list[int] | None = None, compile: bool = True,
               quantize: str | None = None, vs_hf: bool = False, prefill_lengths: list[int] | None = None,
@@ -274,114 +247,6 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-Shape = Enum("Shape", {name: name for name in sorted(SHAPES)}, type=str)  # what --shape takes
-
-
-class Dtype(str, Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Quantize(str, Enum):
-    int8 = "int8"
-
-
-@dataclass
-class BenchArgs:
-    """The command's options, as `main_parallel` and `run` read them."""
-
-    shape: str = "mistral-7b"
-    layers: int | None = None
-    window: int | None = None
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    quantize: str | None = None
-    prompt: int = 512
-    steps: int = 128
-    batch: str = "1,8"
-    prefill: str | None = None
-    no_compile: bool = False
-    vs_hf: bool = False
-    plan: str = ""
-    json: bool = False
-    json_file: str | None = None
-    tp: str | None = None
-    tp_checkpoint: str | None = None
-
-
-def _flag(*names: str, help: str) -> Any:
-    return typer.Option(False, *names, help=help, metavar="")
-
-
-def bench_command(
-    shape: Shape = typer.Option("mistral-7b", "--shape", metavar="<name>",
-                               help=f"The real model shape to build random weights of: {', '.join(sorted(SHAPES))}."),
-    layers: Optional[int] = typer.Option(None, "--layers", min=1,
-                                         help="Keep only this many layers (e.g. 16 for Mixtral-8x7B on one H100)."),
-    window: Optional[int] = typer.Option(None, "--window", min=1, help="Override the sliding window."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: Dtype = typer.Option("bfloat16", "--dtype", help="Weights' dtype."),
-    quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="Weight-only int8."),
-    prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens before decoding."),
-    steps: int = typer.Option(128, "--steps", min=1, help="Decode steps timed."),
-    batch: str = typer.Option("1,8", "--batch", help="Comma-separated decode batch sizes."),
-    prefill: Optional[str] = typer.Option(None, "--prefill",
-                                          help="Comma-separated prefill lengths (default: prompt,2048; empty: none)."),
-    no_compile: bool = _flag("--no-compile", help="Time eager decode."),
-    vs_hf: bool = _flag("--vs-hf", help="Also time HF transformers on the same shape."),
-    plan: str = typer.Option("", "--plan", help="Override the kernel plan to compare implementations, e.g. "
-                                                "gemv=triton,attention=torch (fields: see docs/engine.md)."),
-    json_output: bool = _flag("--json", help="Print JSON instead of a table."),
-    json_file: Optional[str] = typer.Option(None, "--json-file", help="Also write the JSON to this file."),
-    tp: Optional[str] = typer.Option(None, "--tp", help="Comma-separated world sizes, e.g. 1,2,4: write one random "
-                                                        "checkpoint and compare greedy tokens and decode speed of "
-                                                        "single-GPU and tensor-parallel runs (uses --shape --layers "
-                                                        "--window --dtype --quantize --prompt --steps --device)."),
-    tp_checkpoint: Optional[str] = typer.Option(None, "--tp-checkpoint",
-                                                help="With --tp: keep the random checkpoint in this folder (reused by "
-                                                     "a later run of the same shape) instead of a temporary one."),
-) -> int:
-    """Time prefill and decode on random weights of a real model shape, next to the bandwidth floor."""
-    args = BenchArgs(shape=shape.value, layers=layers, window=window, device=device, dtype=dtype.value,
-                     quantize=quantize.value if quantize else None, prompt=prompt, steps=steps, batch=batch,
-                     prefill=prefill, no_compile=no_compile, vs_hf=vs_hf, plan=plan, json=json_output,
-                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint)
-    return run(args)
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = [0]
-    if any(v < 1 for v in values):
-        raise typer.BadParameter(f"{text!r}: give positive whole numbers separated by commas, e.g. 1,8",
-                                 param_hint=f"'{option}'")
-    return values
-
-
-def parse_plan(text: str) -> dict[str, str]:
-    """--plan KEY=VALUE,KEY=VALUE as a dict."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{text!r}: give KEY=VALUE pairs, e.g. gemv=triton", param_hint="'--plan'")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
-def parse_worlds(text: str) -> tuple[int, ...]:
-    try:
-        worlds = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        worlds = ()
-    if not worlds or min(worlds) < 1:
-        raise typer.BadParameter(f"{text!r}: give world sizes like 1,2,4", param_hint="'--tp'")
-    return worlds
-
-
 def main_parallel(a: BenchArgs) -> int:
     from mistral_chat.bench.parallel import describe_run, format_parallel_table, result_json, run_parallel_bench
 
@@ -403,8 +268,8 @@ def run(a: BenchArgs) -> int:
     """The benchmark the options ask for: the table (or JSON) on stdout; exit status 0 when it ran."""
     if a.tp is not None and parse_worlds(a.tp) != (1,):
         return main_parallel(a)
-    batches = _int_list(a.batch, "--batch")
-    prefill_lengths = _int_list(a.prefill, "--prefill") if a.prefill is not None else None
+    batches = int_list(a.batch, "--batch")
+    prefill_lengths = int_list(a.prefill, "--prefill") if a.prefill is not None else None
     overrides = parse_plan(a.plan)
     try:
         result = run_bench(a.shape, a.device, a.dtype, a.layers, a.prompt, a.steps, batches, not a.no_compile,
@@ -421,15 +286,7 @@ def run(a: BenchArgs) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mistral_chat.bench [OPTIONS]`: the same command as `mistral-chat bench`, with the same errors."""
-    from mistral_chat.cli.runner import Command, run_app
-
-    app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
-    app.command(cls=Command)(bench_command)
-    args = sys.argv[1:] if argv is None else argv
-    return run_app(app, list(args), "mistral-chat bench", debug="--debug" in args)
-
-
 if __name__ == "__main__":
+    from mistral_chat.bench.command import main
+
     sys.exit(main())

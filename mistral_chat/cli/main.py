@@ -122,7 +122,7 @@ def run(
 
 
 def _register_commands() -> None:
-    from mistral_chat.bench.run import bench_command
+    from mistral_chat.bench.command import bench_command
     from mistral_chat.cli import batch
     from mistral_chat.cli.models import register
 
