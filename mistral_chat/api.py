@@ -23,7 +23,6 @@ Importing this module does not import torch; `Model.load` does.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import MistralChatError
+from mistral_chat.service.loading import release_memory
 from mistral_chat.service.worker import ToolCallsRead, read_tool_calls
 
 if TYPE_CHECKING:
@@ -418,19 +418,11 @@ class Model:
 
     def close(self) -> None:
         """Free the model's memory (and end its tensor-parallel processes). Safe to call twice."""
-        close = getattr(self._session, "close", None)
+        close = getattr(self._session, "close", None)  # a tensor-parallel session ends its follower processes
         if close is not None:
             close()
-        self._session = None
-        self.loaded = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001 - freeing memory is best effort
-            pass
+        self._session = self.loaded = None
+        release_memory()
 
     def __enter__(self) -> "Model":
         return self

@@ -20,6 +20,7 @@ from typing import IO, Any, Optional
 
 import typer
 
+from mistral_chat.cli import options as opt
 from mistral_chat.engine.options import SamplingParams
 from mistral_chat.errors import MistralChatError
 
@@ -157,42 +158,32 @@ def batch_command(
                                            show_default=False),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="JSONL answers (default: stdout); a rerun resumes it."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Model folder, alias or repo id (default: the last used)."),
+    model: Optional[str] = opt.MODEL,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Sequences generated together (default: what memory allows, "
                                                   "at most 64)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt for lines without one."),
     tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of functions for lines without tools."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: all)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed for sampling (each request alike)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=0.99,
-                                help="Drop tokens less likely than this fraction of the likeliest."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01,
-                                             help="> 1 discourages tokens already in the prompt or answer."),
-    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
-                                           help="Subtracted from the logits of tokens already in the answer."),
-    stop: Optional[list[str]] = typer.Option(None, "--stop", help="End answers before this text (repeatable)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-    context: Optional[int] = typer.Option(None, "--context", min=16,
-                                          help="Context length in tokens (default: the model's, at most 32768)."),
+    max_tokens: int = opt.MAX_TOKENS,
+    temperature: float = opt.TEMPERATURE,
+    top_p: float = opt.TOP_P,
+    top_k: int = opt.TOP_K,
+    seed: Optional[int] = opt.SEED,
+    min_p: float = opt.MIN_P,
+    repetition_penalty: float = opt.REPETITION_PENALTY,
+    presence_penalty: float = opt.PRESENCE_PENALTY,
+    stop: Optional[list[str]] = opt.STOP,
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
+    context: Optional[int] = opt.CONTEXT,
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU (one request at a time)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
-                                           help="int8: weight-only int8 at load time (half the memory)."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="Merge a LoRA adapter at load time."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies the adapter's own scaling."),
+    quantize: Optional[str] = opt.QUANTIZE,
+    lora: Optional[Path] = opt.LORA,
+    lora_scale: float = opt.LORA_SCALE,
 ) -> None:
     """Answer a JSONL file of requests, many at a time; one JSON line out per request, in input order."""
-    try:
-        defaults = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                  seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
-                                  presence_penalty=presence_penalty, stop=tuple(stop or ()))
-    except ValueError as exc:
-        raise MistralChatError(f"{exc}: change that option") from None
+    defaults = opt.sampling_params(temperature, top_p, top_k, max_tokens, seed, min_p, repetition_penalty,
+                                   presence_penalty, stop)
     source = _open_input(input)
     try:
         lines = read_lines(source, defaults, system, _read_tools(tools))

@@ -11,9 +11,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from mistral_chat import __version__
+from mistral_chat.cli import options as opt
 from mistral_chat.cli.runner import PROG, Command, Group, run_app, say, stdout_gone
-from mistral_chat.engine.options import LoadOptions, SamplingParams
-from mistral_chat.errors import MistralChatError
 
 log = logging.getLogger("mistral_chat")
 
@@ -27,7 +26,6 @@ app = typer.Typer(
 )
 
 
-SEED_MAX = 2**64 - 1  # torch's generator takes a 64-bit seed
 
 
 def flag(*names: str, help: str, **kwargs: Any) -> Any:
@@ -44,25 +42,19 @@ def _version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def run(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Model folder, alias or repo id (default: the last used)."),
+    model: Optional[str] = opt.MODEL,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
                                          help="Answer this once and exit (piped stdin is appended)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: all)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=SEED_MAX,
-                                        help="Seed for sampling."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=0.99,
-                                help="Drop tokens less likely than this fraction of the likeliest."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01,
-                                             help="> 1 discourages tokens already in the prompt or answer."),
-    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
-                                           help="Subtracted from the logits of tokens already in the answer."),
-    stop: Optional[list[str]] = typer.Option(None, "--stop",
-                                             help="End the answer before this text (repeat for several)."),
+    max_tokens: int = opt.MAX_TOKENS,
+    temperature: float = opt.TEMPERATURE,
+    top_p: float = opt.TOP_P,
+    top_k: int = opt.TOP_K,
+    seed: Optional[int] = opt.SEED,
+    min_p: float = opt.MIN_P,
+    repetition_penalty: float = opt.REPETITION_PENALTY,
+    presence_penalty: float = opt.PRESENCE_PENALTY,
+    stop: Optional[list[str]] = opt.STOP,
     json_output: bool = flag("--json", help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
     tools: Optional[Path] = typer.Option(None, "--tools",
                                          help="JSON file of functions the model may call; one-shot prints calls as JSON."),
@@ -70,16 +62,13 @@ def run(
     fim_suffix: Optional[str] = typer.Option(None, "--fim-suffix", help="Fill in the middle: code after the cursor."),
     fim_prefix_file: Optional[Path] = typer.Option(None, "--fim-prefix-file", help="Read the code before the cursor."),
     fim_suffix_file: Optional[Path] = typer.Option(None, "--fim-suffix-file", help="Read the code after the cursor."),
-    lora: Optional[Path] = typer.Option(None, "--lora",
-                                        help="Merge a LoRA adapter (lora.safetensors or its folder) at load time."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies the adapter's own scaling."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-    context: Optional[int] = typer.Option(None, "--context", min=16,
-                                          help="Context length in tokens (default: the model's, at most 32768)."),
+    lora: Optional[Path] = opt.LORA,
+    lora_scale: float = opt.LORA_SCALE,
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
+    context: Optional[int] = opt.CONTEXT,
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
-                                           help="int8: weight-only int8 at load time (half the memory)."),
+    quantize: Optional[str] = opt.QUANTIZE,
     no_compile: bool = flag("--no-compile", help="Run eager on GPU instead of compiling decode into CUDA graphs."),
     verbose: bool = flag("--verbose", "-v", help="Statistics and progress on stderr."),
     debug: bool = flag("--debug", help="Full tracebacks and debug logs."),
@@ -89,14 +78,9 @@ def run(
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: one rank of a TP run
         tp = int(os.environ["WORLD_SIZE"])
-    load = LoadOptions(device=device, dtype=dtype, context_length=context, quantize=quantize, compile=not no_compile,
-                       lora=lora, lora_scale=lora_scale, tp=tp)
-    try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                  seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
-                                  presence_penalty=presence_penalty, stop=tuple(stop or ()))
-    except ValueError as exc:  # a value the options' own ranges let through (e.g. --top-p 0)
-        raise MistralChatError(f"{exc}: change that option") from None
+    load = opt.load_options(device, dtype, context, quantize, lora, lora_scale, tp, compile=not no_compile)
+    sampling = opt.sampling_params(temperature, top_p, top_k, max_tokens, seed, min_p, repetition_penalty,
+                                   presence_penalty, stop)
     fim = any(x is not None for x in (fim_prefix, fim_suffix, fim_prefix_file, fim_suffix_file))
     if prompt is None and not fim and sys.stdin.isatty():
         if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import sys
 
 from mistral_chat.engine.options import LoadOptions
 from mistral_chat.errors import MistralChatError, ModelNotFoundError
@@ -42,3 +44,15 @@ def prepare_compile(options: LoadOptions) -> LoadOptions:
 
     use_compile_cache(app_home() / "compile-cache")
     return options
+
+
+def release_memory() -> None:
+    """After the last reference to a model is dropped: collect the garbage and hand the GPU's cached blocks back.
+    Best effort; torch is used only if it is already imported."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing memory is best effort
+        pass

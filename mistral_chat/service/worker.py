@@ -17,7 +17,6 @@ without the tools and says so in `GenerationStarted.tools_used`.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import queue
@@ -34,6 +33,7 @@ from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
+from mistral_chat.service.loading import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +260,8 @@ class EngineWorker:
         close = getattr(self.session, "close", None)  # a tensor-parallel session ends its follower processes
         if close is not None:
             close()
-        self.session = None
-        self.loaded = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001 - freeing memory is best effort
-            pass
+        self.session = self.loaded = None
+        release_memory()
 
     def _load(self, request: LoadRequest) -> None:
         self._unload()
