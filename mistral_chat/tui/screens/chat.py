@@ -3,7 +3,7 @@
 Streaming: tokens gather in the app's TokenBuffer (engine thread); a timer, at most ~30 times a second, appends
 what gathered to the answer's Markdown widget (which parses just the new tail), updates the live token count
 and speed in the status bar and, at least once a second, saves the answer so far. Tool calls and their results
-are handled in chat_tools.py (mixed in), exports in tui/export.py.
+are handled in chat_tools.py (mixed in), renaming and deleting chats in chat_list.py, exports in tui/export.py.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from mistral_chat.paths import app_home
 from mistral_chat.tui.clipboard import copy_text
 from mistral_chat.tui.export import ExportKind, export_conversation
 from mistral_chat.tui.screens.chat_answers import AnswersPart
+from mistral_chat.tui.screens.chat_list import ChatListPart
 from mistral_chat.tui.screens.chat_tools import ToolCallsPart
-from mistral_chat.tui.screens.confirm import ConfirmScreen
 from mistral_chat.tui.screens.model_picker import ModelPickerScreen
 from mistral_chat.tui.screens.settings import ChatSettings, SettingsScreen
 from mistral_chat.tui.safe_text import displayable
-from mistral_chat.tui.screens.text_prompt import TextPromptScreen
 from mistral_chat.tui.streaming import FLUSH_SECONDS, Streaming
 from mistral_chat.tui.widgets.chat_log import ChatLog
 from mistral_chat.tui.widgets.message_view import code_blocks
@@ -53,7 +52,7 @@ CHARS_PER_TOKEN = 4  # the estimate of a reopened chat's context use, until an a
 CLAIM_RETRY_SECONDS = 0.05  # another window's sidebar may hold a chat's lock for an instant while it looks
 
 
-class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
+class ChatScreen(AnswersPart, ToolCallsPart, ChatListPart, Screen[None]):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -263,55 +262,6 @@ class ChatScreen(AnswersPart, ToolCallsPart, Screen[None]):
             return
         await self.open_conversation(None)
         self.prompt.focus()
-
-    def action_rename_chat(self) -> None:
-        conversation = self.conversation
-        if conversation is None:
-            return
-
-        async def rename(title: str | None) -> None:
-            if title:
-                try:
-                    self.chat_app.store.rename(conversation.id, title)
-                except (sqlite3.Error, StoreError) as exc:
-                    self.write_failed("rename the chat", exc)
-                    return
-                conversation.title = title
-                self.chat_log.border_title = Content(displayable(title))
-                await self.refresh_sidebar()
-
-        self.app.push_screen(TextPromptScreen("Rename the chat", conversation.title), rename)
-
-    def action_delete_chat(self) -> None:
-        if self.conversation is not None:
-            self._confirm_delete(self.conversation.id)
-
-    def _confirm_delete(self, conversation_id: int) -> None:
-        store = self.chat_app.store
-        found = store.load(conversation_id)
-        if found is None:
-            return
-
-        async def delete(yes: bool | None) -> None:
-            if not yes:
-                return
-            if self.streaming is not None and self.streaming.conversation_id == conversation_id:
-                self.chat_app.engine.cancel(self.streaming.request_id)
-            try:
-                store.delete(conversation_id)
-            except (sqlite3.Error, StoreError) as exc:
-                self.write_failed("delete the chat", exc)
-                await self.refresh_sidebar()
-                return
-            if self.conversation is not None and self.conversation.id == conversation_id:
-                remaining = store.list_conversations()
-                await self.open_conversation(remaining[0].id if remaining else None)
-            else:
-                await self.refresh_sidebar()
-            self.notify(f"Deleted “{found.title}”", markup=False)
-
-        self.app.push_screen(ConfirmScreen(f"Delete the chat “{found.title}” and its {len(found.messages)} "
-                                           "messages?"), delete)
 
     def action_toggle_sidebar(self) -> None:
         self.sidebar.display = not self.sidebar.display
