@@ -186,3 +186,22 @@ def test_a_conversation_held_by_a_killed_process_is_free_again(tmp_path: Path) -
         holder.wait(10)
     assert store.claim(conv.id)
     store.add_message(conv.id, "user", "mine now")
+
+
+def test_finish_reasons_are_stored_and_an_old_database_gets_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    store = ChatStore(tmp_path / "old.db")
+    assert [m.finish_reason for m in store.load(1).messages] == [None, None]  # old answers: unknown
+    answer = store.add_message(1, "assistant", "partial", finish_reason="cancelled")
+    store.add_message(1, "assistant", "whole")
+    store.set_finish_reason(answer.id + 1, "length")
+    store.close()
+    store = ChatStore(tmp_path / "old.db")
+    assert [m.finish_reason for m in store.load(1).messages] == [None, None, "cancelled", "length"]
+    store.close()
+    columns = {row[1] for row in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(messages)")}
+    assert "finish_reason" in columns

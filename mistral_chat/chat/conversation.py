@@ -11,6 +11,8 @@ from mistral_chat.chat.tools import ToolCall
 from mistral_chat.engine.options import SamplingParams
 
 DEFAULT_TITLE = "New chat"
+# how the Markdown export marks an answer that did not end by itself (the JSON export has its finish_reason)
+STOPPED_NOTES = {"cancelled": "*(stopped)*", "error": "*(error)*"}
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    finish_reason: str | None = None  # why an answer ended ("stop", "length", "cancelled"...); None = unknown
 
     def chat_message(self) -> ChatMessage:
         return ChatMessage(self.role, self.content, tool_calls=self.tool_calls, tool_call_id=self.tool_call_id,
@@ -88,12 +91,15 @@ class Conversation:
                 continue
             lines += [f"**{message.role.capitalize()}:**", ""]
             lines += [message.content, ""] if message.content else []
+            if message.finish_reason in STOPPED_NOTES:
+                lines += [STOPPED_NOTES[message.finish_reason], ""]
             for call in message.tool_calls:
                 lines += [f"Calls `{call.name}`:", "", "```json", format_arguments(call.arguments), "```", ""]
         return "\n".join(lines).rstrip() + "\n"
 
     def to_json(self, model: str = "") -> str:
-        """The conversation as JSON: every field, and `model` (the model that answered; "" when unknown)."""
+        """The conversation as JSON: every field, and `model` (the model that answered; "" when unknown). Each
+        message has its `finish_reason` ("cancelled" for an answer stopped with Escape; null when unknown)."""
         data = {"model": model, **asdict(self)}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 

@@ -62,9 +62,10 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     ("messages", "tool_calls", "TEXT NOT NULL DEFAULT ''"),
     ("messages", "tool_call_id", "TEXT"),
     ("messages", "name", "TEXT"),
+    ("messages", "finish_reason", "TEXT"),  # why an answer ended ("stop", "length", "cancelled"...); NULL = unknown
 ]
 CONVERSATION_COLUMNS = "id, title, system_prompt, settings, created_at, updated_at, tools_path"
-MESSAGE_COLUMNS = "id, role, content, created_at, tool_calls, tool_call_id, name"
+MESSAGE_COLUMNS = "id, role, content, created_at, tool_calls, tool_call_id, name, finish_reason"
 
 
 class StoreError(MistralChatError):
@@ -229,16 +230,19 @@ class ChatStore:
     # ---- messages ----------------------------------------------------------------------------------------
 
     def add_message(self, conversation_id: int, role: str, content: str, *, tool_calls: tuple[ToolCall, ...] = (),
-                    tool_call_id: str | None = None, name: str | None = None) -> Message:
+                    tool_call_id: str | None = None, name: str | None = None,
+                    finish_reason: str | None = None) -> Message:
         self._require(conversation_id)
         now = time.time()
         with self._transaction() as db:
             cur = db.execute("INSERT INTO messages (conversation_id, role, content, created_at, tool_calls, "
-                             "tool_call_id, name) VALUES (?,?,?,?,?,?,?)",
-                             (conversation_id, role, content, now, _calls_json(tool_calls), tool_call_id, name))
+                             "tool_call_id, name, finish_reason) VALUES (?,?,?,?,?,?,?,?)",
+                             (conversation_id, role, content, now, _calls_json(tool_calls), tool_call_id, name,
+                              finish_reason))
             self._touch(db, conversation_id)
         return Message(role=role, content=content, id=int(cur.lastrowid or 0), created_at=now,  # type: ignore[arg-type]
-                       tool_calls=tuple(tool_calls), tool_call_id=tool_call_id, name=name)
+                       tool_calls=tuple(tool_calls), tool_call_id=tool_call_id, name=name,
+                       finish_reason=finish_reason)
 
     def update_message(self, message_id: int, content: str, tool_calls: tuple[ToolCall, ...] | None = None) -> None:
         """Replace a message's text (and its tool calls, unless None)."""
@@ -251,6 +255,14 @@ class ChatStore:
         else:
             self._db.execute("UPDATE messages SET content = ?, tool_calls = ? WHERE id = ?",
                              (content, _calls_json(tool_calls), message_id))
+
+    def set_finish_reason(self, message_id: int, finish_reason: str | None) -> None:
+        """Record why an answer ended ("stop", "length", "cancelled", "error", "tool_calls"; None = unknown)."""
+        row = self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return
+        self._require(row[0])
+        self._db.execute("UPDATE messages SET finish_reason = ? WHERE id = ?", (finish_reason, message_id))
 
     def delete_messages_from(self, conversation_id: int, message_id: int) -> None:
         """Delete `message_id` and every later message of the conversation."""
@@ -300,4 +312,4 @@ def _calls(text: str, message_id: int) -> tuple[ToolCall, ...]:
 
 def _message(row: tuple) -> Message:
     return Message(role=row[1], content=row[2], id=row[0], created_at=row[3], tool_calls=_calls(row[4], row[0]),
-                   tool_call_id=row[5], name=row[6])
+                   tool_call_id=row[5], name=row[6], finish_reason=row[7])

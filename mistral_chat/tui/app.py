@@ -85,6 +85,7 @@ class MistralChatApp(App[None]):
         self.cannot_start: CannotStart | None = None
         self.model_state = "none"  # none | loading | ready | failed
         self.model_name = ""
+        self.model_path: Path | None = None  # the folder of the model loaded (or loading)
         self.theme_problems: list[str] = []
 
     # ---- start and stop --------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class MistralChatApp(App[None]):
         """Queue a model load (the chat stays usable meanwhile; answers asked for wait for it)."""
         self.model_state = "loading"
         self.model_name = name
+        self.model_path = path
         try:
             self.chat.status.update_info(model=name, device="", dtype="", loading="loading…")
         except (LookupError, NoMatches):  # the chat screen shows it when it mounts

@@ -21,6 +21,8 @@ class ModelChoice:
 def local_models() -> list[ModelChoice]:
     """Models on disk that are ready to run; empty when the store cannot tell."""
     try:
+        from mistral_chat.cli.models import human_count  # the figures `mistral-chat list` shows
+        from mistral_chat.models.pull import human_bytes
         from mistral_chat.models.store import list_models
 
         rows = list_models()
@@ -32,9 +34,11 @@ def local_models() -> list[ModelChoice]:
         if not getattr(row, "ready", True):
             continue
         params = getattr(row, "parameters", None)
-        detail = " ".join(x for x in (getattr(row, "format", None) or "",
-                                      f"{params / 1e9:.1f}B" if params else "",
-                                      getattr(row, "source", "")) if x)
+        size = getattr(row, "size_on_disk", None)
+        detail = "  ".join(x for x in (getattr(row, "format", None) or "",
+                                       f"{human_count(params)} params" if params else "",
+                                       human_bytes(size) if size else "",
+                                       getattr(row, "source", "")) if x)
         choices.append(ModelChoice(row.name, Path(row.path), detail))
     return choices
 

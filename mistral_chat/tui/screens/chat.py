@@ -298,7 +298,10 @@ class ChatScreen(AnswersPart, ToolCallsPart, ChatListPart, Screen[None]):
             if choice is not None:
                 self.chat_app.load_model(choice.path, choice.name)  # type: ignore[attr-defined]
 
-        self.app.push_screen(ModelPickerScreen(), chosen)
+        app = self.chat_app
+        loaded = app.model_state in ("ready", "loading")
+        self.app.push_screen(ModelPickerScreen(app.model_name if loaded else "", app.model_path if loaded else None,
+                                               app.model_state), chosen)
 
     # ---- sending and answers ---------------------------------------------------------------------------------
 

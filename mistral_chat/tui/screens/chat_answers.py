@@ -74,6 +74,13 @@ class AnswersPart(_Base):
             return
         streaming.saved_text = streaming.text
 
+    def save_finish_reason(self, message_id: int, reason: str) -> None:
+        """Record why the answer ended (the exports mark a stopped one); a refused write is said, not raised."""
+        try:
+            self.chat_app.store.set_finish_reason(message_id, reason)
+        except (sqlite3.Error, StoreError) as exc:
+            self.write_failed("save how the answer ended", exc)
+
     def save_now(self) -> None:
         """Save the streaming answer as it is (called on quit)."""
         if self.streaming is not None:
@@ -122,6 +129,8 @@ class AnswersPart(_Base):
             await self._finish_with_calls(streaming, event)
         elif streaming.text or reason == "stop":
             self.save_answer(streaming, keep_empty=True)
+        if streaming.message_id and reason:
+            self.save_finish_reason(streaming.message_id, reason)
         view = streaming.view
         if not event.tool_calls and view is not None and view.is_mounted:
             if not streaming.text and reason in ("cancelled", "error"):

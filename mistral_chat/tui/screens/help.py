@@ -1,12 +1,17 @@
-"""Every key binding of the app, grouped by where it works."""
+"""Every key binding of the app, grouped by where it works.
+
+The table is a Rich table in a scrolling Static: its cells wrap at any width (a DataTable cuts them off).
+"""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from rich.table import Table
+from rich.text import Text
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Label
+from textual.widgets import Label, Static
 
 KEYS: list[tuple[str, str, str]] = [
     ("Chat", "Enter", "Send the message"),
@@ -36,17 +41,31 @@ KEYS: list[tuple[str, str, str]] = [
 ]
 
 
+def keys_table() -> Table:
+    """Where, key and action, each cell wrapping onto more lines when the terminal is narrow."""
+    table = Table(box=None, expand=True, pad_edge=False,
+                  header_style="bold")
+    table.add_column("Where", ratio=3, overflow="fold")
+    table.add_column("Key", ratio=3, overflow="fold")
+    table.add_column("Action", ratio=9, overflow="fold")
+    previous = ""
+    for where, key, action in KEYS:
+        table.add_row(Text(where if where != previous else ""), Text(key, style="bold"), Text(action))
+        previous = where
+    return table
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,f1,q", "close", "Close")]
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="help"):
             yield Label("Keys  (Escape closes)", classes="title")
-            table: DataTable[str] = DataTable(cursor_type="row", zebra_stripes=True)
-            table.add_columns("Where", "Key", "Action")
-            for row in KEYS:
-                table.add_row(*row)
-            yield table
+            with VerticalScroll(id="help-keys", can_focus=True):
+                yield Static(keys_table(), id="help-table")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-keys").focus()  # Up/Down/PageUp/PageDown scroll a long list
 
     def action_close(self) -> None:
         self.dismiss(None)
