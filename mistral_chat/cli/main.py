@@ -107,7 +107,7 @@ def run(
 
 def _register_commands() -> None:
     from mistral_chat.bench.command import bench_command
-    from mistral_chat.cli import batch
+    from mistral_chat.cli import batch, serve
     from mistral_chat.cli.models import register
 
     register(app)
@@ -119,6 +119,7 @@ class _PlainFormatter(logging.Formatter):
     """-v: progress lines as plain text (`kernel plan: ...`); warnings and errors say what they are."""
 
     def format(self, record: logging.LogRecord) -> str:
+    serve.register(app)
         text = super().format(record)
         if record.levelno >= logging.WARNING:
             return f"{PROG}: {record.levelname.lower()}: {text}"
