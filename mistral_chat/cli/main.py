@@ -113,13 +113,13 @@ def _register_commands() -> None:
     register(app)
     app.command("bench", cls=Command)(bench_command)
     batch.register(app)
+    serve.register(app)
 
 
 class _PlainFormatter(logging.Formatter):
     """-v: progress lines as plain text (`kernel plan: ...`); warnings and errors say what they are."""
 
     def format(self, record: logging.LogRecord) -> str:
-    serve.register(app)
         text = super().format(record)
         if record.levelno >= logging.WARNING:
             return f"{PROG}: {record.levelname.lower()}: {text}"
