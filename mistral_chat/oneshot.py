@@ -5,7 +5,9 @@ tensor-parallel run (rank 0 prints it, the followers print nothing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ class OneShotOptions:
     fim_suffix: str | None = None
     fim_prefix_file: Path | None = None
     fim_suffix_file: Path | None = None
+    pull: bool = False  # download the model first when it is not on disk (otherwise: say the pull command)
 
     @property
     def fim(self) -> bool:
@@ -148,6 +151,10 @@ def format_stats(stats: GenerationStats) -> str:
 
 def run_one_shot(opts: OneShotOptions) -> None:
     request = read_request(opts, sys.stdin)
+    if "RANK" not in os.environ:  # never asks: pulls with --pull, else says the pull command (torchrun: as given)
+        from mistral_chat.cli.models import pull_on_demand
+
+        opts = dataclasses.replace(opts, model=pull_on_demand(opts.model, interactive=False, pull=opts.pull))
     if opts.load.tp > 1:
         run_parallel_one_shot(opts, request)
         return

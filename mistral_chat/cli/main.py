@@ -70,6 +70,8 @@ def run(
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
     quantize: Optional[str] = opt.QUANTIZE,
     no_compile: bool = flag("--no-compile", help="Run eager on GPU instead of compiling decode into CUDA graphs."),
+    pull: bool = flag("--pull", help="Download the model first if it is not on disk (without it, a terminal asks "
+                                     "and one-shot mode stops)."),
     verbose: bool = flag("--verbose", "-v", help="Statistics and progress on stderr."),
     debug: bool = flag("--debug", help="Full tracebacks and debug logs."),
     version: bool = flag("--version", callback=_version, is_eager=True, help="Show the version."),
@@ -89,6 +91,10 @@ def run(
 
             start_parallel(model, prepare_compile(load))
             return
+        if "RANK" not in os.environ:  # not yet on disk: ask, pull, then chat (torchrun ranks find it or fail)
+            from mistral_chat.cli.models import pull_on_demand
+
+            model = pull_on_demand(model, interactive=True, pull=pull)
         from mistral_chat.tui.app import AppOptions, run_tui
 
         run_tui(AppOptions(model=model, load=load, sampling=sampling, system_prompt=system or "",
@@ -98,7 +104,7 @@ def run(
 
     opts = OneShotOptions(model=model, load=load, sampling=sampling, prompt=prompt, system=system, verbose=verbose,
                           json_output=json_output, tools=tools, fim_prefix=fim_prefix, fim_suffix=fim_suffix,
-                          fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file)
+                          fim_prefix_file=fim_prefix_file, fim_suffix_file=fim_suffix_file, pull=pull)
     try:
         run_one_shot(opts)
     except BrokenPipeError:  # caught here: typer would turn it into exit status 1

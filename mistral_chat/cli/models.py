@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mistral_chat.errors import DownloadError
+from mistral_chat.errors import DownloadError, MistralChatError, ModelNotFoundError
 from mistral_chat.models.catalogue import CATALOGUE
 from mistral_chat.models.progress import progress_for
-from mistral_chat.models.pull import human_bytes, pull_model
+from mistral_chat.models.files import FormatChoice
+from mistral_chat.models.pull import PullResult, download_size, human_bytes, pull_model
 from mistral_chat.models.store import describe_model, list_models, plan_removal
 
 
@@ -86,11 +87,22 @@ def pull(
 ) -> None:
     """Download a model's weights (one format, resumable) or register a local model folder."""
     console = _console()
+    result = fetch(model, console, revision=revision, fmt=format.value, token=token)
+    say_pulled(console, result)
+    _say(console, f"chat with it: mistral-chat --model {result.name}")
+
+
+def fetch(model: str, console: Console, revision: str = "main", fmt: FormatChoice = "auto",
+          token: str | None = None) -> PullResult:
+    """`pull_model` with pull's progress bar on `console` (when it is a terminal); Ctrl-C says how to resume."""
     progress = progress_for(console, model)
     try:
-        result = pull_model(model, revision=revision, fmt=format.value, token=token, progress=progress)
+        return pull_model(model, revision=revision, fmt=fmt, token=token, progress=progress)
     except KeyboardInterrupt:
         raise PullInterrupted(f"pull of {model} interrupted: run `mistral-chat pull {model}` again to resume") from None
+
+
+def say_pulled(console: Console, result: PullResult) -> None:
     if result.repo_id is None:
         _say(console, f"registered {result.name} ({result.format}, {human_bytes(result.total_bytes)}) "
                       f"at {result.path}")
@@ -98,7 +110,45 @@ def pull(
         fetched = f", {human_bytes(result.downloaded_bytes)} downloaded" if result.downloaded_bytes else ", already on disk"
         _say(console, f"{result.name} is ready ({result.format}, {human_bytes(result.total_bytes)}{fetched}) "
                       f"at {result.path}")
-    _say(console, f"chat with it: mistral-chat --model {result.name}")
+
+
+def pull_on_demand(model: str | None, *, interactive: bool, pull: bool) -> str | None:
+    """The model to chat with, pulled first when it is a hub model not yet on disk (as `ollama run` does):
+    `pull` (--pull) downloads it, `interactive` (a terminal) asks first, and otherwise the error says the pull
+    command. Returns `model`, or the name pulled (the catalogue's default when nothing was on disk)."""
+    from mistral_chat.service.loading import model_to_pull
+
+    name = model_to_pull(model)
+    if name is None:
+        return model
+    command = f"mistral-chat pull {name}"
+    if not pull and not interactive:
+        raise ModelNotFoundError(f"model {name!r} is not downloaded: run `{command}` first, or pass --pull")
+    err = Console(stderr=True)
+    size = human_bytes(download_size(name))
+    if pull:
+        _say(err, f"downloading {name} ({size})")
+    elif not ask_stderr(f"Download {name} ({size}) now?"):
+        raise MistralChatError(f"{name} was not downloaded: run `{command}` to download it")
+    result = fetch(name, err)
+    say_pulled(err, result)
+    return result.name
+
+
+def ask_stderr(question: str) -> bool:
+    """A yes/no question on stderr (stdout may be piped), yes by default; the end of input is a no, Ctrl-C stops
+    the command."""
+    sys.stderr.write(f"{question} [Y/n] ")
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        raise
+    if not answer:  # end of input: nobody answered
+        sys.stderr.write("\n")
+        return False
+    return answer.strip().lower() in ("", "y", "yes")
 
 
 def list_command(
@@ -217,4 +267,5 @@ def run_command(app: typer.Typer, args: list[str] | None = None) -> int:
     return run_app(app, list(args or []))
 
 
-__all__ = ["register", "run_command", "pull", "list_command", "show", "rm", "PullInterrupted"]
+__all__ = ["register", "run_command", "pull", "fetch", "pull_on_demand", "list_command", "show", "rm",
+           "PullInterrupted"]

@@ -36,6 +36,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     )
 }
 
+DEFAULT_ALIAS = "mistral-7b-instruct"  # what a bare `mistral-chat` offers to download when nothing is on disk
+
 
 def lookup_alias(name: str) -> CatalogueEntry | None:
     """The catalogue entry for an alias (case-insensitive), or None."""

@@ -142,6 +142,30 @@ def pull_model(name: str, revision: str = "main", fmt: FormatChoice = "auto", to
                         download.partial_bytes(settings, target.repo_id)) from exc
 
 
+def download_size(name: str, revision: str = "main", fmt: FormatChoice = "auto", token: str | None = None,
+                  retry: RetryPolicy | None = None) -> int:
+    """The bytes that `pull_model(name)` would fetch in all (from the hub's file list; nothing is downloaded);
+    0 for a folder. Hub errors are pull's one-line errors."""
+    target = parse_target(name)
+    if target.repo_id is None:
+        return 0
+    download.check_revision(revision)
+    settings = hub_settings(token)
+    retry = retry or download.DEFAULT_RETRY
+    if settings.offline:
+        raise DownloadError(
+            f"HF_HUB_OFFLINE is set, so {target.repo_id} cannot be downloaded: unset HF_HUB_OFFLINE to pull, "
+            f"or use a model already on disk (`mistral-chat list`)"
+        )
+    try:
+        _, _, remotes = _remote_selection(target.repo_id, settings, revision, fmt, retry)
+    except MistralChatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as pull_model
+        raise hub_error(exc, target.repo_id, settings, revision, retry.attempts, 0) from exc
+    return sum(r.size for r in remotes)
+
+
 def _bytes_on_disk(paths: CachePaths, commit: str, remotes: list[RemoteFile]) -> int:
     complete = sum(r.size for r in remotes if (paths.snapshot(commit) / r.name).exists())
     return complete + sum(download.partial_size(paths, r) for r in remotes)
@@ -154,10 +178,9 @@ def _forget_unless_ready(name: str) -> None:
             del registry.models[name]
 
 
-def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: FormatChoice,
-               progress: PullProgress, retry: RetryPolicy) -> PullResult:
-    repo_id = target.repo_id
-    assert repo_id is not None
+def _remote_selection(repo_id: str, settings: HubSettings, revision: str, fmt: FormatChoice,
+                      retry: RetryPolicy) -> tuple[str, FileSelection, list[RemoteFile]]:
+    """The commit `revision` names, the files the engine needs from it, and their sizes (from the hub's list)."""
     api = HfApi(endpoint=settings.endpoint, token=settings.token)
     info = with_retries(lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
                         retry, f"model info for {repo_id}")
@@ -167,7 +190,14 @@ def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: Fo
     download.check_commit(commit, settings.endpoint)
     siblings = info.siblings or []
     selection = select_files([s.rfilename for s in siblings], fmt, source=f"{repo_id}@{revision}")
-    remotes = _remote_files(siblings, selection)
+    return commit, selection, _remote_files(siblings, selection)
+
+
+def _pull_repo(target: PullTarget, settings: HubSettings, revision: str, fmt: FormatChoice,
+               progress: PullProgress, retry: RetryPolicy) -> PullResult:
+    repo_id = target.repo_id
+    assert repo_id is not None
+    commit, selection, remotes = _remote_selection(repo_id, settings, revision, fmt, retry)
     paths = CachePaths.of(settings, repo_id)
 
     with Registry.locked() as registry:

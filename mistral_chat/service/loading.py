@@ -8,7 +8,7 @@ import logging
 import sys
 
 from mistral_chat.engine.options import LoadOptions
-from mistral_chat.errors import MistralChatError, ModelNotFoundError
+from mistral_chat.errors import MistralChatError, ModelFilesError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,31 @@ def resolve_model_path(name: str | None) -> str:
     except (OSError, MistralChatError) as exc:  # bookkeeping: the answer comes anyway
         log.info("cannot record %s as the last used model: %s", name, exc)
     return str(path)
+
+
+def model_to_pull(name: str | None) -> str | None:
+    """The name to pull (an alias or repo id) when `name` is a hub model that is not (completely) on disk, as
+    `pull` spells it; with no name, the last used model, or the catalogue's default when nothing is on disk and
+    none was used. None when there is nothing to pull: the model is there, or `name` is no hub model (a folder,
+    a typo): resolve_model_path then says what is wrong."""
+    from mistral_chat.models.catalogue import DEFAULT_ALIAS
+    from mistral_chat.models.pull import parse_target
+    from mistral_chat.models.store import last_used_model, list_models, resolve_model
+
+    if name is None:
+        name = last_used_model()
+        if name is None:
+            return None if list_models() else DEFAULT_ALIAS
+    try:
+        resolve_model(name)
+        return None
+    except (ModelNotFoundError, ModelFilesError):
+        pass
+    try:
+        target = parse_target(name)
+    except MistralChatError:
+        return None
+    return target.name if target.repo_id is not None else None
 
 
 def prepare_compile(options: LoadOptions) -> LoadOptions:
