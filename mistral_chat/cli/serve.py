@@ -20,7 +20,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Address to listen on (0.0.0.0: every interface; then set --api-key)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MISTRAL_CHAT_API_KEY",
+    api_key: Optional[str] = typer.Option(None, "--api-key",
                                           help="Require 'Authorization: Bearer KEY' on every request."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Requests answered at once (default: as many as memory allows, "

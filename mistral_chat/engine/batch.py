@@ -143,6 +143,33 @@ class BatchGenerator:
         finally:
             self._rows = [None] * self.batch_size
 
+    # ---- for a caller whose requests arrive while others are in flight (the server) ---------------------------
+
+    def claim_cache(self) -> None:
+        """Take the model's cache back (a Session may have taken it since): before `admit` and `step`."""
+        self._claim_cache()
+
+    @property
+    def active(self) -> int:
+        """Rows holding a sequence."""
+        return sum(row is not None for row in self._rows)
+
+    @property
+    def has_free_row(self) -> bool:
+        return None in self._rows
+
+    def admit(self, index: int, request: BatchRequest) -> Iterator[BatchEvent]:
+        """Prefill `request` into a free row (`has_free_row` first); its events carry `index`."""
+        return self._admit(self._rows.index(None), index, request)
+
+    def step(self) -> Iterator[BatchEvent]:
+        """One decode step for every row in use."""
+        return self._step()
+
+    def clear(self) -> None:
+        """Forget every sequence in flight (after a failed step)."""
+        self._rows = [None] * self.batch_size
+
     # ---- admission: one row's prompt ---------------------------------------------------------------------------
 
     def _admit(self, slot: int, index: int, request: BatchRequest) -> Iterator[BatchEvent]:

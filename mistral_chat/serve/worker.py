@@ -121,7 +121,7 @@ class EngineWorker:
                     job.post("error", error)
                 self._running.clear()
                 if self._generator is not None:
-                    self._generator._rows = [None] * self._generator.batch_size
+                    self._generator.clear()
         for job in self._pending:
             job.post("error", MistralChatError("the server is shutting down"))
 
@@ -176,10 +176,10 @@ class EngineWorker:
             log.info("serving up to %d requests at a time, %d tokens each", size, context)
         generator = self._generator
         # BatchGenerator.generate takes a fixed iterable; a server's requests arrive while others are in flight,
-        # so it drives the same admission and step itself
-        generator._claim_cache()
+        # so it admits and steps itself
+        generator.claim_cache()
         try:
-            while self._pending and None in generator._rows:
+            while self._pending and generator.has_free_row:
                 job = self._pending.popleft()
                 if job.cancel.is_set():
                     self.cancelled += 1
@@ -187,11 +187,11 @@ class EngineWorker:
                 index = next(self._ids)
                 self._running[index] = job
                 request = BatchRequest(job.prompt_ids, job.params, cancel=job.cancel)
-                self._deliver(generator._admit(generator._rows.index(None), index, request))
-            together = sum(row is not None for row in generator._rows)
+                self._deliver(generator.admit(index, request))
+            together = generator.active
             self.most_together = max(self.most_together, together)
             if together:
-                self._deliver(generator._step())
+                self._deliver(generator.step())
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
