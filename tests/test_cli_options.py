@@ -30,6 +30,7 @@ def cli(model_dir: Path, tmp_path: Path, *args: str, stdin: str = "") -> subproc
                            *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_json_output_and_stop_string(model_dir, tmp_path):
     plain = cli(model_dir, tmp_path, "--prompt", "hello", "-n", "12", "--json")
     assert plain.returncode == 0, plain.stderr
@@ -42,6 +43,7 @@ def test_json_output_and_stop_string(model_dir, tmp_path):
     assert cut["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_sampling_controls_are_seeded(model_dir, tmp_path):
     args = ("--prompt", "hello", "-n", "10", "-t", "0.8", "--min-p", "0.05", "--repetition-penalty", "1.3",
             "--presence-penalty", "0.5", "--seed", "7")
@@ -58,6 +60,7 @@ def test_fim_prints_the_middle(model_dir, tmp_path):
     assert out.stdout == expected + ("" if expected.endswith("\n") else "\n")
 
 
+@pytest.mark.slow
 def test_tools_file_is_used_and_bad_files_are_one_line(model_dir, tmp_path):
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"type": "function", "function": {
@@ -72,6 +75,7 @@ def test_tools_file_is_used_and_bad_files_are_one_line(model_dir, tmp_path):
     assert bad.returncode != 0 and "bad.json" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_lora_changes_the_answer_and_scale_zero_is_the_base(model_dir, tmp_path):
     adapter = write_adapter(tmp_path / "adapter", adapter_tensors(model_dir), scaling=2.0)
     base = cli(model_dir, tmp_path, "--prompt", "hello", "-n", "8")

@@ -64,6 +64,7 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mistral", "mixtral", "mistral-kv1"])
 def test_logits_and_greedy_tokens_match_single_process(tiny, kind):
     loaded, parallel = start(tiny[kind])
