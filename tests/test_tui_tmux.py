@@ -89,7 +89,8 @@ def test_chat_in_a_real_terminal(tmp_path: Path) -> None:
 
 def test_keys_typed_while_the_app_starts_are_kept(tmp_path: Path) -> None:
     """Typed before the first frame: the keys land in the prompt (and Enter sends them), none is lost."""
-    env = {"MISTRAL_CHAT_HOME": str(tmp_path / "home"), "TERM": "xterm-256color",
+    env = {"MISTRAL_CHAT_HOME": str(tmp_path / "home"), "TERM": "xterm-256color", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1",  # nothing on disk and offline: the welcome screen, not an offer to download
            "PYTHONPATH": os.pathsep.join(sys.path)}
     tmux = Tmux(f"mc-{uuid.uuid4().hex[:8]}", f"mc-{uuid.uuid4().hex[:8]}")
     try:
