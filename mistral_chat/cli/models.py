@@ -6,6 +6,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from typing import TextIO
 
 import typer
 from rich.console import Console
@@ -128,27 +129,11 @@ def pull_on_demand(model: str | None, *, interactive: bool, pull: bool) -> str |
     size = human_bytes(download_size(name))
     if pull:
         _say(err, f"downloading {name} ({size})")
-    elif not ask_stderr(f"Download {name} ({size}) now?"):
+    elif not ask(f"Download {name} ({size}) now?", default=True, out=sys.stderr):
         raise MistralChatError(f"{name} was not downloaded: run `{command}` to download it")
     result = fetch(name, err)
     say_pulled(err, result)
     return result.name
-
-
-def ask_stderr(question: str) -> bool:
-    """A yes/no question on stderr (stdout may be piped), yes by default; the end of input is a no, Ctrl-C stops
-    the command."""
-    sys.stderr.write(f"{question} [Y/n] ")
-    sys.stderr.flush()
-    try:
-        answer = sys.stdin.readline()
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
-        raise
-    if not answer:  # end of input: nobody answered
-        sys.stderr.write("\n")
-        return False
-    return answer.strip().lower() in ("", "y", "yes")
 
 
 def list_command(
@@ -220,19 +205,21 @@ def _registered_name(model: str) -> str:
     return model
 
 
-def ask(question: str) -> bool:
-    """A yes/no question on the terminal, no by default; the end of input is a no, Ctrl-C stops the command."""
-    sys.stdout.write(f"{question} [y/N]: ")
-    sys.stdout.flush()
+def ask(question: str, default: bool = False, out: TextIO | None = None) -> bool:
+    """A yes/no question on `out` (stdout by default; stderr where stdout may be piped), answered on stdin;
+    Enter gives `default`, the end of input is a no, Ctrl-C stops the command."""
+    out = out or sys.stdout
+    out.write(f"{question} [Y/n] " if default else f"{question} [y/N]: ")
+    out.flush()
     try:
         answer = sys.stdin.readline()
     except KeyboardInterrupt:
-        sys.stdout.write("\n")
+        out.write("\n")
         raise
     if not answer:  # end of input: nobody answered
-        sys.stdout.write("\n")
+        out.write("\n")
         return False
-    return answer.strip().lower() in ("y", "yes")
+    return answer.strip().lower() in (("", "y", "yes") if default else ("y", "yes"))
 
 
 def rm(

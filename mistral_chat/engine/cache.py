@@ -22,6 +22,22 @@ def cache_capacity(max_positions: int, sliding_window: int | None, prefill_chunk
     return max_positions, False
 
 
+def max_chunk(capacity: int, sliding_window: int | None, wraps: bool) -> int:
+    """The most tokens one forward pass may write without overwriting keys its own queries still need."""
+    if not wraps or sliding_window is None:
+        return capacity
+    return capacity - sliding_window + 1
+
+
+def allowed_keys(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys (at positions key_pos, -1: an empty slot) each query (at query_pos) may attend to, broadcast:
+    earlier or the same position, within `window` (None: no window)."""
+    allowed = (key_pos >= 0) & (key_pos <= query_pos)
+    if window is not None:
+        allowed &= query_pos - key_pos < window
+    return allowed
+
+
 class LayerKVCache(nn.Module):
     """The keys and values of one layer: [batch, kv_heads, capacity, head_dim]."""
 
@@ -67,9 +83,7 @@ class SlotPositions(nn.Module):
     @property
     def max_chunk(self) -> int:
         """The most tokens one forward pass may write without overwriting keys its own queries still need."""
-        if not self.wraps or self.sliding_window is None:
-            return self.capacity
-        return self.capacity - self.sliding_window + 1
+        return max_chunk(self.capacity, self.sliding_window, self.wraps)
 
     def record(self, positions: torch.Tensor) -> torch.Tensor:
         """Store `positions` ([T]) in their slots; return the slots."""
@@ -84,12 +98,7 @@ class SlotPositions(nn.Module):
         """
         if window == "cache":
             window = self.sliding_window
-        key_pos = self.positions[None, :]
-        query_pos = positions[:, None]
-        allowed = (key_pos >= 0) & (key_pos <= query_pos)
-        if window is not None:
-            allowed &= query_pos - key_pos < window
-        return allowed
+        return allowed_keys(self.positions[None, :], positions[:, None], window)
 
     def reset(self) -> None:
         self.positions.fill_(-1)
@@ -128,9 +137,7 @@ class RowPositions(nn.Module):
     @property
     def max_chunk(self) -> int:
         """The most tokens one forward pass may write into a row (see SlotPositions.max_chunk)."""
-        if not self.wraps or self.sliding_window is None:
-            return self.capacity
-        return self.capacity - self.sliding_window + 1
+        return max_chunk(self.capacity, self.sliding_window, self.wraps)
 
     def record(self, positions: torch.Tensor, rows: slice) -> torch.Tensor:
         """Store `positions` ([N, T], one line per row of `rows`) in their slots; return the slots ([N, T])."""
@@ -143,12 +150,7 @@ class RowPositions(nn.Module):
         """Boolean [N, T, capacity]: in row n, the query at positions[n, t] may attend to the key in slot s."""
         if window == "cache":
             window = self.sliding_window
-        key_pos = self.positions[rows][:, None, :]
-        query_pos = positions[:, :, None]
-        allowed = (key_pos >= 0) & (key_pos <= query_pos)
-        if window is not None:
-            allowed &= query_pos - key_pos < window
-        return allowed
+        return allowed_keys(self.positions[rows][:, None, :], positions[:, :, None], window)
 
     def reset(self, row: int | None = None) -> None:
         """Forget one row (None: all of them)."""

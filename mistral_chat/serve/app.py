@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from mistral_chat.api import MessageError, Reply, sampling_params, to_chat_messages, to_tools
 from mistral_chat.engine.options import SamplingParams
-from mistral_chat.errors import MistralChatError
+from mistral_chat.errors import ContextLengthError, MistralChatError
 from mistral_chat.serve.worker import EngineWorker, Job
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
@@ -186,10 +186,16 @@ def _message(reply: Reply) -> dict[str, Any]:
     return message
 
 
+def _error_event(exc: BaseException) -> dict[str, Any]:
+    """A streamed answer's last event when the engine failed: OpenAI's error object."""
+    failure = _failure(exc)
+    return {"error": {"message": failure.message, "type": failure.kind, "param": failure.param, "code": None}}
+
+
 def _failure(error: BaseException) -> RequestError:
     if isinstance(error, RequestError):
         return error
-    if isinstance(error, (MessageError, ValueError)) or type(error).__name__ == "ContextLengthError":
+    if isinstance(error, (MessageError, ValueError, ContextLengthError)):
         return RequestError(str(error), "messages")
     return RequestError(str(error), None, 500, "server_error")
 
@@ -287,9 +293,7 @@ class _Server:
                            "choices": [], "usage": _usage(reply)}
                 return
             elif kind == "error":
-                failure = _failure(value)
-                yield {"error": {"message": failure.message, "type": failure.kind, "param": failure.param,
-                                 "code": None}}
+                yield _error_event(value)
                 return
 
     async def completions(self, request: Request) -> Response:
@@ -340,9 +344,7 @@ class _Server:
                            "choices": [], "usage": _usage(value)}
                 return
             elif kind == "error":
-                failure = _failure(value)
-                yield {"error": {"message": failure.message, "type": failure.kind, "param": failure.param,
-                                 "code": None}}
+                yield _error_event(value)
                 return
 
     async def models(self, request: Request) -> Response:
