@@ -122,6 +122,7 @@ class Attention(nn.Module):
         self.n_kv_heads = local.n_kv_heads
         self.parallel = parallel
         self.plan = plan
+        self.rope_kernel = plan.fused and fused.rope_and_cache_fits(config.head_dim)  # one kernel: RoPE, cache writes
         qkv_rows = (local.n_heads + 2 * local.n_kv_heads) * config.head_dim
         self.wqkv = Linear(config.dim, qkv_rows, bias=False)
         self.wo = Linear(local.n_heads * config.head_dim, config.dim, bias=False)
@@ -142,8 +143,7 @@ class Attention(nn.Module):
         # RoPE and the cache writes in one kernel. Compiled, only where the decode attention kernel, which takes the
         # q it returns, is the caches' one reader (the op does not declare its writes: see fused.rope_and_cache)
         decode_kernel = mask is not None and t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton"
-        rope_kernel = self.plan.fused and fused.rope_and_cache_fits(self.head_dim)
-        if rope_kernel and (decode_kernel or not torch.compiler.is_compiling()):
+        if self.rope_kernel and (decode_kernel or not torch.compiler.is_compiling()):
             q = fused.rope_and_cache(qkv, rope, slots, self.cache.k, self.cache.v, self.n_heads).transpose(1, 2)
             keys, values = self.cache.k, self.cache.v
             if mask is None:  # a first chunk: its keys and values are the cache's first t slots
