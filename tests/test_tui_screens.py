@@ -62,7 +62,7 @@ async def open_picker(pilot):
 
 async def test_model_picker_highlights_filters_shows_sizes_as_list_does(three_models: list[Path],
                                                                          tmp_path: Path) -> None:
-    from mistral_chat.cli.models import human_count
+    from mistral_chat.models.pull import human_count
     from mistral_chat.models.store import list_models
 
     params = {row.name: row.parameters for row in list_models()}

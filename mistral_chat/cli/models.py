@@ -17,7 +17,7 @@ from mistral_chat.errors import DownloadError, MistralChatError, ModelNotFoundEr
 from mistral_chat.models.catalogue import CATALOGUE
 from mistral_chat.models.progress import progress_for
 from mistral_chat.models.files import FormatChoice
-from mistral_chat.models.pull import PullResult, download_size, human_bytes, pull_model
+from mistral_chat.models.pull import PullResult, download_size, human_bytes, human_count, pull_model
 from mistral_chat.models.store import describe_model, list_models, plan_removal
 
 
@@ -37,15 +37,6 @@ def _console() -> Console:
     """stdout; piped output is not wrapped or truncated, so that scripts see whole names."""
     console = Console()
     return console if console.is_terminal else Console(width=1000)
-
-
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
 
 
 def human_context(n: int | None) -> str:

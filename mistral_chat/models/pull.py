@@ -109,6 +109,16 @@ def check_disk_space(folder: Path, needed: int) -> None:
         )
 
 
+def human_count(n: int | None) -> str:
+    """A parameter count as `list` shows it: 4.3M, 7.2B ("?" when unknown)."""
+    if n is None:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -21,8 +21,7 @@ class ModelChoice:
 def local_models() -> list[ModelChoice]:
     """Models on disk that are ready to run; empty when the store cannot tell."""
     try:
-        from mistral_chat.cli.models import human_count  # the figures `mistral-chat list` shows
-        from mistral_chat.models.pull import human_bytes
+        from mistral_chat.models.pull import human_bytes, human_count  # the figures `mistral-chat list` shows
         from mistral_chat.models.store import list_models
 
         rows = list_models()
