@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
+# Steps: bf16 bf16-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
 # (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 mixtral-16-vs-hf prefill
 # prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
@@ -39,11 +39,13 @@ startup() {  # a random Mistral-7B folder, then the one-shot CLI twice with the 
     python3 -c "import torch; from mistral_chat.bench.run import bench_shape
 from mistral_chat.bench.checkpoint import write_random_checkpoint
 write_random_checkpoint('$model', bench_shape('mistral-7b'), torch.bfloat16, device='cuda')"
-    for cache in empty warm; do
-        local started=$(date +%s%N)
-        MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli.main --model "$model" --prompt "Hello" --max-tokens 8 --verbose \
-            | { IFS= read -r -n 1 _; echo "compile cache $cache: first answer byte $(( ($(date +%s%N) - started) / 1000000 )) ms after launch"; cat > /dev/null; }
-        echo "compile cache $cache: $(( ($(date +%s%N) - started) / 1000000 )) ms from launch to exit"
+    for run in empty warm no-compile; do  # the compile cache empty, then warm; then decode without inductor
+        local flags=() started=$(date +%s%N)
+        [ $run = no-compile ] && flags=(--no-compile)
+        MISTRAL_CHAT_HOME=$home python3 -m mistral_chat.cli.main --model "$model" --prompt "Hello" --max-tokens 64 \
+            --temperature 0 --verbose "${flags[@]}" \
+            | { IFS= read -r -n 1 _; echo "$run: first answer byte $(( ($(date +%s%N) - started) / 1000000 )) ms after launch"; cat > /dev/null; }
+        echo "$run: $(( ($(date +%s%N) - started) / 1000000 )) ms from launch to exit (64 tokens)"
     done
 }
 export -f startup
@@ -64,6 +66,12 @@ for step in "${steps[@]}"; do
         profile) log profile 150 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b ;;
         profile-int8) log profile-int8 150 python3 benchmarks/gpu/profile_decode.py --shape mistral-7b --quantize int8 ;;
         startup) log startup 400 bash -c startup ;;
+        load-speed) log load-speed 150 python3 benchmarks/gpu/load_speed.py /dev/shm/mistral-chat-m7 ;;
+        graphs) log graphs 150 python3 benchmarks/gpu/graphs_check.py --steps 64 ;;
+        graphs-int8) log graphs-int8 150 python3 benchmarks/gpu/graphs_check.py --steps 64 --quantize int8 ;;
+        graphs-mixtral) log graphs-mixtral 150 python3 benchmarks/gpu/graphs_check.py --steps 32 --shape mixtral-8x7b \
+            --layers 16 ;;
+        bf16-graphs) log bf16-graphs 150 "${bench[@]}" --no-compile --plan decode_graphs=1 ;;
         check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 benchmarks/gpu/check.py $kind; done ;;
         check-mistral|check-mixtral|check-nemo) log $step 200 python3 benchmarks/gpu/check.py ${step#check-} ;;
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench.run --shape mistral-7b --vs-hf --steps 64 ;;

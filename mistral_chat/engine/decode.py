@@ -50,7 +50,8 @@ def _decode(model: Transformer, tokens: torch.Tensor, position: torch.Tensor,
 
 
 class GraphedStep:
-    """The eager decode step captured in CUDA graphs, one per (batch size, cache bucket), sharing one memory pool.
+    """The eager decode step captured in CUDA graphs, one per (tokens' shape, cache bucket), sharing one memory pool:
+    [B, 1] for decode, [1, N+1] for a speculative verify step.
 
     Each graph reads its tokens and the position from static tensors. Before a capture the step runs twice on a
     side stream (Triton's autotuning and lazy initialisation stay out of the graph) with the position of the call,
@@ -59,18 +60,18 @@ class GraphedStep:
     def __init__(self, model: Transformer, position: torch.Tensor) -> None:
         self.model = model
         self._position = position
-        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self._graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
         self._pool = None
 
     def __call__(self, tokens: torch.Tensor, position: int, key_len: int) -> torch.Tensor:
         self._position.fill_(position)
-        entry = self._graphs.get((tokens.shape[0], key_len))
+        entry = self._graphs.get((*tokens.shape, key_len))
         if entry is None:
             entry = self._capture(tokens, key_len)
         static_tokens, out, graph = entry
         static_tokens.copy_(tokens)
         graph.replay()
-        return out[:, -1].clone()
+        return out[:, -1].clone() if tokens.shape[1] == 1 else out.clone()
 
     def _capture(self, tokens: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                      torch.cuda.CUDAGraph]:
@@ -86,7 +87,7 @@ class GraphedStep:
             out = self.model(static_tokens, self._position, key_len=key_len)
         self._pool = graph.pool()
         entry = (static_tokens, out, graph)
-        self._graphs[(tokens.shape[0], key_len)] = entry
+        self._graphs[(*tokens.shape, key_len)] = entry
         return entry
 
 
