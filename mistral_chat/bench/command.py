@@ -45,6 +45,7 @@ class BenchArgs:
     json_file: str | None = None
     tp: str | None = None
     tp_checkpoint: str | None = None
+    startup: bool = False
 
 
 def _flag(*names: str, help: str) -> Any:
@@ -76,14 +77,22 @@ def bench_command(
                                                         "single-GPU and tensor-parallel runs (uses --shape --layers "
                                                         "--window --dtype --quantize --prompt --steps --device)."),
     tp_checkpoint: Optional[str] = typer.Option(None, "--tp-checkpoint",
-                                                help="With --tp: keep the random checkpoint in this folder (reused by "
-                                                     "a later run of the same shape) instead of a temporary one."),
+                                                help="With --tp or --startup: keep the random checkpoint in this folder "
+                                                     "(reused by a later run of the same shape) instead of a temporary "
+                                                     "one."),
+    startup: bool = _flag("--startup", help="Time launch -> first token and launch -> full speed of `mistral-chat "
+                                            "--prompt` in fresh processes, with an empty and a warm compile cache "
+                                            "(and --no-compile too if given); --steps tokens an answer."),
 ) -> int:
     """Time prefill and decode on random weights of a real model shape, next to the bandwidth floor."""
     args = BenchArgs(shape=shape.value, layers=layers, window=window, device=device, dtype=dtype.value,
                      quantize=quantize.value if quantize else None, prompt=prompt, steps=steps, batch=batch,
                      prefill=prefill, no_compile=no_compile, vs_hf=vs_hf, plan=plan, json=json_output,
-                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint)
+                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint, startup=startup)
+    if startup:
+        from mistral_chat.bench.startup import run_startup
+
+        return run_startup(args)
     from mistral_chat.bench.run import run
 
     return run(args)
