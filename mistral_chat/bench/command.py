@@ -22,6 +22,7 @@ class Dtype(str, Enum):
 
 class Quantize(str, Enum):
     int8 = "int8"
+    int4 = "int4"
 
 
 @dataclass
@@ -60,7 +61,7 @@ def bench_command(
     window: Optional[int] = typer.Option(None, "--window", min=1, help="Override the sliding window."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Dtype = typer.Option("bfloat16", "--dtype", help="Weights' dtype."),
-    quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="Weight-only int8."),
+    quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="Weight-only int8 or int4."),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens before decoding."),
     steps: int = typer.Option(128, "--steps", min=1, help="Decode steps timed."),
     batch: str = typer.Option("1,8", "--batch", help="Comma-separated decode batch sizes."),
