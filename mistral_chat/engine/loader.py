@@ -114,7 +114,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
     parallel = parallel or Parallel()
     _check_parallel(config, parallel)
     dev = resolve_device(device)
-    reader = CheckpointReader(path, config.checkpoint_format)
+    reader = CheckpointReader(path, config.checkpoint_format, dev)
     target = resolve_dtype(dtype, dev, reader.stored_dtype())
     context = session_context(config, context_length)
     estimate = estimate_memory(config, target, context, quantize=quantize, world=parallel.world)
@@ -141,7 +141,10 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
                     convert = _prepare_quantized(model, quantize, dev, target)
             except ValueError as exc:  # a plan override that cannot work for this model
                 raise MistralChatError(f"{exc}: see docs/engine.md for the plan's fields") from exc
-        state = checkpoint_state(reader, config, parallel, convert, progress, adapter=adapter)
+        try:
+            state = checkpoint_state(reader, config, parallel, convert, progress, adapter=adapter)
+        finally:
+            reader.close()
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.eval().requires_grad_(False)

@@ -1,9 +1,9 @@
 """Read checkpoints (native or Hugging Face, single file or sharded) straight into a model on its device.
 
-Tensors come from memory-mapped safetensors (or, for older native releases, a weights-only `consolidated.00.pth`)
-one at a time, are sliced to this rank's shard while still mapped,
-and are converted to the target dtype on the target device: host memory never holds a float32 copy of a
-bf16 model, and a tensor-parallel rank never reads another rank's shard.
+Tensors are read one at a time and sliced to this rank's shard as they are read: onto a GPU straight from the
+files through pinned memory (gpu_reads.py); for the CPU from memory-mapped safetensors (or, for older native
+releases, a weights-only `consolidated.00.pth`). Each is converted to the target dtype on the target device, so
+host memory never holds a float32 copy of a bf16 model, and a tensor-parallel rank never reads another rank's rows.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral_chat.engine.config import CheckpointFormat, ModelConfig
+from mistral_chat.engine.gpu_reads import GpuReader, TensorEntry, read_header, read_tensor
 from mistral_chat.engine.parallel.sharding import Parallel
 from mistral_chat.errors import ModelFilesError
 
@@ -92,13 +93,17 @@ class PthCheckpoint:
 
 
 class CheckpointReader:
-    """Maps tensor names to the safetensors file holding them and reads (slices of) them."""
+    """Maps tensor names to the safetensors file holding them and reads (slices of) them: onto `device` directly
+    where it is a GPU (gpu_reads.py, several times faster than through the CPU), else as CPU tensors. `close`
+    releases the GPU path's pinned buffers and files."""
 
-    def __init__(self, model_dir: Path, fmt: CheckpointFormat) -> None:
+    def __init__(self, model_dir: Path, fmt: CheckpointFormat, device: torch.device | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.format = fmt
         self.files = self._weight_files()
         self._handles: dict[Path, object] = {}
+        self._gpu = GpuReader(device) if device is not None and device.type == "cuda" else None
+        self._headers: dict[Path, dict[str, TensorEntry]] = {}
         self.index: dict[str, Path] = {}
         for path in self.files:
             for name in self._open(path).keys():
@@ -164,12 +169,11 @@ class CheckpointReader:
         if path is None:
             raise ModelFilesError(f"tensor '{name}' is missing from {self.model_dir}: the checkpoint is incomplete "
                                   "or not a Mistral/Mixtral model")
+        if self._gpu is not None and path.suffix == ".safetensors":
+            return self._read_to_gpu(path, name, shape, rows, cols)
         view = self._open(path).get_slice(name)
         found = tuple(view.get_shape())
-        if found != tuple(shape):
-            config = "params.json" if self.format == "native" else "config.json"
-            raise ModelFilesError(f"tensor '{name}' in {path} has shape {list(found)}, but {config} says "
-                                  f"{list(shape)}: the config and weights do not match, re-download the model")
+        self._check_shape(path, name, found, shape)
         try:
             if rows is not None and cols is not None:
                 return view[rows, cols]
@@ -181,6 +185,29 @@ class CheckpointReader:
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ModelFilesError(f"could not read '{name}' from {path} ({exc}): the file is corrupt, "
                                   "download it again") from exc
+
+
+    def _check_shape(self, path: Path, name: str, found: tuple[int, ...], shape: tuple[int, ...]) -> None:
+        if found != tuple(shape):
+            config = "params.json" if self.format == "native" else "config.json"
+            raise ModelFilesError(f"tensor '{name}' in {path} has shape {list(found)}, but {config} says "
+                                  f"{list(shape)}: the config and weights do not match, re-download the model")
+
+    def _read_to_gpu(self, path: Path, name: str, shape: tuple[int, ...], rows: slice | None,
+                     cols: slice | None) -> torch.Tensor:
+        assert self._gpu is not None
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        entry = self._headers[path].get(name)
+        if entry is None:  # safetensors listed it, this parser did not: an unusual dtype
+            raise ModelFilesError(f"tensor '{name}' in {path} has a dtype mistral-chat does not read: use a "
+                                  "bf16, fp16 or fp32 release of the model")
+        self._check_shape(path, name, entry.shape, shape)
+        return read_tensor(self._gpu, path, entry, rows, cols)
+
+    def close(self) -> None:
+        if self._gpu is not None:
+            self._gpu.close()
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
