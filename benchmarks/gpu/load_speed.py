@@ -84,6 +84,13 @@ def main() -> None:
 
     timed("engine load_model (config, tokenizer, weights)", nbytes, engine)
     torch.cuda.empty_cache()
+    from mistral_chat.engine import weights
+
+    fast = weights.GpuReader
+    weights.GpuReader = lambda device: None  # the CPU path: safetensors' memory map, then .to(device)
+    timed("engine load_model through the CPU (before)", nbytes, engine)
+    weights.GpuReader = fast
+    torch.cuda.empty_cache()
     timed("safetensors safe_open(device='cuda')", nbytes, lambda: safetensors_to_cuda(files))
     torch.cuda.empty_cache()
     for threads in (int(t) for t in a.threads.split(",")):
