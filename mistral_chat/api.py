@@ -98,6 +98,7 @@ class Reply:
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0.0, 0.0))
     tool_call_error: str = ""
+    token_ids: tuple[int, ...] = ()  # the answer's generated ids (EOS excluded)
 
     def to_json(self) -> dict[str, Any]:
         return {"text": self.text, "tool_calls": [c.to_json() for c in self.tool_calls],
@@ -111,7 +112,7 @@ def make_reply(tokenizer: Any, text: str, generated_ids: Sequence[int] | None, s
     if tools and generated_ids is not None and stats.finish_reason != "cancelled":
         read = read_tool_calls(tokenizer, generated_ids, text)
     return Reply(read.text, read.calls, "tool_calls" if read.calls else stats.finish_reason,
-                 Usage.of(stats, dropped_messages), read.error)
+                 Usage.of(stats, dropped_messages), read.error, tuple(generated_ids or ()))
 
 
 @dataclass(frozen=True)

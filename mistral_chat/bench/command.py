@@ -47,6 +47,8 @@ class BenchArgs:
     tp: str | None = None
     tp_checkpoint: str | None = None
     startup: bool = False
+    batch_mode: bool = False
+    requests: int = 256
 
 
 def _flag(*names: str, help: str) -> Any:
@@ -63,8 +65,10 @@ def bench_command(
     dtype: Dtype = typer.Option("bfloat16", "--dtype", help="Weights' dtype."),
     quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="Weight-only int8 or int4."),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens before decoding."),
-    steps: int = typer.Option(128, "--steps", min=1, help="Decode steps timed."),
-    batch: str = typer.Option("1,8", "--batch", help="Comma-separated decode batch sizes."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
+                                        help="Decode steps timed (default 128; --batch-mode: tokens an answer, 256)."),
+    batch: Optional[str] = typer.Option(None, "--batch", show_default=False,
+                                        help="Comma-separated decode batch sizes (default 1,8; --batch-mode: 32,64)."),
     prefill: Optional[str] = typer.Option(None, "--prefill",
                                           help="Comma-separated prefill lengths (default: prompt,2048; empty: none)."),
     no_compile: bool = _flag("--no-compile", help="Time eager decode."),
@@ -78,18 +82,28 @@ def bench_command(
                                                         "single-GPU and tensor-parallel runs (uses --shape --layers "
                                                         "--window --dtype --quantize --prompt --steps --device)."),
     tp_checkpoint: Optional[str] = typer.Option(None, "--tp-checkpoint",
-                                                help="With --tp or --startup: keep the random checkpoint in this folder "
-                                                     "(reused by a later run of the same shape) instead of a temporary "
-                                                     "one."),
+                                                help="With --tp, --startup or --batch-mode: keep the random checkpoint in "
+                                                     "this folder (reused by a later run of the same shape) instead of "
+                                                     "a temporary one."),
     startup: bool = _flag("--startup", help="Time launch -> first token and launch -> full speed of `mistral-chat "
                                             "--prompt` in fresh processes, with an empty and a warm compile cache "
                                             "(and --no-compile too if given); --steps tokens an answer."),
+    batch_mode: bool = _flag("--batch-mode", help="Answer --requests chat requests end to end as `mistral-chat batch` "
+                                                  "does at each --batch size (and as `serve` does, from as many "
+                                                  "clients as the first size), next to raw decode (and --vs-hf)."),
+    requests: int = typer.Option(256, "--requests", min=1, help="With --batch-mode: requests to answer."),
 ) -> int:
     """Time prefill and decode on random weights of a real model shape, next to the bandwidth floor."""
     args = BenchArgs(shape=shape.value, layers=layers, window=window, device=device, dtype=dtype.value,
-                     quantize=quantize.value if quantize else None, prompt=prompt, steps=steps, batch=batch,
+                     quantize=quantize.value if quantize else None, prompt=prompt,
+                     steps=steps or (256 if batch_mode else 128), batch=batch or ("32,64" if batch_mode else "1,8"),
                      prefill=prefill, no_compile=no_compile, vs_hf=vs_hf, plan=plan, json=json_output,
-                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint, startup=startup)
+                     json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint, startup=startup,
+                     batch_mode=batch_mode, requests=requests)
+    if batch_mode:
+        from mistral_chat.bench.batch_mode import run_batch_mode
+
+        return run_batch_mode(args)
     if startup:
         from mistral_chat.bench.startup import run_startup
 
