@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
+# Steps: bf16 bf16-graphs bf16-graphs-gemv int8-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
 # (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 mixtral-16-vs-hf prefill
 # prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
@@ -72,6 +72,8 @@ for step in "${steps[@]}"; do
         graphs-mixtral) log graphs-mixtral 150 python3 benchmarks/gpu/graphs_check.py --steps 32 --shape mixtral-8x7b \
             --layers 16 ;;
         bf16-graphs) log bf16-graphs 150 "${bench[@]}" --no-compile --plan decode_graphs=1 ;;
+        bf16-graphs-gemv) log bf16-graphs-gemv 150 "${bench[@]}" --no-compile --plan decode_graphs=1,gemv=triton ;;
+        int8-graphs) log int8-graphs 150 "${bench[@]}" --quantize int8 --no-compile --plan decode_graphs=1 ;;
         check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 benchmarks/gpu/check.py $kind; done ;;
         check-mistral|check-mixtral|check-nemo) log $step 200 python3 benchmarks/gpu/check.py ${step#check-} ;;
         vs-hf) log vs-hf 330 python3 -m mistral_chat.bench.run --shape mistral-7b --vs-hf --steps 64 ;;
