@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mistral_chat.engine import plan as plan_module
+from mistral_chat.engine.int4 import packed_matmul_available
 from mistral_chat.engine.plan import KernelPlan, choose_plan
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a CUDA device object needs no GPU
@@ -34,11 +35,14 @@ def test_on_the_cpu_the_kernels_run_only_in_tritons_interpreter(triton_here, mon
     for world in (1, 2):
         for dtype in (torch.float32, torch.bfloat16):
             got = choose_plan(CPU, dtype, world, compile=True)  # never compiled on the CPU
-            assert got == KernelPlan(all_reduce="c10d" if world > 1 else "none"), (world, dtype, got)
+            # int4 with bf16: torch's packed int4 matmul where this torch has it
+            int4 = "packed" if dtype == torch.bfloat16 and packed_matmul_available() else "torch"
+            assert got == KernelPlan(all_reduce="c10d" if world > 1 else "none", int4=int4), (world, dtype, got)
     monkeypatch.setattr(plan_module, "INTERPRETED", True)  # TRITON_INTERPRET=1, as the kernel tests run
-    assert choose_plan(CPU, torch.float32) == KernelPlan(fused=True, attention="triton", int8="triton")
+    kernels = dict(fused=True, attention="triton", int8="triton", int4="triton")
+    assert choose_plan(CPU, torch.float32) == KernelPlan(**kernels)
     assert choose_plan(CPU, torch.float32, 2) == KernelPlan(
-        fused=True, attention="triton", gemv="triton", int8="triton", moe="triton", norms_in_products=True,
+        **kernels, gemv="triton", moe="triton", norms_in_products=True,
         all_reduce="c10d")  # no symmetric memory off the GPU
     monkeypatch.setenv("MISTRAL_CHAT_KERNELS", "0")  # the escape hatch wins
     assert choose_plan(CPU, torch.float32) == PLAIN
@@ -51,13 +55,15 @@ def test_on_the_cpu_the_kernels_run_only_in_tritons_interpreter(triton_here, mon
 def test_one_gpu_runs_the_kernels_but_leaves_bf16_products_to_torch(triton_here):
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         got = choose_plan(CUDA, dtype, 1)
-        assert got == KernelPlan(fused=True, attention="triton", int8="triton"), (dtype, got)
+        assert got == KernelPlan(fused=True, attention="triton", int8="triton", int4="triton"), (dtype, got)
     assert choose_plan(CUDA, torch.bfloat16, 1, compile=True).compile_decode
-    assert choose_plan(CUDA, torch.bfloat16, 1, "int8") == KernelPlan(fused=True, attention="triton", int8="triton")
+    for quantize in ("int8", "int4"):
+        assert choose_plan(CUDA, torch.bfloat16, 1, quantize) == KernelPlan(fused=True, attention="triton",
+                                                                           int8="triton", int4="triton")
 
 
 def test_tensor_parallel_gpus_take_the_row_kernels_and_the_fast_all_reduce(triton_here, monkeypatch):
-    rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", moe="triton")
+    rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", int4="triton", moe="triton")
     assert choose_plan(CUDA, torch.bfloat16, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="lamport")
     assert choose_plan(CUDA, torch.float32, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="symmetric")
     assert choose_plan(CUDA, torch.float16, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="c10d")
@@ -116,7 +122,7 @@ def test_a_plan_the_model_cannot_run_is_refused():
 def test_overrides_give_kernels_only_where_they_run(triton_here, monkeypatch):
     assert PLAIN.with_overrides({"all_reduce": "c10d", "compile_decode": "1"}, CPU).all_reduce == "c10d"
     for overrides in ({"fused": "1"}, {"attention": "triton"}, {"gemv": "triton"}, {"int8": "triton"},
-                      {"moe": "triton"}):
+                      {"int4": "triton"}, {"moe": "triton"}):
         with pytest.raises(ValueError, match="the plan's Triton kernels cannot run on cpu"):
             PLAIN.with_overrides(overrides, CPU)
         assert PLAIN.with_overrides(overrides, CUDA) != PLAIN
@@ -131,9 +137,24 @@ def test_overrides_give_kernels_only_where_they_run(triton_here, monkeypatch):
     assert PLAIN.with_overrides({"gemv": "triton"}, CPU).gemv == "triton"
 
 
+def test_int4_packed_runs_only_on_the_cpu_with_torchs_packed_matmul(monkeypatch):
+    monkeypatch.setattr(plan_module, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="plan int4=packed runs on the CPU only"):
+        PLAIN.with_overrides({"int4": "packed"}, CUDA)
+    with pytest.raises(ValueError, match="plan int4=int4pack is not one of triton, packed, torch"):
+        PLAIN.with_overrides({"int4": "int4pack"}, CPU)
+    if packed_matmul_available():
+        assert PLAIN.with_overrides({"int4": "packed"}, CPU).int4 == "packed"
+    monkeypatch.setattr(plan_module, "packed_matmul_available", lambda: False)  # an older torch
+    with pytest.raises(ValueError, match="plan int4=packed runs on the CPU only, with torch's packed int4 matmul"):
+        PLAIN.with_overrides({"int4": "packed"}, CPU)
+    assert choose_plan(CPU, torch.bfloat16).int4 == "torch"
+
+
 def test_describe_names_every_field():
-    assert PLAIN.describe() == ("kernel plan: fused=False attention=torch gemv=torch int8=torch moe=torch "
-                                "norms_in_products=False all_reduce=none compile_decode=False decode_graphs=False")
+    assert PLAIN.describe() == ("kernel plan: fused=False attention=torch gemv=torch int8=torch int4=torch "
+                                "moe=torch norms_in_products=False all_reduce=none compile_decode=False "
+                                "decode_graphs=False")
     assert "gemv=triton" in KernelPlan(gemv="triton").describe()
 
 
@@ -197,7 +218,7 @@ def test_load_model_chooses_the_plan_and_takes_overrides(tiny, monkeypatch):
         pytest.skip("no Triton here")
     loaded = load_model(tiny, device="cpu", dtype="float32", quantize="int8",
                         plan_overrides={"int8": "torch", "attention": "torch"})
-    assert loaded.plan == KernelPlan(fused=True) and loaded.model.plan is loaded.plan
+    assert loaded.plan == KernelPlan(fused=True, int4="triton") and loaded.model.plan is loaded.plan
     int8 = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
     assert int8 and all(m.fused and not m.kernel for m in int8)
     assert loaded.model.norm.kernel and loaded.model.layers[0].attention.plan is loaded.plan

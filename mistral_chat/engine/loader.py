@@ -185,10 +185,12 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
 
 
 def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:
-    from mistral_chat.engine.quant import QUANT_MODES, int8_convert, prepare_int8
+    from mistral_chat.engine.quant import QUANT_MODES, int4_convert, int8_convert, prepare_int4, prepare_int8
 
     if mode not in QUANT_MODES:
         raise MistralChatError(f"unknown --quantize '{mode}': use one of {', '.join(QUANT_MODES)}")
+    if mode == "int4":
+        return int4_convert(device, dtype, prepare_int4(model, dtype))
     prepare_int8(model, dtype)
     return int8_convert(device, dtype)
 

@@ -8,6 +8,7 @@ import torch
 
 from mistral_chat.engine.cache import cache_capacity
 from mistral_chat.engine.config import ModelConfig
+from mistral_chat.engine.int4 import group_size
 from mistral_chat.errors import DeviceError
 
 GB = 1e9
@@ -33,23 +34,37 @@ def session_context(config: ModelConfig, requested: int | None) -> int:
 
 def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefill_chunk: int = 2048,
                     quantize: str | None = None, world: int = 1, batch: int = 1) -> MemoryEstimate:
-    """Weights and KV cache of one rank of a model loaded as `dtype` (int8 projections with `quantize`)."""
+    """Weights and KV cache of one rank of a model loaded as `dtype` (int8 or int4 projections with `quantize`)."""
     item = torch.finfo(dtype).bits // 8
     c = config
-    projections = c.n_layers * c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    ffn = 3 * c.dim * c.hidden_dim * max(1, c.num_experts)
-    projections += c.n_layers * ffn + c.vocab_size * c.dim  # + the output layer
+    experts = max(1, c.num_experts)
+    heads, kv_heads, hidden = c.n_heads // world, max(1, c.n_kv_heads // world), c.hidden_dim // world
+    # each projection of one rank: (outputs, inputs, how many)
+    shapes = [(c.head_dim * (heads + 2 * kv_heads), c.dim, c.n_layers), (c.dim, heads * c.head_dim, c.n_layers),
+              (c.vocab_size // world, c.dim, 1)]
+    # the feed-forward's w13 and w2 (Mixtral's experts: int4 only if groups divide both sizes, as moe.py)
+    ffn_int4 = not c.is_moe or (group_size(c.dim) is not None and group_size(hidden) is not None)
+    ffn = [(2 * hidden, c.dim, c.n_layers * experts), (c.dim, hidden, c.n_layers * experts)]
     other = c.vocab_size * c.dim // world + c.n_layers * (2 * c.dim + c.dim * c.num_experts) + c.dim
-    if quantize == "int8":
-        rows = c.n_layers * (c.head_dim * (c.n_heads + 2 * c.n_kv_heads) + c.dim
-                             + max(1, c.num_experts) * (2 * c.hidden_dim + c.dim)) + c.vocab_size
-        weights = projections // world + rows * item // world + other * item
-    else:
-        weights = projections * item // world + other * item
-    kv_heads = max(1, c.n_kv_heads // world)
+    weights = other * item
+    for n, k, count in shapes + ffn:
+        mode = quantize
+        if quantize == "int4" and (group_size(k) is None or ((n, k, count) in ffn and not ffn_int4)):
+            mode = "int8"
+        weights += count * _projection_bytes(n, k, mode, item)
     slots, _ = cache_capacity(context, c.sliding_window, prefill_chunk)
     kv = 2 * c.n_layers * batch * kv_heads * c.head_dim * slots * item
     return MemoryEstimate(weights=weights, kv_cache=kv)
+
+
+def _projection_bytes(n: int, k: int, quantize: str | None, item: int) -> int:
+    """Bytes of an [n, k] projection: float, int8 with a scale a row, or int4 (two a byte) with a scale and a low
+    value per group of each row."""
+    if quantize == "int8":
+        return n * k + n * item
+    if quantize == "int4":
+        return n * k // 2 + 2 * n * (k // (group_size(k) or k)) * item
+    return n * k * item
 
 
 def free_memory(device: torch.device) -> int:
@@ -74,7 +89,9 @@ def check_fits(estimate: MemoryEstimate, free: int, device: torch.device, model_
         return
     advice = []
     if quantize is None:
-        advice.append("--quantize int8 (about half the weights)")
+        advice.append("--quantize int8 (about half the weights) or int4 (about a quarter)")
+    elif quantize == "int8":
+        advice.append("--quantize int4 (about half the int8 weights)")
     if device.type == "cuda":
         advice.append(f"--tp {world * 2} over more GPUs")
     if estimate.kv_cache > 0.1 * estimate.total and context > 4096:

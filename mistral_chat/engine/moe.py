@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import int4
 from mistral_chat.engine.kernels import experts_gemv, fused, gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.parallel.collectives import all_reduce, experts_all_reduce_residual
@@ -52,8 +53,10 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py)
-        self.w2_scale: torch.Tensor | None = None
+        self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py),
+        self.w2_scale: torch.Tensor | None = None  # per-group scales when they are int4 (int4.py)
+        self.w13_low: torch.Tensor | None = None  # int4: the groups' lows
+        self.w2_low: torch.Tensor | None = None
         self.row_kernel = plan.moe == "triton"  # one row's experts through experts_gemv's kernels
         self.fused = plan.fused  # SwiGLU's activation in one kernel on eager paths
 
@@ -65,6 +68,39 @@ class MoEFeedForward(nn.Module):
             delattr(self, f"{name}_scale")
             self.register_buffer(name, torch.empty(shape, dtype=torch.int8))
             self.register_buffer(f"{name}_scale", torch.empty(shape[:2], dtype=dtype))
+
+    def quantize_int4(self, dtype: torch.dtype) -> bool:
+        """Hold group-wise int4 expert weights (filled by the loader) where an int4 group divides both the model
+        and the hidden size, else int8 ones; whether they are int4."""
+        (experts, rows, dim), hidden = self.w13.shape, self.w2.shape[-1]
+        if int4.group_size(dim) is None or int4.group_size(hidden) is None:
+            self.quantize_int8(dtype)
+            return False
+        for name, (n, k) in (("w13", (rows, dim)), ("w2", (dim, hidden))):
+            groups = k // int4.group_size(k)
+            del self._parameters[name]
+            delattr(self, f"{name}_scale")
+            delattr(self, f"{name}_low")
+            self.register_buffer(name, torch.empty(experts, n, k // 2, dtype=torch.uint8))
+            self.register_buffer(f"{name}_scale", torch.empty(experts, n, groups, dtype=dtype))
+            self.register_buffer(f"{name}_low", torch.empty(experts, n, groups, dtype=dtype))
+        return True
+
+    def _weight(self, name: str, index: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        """The experts `index` of w13 or w2 in `dtype`: int4 experts dequantized (only those), int8 ones
+        converted (their per-row scales apply to the products' outputs: `_row_scaled`)."""
+        w = getattr(self, name)[index]
+        low = getattr(self, f"{name}_low")
+        if low is not None:
+            return int4.dequantize(w, getattr(self, f"{name}_scale")[index], low[index], dtype)
+        return w.to(dtype)
+
+    def _row_scaled(self, y: torch.Tensor, name: str, index: torch.Tensor | int) -> torch.Tensor:
+        """y times the int8 experts' per-row scales of `name` (unchanged for float or int4 experts)."""
+        scale = getattr(self, f"{name}_scale")
+        if scale is None or getattr(self, f"{name}_low") is not None:
+            return y
+        return y * scale[index]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ([N, k]) and their weights ([N, k], x's dtype) for tokens x ([N, dim])."""
@@ -101,14 +137,11 @@ class MoEFeedForward(nn.Module):
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""
-        w13 = self.w13[experts].to(x.dtype)  # [N, k, 2H, D]
-        w2 = self.w2[experts].to(x.dtype)  # [N, k, D, H]
-        h = torch.einsum("nd,nkhd->nkh", x, w13)
-        if self.w13_scale is not None:
-            h = h * self.w13_scale[experts]
+        w13 = self._weight("w13", experts, x.dtype)  # [N, k, 2H, D]
+        w2 = self._weight("w2", experts, x.dtype)  # [N, k, D, H]
+        h = self._row_scaled(torch.einsum("nd,nkhd->nkh", x, w13), "w13", experts)
         y = torch.einsum("nkh,nkdh->nkd", materialize(fused.silu_and_mul(h, self.fused)), w2)
-        if self.w2_scale is not None:
-            y = y * self.w2_scale[experts]
+        y = self._row_scaled(y, "w2", experts)
         return torch.einsum("nkd,nk->nd", y, weights)
 
     def _every_expert(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -123,13 +156,9 @@ class MoEFeedForward(nn.Module):
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU feed-forward of the rows x."""
-        h = F.linear(x, self.w13[e].to(x.dtype))
-        if self.w13_scale is not None:
-            h = h * self.w13_scale[e]
-        y = F.linear(fused.silu_and_mul(h, self.fused), self.w2[e].to(x.dtype))
-        if self.w2_scale is not None:
-            y = y * self.w2_scale[e]
-        return y
+        h = self._row_scaled(F.linear(x, self._weight("w13", e, x.dtype)), "w13", e)
+        y = F.linear(fused.silu_and_mul(h, self.fused), self._weight("w2", e, x.dtype))
+        return self._row_scaled(y, "w2", e)
 
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run each expert once on the tokens routed to it: best for prefill."""

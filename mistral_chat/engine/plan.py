@@ -3,8 +3,9 @@
 The forward pass (model.py, moe.py, quant.py) reads its `KernelPlan`, never the environment. `choose_plan` decides
 from the device, the dtype, the tensor-parallel world and what Triton supports there:
 
-- one GPU: the Triton kernels for decode attention, int8 products and the eager paths' norms, RoPE and SwiGLU;
-  bf16 products stay with torch (inductor's compiled products read whole matrices at ~96% of the copy bandwidth);
+- one GPU: the Triton kernels for decode attention, int8 and int4 products and the eager paths' norms, RoPE
+  and SwiGLU; bf16 products stay with torch (inductor's compiled products read whole matrices at ~96% of the
+  copy bandwidth); int4 on the CPU: torch's packed int4 matmul with bf16;
 - under `--tp`: also the GEMV kernel for every single-row product, Mixtral's experts as GEMV kernels, each norm
   computed inside the product that reads it, and all-reduces through symmetric memory (the Lamport kernel for bf16);
 - decode is compiled into CUDA graphs on GPUs unless `--no-compile`;
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistral_chat.engine.int4 import packed_matmul_available
 from mistral_chat.engine.kernels.fused import INTERPRETED, triton
 
 KERNELS_ENV = "MISTRAL_CHAT_KERNELS"
@@ -31,6 +33,7 @@ _CHOICES = {
     "attention": ("triton", "torch"),
     "gemv": ("triton", "torch"),
     "int8": ("triton", "torch"),
+    "int4": ("triton", "packed", "torch"),
     "moe": ("triton", "torch"),
     "all_reduce": ("none", "lamport", "symmetric", "c10d"),
 }
@@ -44,6 +47,9 @@ class KernelPlan:
     attention: str = "torch"  # decode attention: "triton" (one kernel over the cache) or "torch" (grouped matmuls)
     gemv: str = "torch"  # single-row float products: "triton" (the GEMV kernel) or "torch" (F.linear / inductor)
     int8: str = "torch"  # single-row int8 products: "triton" or "torch" (dequantize, then multiply)
+    # int4 products: "triton" (one row: the int4 GEMV kernel; more: dequantize, then multiply), "packed" (the CPU:
+    # torch's packed int4 matmul, for every row count) or "torch" (dequantize, then multiply)
+    int4: str = "torch"
     moe: str = "torch"  # one token's chosen experts: "triton" (expert GEMV kernels) or "torch" (gathered weights)
     norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
     all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
@@ -81,7 +87,10 @@ class KernelPlan:
         if values.get("gemv") == "torch" and "norms_in_products" not in values:
             values["norms_in_products"] = False  # it needs the GEMV kernel: follow the asked product
         plan = dataclasses.replace(self, **values)
-        kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.moe)
+        kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.int4, plan.moe)
+        if plan.int4 == "packed" and (device.type != "cpu" or not packed_matmul_available()):
+            raise ValueError(f"plan int4=packed runs on the CPU only, with torch's packed int4 matmul (torch >= "
+                             f"2.6), not on {device} with torch {torch.__version__}")
         if kernels and not kernels_allowed(device):
             raise ValueError(f"the plan's Triton kernels cannot run on {device}: they need a CUDA GPU with Triton "
                              f"(or TRITON_INTERPRET=1 on the CPU), and {KERNELS_ENV} not set to 0")
@@ -116,8 +125,20 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
         attention="triton" if kernels else "torch",
         gemv=rows,
         int8="triton" if kernels else "torch",
+        int4=_int4_choice(device, dtype, kernels),
         moe=rows,
         norms_in_products=rows == "triton" and quantize is None,
         all_reduce=all_reduce,
         compile_decode=compile and cuda,
     )
+
+
+def _int4_choice(device: torch.device, dtype: torch.dtype, kernels: bool) -> str:
+    """The int4 kernel where Triton runs; on the CPU with bf16, torch's packed int4 matmul where this torch has it
+    (it reads the weights at ~19 GB/s on a 2-core Xeon, where dequantizing first runs at a small fraction of that;
+    with float32 activations it is slow, so float32 dequantizes)."""
+    if kernels:
+        return "triton"
+    if device.type == "cpu" and dtype == torch.bfloat16 and packed_matmul_available():
+        return "packed"
+    return "torch"

@@ -1,11 +1,14 @@
-"""int8 weight-only quantization, applied while loading (`--quantize int8`).
+"""Weight-only quantization, applied while loading: `--quantize int8` here, `--quantize int4` (group-wise,
+int4.py) through the same load-time conversion.
 
-Each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The product runs in
+int8: each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The product runs in
 the activations' dtype on the dequantized weight, except that one activation row (batch-1 decode) on CUDA goes to
 a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums, where the plan's `int8` is
 "triton".
-Norms, the gate and the embedding stay in the model dtype. Weights are quantized one tensor at a time as they are
-read, so a model whose bf16 weights do not fit the device (full Mixtral-8x7B on one 80 GB GPU) still loads.
+int4: groups of 128 (64, 32) columns with a scale and a low value each (int4.py); a projection whose input size
+no group divides stays int8 (`prepare_int4`). Norms, the gate and the embedding stay in the model dtype.
+Weights are quantized one tensor at a time as they are read, so a model whose bf16 weights do not fit the device
+(full Mixtral-8x7B on one 80 GB GPU) still loads.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_chat.engine import int4
 from mistral_chat.engine.kernels import fused, int8_gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int4")
 _QUANTIZED_SUFFIXES = (".wqkv.weight", ".wo.weight", ".w13.weight", ".w2.weight", "output.weight",
                        "feed_forward.w13", "feed_forward.w2")
 
@@ -89,3 +93,56 @@ def prepare_int8(model: nn.Module, dtype: torch.dtype) -> None:
                                                        kernel=plan.int8 == "triton", fused=plan.fused))
         if isinstance(module, MoEFeedForward):
             module.quantize_int8(dtype)
+
+
+def prepare_int4(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """Swap the projections of a (meta-device) model for group-wise int4 ones (int4.Int4Linear) before its weights
+    are loaded, per the model's plan (`int4`); a projection whose input size no int4 group divides becomes int8
+    instead, and so do Mixtral experts unless both their sizes take groups. Returns each quantized tensor's name ->
+    its format ("int4", "packed" or "int8"), for `int4_convert`."""
+    plan = model.plan
+    if plan.norms_in_products:
+        raise ValueError("plan norms_in_products needs float weights: int4 products do not compute the norm")
+    formats: dict[str, str] = {}
+    for prefix, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child_name == "gate":
+                continue
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            k, n = child.in_features, child.out_features
+            if int4.group_size(k) is None:
+                formats[name + ".weight"] = "int8"
+                new: nn.Module = Int8Linear(k, n, dtype, kernel=plan.int8 == "triton", fused=plan.fused)
+            else:
+                packed = plan.int4 == "packed" and int4.packed_fits(n, k)
+                formats[name + ".weight"] = "packed" if packed else "int4"
+                new = int4.Int4Linear(k, n, dtype, layout="packed" if packed else "groups",
+                                      kernel=plan.int4 == "triton", fused=plan.fused)
+            setattr(module, child_name, new)
+        if isinstance(module, MoEFeedForward):
+            experts_int4 = module.quantize_int4(dtype)
+            for weight in ("w13", "w2"):
+                formats[f"{prefix}.{weight}"] = "int4" if experts_int4 else "int8"
+    return formats
+
+
+def int4_convert(device: torch.device, dtype: torch.dtype, formats: dict[str, str]) -> Convert:
+    """Load-time conversion for `prepare_int4`'s model: each projection in its format, the rest plain `dtype`."""
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = t.to(device=device, dtype=dtype)
+        kind = formats.get(name)
+        stacked = not name.endswith(".weight")  # MoE experts: w13_scale, w13_low
+        prefix = name + "_" if stacked else name.removesuffix("weight")
+        if kind is None:
+            return {name: t}
+        if kind == "int8":
+            q, scale = quantize_rows(t)
+            return {name: q, prefix + "scale": scale}
+        codes, scale, low = int4.quantize_groups(t, int4.group_size(t.shape[-1]))
+        if kind == "packed":
+            weight, scales_and_zeros = int4.to_packed_layout(codes, scale, low)
+            return {name: weight, prefix + "scales_and_zeros": scales_and_zeros}
+        return {name: int4.pack(codes), prefix + "scale": scale, prefix + "low": low}
+
+    return convert

@@ -1,0 +1,132 @@
+"""Group-wise int4 weights (`--quantize int4`): the format, and the projection that runs on it.
+
+Each row of a projection is cut into groups of GROUP columns along the input dimension (128, or 64 / 32 where 128
+does not divide the input size); each group gets a scale and a low value (asymmetric): w ~ low + q * scale with q
+in 0..15, both in the model dtype. Codes are packed two a byte along the input dimension, the even column in the
+low nibble: [N, K] weights take [N, K / 2] bytes. A projection whose input size no group divides stays int8
+(quant.py chooses per tensor), so any shape loads.
+
+How a product runs (`Int4Linear`, the plan's `int4`):
+- "triton": one activation row (batch-1 decode) through kernels/int4_gemv.py, which dequantizes in registers;
+  more rows dequantize the whole weight to the activations' dtype, then multiply;
+- "packed" (CPU): torch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`), its own weight layout made at load
+  time, for weights of 16k rows; other shapes take "torch";
+- "torch": dequantize, then multiply (inductor fuses both into one kernel in compiled decode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_chat.engine.kernels import fused, int4_gemv
+from mistral_chat.engine.materialize import materialize
+
+GROUP_SIZES = (128, 64, 32)  # the first that divides a projection's input size
+LEVELS = 15  # codes 0..15
+_ROWS_AT_ONCE = 4096  # rows quantized together (float32 copies of a whole Mixtral expert stack would not fit)
+
+
+def group_size(k: int) -> int | None:
+    """The group size for an input size k, or None: no int4 group divides it (the projection stays int8)."""
+    return next((g for g in GROUP_SIZES if k % g == 0), None)
+
+
+def packed_matmul_available() -> bool:
+    """Whether this torch has the CPU's packed int4 matmul (torch >= 2.6)."""
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def packed_fits(n: int, k: int) -> bool:
+    """Whether torch's packed CPU layout takes an [n, k] weight (it needs n a multiple of 16)."""
+    return n % 16 == 0 and group_size(k) is not None
+
+
+def quantize_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8 in 0..15, [..., N, K]), scales and lows ([..., N, K / group], w's dtype) of w. Computed in
+    float32 from the scale and low as stored (rounded to w's dtype), so rounding them costs no extra error."""
+    shape = w.shape
+    rows = w.reshape(-1, shape[-1])
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(rows.shape[0], shape[-1] // group, dtype=w.dtype, device=w.device)
+    lows = torch.empty_like(scales)
+    for start in range(0, rows.shape[0], _ROWS_AT_ONCE):
+        part = rows[start:start + _ROWS_AT_ONCE].float().unflatten(-1, (-1, group))
+        lo, hi = part.amin(dim=-1), part.amax(dim=-1)
+        scale = ((hi - lo) / LEVELS).clamp(min=1e-8).to(w.dtype)
+        low = lo.to(w.dtype)
+        q = torch.round((part - low.float()[..., None]) / scale.float()[..., None]).clamp(0, LEVELS)
+        codes[start:start + _ROWS_AT_ONCE] = q.flatten(-2).to(torch.uint8)
+        scales[start:start + _ROWS_AT_ONCE], lows[start:start + _ROWS_AT_ONCE] = scale, low
+    return codes.view(shape), scales.view(*shape[:-1], -1), lows.view(*shape[:-1], -1)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes a byte along the last dimension (even column in the low nibble): [..., K] -> [..., K / 2]."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The codes `pack` packed: [..., K / 2] uint8 -> [..., K] uint8."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight ([..., N, K], `dtype`) of packed codes ([..., N, K / 2]) with their groups' scales and lows,
+    computed in float32 and rounded once."""
+    codes = unpack(packed).unflatten(-1, (scale.shape[-1], -1)).float()
+    return (codes * scale.float()[..., None] + low.float()[..., None]).flatten(-2).to(dtype)
+
+
+def to_packed_layout(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's packed CPU layout of [N, K] codes: the weight, and its [K / group, N, 2] scales and zeros (torch
+    dequantizes (q - 8) * scale + zero, so zero = low + 8 * scale)."""
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    zero = (low.float() + 8 * scale.float()).to(scale.dtype)
+    return weight, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with a group-wise int4 weight. `layout`: "groups" (the packed codes with scales
+    and lows: the Triton kernel for one row where `kernel`, else dequantize) or "packed" (torch's CPU layout)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                 layout: str = "groups", kernel: bool = False, fused: bool = False) -> None:
+        super().__init__()
+        group = group_size(in_features)
+        assert group is not None, f"no int4 group divides {in_features}"
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.layout, self.kernel, self.fused = layout, kernel, fused
+        groups = in_features // group
+        if layout == "packed":
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype))
+            self.register_buffer("low", torch.empty(out_features, groups, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "packed":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(),
+                                                             self.weight, self.group, self.scales_and_zeros)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if self._kernel_takes(x):
+            return int4_gemv.int4_linear(x, self.weight, self.scale, self.low)
+        return F.linear(x, dequantize(self.weight, self.scale, self.low, x.dtype))
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """The plan says so, one activation row, and a weight the kernel takes."""
+        return self.kernel and x.numel() == x.shape[-1] and int4_gemv.fits(self.weight)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for this gate/up projection of x: in the kernel's last step for a single row, else the
+        product, then the activation (as quant.Int8Linear.swiglu)."""
+        if self.layout != "packed" and self._kernel_takes(x):
+            return int4_gemv.int4_linear(x, self.weight, self.scale, self.low, swiglu=True)
+        return materialize(fused.silu_and_mul(self(x), self.fused))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group}, layout={self.layout}"
