@@ -189,7 +189,7 @@ class Model:
              progress: Callable[[int, int], None] | None = None) -> "Model":
         """Load a model: a folder, an alias from `mistral-chat list` or a pulled repo id (None: the last used).
 
-        device: auto | cpu | cuda | cuda:N; dtype: auto | bfloat16 | float16 | float32; quantize: None | int8;
+        device: auto | cpu | cuda | cuda:N; dtype: auto | bfloat16 | float16 | float32; quantize: None | int8 | int4;
         context: tokens (default the model's, at most 32768); tp: tensor-parallel processes, one a GPU;
         lora: a mistral-finetune adapter merged at load; compile: CUDA-graph decode on GPUs;
         progress(done, total): called as tensors load (one process only).

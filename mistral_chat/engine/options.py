@@ -19,7 +19,7 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (with tp > 1: auto, cpu or cuda; rank r uses cuda:r)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     context_length: int | None = None  # None: the model's own, at most 32768 (see engine/memory.py)
-    quantize: str | None = None  # int8: weight-only int8 at load time
+    quantize: str | None = None  # int8 or int4: weight-only quantization at load time
     compile: bool = True  # on CUDA: decode as CUDA graphs (never on the CPU)
     lora: Path | None = None  # a mistral-finetune adapter (lora.safetensors or its folder)
     lora_scale: float = 1.0  # multiplies the adapter's own scaling
