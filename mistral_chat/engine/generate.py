@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,9 +14,12 @@ from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import session_context
 from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
+from mistral_chat.engine.speculate import PromptLookup, Speculator, VerifyStep, speculation_off
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -84,6 +88,8 @@ class Session:
         self.stats = GenerationStats()
         self.generated_ids: list[int] = []  # the last answer's token ids (EOS excluded)
         self.run_ahead = loaded.device.type == "cuda"
+        self._verify: VerifyStep | None = None  # speculative decoding's verify step, made at first use
+        self._told: set[str] = set()  # why speculation was off, logged once a session
 
     def _claim_cache(self) -> None:
         """Give the model a KV cache for this session. The model holds one cache: when another session on the
@@ -172,6 +178,11 @@ class Session:
                          if params.penalised else None)
             reader = self._token_reader()
             stats.finish_reason = "length"
+            speculator = self._speculator(params, prompt_ids, generator, reader, stats) if params.speculate else None
+            if speculator is not None:
+                yield from self._answer_speculatively(speculator, params, decoder, stops, reader, stats, cancel,
+                                                      started, logits)
+                return
             for i in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -220,4 +231,58 @@ class Session:
                               "lower --context, or try --quantize int8") from exc
         finally:
             if stats.generated_tokens:
+                first_at = first_at or (started + stats.time_to_first_token if stats.time_to_first_token else 0.0)
                 stats.decode_seconds = time.perf_counter() - first_at if first_at else 0.0
+
+    def _speculator(self, params: SamplingParams, prompt_ids: Sequence[int], generator: torch.Generator | None,
+                    reader: TokenReader, stats: GenerationStats) -> Speculator | None:
+        """The token source of a speculative answer, or None where this model or these settings cannot speculate
+        (said once a session in the log)."""
+        off = speculation_off(self.model, params)
+        if off is not None:
+            if off not in self._told:
+                self._told.add(off)
+                log.info("speculative decoding is off: %s", off)
+            return None
+        assert self.model.slots is not None
+        if self._verify is None:
+            self._verify = VerifyStep(self.model)
+        n = min(params.speculate, self.model.slots.max_chunk - 1)
+        return Speculator(self.model, self.decode, self._verify, self.tokens, params, generator, n,
+                          PromptLookup(prompt_ids), self.context_length, reader, self.run_ahead, stats)
+
+    def _answer_speculatively(self, speculator: Speculator, params: SamplingParams, decoder: StreamDecoder,
+                              stops: StopStrings, reader: TokenReader, stats: GenerationStats,
+                              cancel: threading.Event | None, started: float, logits: torch.Tensor) -> Iterator[str]:
+        """`generate`'s loop with tokens from `speculator`: each token goes through the same end-of-answer rules
+        (EOS, stop strings, max tokens, the context) one by one, whether it came from a draft or not."""
+        eos = self.loaded.tokenizer.eos_id
+        first_at = 0.0
+        token = speculator.first(logits)
+        for i in range(params.max_tokens):
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            if i == 0:
+                first_at = time.perf_counter()
+                stats.time_to_first_token = first_at - started
+                reader.waited = 0.0
+            if token == eos:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            self.generated_ids.append(token)
+            stats.decode_seconds = time.perf_counter() - first_at
+            stats.host_wait_seconds = reader.waited
+            delta = stops.push(decoder.push(token))
+            if delta:
+                yield delta
+            if stops.stopped:
+                stats.finish_reason = "stop"
+                break
+            if i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length:
+                break
+            token = speculator.advance(token, params.max_tokens - i - 1)
+        tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail

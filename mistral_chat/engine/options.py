@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_SPECULATE = 16  # most draft tokens a speculative verify step checks
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -53,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages any token of the prompt or the answer so far
     presence_penalty: float = 0.0  # subtracted from the logit of tokens already in the answer
     stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these strings
+    speculate: int = 0  # draft tokens checked per step by prompt lookup (engine/speculate.py); 0: off
 
     @property
     def penalised(self) -> bool:
@@ -72,6 +75,8 @@ class SamplingParams:
             raise ValueError(f"top-k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValueError(f"speculate must be in 0..{MAX_SPECULATE} draft tokens, got {self.speculate}")
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "SamplingParams":

@@ -9,7 +9,7 @@ import torch
 
 from mistral_chat.engine.options import SamplingParams
 
-__all__ = ["Penalties", "SamplingParams", "StopStrings", "make_generator", "sample"]
+__all__ = ["Penalties", "SamplingParams", "StopStrings", "make_generator", "probabilities", "sample"]
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -27,6 +27,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token ids ([B]) from float32 logits ([B, vocab]); stays on the logits' device (no host sync)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(_weights(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0), rows summing to 1 ([B, vocab])."""
+    weights = _weights(logits, params)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, min-p, top-k, then top-p: the weights `sample` draws from (after top-p not summing to 1)."""
     logits = logits / params.temperature
     if params.min_p > 0:
         logits = logits.masked_fill(torch.softmax(logits, dim=-1) < params.min_p * torch.softmax(
@@ -40,7 +51,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 class Penalties:

@@ -16,6 +16,13 @@ class GenerationStats:
     decode_seconds: float = 0.0
     host_wait_seconds: float = 0.0  # of decode_seconds, the host waited for the GPU's tokens (all of it: GPU-bound)
     finish_reason: str = "stop"  # stop (EOS) | length (max tokens or context) | cancelled
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and of those, accepted by the model
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the model accepted (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:
