@@ -55,6 +55,7 @@ def run(
     repetition_penalty: float = opt.REPETITION_PENALTY,
     presence_penalty: float = opt.PRESENCE_PENALTY,
     stop: Optional[list[str]] = opt.STOP,
+    speculate: int = opt.SPECULATE,
     json_output: bool = flag("--json", help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
     tools: Optional[Path] = typer.Option(None, "--tools",
                                          help="JSON file of functions the model may call; one-shot prints calls as JSON."),
@@ -82,7 +83,7 @@ def run(
         tp = int(os.environ["WORLD_SIZE"])
     load = opt.load_options(device, dtype, context, quantize, lora, lora_scale, tp, compile=not no_compile)
     sampling = opt.sampling_params(temperature, top_p, top_k, max_tokens, seed, min_p, repetition_penalty,
-                                   presence_penalty, stop)
+                                   presence_penalty, stop, speculate)
     fim = any(x is not None for x in (fim_prefix, fim_suffix, fim_prefix_file, fim_suffix_file))
     if prompt is None and not fim and sys.stdin.isatty():
         if tp > 1 and os.environ.get("RANK", "0") != "0":  # a torchrun follower of a TUI on rank 0

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mistral_chat.engine.options import LoadOptions, SamplingParams
+from mistral_chat.engine.options import MAX_SPECULATE, LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 
 SEED_MAX = 2**64 - 1  # torch's generator takes a 64-bit seed
@@ -26,6 +26,10 @@ REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", min=0.01,
 PRESENCE_PENALTY = typer.Option(0.0, "--presence-penalty",
                                 help="Subtracted from the logits of tokens already in the answer.")
 STOP = typer.Option(None, "--stop", help="End the answer before this text (repeat for several).")
+SPECULATE = typer.Option(0, "--speculate", min=0, max=MAX_SPECULATE,
+                         help="Draft up to N tokens by finding the answer's last words earlier in the conversation "
+                              "and check them in one step (0: off): faster where text repeats, the same greedy "
+                              "answers. Off with penalties and under --tp; `batch` ignores it.")
 LORA = typer.Option(None, "--lora", help="Merge a LoRA adapter (lora.safetensors or its folder) at load time.")
 LORA_SCALE = typer.Option(1.0, "--lora-scale", help="Multiplies the adapter's own scaling.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
@@ -37,12 +41,12 @@ QUANTIZE = typer.Option(None, "--quantize", "-q", help="int8 or int4: weight-onl
 
 def sampling_params(temperature: float, top_p: float, top_k: int, max_tokens: int, seed: Optional[int],
                     min_p: float, repetition_penalty: float, presence_penalty: float,
-                    stop: Optional[list[str]]) -> SamplingParams:
+                    stop: Optional[list[str]], speculate: int = 0) -> SamplingParams:
     """The sampling options as the engine's parameters; one line for a value their ranges let through."""
     try:
         return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
                               min_p=min_p, repetition_penalty=repetition_penalty,
-                              presence_penalty=presence_penalty, stop=tuple(stop or ()))
+                              presence_penalty=presence_penalty, stop=tuple(stop or ()), speculate=speculate)
     except ValueError as exc:  # e.g. --top-p 0
         raise MistralChatError(f"{exc}: change that option") from None
 
