@@ -13,9 +13,11 @@ with Model.load("mistral-7b-instruct") as model:          # alias, repo id or fo
 
 Messages are OpenAI-style dicts (`system`, `user`, `assistant` with optional `tool_calls`, `tool` with
 `tool_call_id`) or `chat.templates.ChatMessage`s. Prompts are built, trimmed to the context and read for tool calls
-exactly as the chat does (`chat/`, `service/worker.py`). `chat` and `stream` run the engine's batch-1 `Session`
-(compiled decode on GPUs); `chat_batch` and `chat_requests` run continuous batching (`engine/batch.py`), except
-under tensor parallelism (`tp > 1`), where they answer one conversation at a time.
+exactly as the chat does (`chat/`). `chat`, `stream` and `stream_ids` run the engine's batch-1 `Session` (compiled
+decode on GPUs), which keeps the cache of the previous prompt for the next one that shares its start; `chat_batch`
+and `chat_requests` run continuous batching (`engine/batch.py`), except under tensor parallelism (`tp > 1`), where
+they answer one conversation at a time. The CLI's one-shot mode, the TUI's engine worker, `batch` and `serve` all
+answer through this class.
 
 Importing this module does not import torch; `Model.load` does.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_chat.chat.openai_messages import Message, MessageError, ToolSpec, to_chat_messages, to_tools
 from mistral_chat.chat.templates import ChatMessage, encode_conversation
-from mistral_chat.chat.tools import Tool, ToolCall, supports_tools
+from mistral_chat.chat.fim import encode_fim
+from mistral_chat.chat.tools import Tool, ToolCall, ToolCallsRead, read_tool_calls, supports_tools
 from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import MistralChatError
 from mistral_chat.service.loading import release_memory
-from mistral_chat.service.worker import ToolCallsRead, read_tool_calls
 
 if TYPE_CHECKING:
     from mistral_chat.engine.generate import Session
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 def sampling_params(base: SamplingParams | None = None, **given: Any) -> SamplingParams:
     """`base` (default: SamplingParams()) with the keywords given that are not None; `stop` may be one string.
     ValueError for a value out of range or a keyword that is not a SamplingParams field."""
-    unknown = set(given) - set(SamplingParams.__dataclass_fields__)
+    unknown = {k for k, v in given.items() if v is not None} - set(SamplingParams.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
     changes = {k: v for k, v in given.items() if v is not None}
@@ -99,6 +102,7 @@ class Reply:
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0.0, 0.0))
     tool_call_error: str = ""
     token_ids: tuple[int, ...] = ()  # the answer's generated ids (EOS excluded)
+    stats: GenerationStats | None = field(default=None, compare=False, repr=False)  # the engine's whole record
 
     def to_json(self) -> dict[str, Any]:
         return {"text": self.text, "tool_calls": [c.to_json() for c in self.tool_calls],
@@ -112,7 +116,7 @@ def make_reply(tokenizer: Any, text: str, generated_ids: Sequence[int] | None, s
     if tools and generated_ids is not None and stats.finish_reason != "cancelled":
         read = read_tool_calls(tokenizer, generated_ids, text)
     return Reply(read.text, read.calls, "tool_calls" if read.calls else stats.finish_reason,
-                 Usage.of(stats, dropped_messages), read.error, tuple(generated_ids or ()))
+                 Usage.of(stats, dropped_messages), read.error, tuple(generated_ids or ()), stats)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,10 @@ class ModelTokenizer:
         """The prompt ids of a conversation (ending with a user message or tool results), ready for the answer."""
         return encode_conversation(self.raw, to_chat_messages(messages), list(to_tools(tools)) or None)
 
+    def encode_fim(self, prefix: str, suffix: str = "") -> list[int]:
+        """The prompt ids asking a code model for what goes between `prefix` and `suffix` (`stream_ids` answers)."""
+        return encode_fim(self.raw, prefix, suffix)
+
     def __repr__(self) -> str:
         return f"ModelTokenizer({self.raw!r})"
 
@@ -173,13 +181,16 @@ class ModelTokenizer:
 
 class Model:
     """A loaded model. Make one with `Model.load`; `close()` (or leaving a `with` block) frees its memory and ends
-    its tensor-parallel processes. Not thread-safe: one thread at a time."""
+    its tensor-parallel processes. Not thread-safe: one thread at a time.
+
+    `Model(loaded, options, session)` wraps a model loaded otherwise; `session` is what chats run on (a tensor-parallel
+    run's ParallelSession, or a stand-in with `generate` and `context_length`), by default a `Session` made at the
+    first chat."""
 
     def __init__(self, loaded: "LoadedModel", options: LoadOptions, session: "Session | None" = None) -> None:
         self.loaded: LoadedModel | None = loaded
         self.options = options
-        self._session = session  # tp > 1: the ParallelSession; else made at the first chat
-        self.tokenizer = ModelTokenizer(loaded.tokenizer)
+        self._session = session
         self.last_reply: Reply | None = None  # the reply of the last `stream` (or `chat`), once it ended
 
     @classmethod
@@ -194,22 +205,30 @@ class Model:
         lora: a mistral-finetune adapter merged at load; compile: CUDA-graph decode on GPUs;
         progress(done, total): called as tensors load (one process only).
         """
+        options = LoadOptions(device=device, dtype=dtype, context_length=context, quantize=quantize, compile=compile,
+                              lora=Path(lora) if lora is not None else None, lora_scale=lora_scale, tp=tp)
+        model = cls.from_options(name_or_path, options, progress)
+        if model is None:
+            from mistral_chat.engine.parallel.group import ParallelRunError
+
+            raise ParallelRunError("this process was a torchrun follower and holds no model: use "
+                                   "Model.load(..., tp=N) in one process, which starts the others itself")
+        return model
+
+    @classmethod
+    def from_options(cls, name_or_path: str | Path | None, options: LoadOptions,
+                     progress: Callable[[int, int], None] | None = None) -> "Model | None":
+        """`load` with the options as `LoadOptions` (the CLI's). With `tp > 1`, None in a torchrun follower (a rank
+        other than 0), which follows rank 0 inside this call until rank 0 closes its model."""
         from mistral_chat.service.loading import prepare_compile, resolve_model_path
 
-        options = prepare_compile(LoadOptions(device=device, dtype=dtype, context_length=context, quantize=quantize,
-                                              compile=compile, lora=Path(lora) if lora is not None else None,
-                                              lora_scale=lora_scale, tp=tp))
+        options = prepare_compile(options)
         name = None if name_or_path is None else str(name_or_path)
-        if tp > 1:
-            from mistral_chat.engine.parallel.group import ParallelRunError
+        if options.tp > 1:
             from mistral_chat.service.tensor_parallel import start_parallel
 
             started = start_parallel(name, options, progress)
-            if started is None:
-                raise ParallelRunError("this process was a torchrun follower and holds no model: use "
-                                       "Model.load(..., tp=N) in one process, which starts the others itself")
-            loaded, session = started
-            return cls(loaded, options, session)
+            return None if started is None else cls(started[0], options, started[1])
         from mistral_chat.engine.loader import load_model
 
         loaded = load_model(resolve_model_path(name), progress=progress, **options.load_kwargs())
@@ -221,6 +240,10 @@ class Model:
         if self.loaded is None:
             raise MistralChatError("this model was closed: load it again with Model.load")
         return self.loaded
+
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        return ModelTokenizer(self._loaded().tokenizer)
 
     @property
     def name(self) -> str:
@@ -241,6 +264,8 @@ class Model:
     @property
     def context_length(self) -> int:
         """The most tokens a conversation (prompt and answer) may hold."""
+        if self._session is not None:
+            return self._session.context_length
         from mistral_chat.engine.memory import session_context
 
         return session_context(self._loaded().config, self.options.context_length)
@@ -256,7 +281,9 @@ class Model:
 
     # ---- one conversation -----------------------------------------------------------------------------------------
 
-    def _session_for_chat(self) -> "Session":
+    @property
+    def session(self) -> "Session":
+        """The batch-1 session chats run on (made at first use): its cache, `tokens`, last `stats`."""
         if self._session is None:
             from mistral_chat.engine.generate import Session
 
@@ -294,12 +321,13 @@ class Model:
              max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
              top_k: int | None = None, seed: int | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, presence_penalty: float | None = None,
-             stop: str | Sequence[str] | None = None, params: SamplingParams | None = None) -> Reply:
+             stop: str | Sequence[str] | None = None, speculate: int | None = None,
+             params: SamplingParams | None = None) -> Reply:
         """The answer to a conversation. Sampling keywords left None keep `params`' values (default greedy, 1024
         tokens at most); `tools` are OpenAI function definitions the model may call (see `Reply.tool_calls`)."""
         for _ in self.stream(messages, tools, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
-                             presence_penalty=presence_penalty, stop=stop, params=params):
+                             presence_penalty=presence_penalty, stop=stop, speculate=speculate, params=params):
             pass
         assert self.last_reply is not None
         return self.last_reply
@@ -308,25 +336,32 @@ class Model:
                max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                top_k: int | None = None, seed: int | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, presence_penalty: float | None = None,
-               stop: str | Sequence[str] | None = None, params: SamplingParams | None = None) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None, speculate: int | None = None,
+               params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
         """The answer's text as it is generated (keywords as `chat`); `last_reply` holds the whole Reply once the
-        iterator ends. With tools, a tool call streams as its raw text; `last_reply.tool_calls` has it read."""
+        iterator ends. With tools, a tool call streams as its raw text; `last_reply.tool_calls` has it read.
+        Setting `cancel` ends the answer at its next token (finish reason "cancelled")."""
         sampling = sampling_params(params, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
-                                   presence_penalty=presence_penalty, stop=stop)
+                                   presence_penalty=presence_penalty, stop=stop, speculate=speculate)
         prompt, offered = self.prompt(messages, tools, sampling.max_tokens)
-        return self._stream(prompt, offered, sampling)
+        return self.stream_ids(prompt.ids, sampling, tools=offered, cancel=cancel,
+                               dropped_messages=prompt.dropped_messages)
 
-    def _stream(self, prompt: TrimmedPrompt, tools: tuple[Tool, ...], params: SamplingParams) -> Iterator[str]:
-        session = self._session_for_chat()
+    def stream_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                   tools: Sequence[Tool] = (), cancel: threading.Event | None = None,
+                   dropped_messages: int = 0) -> Iterator[str]:
+        """As `stream`, for prompt ids already built (`prompt`, `tokenizer.encode_fim`, raw text's `encode`):
+        answered as they are, untrimmed; `tools`: those the prompt offers, to read the answer's calls by."""
+        session = self.session
         self.last_reply = None
         pieces: list[str] = []
-        for piece in session.generate(prompt.ids, params):
+        for piece in session.generate(prompt_ids, params or SamplingParams(), cancel):
             pieces.append(piece)
             yield piece
         self.last_reply = make_reply(self._loaded().tokenizer, "".join(pieces),
-                                     getattr(session, "generated_ids", None), session.stats, tools,
-                                     prompt.dropped_messages)
+                                     getattr(session, "generated_ids", None), session.stats, tuple(tools),
+                                     dropped_messages)
 
     # ---- many conversations ----------------------------------------------------------------------------------
 
@@ -335,7 +370,7 @@ class Model:
                    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                    min_p: float | None = None, repetition_penalty: float | None = None,
                    presence_penalty: float | None = None, stop: str | Sequence[str] | None = None,
-                   params: SamplingParams | None = None) -> list[Reply]:
+                   speculate: int | None = None, params: SamplingParams | None = None) -> list[Reply]:
         """The answers to many conversations, generated together (continuous batching), in their order.
 
         The same sampling for all (keywords as `chat`; with a seed, each answer's draws are seeded alike);
@@ -343,7 +378,7 @@ class Model:
         checked before any is answered: the first bad one raises."""
         sampling = sampling_params(params, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty,
-                                   presence_penalty=presence_penalty, stop=stop)
+                                   presence_penalty=presence_penalty, stop=stop, speculate=speculate)
         tool_list = list(to_tools(tools))
         requests = [ChatRequest(list(messages), tool_list, sampling) for messages in conversations]
         prompts = [self.prompt(r.messages, r.tools, sampling.max_tokens) for r in requests]
@@ -384,7 +419,8 @@ class Model:
             for i in todo:
                 prompt, tools = prompts[i]  # type: ignore[misc]
                 try:
-                    for _ in self._stream(prompt, tools, params[i]):
+                    for _ in self.stream_ids(prompt.ids, params[i], tools=tools,
+                                             dropped_messages=prompt.dropped_messages):
                         pass
                 except MistralChatError as exc:
                     yield i, exc

@@ -1,6 +1,7 @@
 """One-shot answers for shell pipelines: the completion streams to stdout, everything else to stderr.
 
-The CLI builds `OneShotOptions` from its flags and calls `run_one_shot`; with `--tp N` the answer comes from a
+The CLI builds `OneShotOptions` from its flags and calls `run_one_shot`, which answers through the public API
+(`api.Model`: load, `stream`, `stream_ids` for fill-in-the-middle); with `--tp N` the answer comes from a
 tensor-parallel run (rank 0 prints it, the followers print nothing)."""
 
 from __future__ import annotations
@@ -11,20 +12,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
-from mistral_chat.chat.fim import encode_fim
+from mistral_chat.api import Model, Reply
 from mistral_chat.cli.terminal import TerminalText, terminal_safe
-from mistral_chat.chat.templates import ChatMessage, encode_conversation
-from mistral_chat.chat.tools import Tool, ToolCall, ToolCallParseError, load_tools, parse_tool_calls
-from mistral_chat.engine.generate import Session
+from mistral_chat.chat.templates import ChatMessage
+from mistral_chat.chat.tools import Tool, ToolCall, load_tools, tool_format
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
-from mistral_chat.service.loading import prepare_compile, resolve_model_path
-
-if TYPE_CHECKING:
-    from mistral_chat.engine.loader import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -146,63 +143,51 @@ def read_request(opts: OneShotOptions, stdin: TextIO) -> OneShotRequest:
 def format_stats(stats: GenerationStats) -> str:
     return (f"prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled), "
             f"generated {stats.generated_tokens}, first token {stats.time_to_first_token * 1000:.0f} ms, "
-            f"{stats.tokens_per_second:.1f} tokens/s, finish: {stats.finish_reason}")
+            f"{stats.tokens_per_second:.1f} tokens/s, finish: {stats.finish_reason}"
+            + (f", drafts accepted {stats.accepted_tokens}/{stats.drafted_tokens} ({stats.acceptance:.0%})"
+               if stats.drafted_tokens else ""))
 
 
 def run_one_shot(opts: OneShotOptions) -> None:
+    """Load the model (`api.Model`, as every front end does), answer the request and print the answer; with
+    `--tp N` the followers print nothing."""
     request = read_request(opts, sys.stdin)
     if "RANK" not in os.environ:  # never asks: pulls with --pull, else says the pull command (torchrun: as given)
         from mistral_chat.cli.models import pull_on_demand
 
         opts = dataclasses.replace(opts, model=pull_on_demand(opts.model, interactive=False, pull=opts.pull))
-    if opts.load.tp > 1:
-        run_parallel_one_shot(opts, request)
+    model = Model.from_options(opts.model, opts.load)
+    if model is None:  # a torchrun follower, once rank 0 is done
         return
-    from mistral_chat.engine.loader import load_model
-
-    path = resolve_model_path(opts.model)
-    options = prepare_compile(opts.load)
-    announce_compile(options)
-    loaded = load_model(path, **options.load_kwargs())
-    if opts.verbose:
-        print(f"loaded {loaded.name} on {loaded.device} as {str(loaded.dtype).removeprefix('torch.')} "
-              f"in {loaded.load_seconds:.1f} s", file=sys.stderr)
-    session = Session(loaded, context_length=opts.load.context_length)
-    answer_once(opts, loaded, session, request)
-
-
-def run_parallel_one_shot(opts: OneShotOptions, request: OneShotRequest) -> None:
-    """`--prompt` with `--tp N`: rank 0 prints the answer, the followers print nothing."""
-    from mistral_chat.service.tensor_parallel import start_parallel
-
-    options = prepare_compile(opts.load)  # before the followers start: they inherit the compile cache's place
-    started = start_parallel(opts.model, options)
-    if started is None:  # a torchrun follower, once rank 0 is done
-        return
-    loaded, session = started
-    with session:
-        announce_compile(options)
+    with model:
+        announce_compile(model.options)
         if opts.verbose:
-            sys.stderr.write(f"loaded {loaded.name} on {session.world} ranks ({loaded.device.type}) as "
-                             f"{str(loaded.dtype).removeprefix('torch.')} in {loaded.load_seconds:.1f} s\n")
-        answer_once(opts, loaded, session, request)
+            loaded = model.loaded
+            assert loaded is not None
+            where = f"on {model.session.world} ranks ({loaded.device.type})" if model.tensor_parallel > 1 \
+                else f"on {loaded.device}"
+            sys.stderr.write(f"loaded {loaded.name} {where} as {model.dtype} in {loaded.load_seconds:.1f} s\n")
+        answer_once(opts, model, request)
 
 
-def answer_once(opts: OneShotOptions, loaded: "LoadedModel", session: Session, request: OneShotRequest) -> None:
+def answer_once(opts: OneShotOptions, model: Model, request: OneShotRequest) -> None:
     """Encode the request, generate, and print: streamed text, tool calls as JSON, or one JSON object."""
-    tokenizer = loaded.tokenizer
+    params = opts.sampling
     if request.fim is not None:
-        ids = encode_fim(tokenizer, *request.fim)
+        pieces = model.stream_ids(model.tokenizer.encode_fim(*request.fim), params)
     else:
         messages = ([ChatMessage("system", request.system)] if request.system else [])
         messages.append(ChatMessage("user", request.text or ""))
-        ids = encode_conversation(tokenizer, messages, list(request.tools) or None)
-    params = opts.sampling
+        if request.tools:
+            tool_format(model.tokenizer.raw)  # a tokenizer without function calling: say so, as --tools asked
+        pieces = model.stream(messages, request.tools, params=params)
     if opts.json_output or request.tools:
-        text = "".join(session.generate(ids, params))
-        calls = _tool_calls(session) if request.tools else None
+        text = "".join(pieces)
+        reply = model.last_reply
+        assert reply is not None and reply.stats is not None
+        calls = _tool_calls(reply) if request.tools else None
         if opts.json_output:
-            print(json.dumps(answer_json(loaded.name, text, calls, session.stats), ensure_ascii=False))
+            print(json.dumps(answer_json(model.name, text, calls, reply.stats), ensure_ascii=False))
         elif calls is not None:
             print(json.dumps([c.to_json() for c in calls], ensure_ascii=False, indent=2))
         else:
@@ -210,17 +195,19 @@ def answer_once(opts: OneShotOptions, loaded: "LoadedModel", session: Session, r
             print(terminal_safe(shown) if _is_terminal(sys.stdout) else shown)
         sys.stdout.flush()
     else:
-        stream_answer(session, ids, params, sys.stdout)
+        stream_answer(pieces, sys.stdout)
     if opts.verbose:
-        print(format_stats(session.stats), file=sys.stderr)
+        assert model.last_reply is not None and model.last_reply.stats is not None
+        print(format_stats(model.last_reply.stats), file=sys.stderr)
 
 
-def _tool_calls(session: Session) -> list[ToolCall] | None:
-    try:
-        return parse_tool_calls(session.loaded.tokenizer, session.generated_ids)
-    except ToolCallParseError as exc:  # malformed calls: say so, and show the raw text as the answer
-        print(f"mistral-chat: {exc}", file=sys.stderr)
+def _tool_calls(reply: Reply) -> list[ToolCall] | None:
+    """The reply's calls (None: it made none), or None after saying why its calls cannot be read (the raw text is
+    then shown as the answer)."""
+    if reply.tool_call_error:
+        print(f"mistral-chat: {reply.tool_call_error}", file=sys.stderr)
         return None
+    return list(reply.tool_calls) if reply.finish_reason == "tool_calls" else None
 
 
 def answer_json(model: str, text: str, calls: list[ToolCall] | None, stats: GenerationStats) -> dict[str, Any]:
@@ -252,12 +239,12 @@ def _is_terminal(out: TextIO) -> bool:
         return False
 
 
-def stream_answer(session: Session, ids: list[int], params: SamplingParams, out: TextIO) -> str:
-    """Write the answer to `out` as it arrives, flushing each piece; end with a newline. On a terminal, control
+def stream_answer(answer: Iterable[str], out: TextIO) -> str:
+    """Write the answer's pieces to `out` as they arrive, flushing each; end with a newline. On a terminal, control
     sequences in the answer are not written (they would retitle or recolour it); a pipe or file gets every byte."""
     screen = TerminalText() if _is_terminal(out) else None
     pieces = []
-    for delta in session.generate(ids, params):
+    for delta in answer:
         pieces.append(delta)
         out.write(screen.feed(delta) if screen is not None else delta)
         out.flush()

@@ -79,7 +79,7 @@ def test_streamed_answer_on_a_terminal_has_no_control_sequences():
     out = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), encoding="utf-8", write_through=True)
     try:
         assert out.isatty()
-        answer = stream_answer(FakeSession(list(HOSTILE)), [1], SamplingParams(), out)
+        answer = stream_answer(FakeSession(list(HOSTILE)).generate([1], SamplingParams()), out)
         shown = os.read(master, 65536).decode().replace("\r\n", "\n")  # the pty's own newline translation
     finally:
         out.close()
@@ -91,7 +91,7 @@ def test_streamed_answer_on_a_terminal_has_no_control_sequences():
 def test_streamed_answer_to_a_pipe_keeps_every_byte():
     read_end, write_end = os.pipe()
     out = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), encoding="utf-8", write_through=True)
-    stream_answer(FakeSession([HOSTILE[:5], HOSTILE[5:]]), [1], SamplingParams(), out)
+    stream_answer(FakeSession([HOSTILE[:5], HOSTILE[5:]]).generate([1], SamplingParams()), out)
     out.close()
     with os.fdopen(read_end, "rb") as f:
         assert f.read().decode() == HOSTILE

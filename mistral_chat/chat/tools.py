@@ -379,3 +379,30 @@ def parse_tool_calls(tokenizer: Tokenizer, ids: Sequence[int]) -> list[ToolCall]
                 raise ToolCallParseError("the model started a tool call but wrote no call", raw)
             calls.extend(_calls_from_json_list(text, raw))
     return calls
+
+
+@dataclass(frozen=True)
+class ToolCallsRead:
+    """What an answer's ids hold: its text (before the calls, or all of it), the calls, or why they are unreadable."""
+
+    text: str
+    calls: tuple[ToolCall, ...] = ()
+    error: str = ""
+
+
+def read_tool_calls(tokenizer: Tokenizer, ids: Sequence[int], streamed_text: str) -> ToolCallsRead:
+    """The tool calls in an answer's generated ids, found by the [TOOL_CALLS] token id (`parse_tool_calls`).
+
+    No calls: the streamed text as it is. Unreadable calls: the raw text, and the error. Calls: the text the
+    model wrote before them (kept only where the format allows text with calls, v7+).
+    """
+    try:
+        calls = parse_tool_calls(tokenizer, ids)
+    except ToolCallParseError as exc:
+        log.info("unreadable tool calls: %s", exc)
+        return ToolCallsRead(exc.text, error=str(exc))
+    if not calls:
+        return ToolCallsRead(streamed_text)
+    start = find_tool_calls(tokenizer, ids) or 0
+    before = tokenizer.decode(list(ids[:start])).strip() if tool_format(tokenizer).text_with_calls else ""
+    return ToolCallsRead(before, tuple(calls))

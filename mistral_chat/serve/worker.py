@@ -221,20 +221,14 @@ class EngineWorker:
 
     def _one_at_a_time(self) -> None:
         """tp > 1: the tensor-parallel session answers one sequence at a time."""
-        from mistral_chat.api import make_reply
-
         if not self._pending:
             return
         job = self._pending.popleft()
         if job.cancel.is_set():
             return
         self._running[-1] = job
-        session = self.model._session_for_chat()
-        pieces = []
-        for piece in session.generate(job.prompt_ids, job.params, job.cancel):
-            pieces.append(piece)
+        for piece in self.model.stream_ids(job.prompt_ids, job.params, tools=job.offered, cancel=job.cancel,
+                                           dropped_messages=job.dropped):
             job.post("text", piece)
         del self._running[-1]
-        job.post("done", make_reply(self.model.loaded.tokenizer, "".join(pieces),
-                                    getattr(session, "generated_ids", None), session.stats, job.offered,
-                                    job.dropped))
+        job.post("done", self.model.last_reply)

@@ -1,6 +1,8 @@
 """The engine's worker: one thread owns the model and its session; commands go in by a queue, events come out.
 
-It knows nothing of the UI. A front end gives it an `emit` callback (called from the worker thread; the TUI turns
+It knows nothing of the UI, and answers through the public API: the model it loads is held as an `api.Model`
+(`Model.prompt` builds and trims each prompt, `Model.stream_ids` streams the answer and reads its tool calls), as
+the one-shot CLI, `batch` and `serve` do. A front end gives it an `emit` callback (called from the worker thread; the TUI turns
 each event into a Textual message with `post_message`, which is thread-safe) and runs `EngineWorker.run` in a
 thread of its own (a Textual thread worker, or `start_thread()`).
 
@@ -26,14 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Union
 
-from mistral_chat.chat.templates import ChatMessage, encode_conversation
-from mistral_chat.chat.tools import (Tool, ToolCall, ToolCallParseError, find_tool_calls, parse_tool_calls,
-                                     supports_tools, tool_format)
-from mistral_chat.chat.trim import TrimmedPrompt, answer_reserve, trim_history
+from mistral_chat.api import Model
+from mistral_chat.chat.templates import ChatMessage
+from mistral_chat.chat.tools import Tool, ToolCall, ToolCallsRead, read_tool_calls, supports_tools
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.engine.options import LoadOptions, SamplingParams
 from mistral_chat.errors import MistralChatError
 from mistral_chat.service.loading import release_memory
+
+__all__ = ["ToolCallsRead", "read_tool_calls"]  # read here by older callers; they live in chat/tools.py
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +133,6 @@ class GenerationDone:
 
 
 @dataclass(frozen=True)
-class ToolCallsRead:
-    """What an answer's ids hold: its text (before the calls, or all of it), the calls, or why they are unreadable."""
-
-    text: str
-    calls: tuple[ToolCall, ...] = ()
-    error: str = ""
-
-
-def read_tool_calls(tokenizer: Any, ids: Sequence[int], streamed_text: str) -> ToolCallsRead:
-    """The tool calls in an answer's generated ids, found by the [TOOL_CALLS] token id (`parse_tool_calls`).
-
-    No calls: the streamed text as it is. Unreadable calls: the raw text, and the error. Calls: the text the
-    model wrote before them (kept only where the format allows text with calls, v7+).
-    """
-    try:
-        calls = parse_tool_calls(tokenizer, ids)
-    except ToolCallParseError as exc:
-        log.info("unreadable tool calls: %s", exc)
-        return ToolCallsRead(exc.text, error=str(exc))
-    if not calls:
-        return ToolCallsRead(streamed_text)
-    start = find_tool_calls(tokenizer, ids) or 0
-    before = tokenizer.decode(list(ids[:start])).strip() if tool_format(tokenizer).text_with_calls else ""
-    return ToolCallsRead(before, tuple(calls))
-
-
-@dataclass(frozen=True)
 class EngineFailed:
     """A load or a generation that failed; `message` says what to do. The worker keeps running."""
 
@@ -203,9 +179,17 @@ class EngineWorker:
         self._ids = itertools.count(1)
         self._pending: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
-        self.loaded: Any = None
-        self.session: GenerationSession | None = None
+        self.model: Model | None = None  # the model loaded, and the session it answers on
         self.stopped = threading.Event()
+
+    @property
+    def loaded(self) -> Any:
+        """The engine's LoadedModel (or a loader's stand-in); None before a load."""
+        return None if self.model is None else self.model.loaded
+
+    @property
+    def session(self) -> GenerationSession | None:
+        return None if self.model is None else self.model.session
 
     # ---- called from any thread ------------------------------------------------------------------------------
 
@@ -257,11 +241,11 @@ class EngineWorker:
             self.stopped.set()
 
     def _unload(self) -> None:
-        close = getattr(self.session, "close", None)  # a tensor-parallel session ends its follower processes
-        if close is not None:
-            close()
-        self.session = self.loaded = None
-        release_memory()
+        if self.model is not None:
+            self.model.close()  # a tensor-parallel session ends its follower processes
+            self.model = None
+        else:
+            release_memory()
 
     def _load(self, request: LoadRequest) -> None:
         self._unload()
@@ -272,7 +256,7 @@ class EngineWorker:
             log.debug("load failed", exc_info=True)
             self._emit(EngineFailed(describe_error(exc), "load"))
             return
-        self.loaded, self.session = loaded, session
+        self.model = Model(loaded, request.options, session)
         config = getattr(loaded, "config", None)
         self._emit(ModelReady(
             name=getattr(loaded, "name", request.path.name), path=request.path,
@@ -286,7 +270,6 @@ class EngineWorker:
     def _tools(self, request: GenerateRequest) -> tuple[Tool, ...]:
         """The request's tools, or none when the tokenizer has no function calling (then a chat that already
         holds calls or results cannot be encoded: say what to do)."""
-        assert self.loaded is not None
         if _tokenizer_supports_tools(self.loaded.tokenizer):
             return request.tools
         if any(m.role == "tool" or m.tool_calls for m in request.messages):
@@ -294,40 +277,32 @@ class EngineWorker:
                                    "pick a model made for tools (e.g. Mistral-7B-Instruct-v0.3 or later)")
         return ()
 
-    def _prompt(self, request: GenerateRequest, tools: Sequence[Tool] = ()) -> TrimmedPrompt:
-        assert self.loaded is not None and self.session is not None
-        tokenizer = self.loaded.tokenizer
-        context = self.session.context_length
-        budget = context - answer_reserve(context, request.params.max_tokens)
-        return trim_history(list(request.messages),
-                            lambda ms: encode_conversation(tokenizer, ms, list(tools) or None), budget)
-
     def _generate(self, request: GenerateRequest) -> None:
         pieces: list[str] = []
         stats = GenerationStats(finish_reason="cancelled")
         read = ToolCallsRead("")
-        tools: tuple[Tool, ...] = ()
+        model = self.model
         try:
             if request.cancel.is_set():
                 return
-            if self.session is None:
+            if model is None:
                 raise MistralChatError("no model is loaded: pick one with the model picker (Ctrl+O), or run "
                                        "`mistral-chat pull mistral-7b-instruct` first")
-            tools = self._tools(request)
-            prompt = self._prompt(request, tools)
+            prompt, tools = model.prompt(request.messages, self._tools(request), request.params.max_tokens)
             self._emit(GenerationStarted(request.request_id, request.conversation_id, len(prompt.ids),
-                                         prompt.dropped_messages, self.session.context_length, bool(tools)))
-            for delta in self.session.generate(prompt.ids, request.params, request.cancel):
+                                         prompt.dropped_messages, model.context_length, bool(tools)))
+            for delta in model.stream_ids(prompt.ids, request.params, tools=tools, cancel=request.cancel,
+                                          dropped_messages=prompt.dropped_messages):
                 pieces.append(delta)
                 self._emit(TokenDelta(request.request_id, request.conversation_id, delta))
-            stats = self.session.stats
-            generated = getattr(self.session, "generated_ids", None)
-            if tools and generated is not None and stats.finish_reason != "cancelled":
-                read = read_tool_calls(self.loaded.tokenizer, generated, "".join(pieces))
+            reply = model.last_reply
+            assert reply is not None and reply.stats is not None
+            stats = reply.stats
+            read = ToolCallsRead(reply.text, reply.tool_calls, reply.tool_call_error)
         except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
             log.debug("generation failed", exc_info=True)
             self._emit(EngineFailed(describe_error(exc), "generate", request.request_id, request.conversation_id))
-            stats = getattr(self.session, "stats", stats)
+            stats = getattr(model.session, "stats", stats) if model is not None else stats
             stats.finish_reason = "error"
         finally:
             with self._lock:
