@@ -36,7 +36,8 @@ class BenchResult:
     dtype: str
     quantize: str | None
     layers: int
-    copy_bandwidth_gbs: float = 0.0
+    copy_bandwidth_gbs: float = 0.0  # on the CPU: the memory's read bandwidth (`read_bandwidth`)
+    bandwidth: str = "copy"  # what copy_bandwidth_gbs measured: "copy" (GPUs) or "read" (the CPU)
     weight_bytes_per_token: int = 0
     floor_ms_per_token: float = 0.0
     floor_tokens_per_s: float = 0.0
@@ -68,6 +69,15 @@ def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     seconds = timed(lambda: dst.copy_(src), device, repeat=20, warmup=3)
     del src, dst
     return 2 * n * 2 / seconds
+
+
+def read_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """The memory's read bandwidth in bytes/s: the sum of a float32 tensor of `gib` GiB (several times a server's
+    last-level cache; a CPU's decode streams its weights the same way, through every core)."""
+    src = torch.ones(int(gib * 2**30) // 4, device=device)
+    seconds = timed(lambda: src.sum(), device, repeat=5, warmup=1)
+    del src
+    return gib * 2**30 / seconds
 
 
 def weight_bytes_per_token(model: torch.nn.Module, config: ModelConfig) -> int:
@@ -211,7 +221,10 @@ def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers:
     prefill_lengths = prefill_lengths if prefill_lengths is not None else [prompt, 2048]
     result = BenchResult(shape=shape, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                          dtype=dtype, quantize=quantize, layers=config.n_layers)
-    result.copy_bandwidth_gbs = copy_bandwidth(dev, 1.0 if dev.type == "cuda" else 0.05) / 1e9
+    if dev.type == "cuda":
+        result.copy_bandwidth_gbs = copy_bandwidth(dev, 1.0) / 1e9
+    else:  # a CPU's copy of a small tensor stays in its cache: time reading one larger than the cache instead
+        result.copy_bandwidth_gbs, result.bandwidth = read_bandwidth(dev, 1.0) / 1e9, "read"
     plan = choose_plan(dev, torch_dtype, 1, quantize, compile).with_overrides(plan_overrides or {}, dev)
     result.plan = plan.describe()
     model = random_model(config, dev, torch_dtype, quantize, plan)
@@ -234,7 +247,8 @@ def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers:
 def format_table(result: BenchResult) -> str:
     lines = [f"{result.shape} ({result.layers} layers, {result.dtype}"
              f"{', ' + result.quantize if result.quantize else ''}) on {result.device}",
-             f"copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s; weights read per token "
+             f"{'memory read' if result.bandwidth == 'read' else 'copy'} bandwidth "
+             f"{result.copy_bandwidth_gbs:.0f} GB/s; weights read per token "
              f"{result.weight_bytes_per_token / 1e9:.2f} GB; floor {result.floor_ms_per_token:.2f} ms/token "
              f"({result.floor_tokens_per_s:.0f} tokens/s)",
              result.plan,

@@ -88,6 +88,20 @@ def to_packed_layout(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
     return weight, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
 
 
+@torch.library.custom_op("mistral_chat::int4_packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """x ([..., K]) times a weight in torch's packed CPU layout (`to_packed_layout`) transposed. A custom op, so
+    that torch.compile calls torch's kernel as it is (inductor's own lowering of it fails on torch 2.13)."""
+    k, n = x.shape[-1], scales_and_zeros.shape[1]
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), weight, group, scales_and_zeros)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear layer with a group-wise int4 weight. `layout`: "groups" (the packed codes with scales
     and lows: the Triton kernel for one row where `kernel`, else dequantize) or "packed" (torch's CPU layout)."""
@@ -110,9 +124,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "packed":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(),
-                                                             self.weight, self.group, self.scales_and_zeros)
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return packed_linear(x, self.weight, self.scales_and_zeros, self.group)
         if self._kernel_takes(x):
             return int4_gemv.int4_linear(x, self.weight, self.scale, self.low)
         return F.linear(x, dequantize(self.weight, self.scale, self.low, x.dtype))
