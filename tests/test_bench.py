@@ -24,10 +24,14 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r.get("warmup_s", 0) >= 0 for r in result["rows"])
     assert "floor_pct" in result["rows"][1]  # batch 1 decode is compared with the floor
     # the kernel plan it ran (on the CPU: plain PyTorch), in the JSON and on the table's third line
+    import torch
+
     from mistral_chat.engine.int4 import packed_matmul_available
 
-    int4 = "packed" if packed_matmul_available() else "torch"  # bf16 on the CPU: torch's packed int4 matmul
-    plain = (f"kernel plan: fused=False attention=torch gemv=torch int8=torch int4={int4} moe=torch "
+    # bf16 on the CPU: torch's int8 and packed int4 matmuls
+    int4 = "packed" if packed_matmul_available() else "torch"
+    int8 = "packed" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "torch"
+    plain = (f"kernel plan: fused=False attention=torch gemv=torch int8={int8} int4={int4} moe=torch "
              "norms_in_products=False all_reduce=none compile_decode=False decode_graphs=False")
     assert result["plan"] == plain
     lines = proc.stdout.splitlines()

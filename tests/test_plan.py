@@ -35,9 +35,10 @@ def test_on_the_cpu_the_kernels_run_only_in_tritons_interpreter(triton_here, mon
     for world in (1, 2):
         for dtype in (torch.float32, torch.bfloat16):
             got = choose_plan(CPU, dtype, world, compile=True)  # never compiled on the CPU
-            # int4 with bf16: torch's packed int4 matmul where this torch has it
+            # int8 and int4 with bf16: torch's CPU int8 / packed int4 matmuls where this torch has them
             int4 = "packed" if dtype == torch.bfloat16 and packed_matmul_available() else "torch"
-            assert got == KernelPlan(all_reduce="c10d" if world > 1 else "none", int4=int4), (world, dtype, got)
+            int8 = "packed" if dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int8pack_mm") else "torch"
+            assert got == KernelPlan(all_reduce="c10d" if world > 1 else "none", int8=int8, int4=int4), (world, got)
     monkeypatch.setattr(plan_module, "INTERPRETED", True)  # TRITON_INTERPRET=1, as the kernel tests run
     kernels = dict(fused=True, attention="triton", int8="triton", int4="triton")
     assert choose_plan(CPU, torch.float32) == KernelPlan(**kernels)
@@ -149,6 +150,8 @@ def test_int4_packed_runs_only_on_the_cpu_with_torchs_packed_matmul(monkeypatch)
     with pytest.raises(ValueError, match="plan int4=packed runs on the CPU only, with torch's packed int4 matmul"):
         PLAIN.with_overrides({"int4": "packed"}, CPU)
     assert choose_plan(CPU, torch.bfloat16).int4 == "torch"
+    with pytest.raises(ValueError, match="plan int8=packed runs on the CPU only"):
+        PLAIN.with_overrides({"int8": "packed"}, CUDA)
 
 
 def test_describe_names_every_field():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.quant import Int8Linear, quantize_rows
@@ -55,3 +56,22 @@ def test_int8_projections_follow_the_plan():
         experts = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
         assert all(m.w13.dtype == torch.int8 and m.row_kernel == (plan.moe == "triton") for m in experts)
         assert not any(use_experts_kernel(torch.zeros(1, 1, 32), m.w13, m.row_kernel) for m in experts)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="no CPU int8 matmul in this torch")
+def test_the_cpu_int8_matmul_equals_dequantize_and_is_kept_to_the_sizes_it_handles():
+    """The plan's int8=packed (the CPU with bf16): torch's int8 weight matmul, the same products up to bf16
+    rounding; an input size it mishandles (not a multiple of 16) takes the plain product."""
+    from mistral_chat.engine.config import ModelConfig
+
+    config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=100, n_heads=4, n_kv_heads=2, vocab_size=100)
+    packed = random_model(config, dtype=torch.bfloat16, quantize="int8", int8="packed")
+    plain = random_model(config, dtype=torch.bfloat16, quantize="int8", int8="torch")
+    ffn = packed.layers[0].feed_forward
+    assert ffn.w13.packed and not ffn.w2.packed  # w2's input size is 100
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for a, b in ((ffn.w13, plain.layers[0].feed_forward.w13), (packed.output, plain.output)):
+        want = F.linear(x.float(), b.weight.float()) * b.scale.float()
+        torch.testing.assert_close(a(x).float(), want, rtol=0.02, atol=0.02)
+    h = torch.randn(2, 100).bfloat16()
+    torch.testing.assert_close(ffn.w2(h), plain.layers[0].feed_forward.w2(h))

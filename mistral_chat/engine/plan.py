@@ -32,7 +32,7 @@ KERNELS_ENV = "MISTRAL_CHAT_KERNELS"
 _CHOICES = {
     "attention": ("triton", "torch"),
     "gemv": ("triton", "torch"),
-    "int8": ("triton", "torch"),
+    "int8": ("triton", "packed", "torch"),
     "int4": ("triton", "packed", "torch"),
     "moe": ("triton", "torch"),
     "all_reduce": ("none", "lamport", "symmetric", "c10d"),
@@ -46,7 +46,9 @@ class KernelPlan:
     fused: bool = False  # Triton RMSNorm, RoPE and SwiGLU on eager paths; RoPE + cache write in one kernel
     attention: str = "torch"  # decode attention: "triton" (one kernel over the cache) or "torch" (grouped matmuls)
     gemv: str = "torch"  # single-row float products: "triton" (the GEMV kernel) or "torch" (F.linear / inductor)
-    int8: str = "torch"  # single-row int8 products: "triton" or "torch" (dequantize, then multiply)
+    # int8 products: "triton" (one row: the int8 GEMV kernel), "packed" (the CPU with bf16: torch's int8 weight
+    # matmul, for every row count) or "torch" (dequantize, then multiply)
+    int8: str = "torch"
     # int4 products: "triton" (one row: the int4 GEMV kernel; more: dequantize, then multiply), "packed" (the CPU:
     # torch's packed int4 matmul, for every row count) or "torch" (dequantize, then multiply)
     int4: str = "torch"
@@ -88,6 +90,9 @@ class KernelPlan:
             values["norms_in_products"] = False  # it needs the GEMV kernel: follow the asked product
         plan = dataclasses.replace(self, **values)
         kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.int4, plan.moe)
+        if plan.int8 == "packed" and (device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
+            raise ValueError(f"plan int8=packed runs on the CPU only, with torch's int8 weight matmul, not on {device} "
+                             f"with torch {torch.__version__}")
         if plan.int4 == "packed" and (device.type != "cpu" or not packed_matmul_available()):
             raise ValueError(f"plan int4=packed runs on the CPU only, with torch's packed int4 matmul (torch >= "
                              f"2.6), not on {device} with torch {torch.__version__}")
@@ -124,13 +129,23 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
         fused=kernels,
         attention="triton" if kernels else "torch",
         gemv=rows,
-        int8="triton" if kernels else "torch",
+        int8=_int8_choice(device, dtype, kernels),
         int4=_int4_choice(device, dtype, kernels),
         moe=rows,
         norms_in_products=rows == "triton" and quantize is None,
         all_reduce=all_reduce,
         compile_decode=compile and cuda,
     )
+
+
+def _int8_choice(device: torch.device, dtype: torch.dtype, kernels: bool) -> str:
+    """The int8 kernel where Triton runs; on the CPU with bf16, torch's int8 weight matmul where this torch has it
+    (Mistral-7B's w13 on a 2-core Xeon: 26 GB/s against 1.7 dequantizing first)."""
+    if kernels:
+        return "triton"
+    if device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "packed"
+    return "torch"
 
 
 def _int4_choice(device: torch.device, dtype: torch.dtype, kernels: bool) -> str:
