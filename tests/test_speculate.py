@@ -24,7 +24,7 @@ from mistral_chat.engine.speculate import AcceptanceGate, PromptLookup, accept_d
 from tiny_models import write_tiny_model
 
 CONTEXT = 256
-CHUNK = 32  # with the tiny Mistral's window of 16 the cache holds 47 slots: a 24-token prompt and a 60-token answer wrap it
+CHUNK = 32  # the tiny Mistral's window is 16: the cache holds 47 slots, which a 24 + 60-token conversation wraps
 ANSWER = 60
 
 
@@ -328,3 +328,20 @@ def test_acceptance_gate_pauses_and_backs_off():
     assert gate.open
     gate.record(8, 1)  # window now holds 1 of 8
     assert not gate.open and gate.paused_for == 8  # the pause doubled
+
+
+def test_a_session_that_gets_a_new_cache_gets_a_new_verify_step(models, monkeypatch):
+    """Another session on the same model took the cache: this one's next answer allocates a new one, and its verify
+    step (whose CUDA graphs hold the old cache's addresses) is made again."""
+    loaded = models["nemo"]
+    prompt = prompt_of()
+    params = SamplingParams(max_tokens=12, speculate=4)
+    plain, _ = run(loaded, prompt, SamplingParams(max_tokens=12))
+    use_oracle(monkeypatch, plain.generated_ids)
+    first, _ = run(loaded, prompt, params)
+    first_verify = first._verify
+    other, _ = run(loaded, prompt, params)
+    assert other._verify is not first_verify
+    "".join(first.generate(prompt, params))
+    assert first._verify is not first_verify and first._verify.slots is loaded.model.slots
+    assert first.generated_ids == plain.generated_ids

@@ -6,11 +6,14 @@
 (b) A model-free acceptance check: random weights accept no real draft, so the greedy continuation is decoded
     plainly first, then the product's speculative loop (speculate.Speculator: drafts, verify, acceptance, cache
     rewind, self-switch-off, run-ahead plain steps) runs with a drafter that proposes that continuation with the
-    draft at index round(a * N) of every verify corrupted: acceptance a = 0, 25, 50, 75, 100%. Tokens/s against
+    draft at index a * N (rounded) of every verify corrupted: acceptance a = 0, 25, 50, 75, 100%. Tokens/s against
     plain decoding (the same loop with no drafts: run-ahead compiled steps, as Session without --speculate), and
     whether the tokens equal the plain ones (bf16 verify products may round differently from decode's; a
     difference is reported, not hidden). At 0% the gate pauses drafting after 32 rejected draft tokens: that is
     the product's loss when nothing matches.
+
+First, a check: on the tiny shape in float32, with a cache that wraps, greedy tokens with speculation (forced
+drafts, N = 1, 4, 8, 15) equal plain decoding's; the script exits 1 at the end if not.
 
     python3 benchmarks/gpu/speculate.py                       # mistral-7b, bf16, one GPU (about 90 s on an H100)
     python3 benchmarks/gpu/speculate.py --no-compile          # graphed decode only (no 40-50 s compile)
@@ -91,7 +94,7 @@ class ForcedDrafts:
     def draft(self, n: int) -> list[int]:
         done = self.length - self.start
         out = list(self.truth[done:done + n])
-        wrong_at = round(self.acceptance * n)
+        wrong_at = int(self.acceptance * n + 0.5)
         if wrong_at < len(out):
             out[wrong_at] = (out[wrong_at] + 1) % self.vocab
         return out
@@ -104,7 +107,8 @@ def answer(model, decode, verify, prompt: torch.Tensor, count: int, n: int, draf
     model.slots.reset()
     tokens: list[int] = []
     with torch.no_grad():
-        logits = model(prompt, 0)[:, -1]
+        for start in range(0, prompt.shape[1], model.slots.max_chunk):
+            logits = model(prompt[:, start:start + model.slots.max_chunk], start)[:, -1]
     tokens.extend(prompt[0].tolist())
     stats = GenerationStats()
     spec = Speculator(model, decode, verify, tokens, SamplingParams(), None, n, drafter, context,
@@ -118,6 +122,31 @@ def answer(model, decode, verify, prompt: torch.Tensor, count: int, n: int, draf
     return out, time.perf_counter() - started, stats
 
 
+def check_tiny(device: torch.device) -> bool:
+    """Greedy tokens with speculation equal plain decoding's on the device, in float32, on the tiny shape with a
+    cache that wraps (window 64, chunk 32: 95 slots; 100-token prompt, 200-token answer), graphed decode and verify
+    steps where the device has CUDA graphs: a check of the verify graphs, the rewinds and the rotating cache."""
+    config = SHAPES["tiny"]
+    plan = dataclasses.replace(choose_plan(device, torch.float32, 1, None), decode_graphs=device.type == "cuda")
+    model = random_model(config, device, torch.float32, None, plan)
+    model.setup_cache(512, prefill_chunk=32)
+    prompt = torch.randint(0, config.vocab_size, (1, 100), device=device,
+                           generator=torch.Generator(device=device).manual_seed(2))
+    decode, verify, cuda = DecodeStep(model, compile=False), VerifyStep(model), device.type == "cuda"
+    truth, _, _ = answer(model, decode, verify, prompt, 200, 0, NoDrafts(), 512, cuda)
+    ok = True
+    for n in (1, 4, 8, 15):
+        for acceptance in (0.5, 1.0):
+            drafter = ForcedDrafts(100, truth, acceptance, config.vocab_size)
+            out, _, stats = answer(model, decode, verify, prompt, 200, n, drafter, 512, cuda)
+            same = out == truth
+            ok &= same and stats.accepted_tokens > 0
+            print(f"check tiny float32, cache wrapping: N={n} forced {acceptance:.0%}: accepted "
+                  f"{stats.accepted_tokens}/{stats.drafted_tokens}, tokens {'equal' if same else 'DIFFER'}",
+                  flush=True)
+    return ok
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="mistral-7b", choices=sorted(SHAPES))
@@ -128,8 +157,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per answer in (b)")
     p.add_argument("--reps", type=int, default=50, help="calls per timing in (a)")
     p.add_argument("--no-compile", action="store_true", help="no compiled decode step (graphed steps only)")
+    p.add_argument("--skip-check", action="store_true", help="skip the tiny float32 equality check")
     a = p.parse_args()
     device = torch.device(a.device)
+    checked = a.skip_check or check_tiny(device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     compiled = not a.no_compile
@@ -192,6 +223,9 @@ def main() -> None:
         print(f"{n:>3}{acceptance:>8.0%}{stats.acceptance:>10.0%}{stats.drafted_tokens:>9}{rate:>10.1f}"
               f"{rate / plain_rate:>9.2f}x  {'yes' if same is None else f'no, from token {same}'}")
     print(f"total {time.perf_counter() - started:.1f} s")
+    if not checked:
+        print("FAILED: speculative tokens differ from plain decoding's in the tiny float32 check (above)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

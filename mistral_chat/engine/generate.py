@@ -245,7 +245,7 @@ class Session:
                 log.info("speculative decoding is off: %s", off)
             return None
         assert self.model.slots is not None
-        if self._verify is None:
+        if self._verify is None or self._verify.slots is not self.model.slots:
             self._verify = VerifyStep(self.model)
         n = min(params.speculate, self.model.slots.max_chunk - 1)
         return Speculator(self.model, self.decode, self._verify, self.tokens, params, generator, n,

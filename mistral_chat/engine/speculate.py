@@ -57,6 +57,9 @@ class Drafter(Protocol):
 
     def append(self, token: int) -> None: ...
 
+    def match(self) -> int | None:
+        """None where `draft` would propose nothing now."""
+
     def draft(self, n: int) -> list[int]: ...
 
 
@@ -170,6 +173,7 @@ class VerifyStep:
 
     def __init__(self, model: Transformer, graphs: bool | None = None) -> None:
         self.model = model
+        self.slots = model.slots  # graphs hold the addresses of this cache: a new cache needs a new VerifyStep
         if graphs is None:
             graphs = verify_graphs(model)
         position = torch.zeros(1, dtype=torch.long, device=model.device)
@@ -292,8 +296,9 @@ class Speculator:
         return self.reader.value()
 
     def _expect_draft(self) -> bool:
-        match = getattr(self.drafter, "match", None)
-        return self.gate.open and (match() is not None if match is not None else True)
+        """Whether the next step will likely draft: the gate is open and the text so far has a match (the token
+        being read may change that; a wrong guess costs one step's run-ahead, or one plain step's draft)."""
+        return self.gate.open and self.drafter.match() is not None
 
     def _verify(self, token: int, drafts: list[int], position: int) -> int:
         ids = torch.tensor([[token, *drafts]], device=self.device)
