@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from mistral_chat.api import Model, Reply
+from mistral_chat.cli.load_progress import LoadBar
 from mistral_chat.cli.terminal import TerminalText, terminal_safe
 from mistral_chat.chat.templates import ChatMessage
 from mistral_chat.chat.tools import Tool, ToolCall, load_tools, tool_format
@@ -156,7 +157,8 @@ def run_one_shot(opts: OneShotOptions) -> None:
         from mistral_chat.cli.models import pull_on_demand
 
         opts = dataclasses.replace(opts, model=pull_on_demand(opts.model, interactive=False, pull=opts.pull))
-    model = Model.from_options(opts.model, opts.load)
+    with LoadBar(f"loading {Path(str(opts.model)).name if opts.model else 'the model'}") as bar:
+        model = Model.from_options(opts.model, opts.load, progress=bar)
     if model is None:  # a torchrun follower, once rank 0 is done
         return
     with model:
