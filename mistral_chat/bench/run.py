@@ -89,7 +89,7 @@ def weight_bytes_per_token(model: torch.nn.Module, config: ModelConfig) -> int:
             continue
         nbytes = t.numel() * t.element_size()
         if config.is_moe and (name.endswith("feed_forward.w13") or name.endswith("feed_forward.w2")
-                              or name.endswith("_scale")):
+                              or name.endswith("_scale") or name.endswith("_low")):  # int8 / int4 experts
             nbytes = nbytes * config.num_experts_per_tok // config.num_experts
         total += nbytes
     return total
