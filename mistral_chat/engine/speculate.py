@@ -75,10 +75,12 @@ class PromptLookup:
     def __init__(self, tokens: Sequence[int] = (), max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
-        self.history: list[int] = []
+        self.history: list[int] = list(tokens)
         self._latest_end: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token (not the final one)
-        for token in tokens:
-            self.append(token)
+        h = self.history
+        for n in range(min_ngram, max_ngram + 1):  # in bulk (a long prompt is indexed while its prefill runs)
+            grams = zip(*(h[i:len(h) - 1] for i in range(n)))  # those ending at n - 1 .. len(h) - 2
+            self._latest_end.update(zip(grams, range(n - 1, len(h) - 1)))  # later ones overwrite: the latest
 
     def append(self, token: int) -> None:
         end = len(self.history) - 1  # the n-grams ending at the old last token now have a continuation
