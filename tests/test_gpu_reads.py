@@ -63,7 +63,7 @@ def test_a_bad_header_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from tests.tiny_models import write_tiny_model
+    from tiny_models import write_tiny_model
 
     root = tmp_path_factory.mktemp("gpu-reads")
     return {kind: write_tiny_model(root / kind, kind, shard_hf=True) for kind in ("mistral", "mixtral")}
