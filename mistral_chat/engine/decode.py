@@ -62,8 +62,13 @@ class GraphedStep:
         self._position = position
         self._graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
         self._pool = None
+        self._slots = model.slots  # the cache the graphs were captured with
 
     def __call__(self, tokens: torch.Tensor, position: int, key_len: int) -> torch.Tensor:
+        if self._slots is not self.model.slots:  # a new cache (setup_cache): the graphs read the old one
+            self._graphs.clear()
+            self._pool = None
+            self._slots = self.model.slots
         self._position.fill_(position)
         entry = self._graphs.get((*tokens.shape, key_len))
         if entry is None:
@@ -78,13 +83,14 @@ class GraphedStep:
         static_tokens = tokens.clone()
         side = torch.cuda.Stream(device=tokens.device)
         side.wait_stream(torch.cuda.current_stream(tokens.device))
+        every = tokens.shape[1] > 1  # a verify step: the logits of every position
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(static_tokens, self._position, key_len=key_len)
+                self.model(static_tokens, self._position, key_len=key_len, all_logits=every)
         torch.cuda.current_stream(tokens.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model(static_tokens, self._position, key_len=key_len)
+            out = self.model(static_tokens, self._position, key_len=key_len, all_logits=every)
         self._pool = graph.pool()
         entry = (static_tokens, out, graph)
         self._graphs[(*tokens.shape, key_len)] = entry

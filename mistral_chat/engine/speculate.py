@@ -159,16 +159,6 @@ def speculation_off(model: Transformer, params: SamplingParams) -> str | None:
     return None
 
 
-class _AllPositions:
-    """The model asked for every position's logits (GraphedStep calls `model(tokens, position, key_len=...)`)."""
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-
-    def __call__(self, tokens: torch.Tensor, position: torch.Tensor | int, **kwargs: object) -> torch.Tensor:
-        return self.model(tokens, position, **{**kwargs, "all_logits": True})
-
-
 class VerifyStep:
     """Logits ([T, vocab], float32) of every position of tokens ([1, T]) placed at `position`: on one GPU the eager
     pass captured in CUDA graphs (one per T and cache bucket, `decode.GraphedStep`), else eager."""
@@ -179,7 +169,7 @@ class VerifyStep:
         if graphs is None:
             graphs = verify_graphs(model)
         position = torch.zeros(1, dtype=torch.long, device=model.device)
-        self._graphed = GraphedStep(_AllPositions(model), position) if graphs else None  # type: ignore[arg-type]
+        self._graphed = GraphedStep(model, position) if graphs else None
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
