@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: bf16 bf16-graphs bf16-graphs-gemv bf16-graphs-fused int8-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
+# Steps: speculate bf16 bf16-graphs bf16-graphs-gemv bf16-graphs-fused int8-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
 # (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 mixtral-16-vs-hf prefill
 # prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
@@ -75,6 +75,7 @@ for step in "${steps[@]}"; do
         bf16-graphs-gemv) log bf16-graphs-gemv 150 "${bench[@]}" --no-compile --plan decode_graphs=1,gemv=triton ;;
         bf16-graphs-fused) log bf16-graphs-fused 150 "${bench[@]}" --no-compile \
             --plan decode_graphs=1,gemv=triton,norms_in_products=1 ;;
+        speculate) log speculate 200 python3 benchmarks/gpu/speculate.py ;;
         int8-graphs) log int8-graphs 150 "${bench[@]}" --quantize int8 --no-compile --plan decode_graphs=1 ;;
         check) for kind in mistral mixtral nemo; do log check-$kind 200 python3 benchmarks/gpu/check.py $kind; done ;;
         check-mistral|check-mixtral|check-nemo) log $step 200 python3 benchmarks/gpu/check.py ${step#check-} ;;
