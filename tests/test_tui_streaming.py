@@ -15,7 +15,8 @@ from tui_helpers import FastSession, SlowSession, isolated_home, make_app, wait_
 
 from mistral_chat.service.worker import TokenDelta
 from mistral_chat.tui.engine_messages import EngineMessage
-from mistral_chat.tui.streaming import FLUSH_SECONDS, Streaming, TokenBuffer, Tokens
+from mistral_chat.tui.streaming import (FLUSH_SECONDS, SLOWEST_FLUSH_SECONDS, UI_SHARE, FlushPace, Streaming,
+                                       TokenBuffer, Tokens)
 from mistral_chat.tui.widgets.message_view import MessageView
 
 
@@ -118,3 +119,23 @@ def test_streaming_live_figures() -> None:
     first, rate = streaming.live_figures(now=11.5)
     assert first == pytest.approx(0.5) and rate == pytest.approx(10 / 1.0)
     assert streaming.text == "abcd" and streaming.tokens == 11
+
+
+def test_flush_pace_slows_down_when_updates_cost_the_ui_thread_much_and_speeds_up_when_cheap() -> None:
+    pace = FlushPace()
+    now, cpu = 100.0, 0.0
+    assert pace.due(now, cpu)  # the first tokens show at once
+    assert not pace.due(now + FLUSH_SECONDS / 4, cpu)
+    for _ in range(20):  # every update costs the UI thread half of the time between them
+        step = pace.interval
+        now, cpu = now + step, cpu + step / 2
+        assert pace.due(now, cpu)
+    assert pace.interval == SLOWEST_FLUSH_SECONDS
+    for _ in range(40):  # cheap again: back to ~30 a second
+        step = pace.interval
+        now, cpu = now + step, cpu + step * UI_SHARE / 4
+        assert pace.due(now, cpu)
+    assert pace.interval == FLUSH_SECONDS
+    slow = pace.interval
+    now += 60  # a pause between answers measures nothing
+    assert pace.due(now, cpu + 30) and pace.interval == slow

@@ -32,7 +32,7 @@ from mistral_chat.paths import database_path
 from mistral_chat.service.worker import (EngineWorker, LoadRequest, Loader, SessionFactory, TokenDelta, default_loader,
                                         default_session)
 from mistral_chat.tui.engine_messages import EngineMessage
-from mistral_chat.tui.streaming import TokenBuffer
+from mistral_chat.tui.streaming import FlushPace, TokenBuffer
 from mistral_chat.tui.model_choices import remember_model, start_model
 from mistral_chat.tui.screens.chat import ChatScreen
 from mistral_chat.tui.screens.help import HelpScreen
@@ -78,6 +78,7 @@ class MistralChatApp(App[None]):
         self.options = options or AppOptions()
         self.store = store or ChatStore(database_path())
         self.tokens = TokenBuffer()  # the engine's TokenDeltas, taken by the chat screen's timer
+        self.flush_pace = FlushPace()  # how often that timer shows them
         self._loader = loader
         self.engine = EngineWorker(self._post_engine_event, loader=self._load_in_engine_thread,
                                    session_factory=session_factory)

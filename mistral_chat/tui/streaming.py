@@ -5,6 +5,12 @@ made the TUI show answers 2-5x slower than the engine made them. So TokenDeltas 
 emit callback adds them to a `TokenBuffer` (a lock and a dict), and the chat screen's flush timer takes what
 gathered, appends it to the answer's view in one go and updates the live count in the status bar. Every other
 engine event takes the buffer first, so a GenerationDone never overtakes the tokens before it.
+
+An update costs more than the append: Textual lays out and repaints the chat log (tens of milliseconds of Python
+for a long answer on a slow CPU), and the UI and the engine share the GIL, so a UI thread busy half the time made
+the engine run at ~40-60% of its one-shot speed. `FlushPace` keeps the UI thread's share of a CPU while an answer
+streams near UI_SHARE: updates come up to ~30 a second while they are cheap, and as seldom as every
+SLOWEST_FLUSH_SECONDS when each one costs more.
 """
 
 from __future__ import annotations
@@ -20,6 +26,35 @@ if TYPE_CHECKING:
     from mistral_chat.tui.widgets.message_view import MessageView
 
 FLUSH_SECONDS = 1 / 30  # at most ~30 screen updates a second while an answer streams
+SLOWEST_FLUSH_SECONDS = 0.5  # at least 2 a second, however much one costs
+FIRST_FLUSH_SECONDS = 0.1  # where the pace starts (the first tokens are shown at once all the same)
+UI_SHARE = 0.1  # the UI thread's CPU time per second of streaming that the pace aims at
+
+
+class FlushPace:
+    """When the next screen update is due: the interval grows while the UI thread's CPU time (time.thread_time, the
+    updates' layout and paint included) over the last interval exceeds UI_SHARE of it, and shrinks back when it
+    does not. Ask `due()` from the UI thread on every timer tick. One pace serves the app's answers one after the
+    other: a new answer (after a pause) starts at the interval the last one ended with."""
+
+    def __init__(self) -> None:
+        self.interval = FIRST_FLUSH_SECONDS
+        self._cpu = 0.0
+        self._wall: float | None = None
+        self._next = 0.0
+
+    def due(self, now: float | None = None, cpu: float | None = None) -> bool:
+        wall = time.monotonic() if now is None else now
+        if wall < self._next:
+            return False
+        cpu = time.thread_time() if cpu is None else cpu
+        if self._wall is not None and self._wall < wall < self._wall + 2 * SLOWEST_FLUSH_SECONDS:
+            share = (cpu - self._cpu) / (wall - self._wall)
+            factor = min(max(share / UI_SHARE, 0.8), 8.0)  # up fast, down slowly
+            self.interval = min(max(self.interval * factor, FLUSH_SECONDS), SLOWEST_FLUSH_SECONDS)
+        self._cpu, self._wall = cpu, wall
+        self._next = wall + self.interval - FLUSH_SECONDS / 2  # the timer ticks every FLUSH_SECONDS
+        return True
 
 
 @dataclass

@@ -39,10 +39,11 @@ class AnswersPart(_Base):
             streaming.receive(tokens)
 
     async def flush_stream(self) -> None:
-        """The timer's tick while an answer streams: show what arrived, count it, save now and then."""
+        """The timer's tick while an answer streams: take the tokens; when the pace says so, show what arrived,
+        count it, save now and then."""
         self.take_tokens()
         streaming = self.streaming
-        if streaming is None:
+        if streaming is None or not self.chat_app.flush_pace.due():
             return
         if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
             fragment, streaming.pending = streaming.pending, ""
