@@ -162,7 +162,7 @@ def run_one_shot(opts: OneShotOptions) -> None:
     if model is None:  # a torchrun follower, once rank 0 is done
         return
     with model:
-        announce_compile(model.options)
+        announce_compile(bool(model.loaded is not None and model.loaded.compile))
         if opts.verbose:
             loaded = model.loaded
             assert loaded is not None
@@ -226,11 +226,11 @@ def answer_json(model: str, text: str, calls: list[ToolCall] | None, stats: Gene
     }
 
 
-def announce_compile(options: LoadOptions) -> None:
-    """Say that decode compiles (`options` as `prepare_compile` left them), since the first run on a machine
-    takes minutes."""
-    if options.compile:
-        print("mistral-chat: compiling the model for this GPU (a few minutes the first time, cached afterwards; "
+def announce_compile(compiles: bool) -> None:
+    """Say that decode compiles (under --tp, where the plan compiles it), since the first run on a machine takes
+    minutes."""
+    if compiles:
+        print("mistral-chat: compiling the model for these GPUs (a few minutes the first time, cached afterwards; "
               "--no-compile skips it)", file=sys.stderr)
 
 

@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu/speed_runs.sh [STEP ...]     # default: every step (more than one 10-minute device call)
 #
-# Steps: speculate bf16 bf16-graphs bf16-graphs-gemv bf16-graphs-fused int8-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
+# Steps: speculate bf16 bf16-compiled bf16-graphs bf16-graphs-gemv bf16-graphs-fused int8-graphs graphs graphs-int8 graphs-mixtral load-speed bf16-grouped bf16-gemv int8 int8-inductor int8-gemv attention pdl profile profile-int8 startup check
 # (or check-mistral, check-mixtral, check-nemo: one model each) vs-hf mixtral-16 mixtral-16-vs-hf prefill
 # prefill-2048.
 # Logs go under $OUT (the device tool's folder) or /tmp/mistral-chat-gpu. Each step has its own time limit, so one
@@ -71,6 +71,8 @@ for step in "${steps[@]}"; do
         graphs-int8) log graphs-int8 150 python3 benchmarks/gpu/graphs_check.py --steps 64 --quantize int8 ;;
         graphs-mixtral) log graphs-mixtral 150 python3 benchmarks/gpu/graphs_check.py --steps 32 --shape mixtral-8x7b \
             --layers 16 ;;
+        bf16-compiled) log bf16-compiled 200 "${bench[@]}" \
+            --plan compile_decode=1,decode_graphs=0,gemv=torch,moe=torch,norms_in_products=0 ;;
         bf16-graphs) log bf16-graphs 150 "${bench[@]}" --no-compile --plan decode_graphs=1 ;;
         bf16-graphs-gemv) log bf16-graphs-gemv 150 "${bench[@]}" --no-compile --plan decode_graphs=1,gemv=triton ;;
         bf16-graphs-fused) log bf16-graphs-fused 150 "${bench[@]}" --no-compile \

@@ -99,7 +99,9 @@ def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, pr
                batches: list[int], compile: bool, prefill_lengths: list[int]) -> list[dict]:
     rows = []
     vocab = config.vocab_size
-    label = "mistral-chat" + (" compiled" if compile else " eager")
+    compile = model.plan.compile_decode  # the plan decides (one GPU: graphs; --plan compile_decode=1 compares)
+    label = "mistral-chat " + ("compiled" if compile else "graphs" if model.plan.decode_graphs and
+                               device.type == "cuda" else "eager")
     max_len = max(prefill_lengths, default=0)
     model.setup_cache(max_len + 8, batch=1, prefill_chunk=max_len)
     for length in prefill_lengths:
