@@ -3,7 +3,7 @@
 # with its own time limit; logs under $OUT (or /tmp/mistral-chat-gpu):
 #   graphed decode against the same eager step (greedy tokens, logits), the product's decode (one GPU: graphs),
 #   the compiled decode it replaced (same run: the baseline), launch -> first byte / full speed (bench --startup),
-#   the loader against safetensors and pinned reads, int4 decode, speculation's verify step.
+#   the loader against safetensors and pinned reads, int4 decode, batch mode and the server, speculation.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
@@ -23,4 +23,6 @@ step startup 130 python3 -m mistral_chat.bench --startup --shape mistral-7b --st
     --tp-checkpoint /dev/shm/mistral-chat-m7 --json-file "$out/startup.json"
 step load-speed 70 python3 benchmarks/gpu/load_speed.py /dev/shm/mistral-chat-m7 --threads 4,16
 step int4 60 "${bench[@]}" --quantize int4
+step batch-mode 100 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --requests 128 \
+    --steps 128 --tp-checkpoint /dev/shm/mistral-chat-m7 --json-file "$out/batch_mode.json"
 step speculate 90 python3 benchmarks/gpu/speculate.py --no-compile
