@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+#     bash benchmarks/gpu/instant_start.sh [STEP ...]
 # One device call for the instant-start figures (issue 27) and what rides along, most important first, each step
 # with its own time limit; logs under $OUT (or /tmp/mistral-chat-gpu):
 #   graphed decode against the same eager step (greedy tokens, logits), the product's decode (one GPU: graphs),
@@ -8,9 +9,11 @@ set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+only=" $* "  # step names to run (default: all)
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    [ "$only" != "  " ] && [[ "$only" != *" $name "* ]] && return
     echo "== $name (limit ${limit} s)"
     timeout "$limit" "$@" 2>&1 | grep -v '^[WI][0-9]\{4\} ' | tee "$out/$name.txt" | tail -20
 }
