@@ -49,7 +49,9 @@ def main() -> None:
     if a.layers:
         config = config.with_(n_layers=a.layers)
     device = torch.device("cuda")
-    plan = dataclasses.replace(choose_plan(device, torch.bfloat16, 1, a.quantize), decode_graphs=True)
+    # the candidate plan for one GPU: the --tp kernels (GEMV, experts, norms inside the products), graphed eagerly
+    plan = dataclasses.replace(choose_plan(device, torch.bfloat16, 1, a.quantize), decode_graphs=True,
+                               gemv="triton", moe="triton", norms_in_products=a.quantize is None)
     model = random_model(config, device, torch.bfloat16, a.quantize, plan)
     model.setup_cache(a.prompt + a.steps + 8)
     prompt = torch.randint(0, config.vocab_size, (1, a.prompt), device=device,

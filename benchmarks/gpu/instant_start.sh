@@ -2,8 +2,9 @@
 #     bash benchmarks/gpu/instant_start.sh [STEP ...]
 # One device call for the instant-start figures (issue 27) and what rides along, most important first, each step
 # with its own time limit; logs under $OUT (or /tmp/mistral-chat-gpu):
-#   graphed decode against the same eager step (greedy tokens, logits), the product's decode (one GPU: graphs),
-#   the compiled decode it replaced (same run: the baseline), launch -> first byte / full speed (bench --startup),
+#   graphed decode against the same eager step (greedy tokens, logits), the candidate for one GPU (the eager step
+#   with the --tp kernels, captured in CUDA graphs: no compile before the first answer) against today's compiled
+#   decode (same run), launch -> first byte / full speed (bench --startup),
 #   the loader against safetensors and pinned reads, int4 decode, batch mode and the server, speculation.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
@@ -20,8 +21,8 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi -L
 bench=(python3 -m mistral_chat.bench.run --shape mistral-7b --prefill "" --batch 1 --steps 64)
 step graphs 80 python3 benchmarks/gpu/graphs_check.py --steps 32
-step bf16 80 "${bench[@]}"
-step bf16-compiled 120 "${bench[@]}" --plan compile_decode=1,decode_graphs=0,gemv=torch,moe=torch,norms_in_products=0
+step bf16-graphs 80 "${bench[@]}" --plan compile_decode=0,decode_graphs=1,gemv=triton,moe=triton,norms_in_products=1
+step bf16 120 "${bench[@]}"
 step startup 130 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 \
     --tp-checkpoint /dev/shm/mistral-chat-m7 --json-file "$out/startup.json"
 step load-speed 70 python3 benchmarks/gpu/load_speed.py /dev/shm/mistral-chat-m7 --threads 4,16

@@ -88,7 +88,11 @@ class GpuReader:
 
     def _buffer(self, turn: int) -> torch.Tensor:
         while len(self._buffers) <= turn:
-            self._buffers.append(torch.empty(self.piece, dtype=torch.uint8, pin_memory=self._cuda))
+            try:
+                buffer = torch.empty(self.piece, dtype=torch.uint8, pin_memory=self._cuda)
+            except RuntimeError:  # no page-locked memory to be had: pageable, slower but the same bytes
+                buffer = torch.empty(self.piece, dtype=torch.uint8)
+            self._buffers.append(buffer)
         return self._buffers[turn]
 
     def _fd(self, path: Path) -> int:
