@@ -96,10 +96,12 @@ def weight_bytes_per_token(model: torch.nn.Module, config: ModelConfig) -> int:
 
 
 def bench_ours(model: Transformer, config: ModelConfig, device: torch.device, prompt: int, steps: int,
-               batches: list[int], compile: bool, prefill_lengths: list[int]) -> list[dict]:
+               batches: list[int], compile: bool | None, prefill_lengths: list[int]) -> list[dict]:
+    """`compile` None: decode as the model's plan says (bench's --plan compile_decode=0,decode_graphs=1 compares)."""
     rows = []
     vocab = config.vocab_size
-    compile = model.plan.compile_decode  # the plan decides (one GPU: graphs; --plan compile_decode=1 compares)
+    if compile is None:
+        compile = model.plan.compile_decode
     label = "mistral-chat " + ("compiled" if compile else "graphs" if model.plan.decode_graphs and
                                device.type == "cuda" else "eager")
     max_len = max(prefill_lengths, default=0)
@@ -233,7 +235,7 @@ def run_bench(shape: str, device: str = "auto", dtype: str = "bfloat16", layers:
     result.weight_bytes_per_token = weight_bytes_per_token(model, config)
     result.floor_ms_per_token = result.weight_bytes_per_token / (result.copy_bandwidth_gbs * 1e9) * 1000
     result.floor_tokens_per_s = 1000 / result.floor_ms_per_token
-    result.rows += bench_ours(model, config, dev, prompt, steps, batches, compile, prefill_lengths)
+    result.rows += bench_ours(model, config, dev, prompt, steps, batches, None, prefill_lengths)
     del model
     gc.collect()
     if dev.type == "cuda":
