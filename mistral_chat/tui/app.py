@@ -12,6 +12,7 @@ of imports) runs in a thread after it; keys typed meanwhile land in the prompt.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -167,10 +168,19 @@ class MistralChatApp(App[None]):
         remember_model(name)
 
     def _load_in_engine_thread(self, request: LoadRequest, progress: Callable[[int, int], None]) -> object:
-        """The loader, run in the engine's thread: deciding on compiling imports torch, which the UI never does."""
+        """The loader, run in the engine's thread: deciding on compiling imports torch, which the UI never does.
+
+        What is loaded then lives as long as the model, so it is frozen out of the garbage collector's full passes
+        (gc.freeze): with torch and a model in memory one such pass holds the GIL for ~0.15 s, and the screen
+        updates' allocations set one off every answer or two, stalling the engine. A new load unfreezes it all
+        first, so that what the previous model leaves behind can be collected."""
         from mistral_chat.service.loading import prepare_compile
 
-        return self._loader(replace(request, options=prepare_compile(request.options)), progress)
+        gc.unfreeze()
+        loaded = self._loader(replace(request, options=prepare_compile(request.options)), progress)
+        gc.collect()  # no garbage of the load is kept for good
+        gc.freeze()
+        return loaded
 
     def _post_engine_event(self, event: object) -> None:
         """Called in the engine's thread: tokens gather for the screen's timer, other events become messages."""

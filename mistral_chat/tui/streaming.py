@@ -8,9 +8,11 @@ engine event takes the buffer first, so a GenerationDone never overtakes the tok
 
 An update costs more than the append: Textual lays out and repaints the chat log (tens of milliseconds of Python
 for a long answer on a slow CPU), and the UI and the engine share the GIL, so a UI thread busy half the time made
-the engine run at ~40-60% of its one-shot speed. `FlushPace` keeps the UI thread's share of a CPU while an answer
+the engine run at ~40-60% of its one-shot speed, and each 1% of a CPU the UI thread takes costs the engine more
+than 1% of its speed (the GIL's hand-overs). `FlushPace` keeps the UI thread's share of a CPU while an answer
 streams near UI_SHARE: updates come up to ~30 a second while they are cheap, and as seldom as every
-SLOWEST_FLUSH_SECONDS when each one costs more.
+SLOWEST_FLUSH_SECONDS when each one costs more (~10 ms per update for a long answer on the 2-core test machine:
+~4-5 updates a second).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 FLUSH_SECONDS = 1 / 30  # at most ~30 screen updates a second while an answer streams
 SLOWEST_FLUSH_SECONDS = 0.5  # at least 2 a second, however much one costs
 FIRST_FLUSH_SECONDS = 0.1  # where the pace starts (the first tokens are shown at once all the same)
-UI_SHARE = 0.1  # the UI thread's CPU time per second of streaming that the pace aims at
+UI_SHARE = 0.04  # the UI thread's CPU time per second of streaming that the pace aims at (0.1: 74-80%
+# of one-shot tokens/s in benchmarks/tui_throughput.py)
 
 
 class FlushPace:

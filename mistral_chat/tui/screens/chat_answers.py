@@ -48,7 +48,7 @@ class AnswersPart(_Base):
         if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
             fragment, streaming.pending = streaming.pending, ""
             await streaming.view.append(fragment)
-            self.chat_log.follow()
+            self.chat_log.stream_grew()
         first, rate = streaming.live_figures()
         if streaming.tokens != self.status.info.generated_tokens:
             self.status.update_info(generated_tokens=streaming.tokens, time_to_first_token=first,
@@ -121,6 +121,7 @@ class AnswersPart(_Base):
     async def _finish(self, streaming: Streaming, event: GenerationDone) -> None:
         self._flush_timer.pause()
         self.streaming = None
+        self.chat_log.stream_ended()
         streaming.text = event.text
         reason = event.stats.finish_reason
         if event.tool_call_error:

@@ -50,8 +50,30 @@ class ChatLog(VerticalScroll):
         if self.following:
             self.scroll_end(animate=False, immediate=True)
 
+    # While an answer streams, the log is anchored (Textual's anchor) once it overflows: the layout pass that
+    # places the grown answer keeps the end in view, where a scroll after it cost a second layout and paint per
+    # update. Not before it overflows (an anchored log shorter than its height sits at the bottom), and not
+    # after the answer (a shorter chat shown next would too).
+
+    def stream_grew(self) -> None:
+        """New text came into the streaming answer: keep the end in view unless the user scrolled up."""
+        if not self.is_anchored:
+            self.call_after_refresh(self._anchor_if_following)
+
+    def _anchor_if_following(self) -> None:
+        if self.following and not self.is_anchored:
+            if self.max_scroll_y > 0:
+                self.anchor()  # scrolls to the end now, and from now on in each layout pass
+            else:
+                self.scroll_end(animate=False, immediate=True)
+
+    def stream_ended(self) -> None:
+        if self.is_anchored:
+            self.anchor(False)
+
     async def show(self, conversation: Conversation | None, skip_message_id: int = 0) -> None:
         """Replace the content with `conversation`'s messages (all but `skip_message_id`)."""
+        self.stream_ended()
         await self.remove_children()
         views = [view_for(m) for m in (conversation.messages if conversation else []) if m.id != skip_message_id]
         if views:

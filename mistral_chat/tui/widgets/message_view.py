@@ -11,7 +11,6 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Label, Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
 from mistral_chat.chat.templates import Role
 from mistral_chat.tui.clipboard import copy_text
@@ -55,7 +54,6 @@ class MessageView(Vertical, can_focus=True):
         self.text = text
         self.message_id = message_id
         self.note = note
-        self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
@@ -81,20 +79,16 @@ class MessageView(Vertical, can_focus=True):
         return next(iter(self.query(Markdown).results(Markdown)), None)
 
     async def append(self, fragment: str) -> None:
-        """Stream more text in (the Markdown widget parses only the new tail)."""
+        """Stream more text in: Markdown.append keeps the finished blocks and parses only from the last one on.
+        Awaited here (not through a MarkdownStream's task), so the new text and the status bar's figures of the
+        same update reach the screen in one frame."""
         self.text += fragment
-        if self._stream is None:
-            markdown = self.markdown
-            if markdown is None:
-                return
-            self._stream = Markdown.get_stream(markdown)
-        await self._stream.write(displayable(fragment))
+        markdown = self.markdown
+        if markdown is not None:
+            await markdown.append(displayable(fragment))
 
     async def finish(self, text: str | None = None) -> None:
-        """End the stream; with `text`, show exactly that."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        """The answer ended; with `text`, show exactly that."""
         if text is not None and text != self.text:
             self.text = text
             markdown = self.markdown

@@ -115,4 +115,4 @@ class StatusBar(Static):
         return width or None
 
     def _show(self) -> None:
-        self.update(Content(self.text))
+        self.update(Content(self.text), layout=False)  # one line of fixed height: no layout pass
