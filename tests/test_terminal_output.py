@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 import shutil
 import subprocess
 import sys
@@ -74,13 +75,24 @@ class FakeSession:
         yield from self.pieces
 
 
+def read_all(fd: int) -> bytes:
+    """Everything written to the pty so far: one read may return only part of it (each write is its own piece)."""
+    data = b""
+    while select.select([fd], [], [], 0.5)[0]:
+        piece = os.read(fd, 65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
 def test_streamed_answer_on_a_terminal_has_no_control_sequences():
     master, slave = pty.openpty()
     out = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), encoding="utf-8", write_through=True)
     try:
         assert out.isatty()
         answer = stream_answer(FakeSession(list(HOSTILE)).generate([1], SamplingParams()), out)
-        shown = os.read(master, 65536).decode().replace("\r\n", "\n")  # the pty's own newline translation
+        shown = read_all(master).decode().replace("\r\n", "\n")  # the pty's own newline translation
     finally:
         out.close()
         os.close(master)
