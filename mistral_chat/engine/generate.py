@@ -203,24 +203,18 @@ class Session:
                     first_at = time.perf_counter()
                     stats.time_to_first_token = first_at - started
                     reader.waited = 0.0
-                if token == tokenizer.eos_id:
-                    stats.finish_reason = "stop"
+                delta = self._take(token, decoder, stops, stats, reader, first_at)
+                if delta is None:
                     break
-                stats.generated_tokens += 1
-                self.generated_ids.append(token)
-                stats.decode_seconds = time.perf_counter() - first_at
-                stats.host_wait_seconds = reader.waited
-                delta = stops.push(decoder.push(token))
                 if delta:
                     yield delta
                 if stops.stopped:
-                    stats.finish_reason = "stop"
                     break
                 if last:
                     break
                 logits = ahead if ahead is not None else self.decode(next_token.view(1, 1), len(self.tokens))
                 self.tokens.append(token)
-            tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
+            tail = _tail(decoder, stops)
             if tail:
                 yield tail
         except (RuntimeError, MemoryError) as exc:
@@ -233,6 +227,22 @@ class Session:
             if stats.generated_tokens:
                 first_at = first_at or (started + stats.time_to_first_token if stats.time_to_first_token else 0.0)
                 stats.decode_seconds = time.perf_counter() - first_at if first_at else 0.0
+
+    def _take(self, token: int, decoder: StreamDecoder, stops: StopStrings, stats: GenerationStats,
+              reader: TokenReader, first_at: float) -> str | None:
+        """One generated token through the end-of-answer rules: None at EOS (the answer ends before it), else the
+        text it adds (`stops.stopped` then says whether a stop string ended the answer)."""
+        if token == self.loaded.tokenizer.eos_id:
+            stats.finish_reason = "stop"
+            return None
+        stats.generated_tokens += 1
+        self.generated_ids.append(token)
+        stats.decode_seconds = time.perf_counter() - first_at
+        stats.host_wait_seconds = reader.waited
+        delta = stops.push(decoder.push(token))
+        if stops.stopped:
+            stats.finish_reason = "stop"
+        return delta
 
     def _speculator(self, params: SamplingParams, prompt_ids: Sequence[int], generator: torch.Generator | None,
                     reader: TokenReader, stats: GenerationStats) -> Speculator | None:
@@ -256,7 +266,6 @@ class Session:
                               cancel: threading.Event | None, started: float, logits: torch.Tensor) -> Iterator[str]:
         """`generate`'s loop with tokens from `speculator`: each token goes through the same end-of-answer rules
         (EOS, stop strings, max tokens, the context) one by one, whether it came from a draft or not."""
-        eos = self.loaded.tokenizer.eos_id
         first_at = 0.0
         token = speculator.first(logits)
         for i in range(params.max_tokens):
@@ -267,22 +276,21 @@ class Session:
                 first_at = time.perf_counter()
                 stats.time_to_first_token = first_at - started
                 reader.waited = 0.0
-            if token == eos:
-                stats.finish_reason = "stop"
+            delta = self._take(token, decoder, stops, stats, reader, first_at)
+            if delta is None:
                 break
-            stats.generated_tokens += 1
-            self.generated_ids.append(token)
-            stats.decode_seconds = time.perf_counter() - first_at
-            stats.host_wait_seconds = reader.waited
-            delta = stops.push(decoder.push(token))
             if delta:
                 yield delta
             if stops.stopped:
-                stats.finish_reason = "stop"
                 break
             if i + 1 == params.max_tokens or len(self.tokens) + 1 >= self.context_length:
                 break
             token = speculator.advance(token, params.max_tokens - i - 1)
-        tail = "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
+        tail = _tail(decoder, stops)
         if tail:
             yield tail
+
+
+def _tail(decoder: StreamDecoder, stops: StopStrings) -> str:
+    """What the decoder and the stop strings still hold once the answer ends (nothing after a stop string)."""
+    return "" if stops.stopped else stops.push(decoder.flush()) + stops.flush()
