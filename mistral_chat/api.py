@@ -15,8 +15,9 @@ Messages are OpenAI-style dicts (`system`, `user`, `assistant` with optional `to
 `tool_call_id`) or `chat.templates.ChatMessage`s. Prompts are built, trimmed to the context and read for tool calls
 exactly as the chat does (`chat/`). `chat`, `stream` and `stream_ids` run the engine's batch-1 `Session` (compiled
 decode on GPUs), which keeps the cache of the previous prompt for the next one that shares its start; `chat_batch`
-and `chat_requests` run continuous batching (`engine/batch.py`), except under tensor parallelism (`tp > 1`), where
-they answer one conversation at a time. The CLI's one-shot mode, the TUI's engine worker, `batch` and `serve` all
+and `chat_requests` run continuous batching (`engine/batch.py`; under tensor parallelism, `tp > 1`, every rank
+runs each batch step on its shard: `engine/parallel/batch.py`). The model holds one cache: a batch takes it and
+the next chat starts on a fresh one. The CLI's one-shot mode, the TUI's engine worker, `batch` and `serve` all
 answer through this class.
 
 Importing this module does not import torch; `Model.load` does.
@@ -43,6 +44,7 @@ from mistral_chat.errors import MistralChatError
 from mistral_chat.service.loading import release_memory
 
 if TYPE_CHECKING:
+    from mistral_chat.engine.batch import BatchGenerator
     from mistral_chat.engine.generate import Session
     from mistral_chat.engine.loader import LoadedModel
     from mistral_chat.text.base import Tokenizer
@@ -407,6 +409,19 @@ class Model:
                 yield index, prompt
         yield from self._answer(prompts, params, batch_size)
 
+    def batch_generator(self, batch_size: int, context_length: int | None = None) -> "BatchGenerator":
+        """A continuous-batching generator of `batch_size` rows on this model (`engine/batch.py`); under tensor
+        parallelism one whose every model call the other ranks repeat (`engine/parallel/batch.py`)."""
+        loaded = self._loaded()
+        if self.options.tp > 1:
+            from mistral_chat.engine.parallel.batch import ParallelBatchGenerator
+
+            session: Any = self.session  # a tensor-parallel run's ParallelSession
+            return ParallelBatchGenerator(session, batch_size, context_length=context_length)
+        from mistral_chat.engine.batch import BatchGenerator
+
+        return BatchGenerator(loaded, batch_size, context_length=context_length)
+
     def _answer(self, prompts: Sequence[tuple[TrimmedPrompt, tuple[Tool, ...]] | MistralChatError],
                 params: Sequence[SamplingParams], batch_size: int | None
                 ) -> Iterator[tuple[int, Reply | MistralChatError]]:
@@ -415,27 +430,14 @@ class Model:
         if not todo:
             return
         loaded = self._loaded()
-        if self.options.tp > 1:  # the followers mirror one sequence: one at a time
-            for i in todo:
-                prompt, tools = prompts[i]  # type: ignore[misc]
-                try:
-                    for _ in self.stream_ids(prompt.ids, params[i], tools=tools,
-                                             dropped_messages=prompt.dropped_messages):
-                        pass
-                except MistralChatError as exc:
-                    yield i, exc
-                    continue
-                assert self.last_reply is not None
-                yield i, self.last_reply
-            return
-        from mistral_chat.engine.batch import BatchGenerator, BatchRequest, batch_size_for_memory
+        from mistral_chat.engine.batch import BatchRequest, batch_size_for_memory
 
         context = self.context_length
         need = max(len(prompts[i][0].ids) + params[i].max_tokens + 1 for i in todo)  # type: ignore[index]
         context = min(context, need)
         size = batch_size or batch_size_for_memory(loaded, context)
         size = max(1, min(size, len(todo)))
-        generator = BatchGenerator(loaded, size, context_length=context)
+        generator = self.batch_generator(size, context)
         batch = [BatchRequest(prompts[i][0].ids, params[i]) for i in todo]  # type: ignore[index]
         for event in generator.generate(batch):
             if not event.done:

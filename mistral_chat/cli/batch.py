@@ -176,7 +176,7 @@ def batch_command(
     device: str = opt.DEVICE,
     dtype: str = opt.DTYPE,
     context: Optional[int] = opt.CONTEXT,
-    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU (one request at a time)."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel processes, one per GPU."),
     quantize: Optional[str] = opt.QUANTIZE,
     lora: Optional[Path] = opt.LORA,
     lora_scale: float = opt.LORA_SCALE,

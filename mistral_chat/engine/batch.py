@@ -9,6 +9,10 @@ top-k/p, min-p, penalties, seed) and streams its own text (UTF-8-safe, stop stri
 
 Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). The batch
 path runs eagerly with plain PyTorch attention; batch-1 chat keeps `Session` and its compiled decode.
+
+Every model call goes through three methods (`_setup_rows`, `_reset_row`, `_forward_rows`); under tensor
+parallelism `parallel/batch.py`'s `ParallelBatchGenerator` broadcasts each to the followers before making it, so
+every rank runs the same calls on its shard while only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import estimate_memory, free_memory, session_context
+from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.options import SamplingParams
 from mistral_chat.engine.sampling import Penalties, StopStrings, make_generator, sample
 from mistral_chat.engine.stats import GenerationStats
@@ -79,15 +84,26 @@ class _Row:
 def batch_size_for_memory(loaded: LoadedModel, context_length: int, most: int = DEFAULT_MAX_BATCH,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
     """How many rows of `context_length` tokens fit the device's free memory (weights already loaded), keeping a
-    tenth (and on GPUs 1 GB more) for activations; at least 1, at most `most`."""
-    per_row = estimate_memory(loaded.config, loaded.dtype, context_length, prefill_chunk=prefill_chunk).kv_cache
+    tenth (and on GPUs 1 GB more) for activations; at least 1, at most `most`. Under tensor parallelism, this
+    rank's share of each row (its KV heads)."""
+    per_row = estimate_memory(loaded.config, loaded.dtype, context_length, prefill_chunk=prefill_chunk,
+                              world=loaded.model.parallel.world).kv_cache
     free = free_memory(loaded.device)
     usable = free * 0.9 - (1 << 30 if loaded.device.type == "cuda" else 0)
     return max(1, min(most, int(usable // max(1, per_row))))
 
 
+def run_rows(model: Transformer, tokens: torch.Tensor, starts: torch.Tensor, rows: slice,
+             key_len: int) -> torch.Tensor:
+    """`model.forward_rows` of tokens ([N, T] int64) at starts ([N] int64), both moved to the model's device: the
+    one call that makes a batch step, on rank 0 and (with the same arguments) on each tensor-parallel follower."""
+    device = model.device
+    return model.forward_rows(tokens.to(device), starts.to(device), rows, key_len)
+
+
 class BatchGenerator:
-    """Up to `batch_size` sequences of at most `context_length` tokens in flight on one model (one process)."""
+    """Up to `batch_size` sequences of at most `context_length` tokens in flight on one model (one process; under
+    tensor parallelism, rank 0's `ParallelBatchGenerator`)."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int, context_length: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
@@ -108,7 +124,7 @@ class BatchGenerator:
         if getattr(self.model, "cache_owner", None) is self and self.model.row_positions is not None:
             return
         try:
-            self.model.setup_row_cache(self.context_length, self.batch_size, self._requested_chunk)
+            self._setup_rows()
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -170,6 +186,22 @@ class BatchGenerator:
         """Forget every sequence in flight (after a failed step)."""
         self._rows = [None] * self.batch_size
 
+    # ---- the model calls (each one mirrored on the other ranks by a ParallelBatchGenerator) -----------------------
+
+    def _setup_rows(self) -> None:
+        """A cache of `batch_size` rows on the model."""
+        self.model.setup_row_cache(self.context_length, self.batch_size, self._requested_chunk)
+
+    def _reset_row(self, slot: int) -> None:
+        """Forget the positions row `slot` held (before a new sequence's prefill)."""
+        assert self.model.row_positions is not None
+        self.model.row_positions.reset(slot)
+
+    def _forward_rows(self, tokens: list[list[int]], starts: list[int], rows: slice, key_len: int) -> torch.Tensor:
+        """`Transformer.forward_rows` of `tokens` (one list a row of `rows`, all of one length) at `starts`."""
+        return run_rows(self.model, torch.tensor(tokens, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
+                        rows, key_len)
+
     # ---- admission: one row's prompt ---------------------------------------------------------------------------
 
     def _admit(self, slot: int, index: int, request: BatchRequest) -> Iterator[BatchEvent]:
@@ -186,16 +218,13 @@ class BatchGenerator:
             return
         started = time.perf_counter()
         device = self.loaded.device
-        model = self.model
-        assert model.row_positions is not None
-        model.row_positions.reset(slot)
+        assert self.model.row_positions is not None
+        capacity = self.model.row_positions.capacity
+        self._reset_row(slot)
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk]
-            tokens = torch.tensor([chunk], dtype=torch.long, device=device)
-            key_len = min(model.row_positions.capacity, start + len(chunk))
-            logits = model.forward_rows(tokens, torch.tensor([start], device=device), slice(slot, slot + 1),
-                                        key_len)
+            logits = self._forward_rows([chunk], [start], slice(slot, slot + 1), min(capacity, start + len(chunk)))
         assert logits is not None
         params = request.params
         row = _Row(index=index, request=request, position=len(ids), generator=make_generator(params, device),
@@ -220,9 +249,7 @@ class BatchGenerator:
                 active.append((slot, row))
         assert self.model.row_positions is not None
         key_len = min(self.model.row_positions.capacity, max(starts) + 1)
-        device = self.loaded.device
-        logits = self.model.forward_rows(torch.tensor(tokens, device=device).view(used, 1),
-                                         torch.tensor(starts, device=device), slice(0, used), key_len)
+        logits = self._forward_rows([[token] for token in tokens], starts, slice(0, used), key_len)
         for _, row in active:
             row.position += 1
         chosen = self._choose([row for _, row in active], logits[[slot for slot, _ in active]])

@@ -346,11 +346,10 @@ class Transformer(nn.Module):
         Each row keeps its own positions and mask (`setup_row_cache`), so sequences of different lengths share
         a step: one new token for every row (decode), or one row's prompt chunk (prefill). `key_len`: how many
         cache slots attention reads (at least the longest row's positions, at most the capacity). Eager, plain
-        PyTorch attention; one process (no tensor parallelism).
+        PyTorch attention. Under tensor parallelism every rank makes the same call on its shard (its collectives
+        sum the row-parallel products and gather the vocabulary: parallel/batch.py).
         """
         assert self.row_positions is not None and self.rope is not None, "call setup_row_cache first"
-        if self.parallel.enabled:
-            raise NotImplementedError("per-row batches do not run under tensor parallelism")
         t = tokens.shape[1]
         if t > self.row_positions.max_chunk:
             raise ValueError(f"chunk of {t} tokens exceeds the cache's {self.row_positions.max_chunk}")
@@ -359,12 +358,13 @@ class Transformer(nn.Module):
         windows = self.config.attention_windows
         masks = {w: self.row_positions.mask(positions, rows, window=w) for w in dict.fromkeys(windows)}
         rope = self.rope[positions]
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
+            embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
         delta = torch.zeros_like(h)
         for layer, window in zip(self.layers, windows):
             h, delta = layer.forward_rows(h, delta, rope, slots, masks[window], key_len, rows)
         h, delta = h[:, -1:], delta[:, -1:]
-        return self.output(self.norm.add_and_norm(h, delta)[1]).float()[:, -1]
+        return gather_vocab(self.output(self.norm.add_and_norm(h, delta)[1]).float()[:, -1], self.parallel)
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, all_logits: bool = False,
                 key_len: int | None = None, block_regions: bool = False) -> torch.Tensor:

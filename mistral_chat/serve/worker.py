@@ -5,7 +5,7 @@ prompt (`Model.prompt`: the chat's instruct format, trimmed to the context), the
 batching (`engine/batch.py`'s `BatchGenerator`): a request takes a free row as soon as one frees, every step
 decodes one token for all rows in flight, and each piece of text goes back to its handler's event loop as it is
 made. A request whose client went away (`Job.cancel`) ends at its next token and frees its row; one still waiting
-for a row is dropped. Under tensor parallelism (`tp > 1`) the requests are answered one at a time.
+for a row is dropped. Under tensor parallelism (`tp > 1`) the same, every rank running each step on its shard.
 
 Each job's events, in order: ("accepted", None) once its prompt is built, then ("text", piece)..., then
 ("done", Reply); or ("error", MistralChatError) at any point instead of what is left.
@@ -109,10 +109,7 @@ class EngineWorker:
             if not self._take(block=idle):
                 break
             try:
-                if self.model.options.tp > 1:
-                    self._one_at_a_time()
-                else:
-                    self._batch_step()
+                self._batch_step()
             except Exception as exc:  # noqa: BLE001 - one failing step must not end the server
                 if not isinstance(exc, MistralChatError):
                     log.exception("the engine failed")
@@ -165,14 +162,14 @@ class EngineWorker:
 
     def _batch_step(self) -> None:
         """Admit pending jobs into free rows, then decode one token for every row in flight."""
-        from mistral_chat.engine.batch import BatchGenerator, BatchRequest, batch_size_for_memory
+        from mistral_chat.engine.batch import BatchRequest, batch_size_for_memory
         from mistral_chat.engine.loader import is_out_of_memory
 
         loaded = self.model.loaded
         if self._generator is None:
             context = self.model.context_length
             size = self.batch_size or batch_size_for_memory(loaded, context)
-            self._generator = BatchGenerator(loaded, size, context_length=context)
+            self._generator = self.model.batch_generator(size, context)
             log.info("serving up to %d requests at a time, %d tokens each", size, context)
         generator = self._generator
         # BatchGenerator.generate takes a fixed iterable; a server's requests arrive while others are in flight,
@@ -218,17 +215,3 @@ class EngineWorker:
             else:
                 job.post("done", make_reply(tokenizer, event.answer, event.generated_ids, event.stats,
                                             job.offered, job.dropped))
-
-    def _one_at_a_time(self) -> None:
-        """tp > 1: the tensor-parallel session answers one sequence at a time."""
-        if not self._pending:
-            return
-        job = self._pending.popleft()
-        if job.cancel.is_set():
-            return
-        self._running[-1] = job
-        for piece in self.model.stream_ids(job.prompt_ids, job.params, tools=job.offered, cancel=job.cancel,
-                                           dropped_messages=job.dropped):
-            job.post("text", piece)
-        del self._running[-1]
-        job.post("done", self.model.last_reply)

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from mistral_chat.engine.generate import Session
+from mistral_chat.engine.parallel.batch import follow_rows
 from mistral_chat.engine.parallel.group import (DEVICE_ENV, RENDEZVOUS_TIMEOUT, ParallelRunError, RankOptions,
                                                 cpu_threads_per_rank, describe_failure, init_process_group,
                                                 leave_process_group, load_rank)
-from mistral_chat.engine.parallel.session import (DECODE, FEED, RESET, REUSE, SHUTDOWN, CommandChannel,
-                                                  share_token)
+from mistral_chat.engine.parallel.session import (DECODE, FEED, RESET, REUSE, ROW_CACHE, ROW_RESET, ROW_STEP,
+                                                  SHUTDOWN, CommandChannel, share_token)
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,19 @@ def follow(session: Session, channel: CommandChannel) -> None:
     """Repeat rank 0's cache steps on this rank's shard until it sends shutdown.
 
     A follower knows the prompts' ids but not the answers' (they stay on the GPU): `session.tokens` holds -1 for
-    those, and only its length counts here (rank 0 decides what the cache keeps)."""
+    those, and only its length counts here (rank 0 decides what the cache keeps). Continuous batching's calls go
+    to `follow_rows` (parallel/batch.py); where a batch took the model's cache since, the session takes it back
+    (fresh and empty) before its next prefix reuse, prefill or decode, as rank 0's session does."""
     token = torch.zeros(1, 1, dtype=torch.long, device=session.loaded.device)
     while True:
         op, ids, position = channel.receive()
         if op == SHUTDOWN:
             return
+        if op in (ROW_CACHE, ROW_RESET, ROW_STEP):
+            follow_rows(session.model, op, ids, position)
+            continue
+        if op in (FEED, DECODE, REUSE):
+            session._claim_cache()
         if op in (FEED, DECODE) and position != len(session.tokens):
             raise ParallelRunError(f"rank 0 fed position {position} but this rank's cache is at "
                                    f"{len(session.tokens)}: the ranks lost step; start again")

@@ -4,6 +4,7 @@ Rank 0 drives an ordinary `Session` whose cache operations (`reset`, prefix reus
 to the followers, which repeat them on their own shard (follower.py): every model forward runs on all ranks with
 the same tokens. Only rank 0 samples; the token it picked reaches the followers as the next decode step's input,
 so the ranks never depend on identical random streams, and a cancelled answer simply sends nothing more.
+Continuous batching sends its model calls on the same channel, each step's tokens with it (parallel/batch.py).
 
 Commands travel on a gloo group of their own with a long timeout (a follower may wait hours for the next
 message); the model's collectives use the default group (NCCL on GPUs).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # command opcodes, sent as the first element of an int64 header [op, n ids, first id, position]
 FEED, DECODE, REUSE, RESET, SHUTDOWN = 1, 2, 3, 4, 5
+ROW_CACHE, ROW_RESET, ROW_STEP = 6, 7, 8  # continuous batching's model calls (parallel/batch.py)
 
 
 class CommandChannel:
