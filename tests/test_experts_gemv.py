@@ -74,9 +74,9 @@ def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_the_plan_gives_the_experts_kernels_only_under_tensor_parallelism():
-    """One GPU keeps inductor's products over the gathered experts (already near its floor); each rank's halved
-    experts take the kernels (the plan's moe, MoEFeedForward.row_kernel); int8 experts and several rows never."""
+def test_the_plan_gives_the_experts_kernels_on_gpus():
+    """GPUs take the experts' kernels (the plan's moe, MoEFeedForward.row_kernel): one GPU decodes eagerly in CUDA
+    graphs, where gathered experts' weights would be copied; int8 experts and several rows never."""
     from mistral_chat.engine.kernels import experts_gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
@@ -85,8 +85,9 @@ def test_the_plan_gives_the_experts_kernels_only_under_tensor_parallelism():
     from mistral_chat.engine.plan import KernelPlan, choose_plan
 
     cuda = torch.device("cuda")
-    assert choose_plan(cuda, torch.bfloat16, 1).moe == "torch"
+    assert choose_plan(cuda, torch.bfloat16, 1).moe == "triton"
     assert choose_plan(cuda, torch.bfloat16, 2).moe == "triton"
+    assert choose_plan(torch.device("cpu"), torch.bfloat16, 1).moe == "torch"
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          num_experts=4, num_experts_per_tok=2)
     with torch.device("meta"):
@@ -96,7 +97,7 @@ def test_the_plan_gives_the_experts_kernels_only_under_tensor_parallelism():
         forced = Transformer(config, plan=KernelPlan(moe="triton"))
     experts = {name: [m.row_kernel for m in model.modules() if isinstance(m, MoEFeedForward)]
                for name, model in (("one", one), ("two", two), ("plain", plain), ("forced", forced))}
-    assert experts == {"one": [False], "two": [True], "plain": [False], "forced": [True]}
+    assert experts == {"one": [True], "two": [True], "plain": [False], "forced": [True]}
     use = experts_gemv.use_experts_kernel
     row, w13 = torch.zeros(1, 1, 8), torch.zeros(4, 6, 8)
     assert use(row, w13, True) and not use(row, w13, False)

@@ -99,9 +99,10 @@ def test_gemv_kernel_matches_f_linear_and_the_model_decodes_the_same():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_the_plan_gives_the_kernel_the_products_only_under_tensor_parallelism():
-    """Whole matrices (one GPU) keep inductor's products; each rank's halved ones take the kernel: the plan's gemv,
-    which the model hands to every gemv.Linear (with its fused, for SwiGLU's activation outside the kernel)."""
+def test_the_plan_gives_the_kernel_the_products_on_gpus():
+    """GPUs take the kernel for single-row products (one GPU: decode graphed eagerly, not compiled; each rank's
+    halved matrices under --tp): the plan's gemv, which the model hands to every gemv.Linear (with its fused, for
+    SwiGLU's activation outside the kernel); the CPU keeps torch's products."""
     from mistral_chat.engine.kernels import gemv
     from mistral_chat.engine.config import ModelConfig
     from mistral_chat.engine.model import Transformer
@@ -109,8 +110,9 @@ def test_the_plan_gives_the_kernel_the_products_only_under_tensor_parallelism():
     from mistral_chat.engine.plan import KernelPlan, choose_plan
 
     cuda = torch.device("cuda")
-    assert choose_plan(cuda, torch.bfloat16, 1).gemv == "torch"
+    assert choose_plan(cuda, torch.bfloat16, 1).gemv == "triton"
     assert choose_plan(cuda, torch.bfloat16, 2).gemv == "triton"
+    assert choose_plan(torch.device("cpu"), torch.bfloat16, 1).gemv == "torch"
     config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200)
     with torch.device("meta"):
         one = Transformer(config)  # the default plan: plain PyTorch

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 #     bash benchmarks/gpu/instant_start.sh [STEP ...]
-# One device call for the instant-start figures (issue 27) and what rides along, most important first, each step
-# with its own time limit; logs under $OUT (or /tmp/mistral-chat-gpu):
-#   graphed decode against the same eager step (greedy tokens, logits), the candidate for one GPU (the eager step
-#   with the --tp kernels, captured in CUDA graphs: no compile before the first answer) against today's compiled
-#   decode (same run), launch -> first byte / full speed (bench --startup),
-#   the loader against safetensors and pinned reads, int4 decode, batch mode and the server, speculation.
+# The instant-start figures (issue 27) and what rides along, most important first, each step with its own time
+# limit; logs under $OUT (or /tmp/mistral-chat-gpu). More than one device call's 600 s in all: name the steps.
+#   graphs: one GPU's graphed decode and the compiled decode before it against torch's eager step (greedy tokens,
+#   teacher-forced logits); startup: launch -> first byte / full speed (bench --startup, writes the checkpoint the
+#   load steps read); the loader profiled and against safetensors and pinned reads; decode figures (bf16, Mixtral
+#   16 layers, int8, int4); batch mode with the server and HF; speculation.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
@@ -20,13 +20,19 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi -L
 bench=(python3 -m mistral_chat.bench.run --shape mistral-7b --prefill "" --batch 1 --steps 64)
-step graphs 80 python3 benchmarks/gpu/graphs_check.py --steps 32
-step bf16-graphs 80 "${bench[@]}" --plan compile_decode=0,decode_graphs=1,gemv=triton,moe=triton,norms_in_products=1
-step bf16 120 "${bench[@]}"
-step startup 130 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 \
-    --tp-checkpoint /dev/shm/mistral-chat-m7 --json-file "$out/startup.json"
-step load-speed 70 python3 benchmarks/gpu/load_speed.py /dev/shm/mistral-chat-m7 --threads 4,16
+ckpt=/dev/shm/mistral-chat-m7
+step graphs 120 python3 benchmarks/gpu/graphs_check.py --steps 32
+step startup 120 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
+    --json-file "$out/startup.json"
+step load-profile 90 python3 benchmarks/gpu/load_profile.py $ckpt
+step bf16 60 "${bench[@]}" --batch 1,8
+step mixtral 90 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
+step int8 60 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4
-step batch-mode 100 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --requests 128 \
-    --steps 128 --tp-checkpoint /dev/shm/mistral-chat-m7 --json-file "$out/batch_mode.json"
-step speculate 90 python3 benchmarks/gpu/speculate.py --no-compile
+step startup-int8 90 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
+    --quantize int8 --json-file "$out/startup_int8.json"
+step graphs-int8 60 python3 benchmarks/gpu/graphs_check.py --steps 32 --quantize int8 --no-compile
+step load-speed 70 python3 benchmarks/gpu/load_speed.py $ckpt --threads 16
+step batch-mode 300 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --vs-hf \
+    --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
+step speculate 120 python3 benchmarks/gpu/speculate.py

@@ -25,9 +25,15 @@ from mistral_chat.engine.plan import KernelPlan
 # At or below this many (token, expert) pairs, gather the chosen experts' weights (decode);
 # above it, run each expert once on all of its tokens (prefill).
 GATHER_MAX_PAIRS = 8
-# Above GATHER_MAX_PAIRS under torch.compile (batched decode), up to this many tokens run every expert on every
-# token, weighted by zero where not chosen: no data-dependent shapes, which a compiled block cannot hold.
+# Above GATHER_MAX_PAIRS under torch.compile or a CUDA graph capture (batched decode, a verify step), up to this many
+# tokens run every expert on every token, weighted by zero where not chosen: no data-dependent shapes, which a
+# compiled block or a captured graph cannot hold.
 EVERY_EXPERT_MAX_TOKENS = 64
+
+
+def static_shapes(x: torch.Tensor) -> bool:
+    """Whether this pass is being compiled or captured in a CUDA graph (no data-dependent shapes allowed)."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +125,7 @@ class MoEFeedForward(nn.Module):
             out = experts_gemv.experts_down(act, self.w2, experts, weights)
         elif experts.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(x, experts, weights)
-        elif torch.compiler.is_compiling() and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
+        elif static_shapes(x) and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
             out = self._every_expert(x, experts, weights)
         else:
             out = self._grouped(x, experts, weights)

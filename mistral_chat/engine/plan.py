@@ -3,12 +3,13 @@
 The forward pass (model.py, moe.py, quant.py) reads its `KernelPlan`, never the environment. `choose_plan` decides
 from the device, the dtype, the tensor-parallel world and what Triton supports there:
 
-- one GPU: the Triton kernels for decode attention, int8 and int4 products and the eager paths' norms, RoPE
-  and SwiGLU; bf16 products stay with torch (inductor's compiled products read whole matrices at ~96% of the
-  copy bandwidth); int4 on the CPU: torch's packed int4 matmul with bf16;
-- under `--tp`: also the GEMV kernel for every single-row product, Mixtral's experts as GEMV kernels, each norm
-  computed inside the product that reads it, and all-reduces through symmetric memory (the Lamport kernel for bf16);
-- decode is compiled into CUDA graphs on GPUs unless `--no-compile`;
+- a GPU: the Triton kernels for decode attention, int8 and int4 products, single-row bf16 products (GEMV), one
+  token's Mixtral experts, the eager paths' norms, RoPE and SwiGLU, and each norm computed inside the product that
+  reads it; int4 on the CPU: torch's packed int4 matmul with bf16;
+- one GPU: the decode step runs eagerly, captured in CUDA graphs per cache bucket (decode.GraphedStep): full speed
+  from the first token, where compiling decode cost 13-22 s before every first answer (docs/engine.md);
+- under `--tp`: all-reduces through symmetric memory (the Lamport kernel for bf16), and decode compiled into CUDA
+  graphs unless `--no-compile`;
 - `MISTRAL_CHAT_KERNELS=0` turns every custom kernel off (plain PyTorch everywhere, and NCCL for every
   all-reduce), an escape hatch for a broken driver or Triton install.
 
@@ -56,8 +57,7 @@ class KernelPlan:
     norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
     all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
     compile_decode: bool = False  # decode compiled by torch.compile and replayed as CUDA graphs
-    # without compile_decode, on one GPU: the eager step captured in CUDA graphs (decode.GraphedStep). Not measured on
-    # a GPU yet, so never chosen: `bench --no-compile --plan decode_graphs=1` measures it against plain eager
+    # without compile_decode, on one GPU: the eager step captured in CUDA graphs (decode.GraphedStep)
     decode_graphs: bool = False
 
     def __post_init__(self) -> None:
@@ -116,7 +116,7 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
     kernels = kernels_allowed(device)
     tp = world > 1
     cuda = device.type == "cuda"
-    rows = "triton" if kernels and tp else "torch"
+    rows = "triton" if kernels and (tp or cuda) else "torch"
     if not tp:
         all_reduce = "none"
     elif cuda and kernels and dtype == torch.bfloat16:
@@ -134,7 +134,8 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
         moe=rows,
         norms_in_products=rows == "triton" and quantize is None,
         all_reduce=all_reduce,
-        compile_decode=compile and cuda,
+        compile_decode=compile and cuda and tp,
+        decode_graphs=cuda and not tp,
     )
 
 

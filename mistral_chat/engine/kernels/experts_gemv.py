@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, pdl
 from mistral_chat.engine.kernels.gemv import send_config
 
 try:
@@ -35,7 +35,7 @@ if triton is not None:
     from mistral_chat.engine.kernels.fused import start_next, wait_previous
     from mistral_chat.engine.kernels.gemv import _CONFIGS, _norm_scale, _row_sums, _store_rows, _sums_done
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS", "SLOTS"], **AUTOTUNE_CACHE)
     @triton.jit
     def _experts_kernel(x_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, N, K, stride_x, stride_we, stride_wn, UP,
                         norm_ptr, eps, buffers_ptr, counters_ptr, capacity, BLOCK_N: tl.constexpr,

@@ -19,6 +19,7 @@ decode (rope_and_cache, the GEMV and decode attention kernels, the Lamport all-r
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -31,6 +32,10 @@ except ImportError:  # CPU-only torch builds may ship without Triton: the plain 
     triton = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# autotuned kernels keep their timings in Triton's cache on disk, so that later start-ups skip the tuning (Triton
+# >= 3.2; the product kernels' tuning took seconds before a first answer)
+AUTOTUNE_CACHE = {"cache_results": True} if triton is not None and \
+    "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def triton_runs(x: torch.Tensor) -> bool:

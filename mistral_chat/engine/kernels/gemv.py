@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine.kernels import fused
-from mistral_chat.engine.kernels.fused import INTERPRETED, capability_major, pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, capability_major, pdl
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -54,7 +54,7 @@ if triton is not None:
                            (3072, 4096, 1): (2, 512, 4, 2), (4096, 2048, 1): (4, 512, 4, 1),
                            (7168, 4096, 2): (2, 512, 4, 2), (4096, 7168, 1): (2, 512, 4, 2)}.items()}
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "PARTS"], **AUTOTUNE_CACHE)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, UP, norm_ptr, eps, buffers_ptr, counters_ptr,
                      capacity, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,

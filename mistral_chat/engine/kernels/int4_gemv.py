@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import INTERPRETED
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED
 
 try:
     import triton
@@ -45,7 +45,7 @@ if triton is not None:
         value = ((src & (15 << SHIFT)) | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
         return value * (x * (1.0 / (1 << SHIFT)))[None, :]
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "GROUP", "PARTS"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "GROUP", "PARTS"], **AUTOTUNE_CACHE)
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, N, WORDS, stride_wn, stride_sn, UP,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PARTS: tl.constexpr):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import INTERPRETED
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED
 
 try:
     import triton
@@ -45,7 +45,7 @@ if triton is not None:
     _TOP = tl.constexpr(-65536)  # 0xFFFF0000 as int32
     _FLIP = tl.constexpr(-2139062144)  # 0x80808080 as int32: flips each byte's sign bit, s -> s + 128
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE", "PARTS"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "WORDS", "BYTE_PERMUTE", "PARTS"], **AUTOTUNE_CACHE)
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, WORDS, stride_wn, UP,
                           BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
