@@ -21,18 +21,18 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi -L
 bench=(python3 -m mistral_chat.bench.run --shape mistral-7b --prefill "" --batch 1 --steps 64)
 ckpt=/dev/shm/mistral-chat-m7
-step graphs 120 python3 benchmarks/gpu/graphs_check.py --steps 32
-step startup 120 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
+step graphs 110 python3 benchmarks/gpu/graphs_check.py --steps 32
+step startup 100 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
     --json-file "$out/startup.json"
-step load-profile 90 python3 benchmarks/gpu/load_profile.py $ckpt
-step bf16 60 "${bench[@]}" --batch 1,8
-step mixtral 90 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
-step int8 60 "${bench[@]}" --quantize int8
+step load-profile 70 python3 benchmarks/gpu/load_profile.py $ckpt
+step bf16 50 "${bench[@]}" --batch 1,8
+step batch-mode 150 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --vs-hf \
+    --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
+step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
+step int8 50 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4
-step startup-int8 90 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
+step startup-int8 80 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
     --quantize int8 --json-file "$out/startup_int8.json"
 step graphs-int8 60 python3 benchmarks/gpu/graphs_check.py --steps 32 --quantize int8 --no-compile
 step load-speed 70 python3 benchmarks/gpu/load_speed.py $ckpt --threads 16
-step batch-mode 300 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --vs-hf \
-    --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
 step speculate 120 python3 benchmarks/gpu/speculate.py
