@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from mistral_chat.engine import generate as generate_module
+from mistral_chat.engine import speculate as speculate_module
 from mistral_chat.engine.generate import Session
 from mistral_chat.engine.loader import LoadedModel, load_model
 from mistral_chat.engine.sampling import SamplingParams, probabilities
-from mistral_chat.engine.speculate import AcceptanceGate, PromptLookup, accept_drafts, draw_verified
+from mistral_chat.engine.speculate import (AUTO_DRAFTS, AcceptanceGate, PromptLookup, VerifyStep, accept_drafts,
+                                          draw_verified)
 from tiny_models import write_tiny_model
 
 CONTEXT = 256
@@ -151,6 +153,24 @@ def test_prompt_lookup_drafts_are_accepted_on_repeated_text(models, run_ahead):
         assert spec.generated_ids == plain.generated_ids
         assert spec.stats.accepted_tokens >= 0.8 * spec.stats.drafted_tokens > 0
         assert spec.stats.acceptance >= 0.8
+
+
+def test_speculation_is_automatic_where_verify_steps_run_in_graphs(models, monkeypatch):
+    """speculate None (the default): off on the CPU; AUTO_DRAFTS where verify steps run in CUDA graphs (one GPU,
+    dense: faked here, the steps running eagerly), unless penalties or an explicit 0 turn it off."""
+    cycle = [100, 2000, 300, 4000, 500, 6000, 700]
+    loaded = copying_model(models["mistral"], cycle)
+    prompt = [1] + [cycle[i % len(cycle)] for i in range(3, 30)]
+    default, _ = run(loaded, prompt, SamplingParams(max_tokens=40))
+    assert SamplingParams().speculate is None and default.stats.drafted_tokens == 0
+    monkeypatch.setattr(speculate_module, "verify_graphs", lambda model: True)
+    monkeypatch.setattr(generate_module, "VerifyStep", lambda model: VerifyStep(model, graphs=False))
+    auto, _ = run(loaded, prompt, SamplingParams(max_tokens=40))
+    assert auto.generated_ids == default.generated_ids
+    assert auto.stats.drafted_tokens >= AUTO_DRAFTS and auto.stats.accepted_tokens > 0
+    for params in (SamplingParams(max_tokens=40, speculate=0), SamplingParams(max_tokens=40, presence_penalty=0.5)):
+        off, _ = run(loaded, prompt, params)
+        assert off.stats.drafted_tokens == 0
 
 
 def test_answer_ends_inside_a_verify_step(models, monkeypatch):

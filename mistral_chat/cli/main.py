@@ -55,7 +55,7 @@ def run(
     repetition_penalty: float = opt.REPETITION_PENALTY,
     presence_penalty: float = opt.PRESENCE_PENALTY,
     stop: Optional[list[str]] = opt.STOP,
-    speculate: int = opt.SPECULATE,
+    speculate: Optional[int] = opt.SPECULATE,
     json_output: bool = flag("--json", help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
     tools: Optional[Path] = typer.Option(None, "--tools",
                                          help="JSON file of functions the model may call; one-shot prints calls as JSON."),

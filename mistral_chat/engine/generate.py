@@ -14,7 +14,7 @@ from mistral_chat.engine.decode import DecodeStep, prefill
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import session_context
 from mistral_chat.engine.sampling import Penalties, SamplingParams, StopStrings, make_generator, sample
-from mistral_chat.engine.speculate import PromptLookup, Speculator, VerifyStep, speculation_off
+from mistral_chat.engine.speculate import PromptLookup, Speculator, VerifyStep, automatic_drafts, speculation_off
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import ContextLengthError, DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
@@ -178,7 +178,8 @@ class Session:
                          if params.penalised else None)
             reader = self._token_reader()
             stats.finish_reason = "length"
-            speculator = self._speculator(params, prompt_ids, generator, reader, stats) if params.speculate else None
+            drafts = automatic_drafts(self.model, params) if params.speculate is None else params.speculate
+            speculator = self._speculator(params, drafts, prompt_ids, generator, reader, stats) if drafts else None
             if speculator is not None:
                 yield from self._answer_speculatively(speculator, params, decoder, stops, reader, stats, cancel,
                                                       started, logits)
@@ -244,7 +245,8 @@ class Session:
             stats.finish_reason = "stop"
         return delta
 
-    def _speculator(self, params: SamplingParams, prompt_ids: Sequence[int], generator: torch.Generator | None,
+    def _speculator(self, params: SamplingParams, drafts: int, prompt_ids: Sequence[int],
+                    generator: torch.Generator | None,
                     reader: TokenReader, stats: GenerationStats) -> Speculator | None:
         """The token source of a speculative answer, or None where this model or these settings cannot speculate
         (said once a session in the log)."""
@@ -257,7 +259,7 @@ class Session:
         assert self.model.slots is not None
         if self._verify is None or self._verify.slots is not self.model.slots:
             self._verify = VerifyStep(self.model)
-        n = min(params.speculate, self.model.slots.max_chunk - 1)
+        n = min(drafts, self.model.slots.max_chunk - 1)
         return Speculator(self.model, self.decode, self._verify, self.tokens, params, generator, n,
                           PromptLookup(prompt_ids), self.context_length, reader, self.run_ahead, stats)
 

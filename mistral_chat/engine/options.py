@@ -55,7 +55,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages any token of the prompt or the answer so far
     presence_penalty: float = 0.0  # subtracted from the logit of tokens already in the answer
     stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these strings
-    speculate: int = 0  # draft tokens checked per step by prompt lookup (engine/speculate.py); 0: off
+    # draft tokens checked per step by prompt lookup (engine/speculate.py); 0: off; None: automatic (speculate.py's
+    # AUTO_DRAFTS where measured to pay: one GPU, a dense model, no penalties; else off)
+    speculate: int | None = None
 
     @property
     def penalised(self) -> bool:
@@ -75,7 +77,7 @@ class SamplingParams:
             raise ValueError(f"top-k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.speculate <= MAX_SPECULATE:
+        if self.speculate is not None and not 0 <= self.speculate <= MAX_SPECULATE:
             raise ValueError(f"speculate must be in 0..{MAX_SPECULATE} draft tokens, got {self.speculate}")
 
     @classmethod

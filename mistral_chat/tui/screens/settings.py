@@ -80,7 +80,7 @@ def parse_settings(system_prompt: str, fields: dict[str, str]) -> ChatSettings:
         min_p=float(number("min_p", float, "min-p", "0")),
         repetition_penalty=float(number("repetition_penalty", float, "repetition penalty", "1")),
         presence_penalty=float(number("presence_penalty", float, "presence penalty", "0")),
-        speculate=int(number("speculate", int, "speculate", "0")),
+        speculate=int(number("speculate", int, "speculate", "0")) if fields.get("speculate", "").strip() else None,
         stop=parse_stop_strings(fields.get("stop", "")))
     return ChatSettings(system_prompt.strip(), generation, check_tools_path(fields.get("tools", "")))
 
@@ -90,7 +90,7 @@ NUMBER_FIELDS = [("temperature", "Temperature (0 = greedy)", ""), ("top_p", "Top
                  ("top_k", "Top-k (0 = off)", ""), ("min_p", "Min-p (0 = off)", ""),
                  ("max_tokens", "Max tokens", ""), ("seed", "Seed (empty = random)", ""),
                  ("repetition_penalty", "Repetition penalty", ""), ("presence_penalty", "Presence penalty", ""),
-                 ("speculate", "Speculate (0 = off)", "")]
+                 ("speculate", "Speculate (0 = off)", "empty = automatic")]
 TEXT_FIELDS = [("stop", "Stop strings", "comma-separated; \\n = new line"),
                ("tools", "Tools file (JSON)", "functions the model may call; empty = none")]
 FIELDS = NUMBER_FIELDS + TEXT_FIELDS
@@ -111,7 +111,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         values = {"temperature": str(g.temperature), "top_p": str(g.top_p), "top_k": str(g.top_k),
                   "max_tokens": str(g.max_tokens), "seed": "" if g.seed is None else str(g.seed),
                   "min_p": str(g.min_p), "repetition_penalty": str(g.repetition_penalty),
-                  "presence_penalty": str(g.presence_penalty), "speculate": str(g.speculate),
+                  "presence_penalty": str(g.presence_penalty), "speculate": "" if g.speculate is None else str(g.speculate),
                   "stop": format_stop_strings(tuple(g.stop)),
                   "tools": self.current.tools_path}
         with Vertical(classes="dialog wide", id="settings"):
