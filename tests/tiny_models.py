@@ -8,6 +8,7 @@ Both folders get a real tokenizer file from mistral-common's bundled data.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,19 @@ SPECS = {
     "mixtral": TinySpec(num_experts=4, sliding_window=None, rope_theta=1e6),
     "nemo": TinySpec(head_dim=24, sliding_window=None, rope_theta=1e6, tokenizer="v3"),
 }
+
+# Shapes of the AWQ fixtures (tests/fixtures/make_awq_fixture.py): every projection's input a multiple of 128
+AWQ_SPECS = {
+    "mistral": TinySpec(dim=128, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=2, init_std=0.05),
+    "mixtral": TinySpec(dim=128, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=1, num_experts=3,
+                        sliding_window=None, rope_theta=1e6, init_std=0.05),
+}
+_AWQ_PROJECTION = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|experts\.\d+\.w[123])\.weight$")
+
+
+def awq_projection(name: str) -> bool:
+    """Whether an HF tensor name is one AutoAWQ quantizes (the projections; not lm_head or the router)."""
+    return _AWQ_PROJECTION.search(name) is not None
 
 
 def hf_model(spec: TinySpec):

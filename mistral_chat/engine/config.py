@@ -46,6 +46,8 @@ class ModelConfig:
     max_seq_len: int = 32768
     tie_embeddings: bool = False
     checkpoint_format: CheckpointFormat = "native"
+    # "awq": the projections are stored 4-bit by AutoAWQ (config.json's quantization_config; awq.py loads them)
+    quantization: str | None = None
 
     @property
     def architecture(self) -> str:
@@ -99,7 +101,11 @@ def load_config(model_dir: Path) -> ModelConfig:
     fmt = detect_format(model_dir)
     if fmt == "native":
         return parse_params(_read_json(model_dir / "params.json"), source=str(model_dir / "params.json"))
-    return parse_hf_config(_read_json(model_dir / "config.json"), source=str(model_dir / "config.json"))
+    data = _read_json(model_dir / "config.json")
+    if "quantization_config" not in data and (model_dir / "quantize_config.json").exists():
+        data["quantization_config"] = _read_json(model_dir / "quantize_config.json")  # older GPTQ/AWQ repos
+        data["quantization_config"].setdefault("quant_method", "gptq")
+    return parse_hf_config(data, source=str(model_dir / "config.json"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -292,7 +298,32 @@ def parse_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelC
         max_seq_len=_int(data, "max_position_embeddings", source, default=32768),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         checkpoint_format="hf",
+        quantization=_quantization(data.get("quantization_config"), source),
     )
+
+
+def _quantization(value: Any, source: str) -> str | None:
+    """"awq" for AutoAWQ's 4-bit GEMM checkpoints (group 128, zero point), None for unquantized ones; any other
+    quantization a one-line ModelFilesError."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(source, "quantization_config", "an object", value)
+    method = str(value.get("quant_method") or "unknown").lower()
+    if method != "awq":
+        raise ModelFilesError(f"{source}: the weights are quantized with {method.upper()}, which mistral-chat does "
+                              "not load: use the model's bf16 release (with --quantize int4 or int8) or a 4-bit "
+                              "AWQ one")
+    found = {"bits": value.get("bits", value.get("w_bit")),
+             "group_size": value.get("group_size", value.get("q_group_size")),
+             "zero_point": value.get("zero_point", True), "version": str(value.get("version", "gemm")).lower()}
+    wanted = {"bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    bad = [f"{key} {found[key]}" for key in wanted if found[key] != wanted[key]]
+    if bad:
+        raise ModelFilesError(f"{source}: AWQ with {', '.join(bad)} is not supported (mistral-chat loads AWQ "
+                              "GEMM checkpoints of 4 bits, group_size 128, zero_point true): use the model's bf16 "
+                              "release or such an AWQ one")
+    return "awq"
 
 
 def _hf_layer_windows(layer_types: Any, window: int | None, n_layers: int, source: str

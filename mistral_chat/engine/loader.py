@@ -113,6 +113,10 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
                              f"{config.vocab_size}: the tokenizer file belongs to another model")
     parallel = parallel or Parallel()
     _check_parallel(config, parallel)
+    if config.quantization == "awq":  # already int4 (awq.py)
+        from mistral_chat.engine.awq import check_load
+
+        quantize = check_load(path.name, quantize, parallel.enabled, lora is not None)
     dev = resolve_device(device)
     reader = CheckpointReader(path, config.checkpoint_format, dev)
     target = resolve_dtype(dtype, dev, reader.stored_dtype())
@@ -137,7 +141,11 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
         with torch.device("meta"):
             try:
                 model = Transformer(config, parallel, plan)
-                if quantize is not None:
+                if config.quantization == "awq":
+                    from mistral_chat.engine.awq import AwqReader, prepare_awq
+
+                    convert, reader = prepare_awq(model, dev, target), AwqReader(reader)
+                elif quantize is not None:
                     convert = _prepare_quantized(model, quantize, dev, target)
             except ValueError as exc:  # a plan override that cannot work for this model
                 raise MistralChatError(f"{exc}: see docs/engine.md for the plan's fields") from exc

@@ -34,9 +34,13 @@ def session_context(config: ModelConfig, requested: int | None) -> int:
 
 def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefill_chunk: int = 2048,
                     quantize: str | None = None, world: int = 1, batch: int = 1) -> MemoryEstimate:
-    """Weights and KV cache of one rank of a model loaded as `dtype` (int8 or int4 projections with `quantize`)."""
+    """Weights and KV cache of one rank of a model loaded as `dtype` (int8 or int4 projections with `quantize`;
+    an AWQ checkpoint's are int4 whatever `quantize` says, its output projection in `dtype`)."""
     item = torch.finfo(dtype).bits // 8
     c = config
+    awq = c.quantization == "awq"
+    if awq:
+        quantize = "int4"
     experts = max(1, c.num_experts)
     heads, kv_heads, hidden = c.n_heads // world, max(1, c.n_kv_heads // world), c.hidden_dim // world
     # each projection of one rank: (outputs, inputs, how many)
@@ -47,9 +51,9 @@ def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefi
     ffn = [(2 * hidden, c.dim, c.n_layers * experts), (c.dim, hidden, c.n_layers * experts)]
     other = c.vocab_size * c.dim // world + c.n_layers * (2 * c.dim + c.dim * c.num_experts) + c.dim
     weights = other * item
-    for n, k, count in shapes + ffn:
-        mode = quantize
-        if quantize == "int4" and (group_size(k) is None or ((n, k, count) in ffn and not ffn_int4)):
+    for index, (n, k, count) in enumerate(shapes + ffn):
+        mode = None if awq and index == 2 else quantize  # AWQ keeps the output projection unquantized
+        if mode == "int4" and (group_size(k) is None or ((n, k, count) in ffn and not ffn_int4)):
             mode = "int8"
         weights += count * _projection_bytes(n, k, mode, item)
     slots, _ = cache_capacity(context, c.sliding_window, prefill_chunk)
