@@ -207,7 +207,7 @@ class MistralChatApp(App[None]):
         if isinstance(event, ModelReady):
             self.model_state = "ready"
             if event.compiled:
-                self.notify("Compiling the model for this GPU: the first answer takes a few minutes the first "
+                self.notify("Compiling the model for these GPUs (--tp): the first answer takes a few minutes the first "
                             "time, less once cached (--no-compile skips it).", title="Compiling", timeout=15)
         elif isinstance(event, EngineFailed) and event.during == "load":
             self.model_state = "failed"
