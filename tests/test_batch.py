@@ -105,6 +105,44 @@ def test_greedy_batch_equals_one_at_a_time_with_rows_reused_and_a_wrapping_windo
     assert mistral.model.row_positions is not None and mistral.model.row_positions.wraps
 
 
+class _Replay:
+    """Stands in for a CUDA graph on the CPU: a replay runs the captured call again into the same output."""
+
+    def __init__(self, run, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+    def pool(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kind", ["mistral", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_greedy_batch_with_the_step_in_graphs_equals_one_at_a_time(kind, mistral, mixtral, monkeypatch):
+    """The plan's batch_graphs path (decode.GraphedRows: every row each step, static inputs, a cache bucket per
+    graph), its capture replaced by plain calls on the CPU: the same greedy answers as one at a time."""
+    from mistral_chat.engine import batch as batch_module
+    from mistral_chat.engine import decode
+
+    def capture(run, device, pool=None):
+        out = run()  # the warm-up call
+        return out, _Replay(run, out)
+
+    monkeypatch.setattr(decode, "capture", capture)
+    monkeypatch.setattr(batch_module, "rows_in_graphs", lambda model, batch_size: True)
+    loaded = mistral if kind == "mistral" else mixtral
+    requests = [BatchRequest(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts([3, 17, 40, 8, 33], seed=2),
+                                                                               [20, 12, 24, 6, 16])]
+    expected = one_at_a_time(loaded, requests, context_length=128, prefill_chunk=16)
+    generator = BatchGenerator(loaded, 3, context_length=128, prefill_chunk=16)
+    assert isinstance(generator._graphed, decode.GraphedRows)
+    done = {e.index: e for e in generator.generate(requests) if e.done}
+    assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
+            for i in range(len(requests))] == expected
+    assert len(generator._graphed._graphs) >= 1
+
+
 @pytest.mark.slow
 def test_greedy_batch_equals_one_at_a_time_mixtral(mixtral):
     requests = [BatchRequest(p, SamplingParams(max_tokens=8)) for p in prompts([4, 11, 7, 19], seed=1)]

@@ -5,7 +5,8 @@
 #   graphs: one GPU's graphed decode and the compiled decode before it against torch's eager step (greedy tokens,
 #   teacher-forced logits); startup: launch -> first byte / full speed (bench --startup, writes the checkpoint the
 #   load steps read); the loader profiled and against safetensors and pinned reads; decode figures (bf16, Mixtral
-#   16 layers, int8, int4); batch mode with the server and HF; speculation.
+#   16 layers, int8, int4); batch mode with the server and HF, and with its decode step in CUDA graphs
+#   (--plan batch_graphs=1, not chosen until measured); speculation.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
@@ -28,6 +29,8 @@ step load-profile 70 python3 benchmarks/gpu/load_profile.py $ckpt
 step bf16 50 "${bench[@]}" --batch 1,8
 step batch-mode 150 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --vs-hf \
     --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
+step batch-graphs 150 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 \
+    --plan batch_graphs=1 --tp-checkpoint $ckpt --json-file "$out/batch_mode_graphs.json"
 step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
 step int8 50 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mistral_chat.bench.checkpoint import clear_checkpoint, reusable, write_random_checkpoint
-from mistral_chat.bench.command import BenchArgs, int_list
+from mistral_chat.bench.command import BenchArgs, int_list, parse_plan
 from mistral_chat.bench.shapes import bench_shape
 from mistral_chat.errors import MistralChatError
 
@@ -125,12 +125,12 @@ def _sync(model: Any) -> None:
         torch.cuda.synchronize()
 
 
-def raw_decode_rates(model: Any, prompt: int, steps: int, batches: list[int], compile: bool) -> dict[int, float]:
+def raw_decode_rates(model: Any, prompt: int, steps: int, batches: list[int]) -> dict[int, float]:
     """bench/run.py's batched decode timing on the loaded model: tokens/s by batch size."""
     from mistral_chat.bench.run import bench_ours
 
     loaded = model.loaded
-    rows = bench_ours(loaded.model, loaded.config, loaded.device, prompt, steps, batches, compile, [])
+    rows = bench_ours(loaded.model, loaded.config, loaded.device, prompt, steps, batches, None, [])
     loaded.model.cache_owner = None  # the next batch (or chat) sets its own cache up again
     return {r["batch"]: r["tokens_per_s"] for r in rows if r["what"].startswith("decode after")}
 
@@ -256,7 +256,8 @@ def _row(engine: str, batch: int, requests: int, seconds: float, tokens: int, **
 
 def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
     from mistral_chat.api import Model
-    from mistral_chat.engine.loader import DTYPES, resolve_device
+    from mistral_chat.engine.loader import DTYPES, load_model, resolve_device
+    from mistral_chat.engine.options import LoadOptions
 
     say = say or (lambda text: None)
     config = bench_shape(a.shape, a.layers, a.window)
@@ -280,8 +281,15 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
             write_random_checkpoint(folder, config, torch_dtype, device=dev)
         result.checkpoint_s = time.perf_counter() - started
         started = time.perf_counter()
-        model = stack.enter_context(Model.load(folder, device=a.device, dtype=a.dtype, quantize=a.quantize,
-                                               context=context, compile=False))  # as `mistral-chat batch` loads
+        if a.plan:  # an implementation to compare (the kernel plan's fields, e.g. batch_graphs=1)
+            options = LoadOptions(device=a.device, dtype=a.dtype, context_length=context, quantize=a.quantize,
+                                  compile=False)
+            loaded = load_model(folder, plan_overrides=parse_plan(a.plan), **options.load_kwargs())
+            model = stack.enter_context(Model(loaded, options))
+            say(loaded.plan.describe())
+        else:
+            model = stack.enter_context(Model.load(folder, device=a.device, dtype=a.dtype, quantize=a.quantize,
+                                                   context=context, compile=False))  # as `mistral-chat batch` loads
         result.load_s = time.perf_counter() - started
         texts = prompt_texts(model.tokenizer, count, prompt)
         ids = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
@@ -298,7 +306,7 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
             replies_by_batch[batch] = replies
             result.rows.append(_row("mistral-chat batch", batch, count, seconds, tokens))
         say("raw batched decode (bench/run.py)")
-        raw = raw_decode_rates(model, prompt, steps, batches, not a.no_compile)
+        raw = raw_decode_rates(model, prompt, steps, batches)  # decode as the plan says (one GPU: graphs)
         for row in result.rows:
             row["raw_decode_tokens_per_s"] = raw.get(row["batch"], 0.0)
             row["vs_raw"] = row["tokens_per_s"] / row["raw_decode_tokens_per_s"] if row["batch"] in raw else 0.0

@@ -8,7 +8,8 @@ at once and the next request takes it. Each row samples with its own `SamplingPa
 top-k/p, min-p, penalties, seed) and streams its own text (UTF-8-safe, stop strings held back).
 
 Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). The batch
-path runs eagerly with plain PyTorch attention; batch-1 chat keeps `Session` and its compiled decode.
+path runs with plain PyTorch attention, eagerly, or where the plan's batch_graphs says so (one GPU; not chosen until
+measured), its decode step over every row captured in CUDA graphs (`decode.GraphedRows`).
 
 Every model call goes through three methods (`_setup_rows`, `_reset_row`, `_forward_rows`); under tensor
 parallelism `parallel/batch.py`'s `ParallelBatchGenerator` broadcasts each to the followers before making it, so
@@ -24,10 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mistral_chat.engine.decode import GraphedRows, key_bucket
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK
 from mistral_chat.engine.loader import LoadedModel, is_out_of_memory
 from mistral_chat.engine.memory import estimate_memory, free_memory, session_context
 from mistral_chat.engine.model import Transformer
+from mistral_chat.engine.moe import EVERY_EXPERT_MAX_TOKENS
 from mistral_chat.engine.options import SamplingParams
 from mistral_chat.engine.sampling import Penalties, StopStrings, make_generator, sample
 from mistral_chat.engine.stats import GenerationStats
@@ -101,6 +104,13 @@ def run_rows(model: Transformer, tokens: torch.Tensor, starts: torch.Tensor, row
     return model.forward_rows(tokens.to(device), starts.to(device), rows, key_len)
 
 
+def rows_in_graphs(model: Transformer, batch_size: int) -> bool:
+    """Whether decode steps run captured in CUDA graphs (decode.GraphedRows): the plan's batch_graphs on one GPU,
+    and for Mixtral at most EVERY_EXPERT_MAX_TOKENS rows (more take the experts' data-dependent path)."""
+    return (model.plan.batch_graphs and model.device.type == "cuda" and not model.parallel.enabled
+            and (not model.config.num_experts or batch_size <= EVERY_EXPERT_MAX_TOKENS))
+
+
 class BatchGenerator:
     """Up to `batch_size` sequences of at most `context_length` tokens in flight on one model (one process; under
     tensor parallelism, rank 0's `ParallelBatchGenerator`)."""
@@ -118,6 +128,7 @@ class BatchGenerator:
         assert self.model.row_positions is not None
         self.prefill_chunk = min(prefill_chunk, self.model.row_positions.max_chunk)
         self._rows: list[_Row | None] = [None] * batch_size
+        self._graphed = GraphedRows(self.model, batch_size) if rows_in_graphs(self.model, batch_size) else None
 
     def _claim_cache(self) -> None:
         """Give the model a cache of `batch_size` rows (again, where a Session took the model's cache since)."""
@@ -239,7 +250,8 @@ class BatchGenerator:
     # ---- one decode step for every row in flight ------------------------------------------------------------------
 
     def _step(self) -> Iterator[BatchEvent]:
-        used = max(i for i, row in enumerate(self._rows) if row is not None) + 1
+        # in CUDA graphs every row runs (the graph's shape); eagerly, the rows up to the last one in use
+        used = self.batch_size if self._graphed else max(i for i, row in enumerate(self._rows) if row is not None) + 1
         tokens = [0] * used  # rows without a sequence run token 0 at position 0: finite, and reset on admission
         starts = [0] * used
         active: list[tuple[int, _Row]] = []
@@ -248,8 +260,13 @@ class BatchGenerator:
                 tokens[slot], starts[slot] = row.pending, row.position
                 active.append((slot, row))
         assert self.model.row_positions is not None
-        key_len = min(self.model.row_positions.capacity, max(starts) + 1)
-        logits = self._forward_rows([[token] for token in tokens], starts, slice(0, used), key_len)
+        capacity = self.model.row_positions.capacity
+        if self._graphed is not None:
+            logits = self._graphed(torch.tensor(tokens, dtype=torch.long)[:, None],
+                                   torch.tensor(starts, dtype=torch.long), key_bucket(max(starts), capacity))
+        else:
+            logits = self._forward_rows([[token] for token in tokens], starts, slice(0, used),
+                                        min(capacity, max(starts) + 1))
         for _, row in active:
             row.position += 1
         chosen = self._choose([row for _, row in active], logits[[slot for slot, _ in active]])

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,20 +83,62 @@ class GraphedStep:
     def _capture(self, tokens: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                      torch.cuda.CUDAGraph]:
         static_tokens = tokens.clone()
-        side = torch.cuda.Stream(device=tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
         every = tokens.shape[1] > 1  # a verify step: the logits of every position
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.model(static_tokens, self._position, key_len=key_len, all_logits=every)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model(static_tokens, self._position, key_len=key_len, all_logits=every)
+        out, graph = capture(lambda: self.model(static_tokens, self._position, key_len=key_len, all_logits=every),
+                             tokens.device, self._pool)
         self._pool = graph.pool()
         entry = (static_tokens, out, graph)
         self._graphs[(*tokens.shape, key_len)] = entry
         return entry
+
+
+def capture(run: Callable[[], torch.Tensor], device: torch.device, pool: Any = None
+            ) -> tuple[torch.Tensor, torch.cuda.CUDAGraph]:
+    """`run` captured in a CUDA graph (in memory pool `pool`), and the tensor it returns (the graph writes it at
+    each replay). Before, `run` runs twice on a side stream, so that Triton's autotuning and lazy initialisation
+    stay out of the graph; those runs must be repeatable (they write what the replay will write)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return out, graph
+
+
+class GraphedRows:
+    """Continuous batching's decode step, one token for every row of the batch cache (`Transformer.forward_rows`
+    over all rows, engine/batch.py), captured in CUDA graphs, one per cache bucket (the plan's batch_graphs). The
+    tokens and start positions go in through static tensors; rows without a sequence run token 0 at position 0."""
+
+    def __init__(self, model: Transformer, batch: int) -> None:
+        self.model = model
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.starts = torch.zeros(batch, dtype=torch.long, device=model.device)
+        self._graphs: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self._pool = None
+        self._cache = model.row_positions  # the cache the graphs were captured with
+
+    def __call__(self, tokens: torch.Tensor, starts: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Float32 logits [batch, vocab] of tokens ([batch, 1]) at starts ([batch]); `key_len`: a cache bucket."""
+        if self._cache is not self.model.row_positions:  # a new batch cache: the graphs read the old one
+            self._graphs.clear()
+            self._pool = None
+            self._cache = self.model.row_positions
+        self.tokens.copy_(tokens)
+        self.starts.copy_(starts)
+        entry = self._graphs.get(key_len)
+        if entry is None:
+            rows = slice(0, self.tokens.shape[0])
+            entry = capture(lambda: self.model.forward_rows(self.tokens, self.starts, rows, key_len),
+                            self.tokens.device, self._pool)
+            self._pool = entry[1].pool()
+            self._graphs[key_len] = entry
+        entry[1].replay()
+        return entry[0].clone()
 
 
 class DecodeStep:

@@ -60,6 +60,9 @@ class KernelPlan:
     compile_decode: bool = False  # decode compiled by torch.compile and replayed as CUDA graphs
     # without compile_decode, on one GPU: the eager step captured in CUDA graphs (decode.GraphedStep)
     decode_graphs: bool = False
+    # continuous batching's decode step over every row captured in CUDA graphs per cache bucket (decode.GraphedRows;
+    # one GPU). Not measured on a GPU yet, so never chosen: `bench --batch-mode --plan batch_graphs=1` measures it
+    batch_graphs: bool = False
 
     def __post_init__(self) -> None:
         for field, allowed in _CHOICES.items():
@@ -97,6 +100,8 @@ class KernelPlan:
         if plan.int4 == "packed" and (device.type != "cpu" or not packed_matmul_available()):
             raise ValueError(f"plan int4=packed runs on the CPU only, with torch's packed int4 matmul (torch >= "
                              f"2.6), not on {device} with torch {torch.__version__}")
+        if plan.batch_graphs and device.type != "cuda":
+            raise ValueError(f"plan batch_graphs needs a CUDA GPU, not {device}")
         if kernels and not kernels_allowed(device):
             raise ValueError(f"the plan's Triton kernels cannot run on {device}: they need a CUDA GPU with Triton "
                              f"(or TRITON_INTERPRET=1 on the CPU), and {KERNELS_ENV} not set to 0")
