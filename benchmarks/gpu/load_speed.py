@@ -1,6 +1,8 @@
 """How fast the weights of a model folder reach the GPU from the page cache, by each way there is: the engine's
 load_model, safetensors' own safe_open(device="cuda"), and plain reads of the files into pinned memory by N threads
 followed by one copy to the GPU (the ceiling a loader can aim at).
+Also a candidate loader (`ring_reads`: per-tensor GPU memory, then each file streamed in 64 MB pieces by N readers
+through a ring of 8 pinned buffers, no barrier per tensor), checked byte for byte against safetensors first.
 
     python3 benchmarks/gpu/load_speed.py FOLDER [--threads 1,4,8,16]
 
@@ -64,6 +66,77 @@ def pinned_reads(files: list[Path], threads: int, chunk: int = 64 << 20) -> None
         torch.cuda.synchronize()
 
 
+def ring_reads(files: list[Path], threads: int = 16, chunk: int = 64 << 20, ring: int = 8) -> list[torch.Tensor]:
+    """A candidate loader: each file's tensors get their GPU memory first; then the file's data is read in `chunk`
+    pieces by `threads` readers, up to `ring` pieces in flight in a ring of pinned buffers, and each piece, once
+    read, is copied (asynchronously) into the parts of the tensors it overlaps. No barrier per tensor."""
+    from mistral_chat.engine.gpu_reads import read_header
+
+    buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(ring)]
+    copied: list[torch.cuda.Event | None] = [None] * ring
+    kept = []
+    with ThreadPoolExecutor(threads) as pool:
+        for path in files:
+            entries = sorted(read_header(path).values(), key=lambda e: e.begin)
+            outs = [torch.empty(e.end - e.begin, dtype=torch.uint8, device="cuda") for e in entries]
+            kept += outs
+            start, end = entries[0].begin, entries[-1].end
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                def read(slot: int, offset: int) -> int:
+                    view = memoryview(buffers[slot].numpy())
+                    n = min(chunk, end - offset)
+                    done = 0
+                    while done < n:
+                        done += os.preadv(fd, [view[done:n]], offset + done)
+                    return n
+
+                offsets = list(range(start, end, chunk))
+                futures = {}
+                first = 0  # the tensor the next piece starts in
+                for i, offset in enumerate(offsets):
+                    for j in range(i, min(i + ring, len(offsets))):  # keep `ring` pieces in flight
+                        if j not in futures:
+                            slot = j % ring
+                            if copied[slot] is not None:
+                                copied[slot].synchronize()
+                                copied[slot] = None
+                            futures[j] = pool.submit(read, slot, offsets[j])
+                    n = futures.pop(i).result()
+                    slot = i % ring
+                    piece_end = offset + n
+                    while first < len(entries) and entries[first].end <= offset:
+                        first += 1
+                    k = first
+                    while k < len(entries) and entries[k].begin < piece_end:
+                        lo, hi = max(entries[k].begin, offset), min(entries[k].end, piece_end)
+                        outs[k][lo - entries[k].begin:hi - entries[k].begin].copy_(
+                            buffers[slot][lo - offset:hi - offset], non_blocking=True)
+                        k += 1
+                    event = torch.cuda.Event()
+                    event.record()
+                    copied[slot] = event
+            finally:
+                os.close(fd)
+    torch.cuda.synchronize()
+    return kept
+
+
+def check_ring_reads(files: list[Path]) -> bool:
+    """The candidate's bytes equal safetensors' for every tensor of the first file."""
+    from safetensors import safe_open
+
+    from mistral_chat.engine.gpu_reads import read_header
+
+    got = ring_reads(files[:1])
+    entries = sorted(read_header(files[0]).items(), key=lambda item: item[1].begin)
+    with safe_open(str(files[0]), framework="pt", device="cpu") as f:
+        for (name, entry), out in zip(entries, got):
+            if not torch.equal(out.cpu().view(entry.dtype).view(entry.shape), f.get_tensor(name)):
+                return False
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("folder", type=Path)
@@ -96,6 +169,12 @@ def main() -> None:
     for threads in (int(t) for t in a.threads.split(",")):
         timed(f"pread x{threads} into pinned memory, then to GPU", nbytes, lambda: pinned_reads(files, threads))
     torch.cuda.empty_cache()
+    print(f"candidate ring reads equal safetensors' bytes (first file): {check_ring_reads(files)}", flush=True)
+    torch.cuda.empty_cache()
+    for threads in (8, 16):
+        timed(f"candidate: ring of 8 x 64 MB pinned, {threads} readers", nbytes,
+              lambda: ring_reads(files, threads=threads))
+        torch.cuda.empty_cache()
     # the first load of a process also pays lazy imports and the first GPU and pinned allocations (2026-12-06: 6.95 s
     # first, against 4.43 for the CPU path second): the engine's path again, last
     timed("engine load_model again, after the others", nbytes, engine)
