@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -62,34 +62,48 @@ class GraphedStep:
     def __init__(self, model: Transformer, position: torch.Tensor) -> None:
         self.model = model
         self._position = position
-        self._graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
-        self._pool = None
-        self._slots = model.slots  # the cache the graphs were captured with
+        self._tokens: dict[torch.Size, torch.Tensor] = {}  # the graphs' token inputs, one per shape
+        self._graphs = CapturedGraphs(lambda: model.slots)
 
     def __call__(self, tokens: torch.Tensor, position: int, key_len: int) -> torch.Tensor:
-        if self._slots is not self.model.slots:  # a new cache (setup_cache): the graphs read the old one
+        self._position.fill_(position)
+        static = self._tokens.get(tokens.shape)
+        if static is None:
+            static = self._tokens[tokens.shape] = torch.empty_like(tokens)
+        static.copy_(tokens)
+        every = tokens.shape[1] > 1  # a verify step: the logits of every position
+        out = self._graphs.replay((*tokens.shape, key_len), tokens.device,
+                                  lambda: self.model(static, self._position, key_len=key_len, all_logits=every))
+        return out.clone() if every else out[:, -1].clone()
+
+
+class CapturedGraphs:
+    """CUDA graphs of one kind of step, one per key, sharing one memory pool; all dropped when the model's cache
+    they read (`cache_of()`: `setup_cache` or `setup_row_cache` replaced it) is no longer the one they captured."""
+
+    def __init__(self, cache_of: Callable[[], object]) -> None:
+        self._cache_of = cache_of
+        self._cache = cache_of()
+        self._graphs: dict[Hashable, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self._pool: Any = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def replay(self, key: Hashable, device: torch.device, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Graph `key` replayed (`run` captured first where the key is new): its output, which the next replay
+        overwrites."""
+        cache = self._cache_of()
+        if cache is not self._cache:
             self._graphs.clear()
             self._pool = None
-            self._slots = self.model.slots
-        self._position.fill_(position)
-        entry = self._graphs.get((*tokens.shape, key_len))
+            self._cache = cache
+        entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(tokens, key_len)
-        static_tokens, out, graph = entry
-        static_tokens.copy_(tokens)
-        graph.replay()
-        return out[:, -1].clone() if tokens.shape[1] == 1 else out.clone()
-
-    def _capture(self, tokens: torch.Tensor, key_len: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                     torch.cuda.CUDAGraph]:
-        static_tokens = tokens.clone()
-        every = tokens.shape[1] > 1  # a verify step: the logits of every position
-        out, graph = capture(lambda: self.model(static_tokens, self._position, key_len=key_len, all_logits=every),
-                             tokens.device, self._pool)
-        self._pool = graph.pool()
-        entry = (static_tokens, out, graph)
-        self._graphs[(*tokens.shape, key_len)] = entry
-        return entry
+            entry = self._graphs[key] = capture(run, device, self._pool)
+            self._pool = entry[1].pool()
+        entry[1].replay()
+        return entry[0]
 
 
 def capture(run: Callable[[], torch.Tensor], device: torch.device, pool: Any = None
@@ -118,27 +132,15 @@ class GraphedRows:
         self.model = model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.starts = torch.zeros(batch, dtype=torch.long, device=model.device)
-        self._graphs: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
-        self._pool = None
-        self._cache = model.row_positions  # the cache the graphs were captured with
+        self._graphs = CapturedGraphs(lambda: model.row_positions)
 
     def __call__(self, tokens: torch.Tensor, starts: torch.Tensor, key_len: int) -> torch.Tensor:
         """Float32 logits [batch, vocab] of tokens ([batch, 1]) at starts ([batch]); `key_len`: a cache bucket."""
-        if self._cache is not self.model.row_positions:  # a new batch cache: the graphs read the old one
-            self._graphs.clear()
-            self._pool = None
-            self._cache = self.model.row_positions
         self.tokens.copy_(tokens)
         self.starts.copy_(starts)
-        entry = self._graphs.get(key_len)
-        if entry is None:
-            rows = slice(0, self.tokens.shape[0])
-            entry = capture(lambda: self.model.forward_rows(self.tokens, self.starts, rows, key_len),
-                            self.tokens.device, self._pool)
-            self._pool = entry[1].pool()
-            self._graphs[key_len] = entry
-        entry[1].replay()
-        return entry[0].clone()
+        rows = slice(0, self.tokens.shape[0])
+        return self._graphs.replay(key_len, self.tokens.device,
+                                   lambda: self.model.forward_rows(self.tokens, self.starts, rows, key_len)).clone()
 
 
 class DecodeStep:

@@ -44,15 +44,17 @@ def estimate_memory(config: ModelConfig, dtype: torch.dtype, context: int, prefi
     experts = max(1, c.num_experts)
     heads, kv_heads, hidden = c.n_heads // world, max(1, c.n_kv_heads // world), c.hidden_dim // world
     # each projection of one rank: (outputs, inputs, how many)
+    output = (c.vocab_size // world, c.dim, 1)
     shapes = [(c.head_dim * (heads + 2 * kv_heads), c.dim, c.n_layers), (c.dim, heads * c.head_dim, c.n_layers),
-              (c.vocab_size // world, c.dim, 1)]
+              output]
     # the feed-forward's w13 and w2 (Mixtral's experts: int4 only if groups divide both sizes, as moe.py)
     ffn_int4 = not c.is_moe or (group_size(c.dim) is not None and group_size(hidden) is not None)
     ffn = [(2 * hidden, c.dim, c.n_layers * experts), (c.dim, hidden, c.n_layers * experts)]
     other = c.vocab_size * c.dim // world + c.n_layers * (2 * c.dim + c.dim * c.num_experts) + c.dim
     weights = other * item
-    for index, (n, k, count) in enumerate(shapes + ffn):
-        mode = None if awq and index == 2 else quantize  # AWQ keeps the output projection unquantized
+    for shape in shapes + ffn:
+        n, k, count = shape
+        mode = None if awq and shape is output else quantize  # AWQ keeps the output projection unquantized
         if mode == "int4" and (group_size(k) is None or ((n, k, count) in ffn and not ffn_int4)):
             mode = "int8"
         weights += count * _projection_bytes(n, k, mode, item)
