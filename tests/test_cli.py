@@ -14,6 +14,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class Run:
     args: list[str]
     stdin: str = ""
     memory_limit: int | None = None  # RLIMIT_AS in bytes, to make a huge allocation fail at once
+    python: tuple[str, ...] = ()  # options of the interpreter itself (-X importtime)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def run_cli(run: Run, env: dict[str, str], cwd: Path) -> Result:
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "mistral_chat.cli.main", *run.args], input=run.stdin,
+    proc = subprocess.run([sys.executable, *run.python, "-m", "mistral_chat.cli.main", *run.args], input=run.stdin,
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
                           preexec_fn=limit_memory if limit is not None else None)
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -153,6 +155,7 @@ def planned_runs(tiny: dict[str, Path], bad: dict[str, Path]) -> dict[str, Run]:
     runs = {
         "native": Run(answer_args(native, "--prompt", PROMPT, "--verbose")),
         "system": Run(answer_args(native, "--prompt", PROMPT, "--system", SYSTEM)),
+        "imports": Run(answer_args(native, "--prompt", PROMPT), python=("-X", "importtime")),
         "stdin": Run(answer_args(hf), stdin=PROMPT),  # also the Hugging Face folder's answer
         "prompt+stdin": Run(answer_args(native, "--prompt", PROMPT), stdin=PIPED),
         "bad-dtype": Run(answer_args(native, "--prompt", PROMPT, "--dtype", "int3")),
@@ -247,6 +250,55 @@ def test_verbose_statistics_go_to_stderr_only(results, references):
     assert "tokens/s" in result.stderr and f"generated {STEPS}" in result.stderr
     assert "finish: length" in result.stderr
     assert results["stdin"].stderr == ""  # and without --verbose, nothing at all
+
+
+# ---- start-up ------------------------------------------------------------------------------------------------
+
+
+def imported_modules(importtime_log: str) -> list[str]:
+    return [line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")]
+
+
+def test_one_shot_on_a_folder_never_imports_huggingface_hub(results):
+    """A model folder needs nothing from the hub: huggingface_hub (0.2 s to import here, up to 1 s on a GPU
+    machine) is imported only by what talks to the hub or reads its cache."""
+    result = results["imports"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == results["native"].stdout
+    imported = imported_modules(result.stderr)
+    assert "torch" in imported and "mistral_chat.cli.models" in imported  # the log covers the whole run
+    assert [m for m in imported if m.split(".")[0] == "huggingface_hub"] == []
+
+
+def test_chat_start_on_a_folder_never_imports_huggingface_hub(tiny, tmp_path):
+    """What runs before and as the chat opens on a folder (a stand-in for the chat itself, which needs a real
+    terminal, finds and remembers the model as the chat does), then the same with no --model: the last one used."""
+    code = textwrap.dedent("""
+        import io, sys
+        import mistral_chat.tui.app as tui
+        from mistral_chat.cli.main import main
+        from mistral_chat.tui.model_choices import remember_model, start_model
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        def chat(options):
+            path, name = start_model(options.model)
+            remember_model(name)
+            print(path)
+
+        sys.stdin = Terminal()
+        tui.run_tui = chat
+        assert main(["--model", sys.argv[1]]) == 0 and main([]) == 0
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "huggingface_hub"))
+    """)
+    env = cli_env(tmp_path)
+    del env["HF_HUB_OFFLINE"]  # online, as most start: the bare command then looks for what to offer to pull
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny["native"])], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(tiny["native"].resolve())] * 2 + ["[]"]
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------

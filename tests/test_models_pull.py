@@ -104,6 +104,19 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_cache_folder_is_named_as_huggingface_hub_names_it(tmp_path: Path) -> None:
+    """CachePaths names a repository's folder itself (importing huggingface_hub to find a model on disk would cost
+    every start-up its import); the name must stay the one `hf` and `scan_cache_dir` use."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    from mistral_chat.models.hub_settings import HubSettings
+
+    settings = HubSettings(endpoint="http://hub.invalid", cache_dir=tmp_path, token=None, offline=True)
+    for repo_id in (ALIAS_REPO, "tiny/native-only", "Org_1/model.v2-x", "single"):
+        expected = tmp_path / repo_folder_name(repo_id=repo_id, repo_type="model")
+        assert download.CachePaths.of(settings, repo_id).storage == expected
+
+
 # ---- a full pull ---------------------------------------------------------------------------------------------
 
 

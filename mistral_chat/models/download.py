@@ -6,6 +6,9 @@ X-Linked-Size) and `http_get` (GET with a Range header from `resume_size`, retry
 temporary file), so this module keeps the partial as `blobs/<etag>.incomplete` — the name older releases resumed
 from — and appends to it on the next pull. Files land in the standard cache layout (blobs/, snapshots/<commit>/,
 refs/<revision>), so other tools find them and `scan_cache_dir` sees them.
+
+huggingface_hub and httpx2 are imported by the functions that talk to the hub, not by this module: finding a model
+already on disk (`CachePaths`) must not cost their import at every start-up.
 """
 
 from __future__ import annotations
@@ -24,20 +27,6 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-import httpx2
-from filelock import Timeout
-from huggingface_hub import file_download, hf_hub_url
-from huggingface_hub.utils import WeakFileLock
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import build_hf_headers
-
 from mistral_chat.errors import DownloadError, MistralChatError, ModelNotFoundError
 from mistral_chat.models.catalogue import did_you_mean
 from mistral_chat.models.hub_settings import HubSettings
@@ -47,7 +36,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _HASH_CHUNK = 8 * 1024 * 1024
-_TRANSIENT_EXCEPTIONS = (httpx2.TransportError,)
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -132,7 +120,8 @@ class CachePaths:
 
     @classmethod
     def of(cls, settings: HubSettings, repo_id: str) -> "CachePaths":
-        return cls(settings.cache_dir / file_download.repo_folder_name(repo_id=repo_id, repo_type="model"))
+        """models--<owner>--<name>, as huggingface_hub's `file_download.repo_folder_name` names it."""
+        return cls(settings.cache_dir / "--".join(["models", *repo_id.split("/")]))
 
     def blob(self, etag: str) -> Path:
         return self.storage / "blobs" / etag
@@ -164,15 +153,20 @@ class CachePaths:
 
 def is_transient(exc: BaseException) -> bool:
     """Hub errors 5xx (and 408/429) and network failures: worth another try."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     if isinstance(exc, OfflineModeIsEnabled):
         return False
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         return exc.response.status_code >= 500 or exc.response.status_code in (408, 429)
-    return isinstance(exc, _TRANSIENT_EXCEPTIONS)
+    return isinstance(exc, httpx2.TransportError)
 
 
 def is_unreachable(exc: BaseException) -> bool:
     """No connection could be made at all (no route, refused, DNS, connect timeout): retried once, not more."""
+    import httpx2
+
     return isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout))
 
 
@@ -202,6 +196,8 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
 
 
 def _short(exc: BaseException) -> str:
+    from huggingface_hub.errors import HfHubHTTPError
+
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         return f"HTTP {exc.response.status_code}"
     return type(exc).__name__
@@ -211,6 +207,10 @@ def hub_error(exc: BaseException, repo_id: str, settings: HubSettings, revision:
               attempts: int = 1, kept_bytes: int = 0) -> MistralChatError:
     """One-line, actionable error for something huggingface_hub or the network raised; `kept_bytes`: what this
     repository's partial downloads hold (said only when there is something to resume)."""
+    import httpx2
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
     kept = f" ({kept_bytes:,} bytes downloaded so far are kept and resumed)" if kept_bytes else ""
     page = settings.repo_url(repo_id)
     login = "then run `hf auth login` or set HF_TOKEN (or pass --token)"
@@ -340,6 +340,9 @@ def fetch_file(settings: HubSettings, repo_id: str, commit: str, remote: RemoteF
 @contextmanager
 def blob_lock(paths: CachePaths, remote: RemoteFile, progress: PullProgress) -> Iterator[None]:
     """Hold the blob's lock; when another download holds it, say so on the progress line, then wait."""
+    from filelock import Timeout
+    from huggingface_hub.utils import WeakFileLock
+
     lock = paths.lock(remote.etag)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
@@ -354,6 +357,9 @@ def blob_lock(paths: CachePaths, remote: RemoteFile, progress: PullProgress) -> 
 
 def _fetch_locked(settings: HubSettings, repo_id: str, commit: str, remote: RemoteFile, progress: PullProgress,
                   retry: RetryPolicy, paths: CachePaths) -> Path:
+    from huggingface_hub import file_download, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
     partial = paths.partial(remote.etag)
     partial.parent.mkdir(parents=True, exist_ok=True)
     if partial.is_file() and partial.stat().st_size > remote.size:

@@ -2,6 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, when it is imported; reading them again here
 means a changed environment (tests, a long-lived process) is honoured, and the values are passed explicitly.
+huggingface_hub's own defaults (its `constants`) are imported only when the environment names none.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import constants
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -36,10 +35,24 @@ def hub_cache_dir() -> Path:
         return Path(os.path.expandvars(os.environ["HUGGINGFACE_HUB_CACHE"])).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    from huggingface_hub import constants
+
     return Path(constants.HF_HUB_CACHE)
 
 
+def hub_endpoint() -> str:
+    """HF_ENDPOINT, else huggingface_hub's default (https://huggingface.co)."""
+    if os.environ.get("HF_ENDPOINT"):
+        return os.environ["HF_ENDPOINT"].rstrip("/")
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: nothing may be downloaded."""
+    return (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower() in _TRUE
+
+
 def hub_settings(token: str | None = None) -> HubSettings:
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    offline = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower() in _TRUE
-    return HubSettings(endpoint=endpoint, cache_dir=hub_cache_dir(), token=token or None, offline=offline)
+    return HubSettings(endpoint=hub_endpoint(), cache_dir=hub_cache_dir(), token=token or None, offline=hub_offline())

@@ -7,8 +7,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi
-
 from mistral_chat.errors import DownloadError, MistralChatError, ModelFilesError, ModelNotFoundError
 from mistral_chat.models import download
 from mistral_chat.models.catalogue import alias_for_repo, did_you_mean, lookup_alias, looks_like_repo_id
@@ -191,6 +189,8 @@ def _forget_unless_ready(name: str) -> None:
 def _remote_selection(repo_id: str, settings: HubSettings, revision: str, fmt: FormatChoice,
                       retry: RetryPolicy) -> tuple[str, FileSelection, list[RemoteFile]]:
     """The commit `revision` names, the files the engine needs from it, and their sizes (from the hub's list)."""
+    from huggingface_hub import HfApi
+
     api = HfApi(endpoint=settings.endpoint, token=settings.token)
     info = with_retries(lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
                         retry, f"model info for {repo_id}")

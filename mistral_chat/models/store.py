@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import scan_cache_dir
-from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
-
 from mistral_chat.errors import MistralChatError, ModelFilesError, ModelNotFoundError
 from mistral_chat.models.catalogue import did_you_mean, lookup_alias, looks_like_repo_id
 from mistral_chat.models.download import CachePaths
@@ -192,6 +189,9 @@ def _summary(name: str, source: Source, folder: Path, repo_id: str | None, ready
 
 def _cached_repos() -> list[tuple[str, Path]]:
     """(repo id, snapshot) of every model repository in the Hugging Face cache that mistral-chat can run."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
+
     try:
         info = scan_cache_dir(hub_settings().cache_dir)
     except (CacheNotFound, CorruptedCacheException, OSError):
@@ -299,6 +299,9 @@ class RemovalPlan:
 
 def plan_removal(name: str) -> RemovalPlan:
     """Plan removing a model: a pulled or cached repo revision is deleted from the HF cache; a folder is forgotten."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
+
     registry = Registry.load()
     alias = lookup_alias(name)
     record = registry.find(name) or (registry.find(alias.repo_id) if alias else None)

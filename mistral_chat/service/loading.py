@@ -38,11 +38,11 @@ def model_to_pull(name: str | None) -> str | None:
     none was used. None when there is nothing to pull: the model is there, or `name` is no hub model (a folder,
     a typo): resolve_model_path then says what is wrong. None too under HF_HUB_OFFLINE (no download to offer)."""
     from mistral_chat.models.catalogue import DEFAULT_ALIAS
-    from mistral_chat.models.hub_settings import hub_settings
+    from mistral_chat.models.hub_settings import hub_offline
     from mistral_chat.models.pull import parse_target
     from mistral_chat.models.store import last_used_model, list_models, resolve_model
 
-    if name is None and hub_settings().offline:
+    if name is None and hub_offline():
         return None
     if name is None:
         name = last_used_model()
