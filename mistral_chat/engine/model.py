@@ -17,7 +17,7 @@ from torch import nn
 from mistral_chat.engine.kernels import decode_attention, fused
 from mistral_chat.engine.cache import LayerKVCache, RowPositions, SlotPositions, cache_capacity
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.kernels.gemv import Linear
+from mistral_chat.engine.kernels.gemv import Linear, NoInitOnMeta
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.parallel.collectives import (all_reduce, embed_vocab_slice, gather_vocab,
@@ -170,7 +170,8 @@ class Attention(nn.Module):
     def forward_rows(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                      key_len: int, rows: slice) -> torch.Tensor:
         """`forward` for the batch rows `rows` of the cache, each at its own positions (continuous batching):
-        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products and attention."""
+        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products; decode's attention in
+        the plan's kernel, one mask per row."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.cache is not None, "call Transformer.setup_row_cache first"
@@ -180,7 +181,9 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         keys, values = self.cache.update_rows(rows, slots, k, v)
         keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
-        if t <= GROUPED_ATTENTION_MAX_QUERIES:
+        if t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton":  # decode: a mask per row
+            out = decode_attention.decode_attention(q, keys, values, mask)
+        elif t <= GROUPED_ATTENTION_MAX_QUERIES:
             out = grouped_attention(q, keys, values, mask[:, None, None])
         else:
             group = self.n_heads // self.n_kv_heads
@@ -272,6 +275,10 @@ _nested_region = getattr(torch.compiler, "nested_compile_region", None)
 run_block_once = run_block if _nested_region is None else _nested_region(run_block)
 
 
+class Embedding(NoInitOnMeta, nn.Embedding):
+    """nn.Embedding, not initialised on meta."""
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, parallel: Parallel | None = None, plan: KernelPlan | None = None) -> None:
         super().__init__()
@@ -281,7 +288,7 @@ class Transformer(nn.Module):
         if self.plan.norms_in_products and config.is_moe and self.plan.moe != "triton":
             raise ValueError("plan norms_in_products needs moe=triton for a mixture-of-experts model")
         local = LocalShape.of(config, self.parallel)
-        self.tok_embeddings = nn.Embedding(local.vocab_size, config.dim)  # this rank's rows of the vocabulary
+        self.tok_embeddings = Embedding(local.vocab_size, config.dim)  # this rank's rows of the vocabulary
         self.layers = nn.ModuleList(TransformerBlock(config, local, self.parallel, self.plan)
                                     for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, self.plan.fused)
@@ -345,8 +352,8 @@ class Transformer(nn.Module):
 
         Each row keeps its own positions and mask (`setup_row_cache`), so sequences of different lengths share
         a step: one new token for every row (decode), or one row's prompt chunk (prefill). `key_len`: how many
-        cache slots attention reads (at least the longest row's positions, at most the capacity). Eager, plain
-        PyTorch attention. Under tensor parallelism every rank makes the same call on its shard (its collectives
+        cache slots attention reads (at least the longest row's positions, at most the capacity). Eager (or
+        captured in CUDA graphs: decode.GraphedRows); decode's attention in the plan's kernel. Under tensor parallelism every rank makes the same call on its shard (its collectives
         sum the row-parallel products and gather the vocabulary: parallel/batch.py).
         """
         assert self.row_positions is not None and self.rope is not None, "call setup_row_cache first"

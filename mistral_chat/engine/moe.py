@@ -49,6 +49,10 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
 
 
+class Router(gemv.NoInitOnMeta, nn.Linear):
+    """The gate: a plain nn.Linear (never the GEMV kernel), not initialised on meta."""
+
+
 class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, parallel: Parallel,
                  plan: KernelPlan | None = None) -> None:
@@ -56,7 +60,7 @@ class MoEFeedForward(nn.Module):
         plan = plan or KernelPlan()
         self.top_k = top_k
         self.parallel = parallel
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.gate = Router(dim, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w13_scale: torch.Tensor | None = None  # per-row scales when the experts are int8 (quant.py),

@@ -15,7 +15,8 @@ A range holds at least MIN_SPLIT = 64 keys (one tile). Measurements against indu
 
 `decode_attention(q, k, v, mask)` is a torch custom op (one opaque call for torch.compile and CUDA graphs) that
 computes what `grouped_attention` computes, for strided q ([B, H, T, D]), k and v ([B, Hkv, S, D], slices of the
-cache) and mask ([T, S] bool). It runs where the plan's `attention` is "triton" (CUDA with Triton, or the CPU
+cache) and mask ([T, S] bool, or [B, T, S]: a mask per sequence, as continuous batching's rows at positions of
+their own have). It runs where the plan's `attention` is "triton" (CUDA with Triton, or the CPU
 under Triton's interpreter, TRITON_INTERPRET=1, which the tests use).
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import INTERPRETED, pdl
+from mistral_chat.engine.kernels.fused import INTERPRETED, kernel_op, pdl
 
 try:
     import triton
@@ -44,7 +45,7 @@ WARPS = 4  # warps per program of the attention kernel
 if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
-                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_t, sm_s,
+                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_b, sm_t, sm_s,
                           scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                           DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT).
@@ -74,7 +75,7 @@ if triton is not None:
             kv_ok = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + s[:, None] * sk_s + d[None, :] * sk_d, mask=kv_ok, other=0.0).to(DOT)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # log2 units: exp2 below
-            allowed = tl.load(mask_ptr + t[:, None] * sm_t + s[None, :] * sm_s,
+            allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
                               mask=row_ok[:, None] & s_ok[None, :], other=0)
             scores = tl.where(allowed != 0, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -122,10 +123,10 @@ def split_size(keys: int, programs: int) -> int:
     return triton.cdiv(triton.cdiv(keys, splits), BLOCK_S) * BLOCK_S
 
 
-@torch.library.custom_op("mistral_chat::decode_attention", mutates_args=())
+@kernel_op("mistral_chat::decode_attention")
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of q ([B, H, T, D]) over k, v ([B, Hkv, S, D]) under mask ([T, S] bool), as grouped_attention;
-    a new contiguous [B, H, T, D] tensor of q's dtype."""
+    """Attention of q ([B, H, T, D]) over k, v ([B, Hkv, S, D]) under mask ([T, S] bool, or [B, T, S] per
+    sequence), as grouped_attention; a new contiguous [B, H, T, D] tensor of q's dtype."""
     assert triton is not None, "decode_attention needs Triton"
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -140,9 +141,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         part = torch.empty((b * h * t, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b * h * t, splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
+    mask_strides = mask.stride() if mask.dim() == 3 else (0, *mask.stride())
     _attention_kernel[(b * hkv, splits, row_blocks)](
         q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
-        *mask.stride(), d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
+        *mask_strides, d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
         DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, **pdl(q))
     if splits > 1:

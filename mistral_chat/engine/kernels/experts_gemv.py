@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, kernel_op, pdl
 from mistral_chat.engine.kernels.gemv import send_config
 
 try:
@@ -82,7 +82,7 @@ def use_experts_kernel(x: torch.Tensor, w13: torch.Tensor, planned: bool) -> boo
     return planned and x.numel() == x.shape[-1] and w13.is_floating_point()
 
 
-@torch.library.custom_op("mistral_chat::experts_swiglu", mutates_args=())
+@kernel_op("mistral_chat::experts_swiglu")
 def experts_swiglu(x: torch.Tensor, w13: torch.Tensor, experts: torch.Tensor, norm_of: torch.Tensor | None = None,
                    eps: float = 0.0) -> torch.Tensor:
     """SiLU(gate) * up of x ([..., dim], one row) through each chosen expert's w13 ([experts, 2 * hidden, dim],
@@ -109,7 +109,7 @@ def _(x: torch.Tensor, w13: torch.Tensor, experts: torch.Tensor, norm_of: torch.
     return x.new_empty(experts.numel(), w13.shape[1] // 2)
 
 
-@torch.library.custom_op("mistral_chat::experts_down", mutates_args=())
+@kernel_op("mistral_chat::experts_down")
 def experts_down(act: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum over the chosen experts of weights[s] * (w2[experts[s]] @ act[s]): act [k, hidden], w2 [experts, dim,
     hidden], experts and weights [..., k]; [dim]."""

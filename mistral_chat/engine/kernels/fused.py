@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,28 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # >= 3.2; the product kernels' tuning took seconds before a first answer)
 AUTOTUNE_CACHE = {"cache_results": True} if triton is not None and \
     "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def kernel_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: the function registered as the custom op `name` (not mutating its arguments, as far as
+    torch.compile knows), which compiled code calls as one opaque op; eager code and CUDA graph captures call the
+    function itself. A custom op's first eager call imports torch._dynamo: 1-4 s of every start-up (measured on
+    an H100 machine), for a compiler the default plan never runs. `register_fake` is the op's."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        call.register_fake = op.register_fake  # type: ignore[attr-defined]
+        call.op = op  # type: ignore[attr-defined]
+        return call
+
+    return wrap
 
 
 def triton_runs(x: torch.Tensor) -> bool:
@@ -197,7 +221,7 @@ ROPE_CACHE_HEADS = 8  # heads per program of rope_and_cache
 # that mutate arguments inside a nested compile region (a transformer block under quick compile). So compiled
 # code calls it only where the caches' one reader is the decode attention kernel, which takes the q it returns
 # and so runs after the writes (model.Attention.forward); eager code runs in program order.
-@torch.library.custom_op("mistral_chat::rope_and_cache", mutates_args=())
+@kernel_op("mistral_chat::rope_and_cache")
 def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, n_q: int) -> torch.Tensor:
     """The step between the q/k/v projection and attention, as one kernel: of qkv ([B, T, (n_q + 2 n_kv) D], q

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine.kernels import fused
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, capability_major, pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, capability_major, kernel_op, pdl
 from mistral_chat.engine.materialize import materialize
 
 try:
@@ -143,7 +143,7 @@ if triton is not None:
             tl.store(out_ptr + units, sums.to(dtype), mask=units < N)
 
 
-@torch.library.custom_op("mistral_chat::linear_row", mutates_args=())
+@kernel_op("mistral_chat::linear_row")
 def linear_row(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm_of: torch.Tensor | None = None,
                eps: float = 0.0, float_out: bool = False) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K], rows contiguous) transposed; with `swiglu`, weight holds
@@ -231,7 +231,19 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, planned: bool) -> bool:
     return planned and x.numel() == x.shape[-1] and weight.stride(-1) == 1
 
 
-class Linear(nn.Linear):
+class NoInitOnMeta:
+    """For nn.Linear / nn.Embedding subclasses: made on the meta device (the loader's skeleton, whose weights come
+    from the checkpoint), no random init. On meta, init runs through torch._refs, whose first use imports
+    torch._dynamo: 1-2 s of every start-up for numbers nobody reads."""
+
+    weight: torch.Tensor
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()  # type: ignore[misc]
+
+
+class Linear(NoInitOnMeta, nn.Linear):
     """nn.Linear (no bias) whose single-row products run on the kernel where `row_kernel` (the plan's gemv, set by
     the model) says so; `fused`: the plan's fused, for SwiGLU's activation outside the kernel. `float_out` (the output projection): the kernel keeps
     its float32 sums, as inductor's product does when its float32 cast is fused in (logits not rounded to bf16,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op
 
 try:
     import triton
@@ -85,7 +85,7 @@ def fits(weight: torch.Tensor) -> bool:
     return weight.stride(-1) == 1 and weight.shape[-1] % 4 == 0 and weight.stride(0) % 4 == 0
 
 
-@torch.library.custom_op("mistral_chat::int4_linear", mutates_args=())
+@kernel_op("mistral_chat::int4_linear")
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                 swiglu: bool = False) -> torch.Tensor:
     """x ([..., K], one row in all) times the int4 weight (packed [N, K / 2] uint8, with scale and low [N, groups])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op
 
 try:
     import triton
@@ -106,7 +106,7 @@ def fits(weight: torch.Tensor) -> bool:
     return weight.stride(-1) == 1 and weight.shape[-1] % 4 == 0 and weight.stride(0) % 4 == 0
 
 
-@torch.library.custom_op("mistral_chat::int8_linear", mutates_args=())
+@kernel_op("mistral_chat::int8_linear")
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
     """x ([..., K], one row in all) times weight ([N, K] int8) transposed, each output scaled by scale ([N]); with
     `swiglu`, weight holds gate rows then up rows and the result is SiLU(gate) * up ([..., N / 2])."""
