@@ -92,6 +92,31 @@ def test_rows_forward_equals_the_batch_one_forward():
     torch.testing.assert_close(torch.cat(got), torch.cat(expected), rtol=1e-4, atol=1e-4)
 
 
+def test_rows_admitted_together_are_prefilled_together(mistral, monkeypatch):
+    """Requests admitted at once prefill in one call where their rows are consecutive and their chunks of one
+    length (at most prefill_chunk tokens a call); prompts of several chunks too, with a window shorter than them
+    (16): the same greedy answers as one at a time."""
+    lengths = [12, 12, 12, 20, 40, 40, 7, 12, 12]
+    requests = [BatchRequest(p, SamplingParams(max_tokens=n))
+                for p, n in zip(prompts(lengths, seed=4), [6, 9, 4, 8, 5, 7, 3, 10, 2])]
+    expected = one_at_a_time(mistral, requests, context_length=128, prefill_chunk=32)
+    generator = BatchGenerator(mistral, 4, context_length=128, prefill_chunk=32)
+    calls: list[tuple[int, int]] = []
+    forward_rows = generator._forward_rows
+
+    def spy(tokens, starts, rows, key_len):
+        assert rows.stop - rows.start == len(tokens) and len(set(map(len, tokens))) == 1
+        calls.append((len(tokens), len(tokens[0])))
+        return forward_rows(tokens, starts, rows, key_len)
+
+    monkeypatch.setattr(generator, "_forward_rows", spy)
+    done = {e.index: e for e in generator.generate(requests) if e.done}
+    assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
+            for i in range(len(requests))] == expected
+    assert calls[0] == (2, 12)  # the first wave: rows 0-1 (12 + 12 tokens), then row 2 alone (a third is > 32)
+    assert all(n * t <= 32 for n, t in calls if t > 1)
+
+
 @pytest.mark.slow
 def test_greedy_batch_equals_one_at_a_time_with_rows_reused_and_a_wrapping_window(mistral):
     # window 16, chunk 16: 31 slots a row, so every sequence here wraps; prompts longer than a chunk prefill in

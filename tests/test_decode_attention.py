@@ -54,6 +54,15 @@ check(2, 2, 2, 2, 16, 60, window=12)  # one range of 4 tiles, the first 2 masked
 module.MIN_SPLIT = 16
 check(2, 1, 2, 4, 16, 77, window=30, dtype=torch.bfloat16, exact=False)
 
+# a mask per sequence ([B, T, S], continuous batching's rows at positions of their own), sliced from a wider one
+q, k, v, _ = case(3, 2, 2, 2, 16, 50)
+rows = torch.rand(3, 2, 57, generator=gen)[..., :50] < torch.tensor([0.2, 0.6, 1.0])[:, None, None]
+rows[1] = False  # a row that may see nothing gives zeros, as grouped_attention's NaN-free counterpart would not
+got = module.decode_attention(q, k, v, rows)
+want = grouped_attention(q[[0, 2]], k[[0, 2]], v[[0, 2]], rows[[0, 2]][:, None, None])
+torch.testing.assert_close(got[[0, 2]], want, rtol=1e-5, atol=1e-5)
+assert torch.equal(got[1], torch.zeros_like(got[1]))
+
 @torch.compile(fullgraph=True, dynamic=True)
 def step(q, keys, values, mask, key_len):
     return module.decode_attention(q, keys[:, :, :key_len], values[:, :, :key_len], mask[:, :key_len]) * 2
@@ -106,7 +115,7 @@ def test_the_kernel_compiles_for_hopper():
     names = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "part_ptr", "lse_ptr"]
     types = ["*bf16", "*bf16", "*bf16", "*i1", "*bf16", "*fp32", "*fp32"]
     ints = ["S", "SPLIT", "D", "T", "G", "HEADS_KV", "sq_b", "sq_h", "sq_t", "sq_d", "sk_b", "sk_h", "sk_s", "sk_d",
-            "sv_b", "sv_h", "sv_s", "sv_d", "sm_t", "sm_s"]
+            "sv_b", "sv_h", "sv_s", "sv_d", "sm_b", "sm_t", "sm_s"]
     signature = dict(zip(names, types)) | dict.fromkeys(ints, "i32") | {"scale": "fp32"}
     constexprs = {"BLOCK_M": 16, "BLOCK_S": 64, "BLOCK_D": 128, "DOT": tl.bfloat16, "PRECISION": "tf32"}
     for direct in (False, True):

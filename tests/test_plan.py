@@ -55,9 +55,10 @@ def test_on_the_cpu_the_kernels_run_only_in_tritons_interpreter(triton_here, mon
 
 def test_one_gpu_runs_every_kernel_and_graphs_the_eager_decode_step(triton_here):
     """One GPU: the --tp kernels (GEMV, experts, norms inside the products; not for quantized products) and decode
-    captured in CUDA graphs, never compiled (compile matters only under --tp)."""
+    captured in CUDA graphs (one sequence's and continuous batching's), never compiled (compile matters only under
+    --tp)."""
     rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", int4="triton", moe="triton",
-                decode_graphs=True)
+                decode_graphs=True, batch_graphs=True)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         for compile in (True, False):
             got = choose_plan(CUDA, dtype, 1, compile=compile)
@@ -78,7 +79,8 @@ def test_tensor_parallel_gpus_take_the_row_kernels_and_the_fast_all_reduce(trito
     monkeypatch.setenv("MISTRAL_CHAT_KERNELS", "0")  # plain PyTorch, all-reduces through c10d (NCCL)
     assert choose_plan(CUDA, torch.bfloat16, 2, compile=True) == KernelPlan(all_reduce="c10d", compile_decode=True)
     assert choose_plan(CUDA, torch.float32, 2) == KernelPlan(all_reduce="c10d")
-    assert choose_plan(CUDA, torch.bfloat16, 1) == KernelPlan(decode_graphs=True)  # plain PyTorch, in CUDA graphs
+    # plain PyTorch, in CUDA graphs
+    assert choose_plan(CUDA, torch.bfloat16, 1) == KernelPlan(decode_graphs=True, batch_graphs=True)
 
 
 def test_overrides_replace_fields_from_strings(triton_here, monkeypatch):

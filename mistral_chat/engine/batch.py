@@ -1,15 +1,17 @@
 """Continuous batching: many answers generated together, each request taking a free row of the cache.
 
-`BatchGenerator.generate(requests)` keeps up to `batch_size` sequences in flight. A request is admitted into a free
-row by prefilling that row alone (its prompt, chunk by chunk); then every step decodes one token for all rows in
+`BatchGenerator.generate(requests)` keeps up to `batch_size` sequences in flight. Requests are admitted into free
+rows by prefilling their prompts, chunk by chunk; then every step decodes one token for all rows in
 flight at once, each row at its own position (`Transformer.forward_rows`: per-row positions and masks), so prompts
 of different lengths share a step. A sequence that ends (EOS, a stop string, max tokens, the context) frees its row
 at once and the next request takes it. Each row samples with its own `SamplingParams` (greedy, temperature,
 top-k/p, min-p, penalties, seed) and streams its own text (UTF-8-safe, stop strings held back).
 
-Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). The batch
-path runs with plain PyTorch attention, eagerly, or where the plan's batch_graphs says so (one GPU; not chosen until
-measured), its decode step over every row captured in CUDA graphs (`decode.GraphedRows`).
+Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). Prompts
+are prefilled eagerly, as many rows together as are admitted at once (contiguous free rows, chunks of one length, up
+to PREFILL_TOKENS a call); decode steps run eagerly too, or, where the plan's batch_graphs says so (one GPU), over
+every row captured in CUDA graphs (`decode.GraphedRows`). Attention is the plan's: the decode kernel with a mask per
+row, or plain PyTorch.
 
 Every model call goes through three methods (`_setup_rows`, `_reset_row`, `_forward_rows`); under tensor
 parallelism `parallel/batch.py`'s `ParallelBatchGenerator` broadcasts each to the followers before making it, so
@@ -18,6 +20,7 @@ every rank runs the same calls on its shard while only rank 0 samples.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -151,12 +154,11 @@ class BatchGenerator:
         exhausted = False
         try:
             while True:
-                while not exhausted and None in self._rows:
-                    item = next(pending, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    yield from self._admit(self._rows.index(None), *item)
+                while not exhausted and None in self._rows:  # admissions may end at once and free their rows
+                    free = [slot for slot, row in enumerate(self._rows) if row is None]
+                    items = list(itertools.islice(pending, len(free)))
+                    exhausted = len(items) < len(free)
+                    yield from self._admit(list(zip(free, items)))
                 if not any(self._rows):
                     if exhausted:
                         return
@@ -185,9 +187,17 @@ class BatchGenerator:
     def has_free_row(self) -> bool:
         return None in self._rows
 
-    def admit(self, index: int, request: BatchRequest) -> Iterator[BatchEvent]:
-        """Prefill `request` into a free row (`has_free_row` first); its events carry `index`."""
-        return self._admit(self._rows.index(None), index, request)
+    @property
+    def free_rows(self) -> int:
+        return self._rows.count(None)
+
+    def admit(self, items: Sequence[tuple[int, BatchRequest]]) -> Iterator[BatchEvent]:
+        """Prefill requests (at most `free_rows` of them) into free rows, together; each (index, request)'s events
+        carry its index."""
+        free = [slot for slot, row in enumerate(self._rows) if row is None]
+        if len(items) > len(free):
+            raise ValueError(f"{len(items)} requests to admit but {len(free)} free rows")
+        return self._admit(list(zip(free, items)))
 
     def step(self) -> Iterator[BatchEvent]:
         """One decode step for every row in use."""
@@ -213,39 +223,77 @@ class BatchGenerator:
         return run_rows(self.model, torch.tensor(tokens, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
                         rows, key_len)
 
-    # ---- admission: one row's prompt ---------------------------------------------------------------------------
+    # ---- admission: prompts prefilled into their rows -----------------------------------------------------------
 
-    def _admit(self, slot: int, index: int, request: BatchRequest) -> Iterator[BatchEvent]:
-        ids = list(request.prompt_ids)
-        try:
-            if not ids:
-                raise ContextLengthError("the prompt is empty: give some text to answer")
-            if len(ids) >= self.context_length:
-                raise ContextLengthError(
-                    f"the prompt is {len(ids)} tokens but the context holds {self.context_length}: "
-                    "shorten the prompt, or raise --context if the model allows")
-        except MistralChatError as exc:
-            yield BatchEvent(index, done=True, error=str(exc), stats=GenerationStats(finish_reason="error"))
-            return
+    def _admit(self, entries: list[tuple[int, tuple[int, BatchRequest]]]) -> Iterator[BatchEvent]:
+        """Prefill each (slot, (index, request)) into its free row, rows together where they can be (`_prefill`),
+        then choose each one's first token."""
         started = time.perf_counter()
         device = self.loaded.device
+        ready: list[tuple[int, int, BatchRequest, list[int]]] = []
+        for slot, (index, request) in entries:
+            ids = list(request.prompt_ids)
+            if not ids:
+                error = "the prompt is empty: give some text to answer"
+            elif len(ids) >= self.context_length:
+                error = (f"the prompt is {len(ids)} tokens but the context holds {self.context_length}: "
+                         "shorten the prompt, or raise --context if the model allows")
+            else:
+                self._reset_row(slot)
+                ready.append((slot, index, request, ids))
+                continue
+            yield BatchEvent(index, done=True, error=str(ContextLengthError(error)),
+                             stats=GenerationStats(finish_reason="error"))
+        if not ready:
+            return
+        last = self._prefill([(slot, ids) for slot, _, _, ids in ready])
+        rows: list[tuple[int, _Row]] = []
+        for slot, index, request, ids in ready:
+            params = request.params
+            vocab = last[slot].shape[-1]
+            row = _Row(index=index, request=request, position=len(ids), generator=make_generator(params, device),
+                       decoder=StreamDecoder(self.loaded.tokenizer), stops=StopStrings(params.stop),
+                       penalties=Penalties(params, ids, vocab, device) if params.penalised else None,
+                       stats=GenerationStats(prompt_tokens=len(ids), prefilled_tokens=len(ids),
+                                             finish_reason="length"),
+                       started=started)
+            self._rows[slot] = row
+            rows.append((slot, row))
+        chosen = self._choose([row for _, row in rows], torch.cat([last[slot] for slot, _ in rows]))
+        for (slot, row), token in zip(rows, chosen):
+            yield from self._accept(slot, row, token)
+
+    def _prefill(self, prompts: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
+        """Each (slot, ids)'s prompt into its row, chunk by chunk; the logits ([1, vocab]) of each one's last token
+        by slot. The same chunk of rows in consecutive slots with chunks of one length goes in one call, of at most
+        `prefill_chunk` tokens (the activations the memory estimate allows for): a wave of 512-token prompts takes
+        a few calls instead of one a row."""
         assert self.model.row_positions is not None
         capacity = self.model.row_positions.capacity
-        self._reset_row(slot)
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            logits = self._forward_rows([chunk], [start], slice(slot, slot + 1), min(capacity, start + len(chunk)))
-        assert logits is not None
-        params = request.params
-        row = _Row(index=index, request=request, position=len(ids), generator=make_generator(params, device),
-                   decoder=StreamDecoder(self.loaded.tokenizer), stops=StopStrings(params.stop),
-                   penalties=Penalties(params, ids, logits.shape[-1], device) if params.penalised else None,
-                   stats=GenerationStats(prompt_tokens=len(ids), prefilled_tokens=len(ids), finish_reason="length"),
-                   started=started)
-        self._rows[slot] = row
-        (token,) = self._choose([row], logits)
-        yield from self._accept(slot, row, token)
+        chunk = self.prefill_chunk
+        last: dict[int, torch.Tensor] = {}
+        group: list[tuple[int, list[int], bool]] = []  # (slot, chunk, whether it ends the prompt)
+
+        def run(start: int) -> None:
+            logits = self._forward_rows([piece for _, piece, _ in group], [start] * len(group),
+                                        slice(group[0][0], group[-1][0] + 1), min(capacity, start + len(group[0][1])))
+            for i, (slot, _, final) in enumerate(group):
+                if final:
+                    last[slot] = logits[i:i + 1]
+            group.clear()
+
+        for start in range(0, max(len(ids) for _, ids in prompts), chunk):
+            for slot, ids in sorted(prompts):
+                piece = ids[start:start + chunk]
+                if not piece:
+                    continue
+                if group and (slot != group[-1][0] + 1 or len(piece) != len(group[-1][1])
+                              or (len(group) + 1) * len(piece) > chunk):
+                    run(start)
+                group.append((slot, piece, start + chunk >= len(ids)))
+            if group:
+                run(start)
+        return last
 
     # ---- one decode step for every row in flight ------------------------------------------------------------------
 

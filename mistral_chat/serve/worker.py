@@ -176,15 +176,17 @@ class EngineWorker:
         # so it admits and steps itself
         generator.claim_cache()
         try:
-            while self._pending and generator.has_free_row:
+            admitted: list[tuple[int, BatchRequest]] = []
+            while self._pending and len(admitted) < generator.free_rows:  # prefilled together
                 job = self._pending.popleft()
                 if job.cancel.is_set():
                     self.cancelled += 1
                     continue
                 index = next(self._ids)
                 self._running[index] = job
-                request = BatchRequest(job.prompt_ids, job.params, cancel=job.cancel)
-                self._deliver(generator.admit(index, request))
+                admitted.append((index, BatchRequest(job.prompt_ids, job.params, cancel=job.cancel)))
+            if admitted:
+                self._deliver(generator.admit(admitted))
             together = generator.active
             self.most_together = max(self.most_together, together)
             if together:
