@@ -305,8 +305,10 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
             tokens = check_lengths(replies, steps, f"batch {batch}")
             replies_by_batch[batch] = replies
             result.rows.append(_row("mistral-chat batch", batch, count, seconds, tokens))
+            say(f"batch {batch}: {seconds:.2f} s, {tokens / seconds:.1f} tok/s")
         say("raw batched decode (bench/run.py)")
         raw = raw_decode_rates(model, prompt, steps, batches)  # decode as the plan says (one GPU: graphs)
+        say("raw batched decode: " + ", ".join(f"batch {b} {rate:.1f} tok/s" for b, rate in raw.items()))
         for row in result.rows:
             row["raw_decode_tokens_per_s"] = raw.get(row["batch"], 0.0)
             row["vs_raw"] = row["tokens_per_s"] / row["raw_decode_tokens_per_s"] if row["batch"] in raw else 0.0
@@ -314,6 +316,7 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
         few = min(AGREEMENT_REQUESTS, count)
         result.agreement = greedy_agreement(model, texts[:few], replies_by_batch[batches[0]][:few], steps)
         result.agreement["batch"] = batches[0]
+        say(f"greedy agreement: {result.agreement}")
         try:
             import httpx  # noqa: F401
             import starlette  # noqa: F401
@@ -327,6 +330,7 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
             ours = next(r for r in result.rows if r["batch"] == clients)
             result.rows.append(_row("mistral-chat serve", clients, count, seconds, tokens,
                                     vs_batch=tokens / seconds / ours["tokens_per_s"]))
+            say(f"server: {seconds:.2f} s, {tokens / seconds:.1f} tok/s")
         loaded_config = model.loaded.config
         raw_tokenizer = model.loaded.tokenizer
         model.close()
@@ -345,6 +349,7 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
                 torch.cuda.empty_cache()
             ours = next(r for r in result.rows if r["batch"] == batch and r["engine"] == "mistral-chat batch")
             hf = _row("transformers eager generate", batch, len(subset), seconds, tokens)
+            say(f"HF transformers: {seconds:.2f} s, {tokens / seconds:.1f} tok/s")
             ours["vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             result.rows.append(hf)
     return result
