@@ -143,6 +143,12 @@ class _Replay:
         return None
 
 
+def _plain_capture(run, device, pool=None):
+    """decode.capture on the CPU: the warm-up call, then each replay a plain call again."""
+    out = run()
+    return out, _Replay(run, out)
+
+
 @pytest.mark.parametrize("kind", ["mistral", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_greedy_batch_with_the_step_in_graphs_equals_one_at_a_time(kind, mistral, mixtral, monkeypatch):
     """The plan's batch_graphs path (decode.GraphedRows: every row each step, static inputs, a cache bucket per
@@ -150,11 +156,7 @@ def test_greedy_batch_with_the_step_in_graphs_equals_one_at_a_time(kind, mistral
     from mistral_chat.engine import batch as batch_module
     from mistral_chat.engine import decode
 
-    def capture(run, device, pool=None):
-        out = run()  # the warm-up call
-        return out, _Replay(run, out)
-
-    monkeypatch.setattr(decode, "capture", capture)
+    monkeypatch.setattr(decode, "capture", _plain_capture)
     monkeypatch.setattr(batch_module, "rows_in_graphs", lambda model, batch_size: True)
     loaded = mistral if kind == "mistral" else mixtral
     requests = [BatchRequest(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts([3, 17, 40, 8, 33], seed=2),
@@ -166,6 +168,32 @@ def test_greedy_batch_with_the_step_in_graphs_equals_one_at_a_time(kind, mistral
     assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
             for i in range(len(requests))] == expected
     assert len(generator._graphed._graphs) >= 1
+
+
+def test_in_graphs_each_step_goes_ahead_while_the_last_tokens_are_accepted(mistral, monkeypatch):
+    """In graphs the next step is launched before the host accepts this step's tokens, and used: as many steps
+    run as tokens are decoded, none twice; with admissions in between (a launched step then runs again) the answers
+    stay those of one at a time."""
+    from mistral_chat.engine import batch as batch_module
+    from mistral_chat.engine import decode
+
+    monkeypatch.setattr(decode, "capture", _plain_capture)
+    monkeypatch.setattr(batch_module, "rows_in_graphs", lambda model, batch_size: True)
+    requests = [BatchRequest(p, SamplingParams(max_tokens=10)) for p in prompts([5, 9, 7, 12], seed=5)]
+    expected = one_at_a_time(mistral, requests, context_length=128)
+    generator = BatchGenerator(mistral, 4, context_length=128)
+    steps = []
+    graphed = generator._graphed
+    monkeypatch.setattr(generator, "_graphed", lambda *args: steps.append(1) or graphed(*args))
+    take_ahead, taken = generator._take_ahead, []
+    monkeypatch.setattr(generator, "_take_ahead", lambda: taken.append(take_ahead()) or taken[-1])
+    done = {e.index: e for e in generator.generate(requests) if e.done}
+    assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
+            for i in range(len(requests))] == expected
+    assert len(steps) == max(len(done[i].generated_ids) for i in done) - 1  # the first token comes from prefill
+    assert taken[0] is None and all(t is not None for t in taken[1:])  # each later step was launched ahead
+    more = requests + [BatchRequest(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts([4, 8], seed=6), [3, 7])]
+    assert together(mistral, more, 3, context_length=128) == one_at_a_time(mistral, more, context_length=128)
 
 
 @pytest.mark.slow

@@ -8,10 +8,11 @@ at once and the next request takes it. Each row samples with its own `SamplingPa
 top-k/p, min-p, penalties, seed) and streams its own text (UTF-8-safe, stop strings held back).
 
 Greedy answers equal those of `Session.generate` for the same prompts (float32; tests/test_batch.py). Prompts
-are prefilled eagerly, as many rows together as are admitted at once (contiguous free rows, chunks of one length, up
-to PREFILL_TOKENS a call); decode steps run eagerly too, or, where the plan's batch_graphs says so (one GPU), over
-every row captured in CUDA graphs (`decode.GraphedRows`). Attention is the plan's: the decode kernel with a mask per
-row, or plain PyTorch.
+are prefilled eagerly, as many rows together as are admitted at once (consecutive free rows, chunks of one length,
+at most `prefill_chunk` tokens a call); decode steps run eagerly too, or, where the plan's batch_graphs says so (one
+GPU), over every row captured in CUDA graphs (`decode.GraphedRows`), each step launched as soon as the tokens it
+takes are chosen, so that it runs while the host accepts them. Attention is the plan's: the decode kernel with a
+mask per row, or plain PyTorch.
 
 Every model call goes through three methods (`_setup_rows`, `_reset_row`, `_forward_rows`); under tensor
 parallelism `parallel/batch.py`'s `ParallelBatchGenerator` broadcasts each to the followers before making it, so
@@ -132,11 +133,15 @@ class BatchGenerator:
         self.prefill_chunk = min(prefill_chunk, self.model.row_positions.max_chunk)
         self._rows: list[_Row | None] = [None] * batch_size
         self._graphed = GraphedRows(self.model, batch_size) if rows_in_graphs(self.model, batch_size) else None
+        # in graphs: the next step's logits, launched before this step's tokens were accepted (`_step`), and the
+        # rows it ran for
+        self._ahead: tuple[torch.Tensor, list[_Row | None]] | None = None
 
     def _claim_cache(self) -> None:
         """Give the model a cache of `batch_size` rows (again, where a Session took the model's cache since)."""
         if getattr(self.model, "cache_owner", None) is self and self.model.row_positions is not None:
             return
+        self._ahead = None
         try:
             self._setup_rows()
         except (RuntimeError, MemoryError) as exc:
@@ -171,6 +176,7 @@ class BatchGenerator:
                               "or --context") from exc
         finally:
             self._rows = [None] * self.batch_size
+            self._ahead = None
 
     # ---- for a caller whose requests arrive while others are in flight (the server) ---------------------------
 
@@ -206,6 +212,7 @@ class BatchGenerator:
     def clear(self) -> None:
         """Forget every sequence in flight (after a failed step)."""
         self._rows = [None] * self.batch_size
+        self._ahead = None
 
     # ---- the model calls (each one mirrored on the other ranks by a ParallelBatchGenerator) -----------------------
 
@@ -298,28 +305,53 @@ class BatchGenerator:
     # ---- one decode step for every row in flight ------------------------------------------------------------------
 
     def _step(self) -> Iterator[BatchEvent]:
-        # in CUDA graphs every row runs (the graph's shape); eagerly, the rows up to the last one in use
-        used = self.batch_size if self._graphed else max(i for i, row in enumerate(self._rows) if row is not None) + 1
-        tokens = [0] * used  # rows without a sequence run token 0 at position 0: finite, and reset on admission
-        starts = [0] * used
-        active: list[tuple[int, _Row]] = []
-        for slot, row in enumerate(self._rows[:used]):
-            if row is not None:
-                tokens[slot], starts[slot] = row.pending, row.position
-                active.append((slot, row))
-        assert self.model.row_positions is not None
-        capacity = self.model.row_positions.capacity
-        if self._graphed is not None:
-            logits = self._graphed(torch.tensor(tokens, dtype=torch.long)[:, None],
-                                   torch.tensor(starts, dtype=torch.long), key_bucket(max(starts), capacity))
-        else:
-            logits = self._forward_rows([[token] for token in tokens], starts, slice(0, used),
-                                        min(capacity, max(starts) + 1))
+        active = [(slot, row) for slot, row in enumerate(self._rows) if row is not None]
+        logits = self._take_ahead()
+        if logits is None:
+            logits = self._run_step(active)
         for _, row in active:
             row.position += 1
         chosen = self._choose([row for _, row in active], logits[[slot for slot, _ in active]])
+        if self._graphed is not None and not any(self._ends_now(row) for _, row in active):
+            # the next step goes to the GPU now, on these tokens, and runs while they are accepted here (text,
+            # stop strings, events): the host's work per row no longer leaves the GPU idle. A row that ends on
+            # one of them (EOS, a stop string) just has a step's result dropped
+            for (_, row), token in zip(active, chosen):
+                row.pending = token
+            self._ahead = (self._run_step(active), list(self._rows))
         for (slot, row), token in zip(active, chosen):
             yield from self._accept(slot, row, token)
+
+    def _run_step(self, active: list[tuple[int, _Row]]) -> torch.Tensor:
+        """Logits ([rows run, vocab]) of one decode step of the `active` rows' pending tokens at their positions.
+        In CUDA graphs every row runs (the graph's shape); eagerly, the rows up to the last one in use. Rows
+        without a sequence run token 0 at position 0: finite, and reset on admission."""
+        used = self.batch_size if self._graphed else active[-1][0] + 1
+        tokens, starts = [0] * used, [0] * used
+        for slot, row in active:
+            tokens[slot], starts[slot] = row.pending, row.position
+        assert self.model.row_positions is not None
+        capacity = self.model.row_positions.capacity
+        if self._graphed is not None:
+            return self._graphed(torch.tensor(tokens, dtype=torch.long)[:, None],
+                                 torch.tensor(starts, dtype=torch.long), key_bucket(max(starts), capacity))
+        return self._forward_rows([[token] for token in tokens], starts, slice(0, used),
+                                  min(capacity, max(starts) + 1))
+
+    def _take_ahead(self) -> torch.Tensor | None:
+        """The step launched ahead, if every row now in flight was in it (rows that ended since change nothing;
+        a row admitted since was not in it, and the step is run again: the rows it ran for write the same keys
+        and values at the same positions again)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        logits, rows = ahead
+        return logits if all(row is None or row is rows[slot] for slot, row in enumerate(self._rows)) else None
+
+    def _ends_now(self, row: _Row) -> bool:
+        """Whether the row's next token certainly ends it (max tokens, the context), so that no step goes ahead:
+        its row is about to be freed for the next request, whose admission would leave that step unused."""
+        return len(row.ids) + 1 >= row.request.params.max_tokens or row.position + 1 >= self.context_length
 
     def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token from its logits ([len(rows), vocab]): one argmax for the greedy rows, the others
@@ -361,7 +393,7 @@ class BatchGenerator:
             yield BatchEvent(row.index, delta)
         if row.stops.stopped:
             yield from self._finish(slot, row, "stop")
-        elif len(row.ids) >= row.request.params.max_tokens or row.position + 1 >= self.context_length:
+        elif len(row.ids) >= row.request.params.max_tokens or row.position + 1 >= self.context_length:  # _ends_now
             yield from self._finish(slot, row, "length")
         else:
             row.pending = token
