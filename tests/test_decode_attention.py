@@ -2,8 +2,9 @@
 grouped_attention computed in float32 on the model's strided views (q transposed, k/v and the mask sliced from the
 cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped
 and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
-too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Dense and MoE tiny
-models decode the same greedy tokens past their window with it (the plan's attention=triton) as with
+too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Continuous batching's
+forward_rows (rows at positions of their own, a mask per row) gives each row's logits as that row alone. Dense and
+MoE tiny models decode the same greedy tokens past their window with it (the plan's attention=triton) as with
 grouped_attention (attention=torch), eager, and compiled (dense)."""
 
 from __future__ import annotations
@@ -94,6 +95,34 @@ for experts in (0, 4):
     if not experts:  # the kernel as one opaque op, compiled: same tokens (once: the MoE layers change nothing here)
         ids = greedy_past_the_window(model, compiled=True)[0]
         assert ids == fast[0], (experts, ids, fast[0])
+
+# continuous batching's steps (forward_rows): rows at positions of their own, a mask per row in the kernel; each
+# row's logits as the same tokens alone through the single-sequence path (window 16 < the longest row)
+config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                     sliding_window=16, max_seq_len=64)
+model = random_model(config)
+ids = {0: list(range(5, 17)), 2: list(range(40, 63))}  # 12 and 23 tokens
+alone = {}
+for row, seq in ids.items():
+    model.setup_cache(64, prefill_chunk=8)
+    out = [model(torch.tensor([seq[:8]]), 0)[:, -1]]
+    out += [model(torch.tensor([[t]]), p)[:, -1] for p, t in enumerate(seq[8:], start=8)]
+    alone[row] = torch.cat(out)
+model.setup_row_cache(64, batch=3, prefill_chunk=8)
+del calls[:]
+got = {0: [], 2: []}
+for row, seq in ids.items():  # each prompt's first 8 tokens alone
+    got[row].append(model.forward_rows(torch.tensor([seq[:8]]), torch.tensor([0]), slice(row, row + 1), 8))
+for p in range(8, 23):  # then all three rows a step (rows without a sequence: token 0 at position 0)
+    tokens = [[ids[0][p] if p < 12 else 0], [0], [ids[2][p]]]
+    starts = torch.tensor([p if p < 12 else 0, 0, p])
+    out = model.forward_rows(torch.tensor(tokens), starts, slice(0, 3), min(model.row_positions.capacity, p + 1))
+    if p < 12:
+        got[0].append(out[0:1])
+    got[2].append(out[2:3])
+for row in ids:
+    torch.testing.assert_close(torch.cat(got[row]), alone[row], rtol=1e-4, atol=1e-4)
+assert len(calls) >= 15 * 2, len(calls)  # the decode steps went through the kernel
 print("ok")
 """
 
