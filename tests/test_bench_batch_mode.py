@@ -34,8 +34,11 @@ def test_batch_mode_on_the_cpu(tmp_path):
     # float32 on the CPU: the batch answers exactly as one request at a time does
     assert result.agreement["identical"] == result.agreement["requests"] == 3
     assert result.agreement["agreeing_tokens"] == result.agreement["tokens"] == 36
+    assert result.agreement["fed_picks"] == result.agreement["fed_positions"] == 36  # every position, fed
+    assert result.agreement["largest_gap"] == 0 and result.agreement["largest_margin_where_not"] is None
     table = format_batch_table(result)
     assert "mistral-chat batch" in table and "3 of 3 answers identical" in table
+    assert "picks the same token at 36 of 36 positions" in table
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ greedy, so the likeliest ordinary token always wins. Every answer is therefore -
 checks (a shorter answer is an error, not a silent discount).
 
 Also, in the same process: greedy agreement of a few requests answered in the batch and one at a time
-(`Model.chat`); the server (`serve/app.py` under uvicorn on 127.0.0.1) answering the same requests from as many
+(`Model.chat`), free-running and with the batch's answers fed to the one-sequence path (`fed_agreement`); the server (`serve/app.py` under uvicorn on 127.0.0.1) answering the same requests from as many
 concurrent HTTP clients as the first --batch size, at that batch size; and with --vs-hf, HF transformers' batched
 `generate` (eager) on the same prompt ids, min(--requests, largest batch) of them at the largest batch size.
 """
@@ -149,6 +149,38 @@ def greedy_agreement(model: Any, texts: list[str], batch_replies: list[Any], ste
         first_differences.append(None if a == b else same)
     return {"requests": len(first_differences), "identical": identical, "agreeing_tokens": agreeing,
             "tokens": total, "first_difference": first_differences}
+
+
+def fed_agreement(model: Any, texts: list[str], batch_replies: list[Any]) -> dict[str, Any]:
+    """Each batch answer fed to the one-sequence path (one prefill of prompt + answer, every position's logits):
+    at how many positions that path's own pick is the batch's token, the most the batch's token falls below its
+    top logit, and its top-2 margin where they differ (small margins: near-ties, not a wrong path). Free-running
+    answers part at the first near-tie and say little after it; this compares every position."""
+    loaded = model.loaded
+    transformer = loaded.model
+    picks = positions = 0
+    largest_gap = 0.0
+    margins: list[float] = []
+    for text, batched in zip(texts, batch_replies):
+        prompt = list(model.tokenizer.encode_chat([{"role": "user", "content": text}]))
+        answer = list(batched.token_ids)
+        if not answer:
+            continue
+        ids = prompt + answer
+        transformer.setup_cache(len(ids), prefill_chunk=len(ids))
+        with torch.no_grad():
+            logits = transformer(torch.tensor([ids], device=loaded.device), 0, all_logits=True)
+        logits = logits[0, len(prompt) - 1:len(ids) - 1].float()  # the logits that chose each answer token
+        want = torch.tensor(answer, device=logits.device)
+        top = logits.topk(2, dim=-1)
+        agree = top.indices[:, 0] == want
+        picks += int(agree.sum())
+        positions += len(answer)
+        largest_gap = max(largest_gap, float((top.values[:, 0] - logits.gather(-1, want[:, None])[:, 0]).max()))
+        margins += (top.values[:, 0] - top.values[:, 1])[~agree].tolist()
+    transformer.cache_owner = None  # the next batch (or chat) sets its own cache up again
+    return {"fed_picks": picks, "fed_positions": positions, "largest_gap": round(largest_gap, 4),
+            "largest_margin_where_not": round(max(margins), 4) if margins else None}
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
@@ -312,10 +344,11 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
         for row in result.rows:
             row["raw_decode_tokens_per_s"] = raw.get(row["batch"], 0.0)
             row["vs_raw"] = row["tokens_per_s"] / row["raw_decode_tokens_per_s"] if row["batch"] in raw else 0.0
-        say("greedy agreement: batch vs one at a time")
+        say("greedy agreement: batch vs one at a time, free-running and fed the batch's tokens")
         few = min(AGREEMENT_REQUESTS, count)
         result.agreement = greedy_agreement(model, texts[:few], replies_by_batch[batches[0]][:few], steps)
         result.agreement["batch"] = batches[0]
+        result.agreement.update(fed_agreement(model, texts[:few], replies_by_batch[batches[0]][:few]))
         say(f"greedy agreement: {result.agreement}")
         try:
             import httpx  # noqa: F401
@@ -373,6 +406,12 @@ def format_batch_table(r: BatchModeResult) -> str:
         lines.append(f"greedy agreement ({r.dtype}, batch {g['batch']} vs one at a time): {g['identical']} of "
                      f"{g['requests']} answers identical, {g['agreeing_tokens']} of {g['tokens']} tokens agree "
                      f"before the first difference (first differences at {g['first_difference']})")
+        if g.get("fed_positions"):
+            where_not = g["largest_margin_where_not"]
+            lines.append(f"fed the batch's answers, the one-sequence path picks the same token at {g['fed_picks']} of "
+                         f"{g['fed_positions']} positions; the batch's token at most {g['largest_gap']} below its top "
+                         "logit" + (f"; its top-2 margin where they differ at most {where_not}"
+                                    if where_not is not None else ""))
     lines += [f"note: {note}" for note in r.notes]
     return "\n".join(lines)
 
