@@ -76,9 +76,12 @@ async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_
         assert app.store.load(app.chat.conversation.id).messages[-1].content == expected
         assert not [m for m in messages if isinstance(m, TokenDelta)]  # no message per token
         assert len(messages) == 2, messages  # GenerationStarted, GenerationDone
-        # screen updates: a few tens a second at most, far fewer than tokens
+        # screen updates: a few tens a second at most, far fewer than tokens, and while it streams at least one
+        # every SLOWEST_FLUSH_SECONDS (the pace slows to that when updates cost much, as on a loaded machine)
         print(f"\n{tokens} tokens in {seconds:.2f} s: {len(appends)} screen updates, {len(messages)} engine messages")
-        assert 5 <= len(appends) <= seconds / FLUSH_SECONDS + 3 and len(appends) <= tokens / 20, (len(appends), seconds)
+        fewest = max(2, int(seconds / SLOWEST_FLUSH_SECONDS) - 1)
+        assert fewest <= len(appends) <= seconds / FLUSH_SECONDS + 3 and len(appends) <= tokens / 20, \
+            (len(appends), seconds)
         assert app.chat.status.info.generated_tokens == tokens
 
 
