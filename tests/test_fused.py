@@ -56,6 +56,17 @@ for dtype in (torch.float32, torch.bfloat16):
     k_roped = apply_rope(k.view(2, 3, 2, 16), table3, kernel=True)
     cache.update(slots, k_roped.transpose(1, 2), v.view(2, 3, 2, 16).transpose(1, 2))
     assert torch.equal(q_got, q_want) and torch.equal(k_got, cache.k) and torch.equal(v_got, cache.v), dtype
+    # each sequence at positions of its own (continuous batching's rows): table [B, T, D/2, 2], slots [B, T],
+    # into rows 1-2 of a 3-row cache (a view), as the same kernel on each sequence alone
+    tables, row_slots = torch.stack([table[:3], table[2:5]]), torch.tensor([[5, 0, 9], [1, 2, 3]])
+    rows = LayerKVCache(3, 2, 12, 16, dtype, torch.device("cpu"))
+    q_rows = fused.rope_and_cache(qkv, tables, row_slots, rows.k[1:], rows.v[1:], 4)
+    for i in range(2):
+        alone = LayerKVCache(1, 2, 12, 16, dtype, torch.device("cpu"))
+        q_alone = fused.rope_and_cache(qkv[i:i + 1], tables[i], row_slots[i], alone.k, alone.v, 4)
+        assert torch.equal(q_rows[i:i + 1], q_alone) and torch.equal(rows.k[1 + i:2 + i], alone.k), (i, dtype)
+        assert torch.equal(rows.v[1 + i:2 + i], alone.v), (i, dtype)
+    assert not rows.k[0].any() and not rows.v[0].any()
     for hidden in (37, 1500):
         gate_up = torch.randn(4, 2 * hidden, generator=gen).to(dtype) * 3
         torch.testing.assert_close(fused.silu_and_mul(gate_up, kernel=True), fused.silu_and_mul(gate_up), **exact)
@@ -101,8 +112,8 @@ def test_rope_and_cache_compiles_for_hopper():
     from mistral_chat.engine.kernels import fused
 
     names = ["qkv_ptr", "rope_ptr", "slots_ptr", "q_ptr", "k_ptr", "v_ptr", "t", "n_q", "n_kv", "stride_row",
-             "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
-    types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16"] + ["i32"] * 10
+             "rope_b", "slots_b", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s"]
+    types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16"] + ["i32"] * 12
     for pdl in (True, False):
         kernel = compile_for_hopper(fused._rope_and_cache_kernel, dict(zip(names, types)),
                                     {"HALF": 64, "HEADS": fused.ROPE_CACHE_HEADS, "PDL": pdl})

@@ -175,11 +175,16 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.cache is not None, "call Transformer.setup_row_cache first"
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope_rows(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope_rows(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = self.cache.update_rows(rows, slots, k, v)
+        qkv = self.wqkv(x)
+        if self.rope_kernel:  # RoPE and the cache writes in one kernel, each row with its own positions
+            keys, values = self.cache.k[rows], self.cache.v[rows]
+            q = fused.rope_and_cache(qkv, rope, slots, keys, values, self.n_heads).transpose(1, 2)
+        else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope_rows(q.view(b, t, self.n_heads, self.head_dim), rope).transpose(1, 2)
+            k = apply_rope_rows(k.view(b, t, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = self.cache.update_rows(rows, slots, k, v)
         keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
         if t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton":  # decode: a mask per row
             out = decode_attention.decode_attention(q, keys, values, mask)

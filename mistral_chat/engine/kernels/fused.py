@@ -137,10 +137,11 @@ if triton is not None:
 
     @triton.jit
     def _rope_and_cache_kernel(qkv_ptr, rope_ptr, slots_ptr, q_ptr, k_ptr, v_ptr, t, n_q, n_kv, stride_row,
-                               sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, HALF: tl.constexpr, HEADS: tl.constexpr,
-                               PDL: tl.constexpr):
+                               rope_b, slots_b, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, HALF: tl.constexpr,
+                               HEADS: tl.constexpr, PDL: tl.constexpr):
         """One token's row of fused q/k/v heads (q, then k, then v), HEADS of them per program: q and k heads
-        rotated, q heads into q ([B, T, n_q, D]), k and v heads into the cache at the token's slot."""
+        rotated, q heads into q ([B, T, n_q, D]), k and v heads into the cache at the token's slot. rope_b and
+        slots_b: 0 where all sequences share positions, else each sequence's own table and slots."""
         start_next(PDL)
         wait_previous(PDL)
         bt = tl.program_id(0)
@@ -150,12 +151,12 @@ if triton is not None:
         in_row = h < n_q + 2 * n_kv
         x = tl.load(qkv_ptr + bt * stride_row + h * 2 * HALF + d, mask=in_row, other=0.0)
         x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (HEADS, HALF, 2)))
-        pair = rope_ptr + pos * 2 * HALF + tl.arange(0, HALF)[None, :] * 2
+        pair = rope_ptr + b * rope_b + pos * 2 * HALF + tl.arange(0, HALF)[None, :] * 2
         cos, sin = tl.load(pair), tl.load(pair + 1)
         rotated = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (HEADS, 2 * HALF))
         out = tl.where(h < n_q + n_kv, rotated.to(x.dtype), x)  # v heads are not rotated
         tl.store(q_ptr + (bt * n_q + h) * 2 * HALF + d, out, mask=h < n_q)
-        slot = tl.load(slots_ptr + pos)
+        slot = tl.load(slots_ptr + b * slots_b + pos)
         is_k = (h >= n_q) & (h < n_q + n_kv)
         tl.store(k_ptr + b * sk_b + (h - n_q) * sk_h + slot * sk_s + d, out, mask=is_k)
         is_v = (h >= n_q + n_kv) & in_row
@@ -227,6 +228,7 @@ def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, 
     """The step between the q/k/v projection and attention, as one kernel: of qkv ([B, T, (n_q + 2 n_kv) D], q
     heads then k then v), the q heads rotated by table ([T, D/2, 2] float32) are returned ([B, T, n_q, D]), and
     the k heads (rotated) and v heads are written into k_cache and v_cache ([B, n_kv, S, D]) at slots ([T]).
+    Sequences at positions of their own (continuous batching's rows) give table [B, T, D/2, 2] and slots [B, T].
     As apply_rope then LayerKVCache.update compute it, where inductor made three kernels of it in decode and eager
     prefill ran four (RoPE of q and of k, and a copy each into the caches)."""
     b, t, _ = qkv.shape
@@ -234,8 +236,11 @@ def rope_and_cache(qkv: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, 
     rows = _rows(qkv)
     q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
     grid = (b * t, triton.cdiv(n_q + 2 * n_kv, ROPE_CACHE_HEADS))
-    _rope_and_cache_kernel[grid](rows, table.contiguous(), slots, q, k_cache, v_cache, t, n_q, n_kv, rows.stride(0),
-                                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+    table, slots = table.contiguous(), slots.contiguous()
+    rope_b = table[0].numel() if table.dim() == 4 else 0
+    slots_b = t if slots.dim() == 2 else 0
+    _rope_and_cache_kernel[grid](rows, table, slots, q, k_cache, v_cache, t, n_q, n_kv, rows.stride(0), rope_b,
+                                 slots_b, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                  v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                                  HALF=d // 2, HEADS=ROPE_CACHE_HEADS, num_warps=4, **pdl(qkv))
     return q
