@@ -13,8 +13,9 @@ greedy, so the likeliest ordinary token always wins. Every answer is therefore -
 checks (a shorter answer is an error, not a silent discount).
 
 Also, in the same process: greedy agreement of a few requests answered in the batch and one at a time
-(`Model.chat`), free-running and with the batch's answers fed to the one-sequence path (`fed_agreement`); the server (`serve/app.py` under uvicorn on 127.0.0.1) answering the same requests from as many
-concurrent HTTP clients as the first --batch size, at that batch size; and with --vs-hf, HF transformers' batched
+(`Model.chat`), free-running and with the batch's answers fed to the one-sequence path (`fed_agreement`); the
+server (`serve/app.py` under uvicorn on 127.0.0.1) answering the same requests from as many concurrent HTTP
+clients as the first --batch size, at that batch size; and with --vs-hf, HF transformers' batched
 `generate` (eager) on the same prompt ids, min(--requests, largest batch) of them at the largest batch size.
 """
 
@@ -151,7 +152,7 @@ def greedy_agreement(model: Any, texts: list[str], batch_replies: list[Any], ste
             "tokens": total, "first_difference": first_differences}
 
 
-def fed_agreement(model: Any, texts: list[str], batch_replies: list[Any]) -> dict[str, Any]:
+def fed_agreement(model: Any, prompts: list[list[int]], batch_replies: list[Any]) -> dict[str, Any]:
     """Each batch answer fed to the one-sequence path (one prefill of prompt + answer, every position's logits):
     at how many positions that path's own pick is the batch's token, the most the batch's token falls below its
     top logit, and its top-2 margin where they differ (small margins: near-ties, not a wrong path). Free-running
@@ -161,8 +162,8 @@ def fed_agreement(model: Any, texts: list[str], batch_replies: list[Any]) -> dic
     picks = positions = 0
     largest_gap = 0.0
     margins: list[float] = []
-    for text, batched in zip(texts, batch_replies):
-        prompt = list(model.tokenizer.encode_chat([{"role": "user", "content": text}]))
+    for prompt, batched in zip(prompts, batch_replies):
+        prompt = list(prompt)
         answer = list(batched.token_ids)
         if not answer:
             continue
@@ -346,9 +347,10 @@ def run_batch_mode_bench(a: BenchArgs, say: Any = None) -> BatchModeResult:
             row["vs_raw"] = row["tokens_per_s"] / row["raw_decode_tokens_per_s"] if row["batch"] in raw else 0.0
         say("greedy agreement: batch vs one at a time, free-running and fed the batch's tokens")
         few = min(AGREEMENT_REQUESTS, count)
-        result.agreement = greedy_agreement(model, texts[:few], replies_by_batch[batches[0]][:few], steps)
+        compared = replies_by_batch[batches[0]][:few]
+        result.agreement = greedy_agreement(model, texts[:few], compared, steps)
         result.agreement["batch"] = batches[0]
-        result.agreement.update(fed_agreement(model, texts[:few], replies_by_batch[batches[0]][:few]))
+        result.agreement.update(fed_agreement(model, ids[:few], compared))
         say(f"greedy agreement: {result.agreement}")
         try:
             import httpx  # noqa: F401

@@ -38,7 +38,7 @@ from mistral_chat.engine.moe import EVERY_EXPERT_MAX_TOKENS
 from mistral_chat.engine.options import SamplingParams
 from mistral_chat.engine.sampling import Penalties, StopStrings, make_generator, sample
 from mistral_chat.engine.stats import GenerationStats
-from mistral_chat.errors import ContextLengthError, DeviceError, MistralChatError
+from mistral_chat.errors import DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
 
 DEFAULT_MAX_BATCH = 64  # the most rows a batch gets by default, memory permitting
@@ -160,7 +160,7 @@ class BatchGenerator:
         try:
             while True:
                 while not exhausted and None in self._rows:  # admissions may end at once and free their rows
-                    free = [slot for slot, row in enumerate(self._rows) if row is None]
+                    free = self._free_slots()
                     items = list(itertools.islice(pending, len(free)))
                     exhausted = len(items) < len(free)
                     yield from self._admit(list(zip(free, items)))
@@ -190,17 +190,16 @@ class BatchGenerator:
         return sum(row is not None for row in self._rows)
 
     @property
-    def has_free_row(self) -> bool:
-        return None in self._rows
-
-    @property
     def free_rows(self) -> int:
         return self._rows.count(None)
+
+    def _free_slots(self) -> list[int]:
+        return [slot for slot, row in enumerate(self._rows) if row is None]
 
     def admit(self, items: Sequence[tuple[int, BatchRequest]]) -> Iterator[BatchEvent]:
         """Prefill requests (at most `free_rows` of them) into free rows, together; each (index, request)'s events
         carry its index."""
-        free = [slot for slot, row in enumerate(self._rows) if row is None]
+        free = self._free_slots()
         if len(items) > len(free):
             raise ValueError(f"{len(items)} requests to admit but {len(free)} free rows")
         return self._admit(list(zip(free, items)))
@@ -249,8 +248,7 @@ class BatchGenerator:
                 self._reset_row(slot)
                 ready.append((slot, index, request, ids))
                 continue
-            yield BatchEvent(index, done=True, error=str(ContextLengthError(error)),
-                             stats=GenerationStats(finish_reason="error"))
+            yield BatchEvent(index, done=True, error=error, stats=GenerationStats(finish_reason="error"))
         if not ready:
             return
         last = self._prefill([(slot, ids) for slot, _, _, ids in ready])
@@ -349,8 +347,9 @@ class BatchGenerator:
         return logits if all(row is None or row is rows[slot] for slot, row in enumerate(self._rows)) else None
 
     def _ends_now(self, row: _Row) -> bool:
-        """Whether the row's next token certainly ends it (max tokens, the context), so that no step goes ahead:
-        its row is about to be freed for the next request, whose admission would leave that step unused."""
+        """Whether the row's next token certainly ends it (max tokens, the context): `_accept` ends it there, and
+        `_step` sends no step ahead (the row is about to be freed for the next request, whose admission would
+        leave that step unused)."""
         return len(row.ids) + 1 >= row.request.params.max_tokens or row.position + 1 >= self.context_length
 
     def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
@@ -385,6 +384,7 @@ class BatchGenerator:
             yield from self._finish(slot, row, "stop")
             return
         stats.generated_tokens += 1
+        length_reached = self._ends_now(row)  # with this token
         row.ids.append(token)
         stats.decode_seconds = now - row.first_at
         delta = row.stops.push(row.decoder.push(token))
@@ -393,7 +393,7 @@ class BatchGenerator:
             yield BatchEvent(row.index, delta)
         if row.stops.stopped:
             yield from self._finish(slot, row, "stop")
-        elif len(row.ids) >= row.request.params.max_tokens or row.position + 1 >= self.context_length:  # _ends_now
+        elif length_reached:
             yield from self._finish(slot, row, "length")
         else:
             row.pending = token

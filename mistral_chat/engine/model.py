@@ -170,8 +170,9 @@ class Attention(nn.Module):
     def forward_rows(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                      key_len: int, rows: slice) -> torch.Tensor:
         """`forward` for the batch rows `rows` of the cache, each at its own positions (continuous batching):
-        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products; decode's attention in
-        the plan's kernel, one mask per row."""
+        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products; where the plan has
+        them, RoPE with the cache writes and decode's attention in the kernels, with a table, slots and mask per
+        row."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.cache is not None, "call Transformer.setup_row_cache first"
@@ -357,9 +358,9 @@ class Transformer(nn.Module):
 
         Each row keeps its own positions and mask (`setup_row_cache`), so sequences of different lengths share
         a step: one new token for every row (decode), or one row's prompt chunk (prefill). `key_len`: how many
-        cache slots attention reads (at least the longest row's positions, at most the capacity). Eager (or
-        captured in CUDA graphs: decode.GraphedRows); decode's attention in the plan's kernel. Under tensor parallelism every rank makes the same call on its shard (its collectives
-        sum the row-parallel products and gather the vocabulary: parallel/batch.py).
+        cache slots attention reads (at least the longest row's positions, at most the capacity). Eager, or
+        captured in CUDA graphs (decode.GraphedRows). Under tensor parallelism every rank makes the same call on
+        its shard (its collectives sum the row-parallel products and gather the vocabulary: parallel/batch.py).
         """
         assert self.row_positions is not None and self.rope is not None, "call setup_row_cache first"
         t = tokens.shape[1]

@@ -56,7 +56,6 @@ def kernel_op(name: str) -> Callable[[Callable[..., Any]], Any]:
             return fn(*args, **kwargs)
 
         call.register_fake = op.register_fake  # type: ignore[attr-defined]
-        call.op = op  # type: ignore[attr-defined]
         return call
 
     return wrap
