@@ -61,7 +61,7 @@ class KernelPlan:
     # without compile_decode, on one GPU: the eager step captured in CUDA graphs (decode.GraphedStep)
     decode_graphs: bool = False
     # continuous batching's decode step over every row captured in CUDA graphs per cache bucket (decode.GraphedRows;
-    # one GPU): 2.2-2.6x the eager step's end-to-end tokens/s at batch 32 and 64 on an H100 (docs/performance-log.md)
+    # one GPU): 1.9-2.4x the eager step's end-to-end tokens/s at batch 32 and 64 on an H100 (docs/performance-log.md)
     batch_graphs: bool = False
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ AUTOTUNE_CACHE = {"cache_results": True} if triton is not None and \
 def kernel_op(name: str) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: the function registered as the custom op `name` (not mutating its arguments, as far as
     torch.compile knows), which compiled code calls as one opaque op; eager code and CUDA graph captures call the
-    function itself. A custom op's first eager call imports torch._dynamo: 1-4 s of every start-up (measured on
+    function itself. A custom op's first eager call imports torch._dynamo: 1-4.5 s of every start-up (measured on
     an H100 machine), for a compiler the default plan never runs. `register_fake` is the op's."""
 
     def wrap(fn: Callable[..., Any]) -> Any:
