@@ -6,7 +6,8 @@
 #   teacher-forced logits); startup: launch -> first byte / full speed (bench --startup, writes the checkpoint the
 #   load steps read); the loader profiled and against safetensors and pinned reads; decode figures (bf16, Mixtral
 #   16 layers, int8, int4); batch mode with the server and HF, and with its decode step in CUDA graphs
-#   (the default on one GPU) and eagerly (--plan batch_graphs=0), and its step profiled; speculation.
+#   (the default on one GPU) and eagerly (--plan batch_graphs=0), and its step and host profiled;
+#   speculation.
 set -u
 out=${OUT:-/tmp/mistral-chat-gpu}
 mkdir -p "$out"
@@ -54,6 +55,7 @@ step batch-mode 200 "${hf_env[@]}" python3 -m mistral_chat.bench --batch-mode --
     --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
 step batch-eager 120 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 \
     --plan batch_graphs=0 --tp-checkpoint $ckpt --json-file "$out/batch_mode_eager.json"
+step batch-host 100 python3 benchmarks/gpu/batch_host.py $ckpt --batch 64
 step profile-batch 100 python3 benchmarks/gpu/profile_batch.py --shape mistral-7b --batch 64 --prompt 512 --steps 32
 step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
 step int8 50 "${bench[@]}" --quantize int8
