@@ -8,9 +8,7 @@ of one sequence and all the query rows of its group (G heads x T tokens, padded 
 long cache is split into ranges of keys handled by separate programs (enough of them to fill the GPU: about
 PROGRAMS in all), each writing its normalized partial output and log-sum-exp; a small second kernel combines
 them. With a single range the first kernel writes the output itself. Head dimensions that are not a power of two
-are padded with masked loads. Keys that no query row of a program may see are not read at all (their loads are
-masked off): a cache bucket's slots past a row's position cost no memory traffic, and whatever they hold (stale or
-never written) has no effect. Fully masked tiles or ranges give zero weight, never NaN.
+are padded with masked loads. Fully masked tiles or ranges give zero weight, never NaN.
 
 A range holds at least MIN_SPLIT = 64 keys (one tile). Measurements against inductor's compiled
 `grouped_attention`: docs/engine.md.
@@ -74,13 +72,11 @@ if triton is not None:
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < end
-            allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
-                              mask=row_ok[:, None] & s_ok[None, :], other=0)
-            # keys no query row may see are not read (a row's empty or stale slots, a bucket's tail)
-            needed = tl.max(allowed.to(tl.int32), axis=0) != 0
-            kv_ok = (s_ok & needed)[:, None] & d_ok[None, :]
+            kv_ok = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + s[:, None] * sk_s + d[None, :] * sk_d, mask=kv_ok, other=0.0).to(DOT)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # log2 units: exp2 below
+            allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + s[None, :] * sm_s,
+                              mask=row_ok[:, None] & s_ok[None, :], other=0)
             scores = tl.where(allowed != 0, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp2(-inf - 0) = 0, not NaN
