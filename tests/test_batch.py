@@ -117,6 +117,27 @@ def test_rows_admitted_together_are_prefilled_together(mistral, monkeypatch):
     assert all(n * t <= 32 for n, t in calls if t > 1)
 
 
+def test_a_call_of_rows_may_hold_more_tokens_than_a_row_caches(mistral, monkeypatch):
+    """A row's cache of 40 positions caps the tokens written into one row a call, not the call: four 12-token
+    prompts (48 tokens, within the 64-token prefill chunk) go in one call, with the answers of one at a time."""
+    requests = [BatchRequest(p, SamplingParams(max_tokens=4)) for p in prompts([12, 12, 12, 12], seed=5)]
+    expected = one_at_a_time(mistral, requests, context_length=40, prefill_chunk=64)
+    generator = BatchGenerator(mistral, 4, context_length=40, prefill_chunk=64)
+    assert generator.prefill_chunk == 40
+    calls: list[int] = []
+    forward_rows = generator._forward_rows
+
+    def spy(tokens, starts, rows, key_len):
+        calls.append(len(tokens) * len(tokens[0]))
+        return forward_rows(tokens, starts, rows, key_len)
+
+    monkeypatch.setattr(generator, "_forward_rows", spy)
+    done = {e.index: e for e in generator.generate(requests) if e.done}
+    assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
+            for i in range(len(requests))] == expected
+    assert calls[0] == 48
+
+
 @pytest.mark.slow
 def test_greedy_batch_equals_one_at_a_time_with_rows_reused_and_a_wrapping_window(mistral):
     # window 16, chunk 16: 31 slots a row, so every sequence here wraps; prompts longer than a chunk prefill in

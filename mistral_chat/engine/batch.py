@@ -270,12 +270,14 @@ class BatchGenerator:
 
     def _prefill(self, prompts: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
         """Each (slot, ids)'s prompt into its row, chunk by chunk; the logits ([1, vocab]) of each one's last token
-        by slot. The same chunk of rows in consecutive slots with chunks of one length goes in one call, of at most
-        `prefill_chunk` tokens (the activations the memory estimate allows for): a wave of 512-token prompts takes
-        a few calls instead of one a row."""
+        by slot. A row takes at most `prefill_chunk` tokens a call (what its cache may take at once); the same
+        chunk of rows in consecutive slots with chunks of one length goes in one call, of at most the requested
+        prefill chunk's tokens in all (the activations the memory estimate allows for): a wave of 512-token prompts
+        takes a call per four rows instead of one a row, even where the cache holds fewer than 2048 positions."""
         assert self.model.row_positions is not None
         capacity = self.model.row_positions.capacity
         chunk = self.prefill_chunk
+        call_tokens = max(chunk, self._requested_chunk)
         last: dict[int, torch.Tensor] = {}
         group: list[tuple[int, list[int], bool]] = []  # (slot, chunk, whether it ends the prompt)
 
@@ -293,7 +295,7 @@ class BatchGenerator:
                 if not piece:
                     continue
                 if group and (slot != group[-1][0] + 1 or len(piece) != len(group[-1][1])
-                              or (len(group) + 1) * len(piece) > chunk):
+                              or (len(group) + 1) * len(piece) > call_tokens):
                     run(start)
                 group.append((slot, piece, start + chunk >= len(ids)))
             if group:
