@@ -2,7 +2,7 @@
 grouped_attention computed in float32 on the model's strided views (q transposed, k/v and the mask sliced from the
 cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped
 and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
-too; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Continuous batching's
+too; with each row's visible length it reads nothing past it; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Continuous batching's
 forward_rows (rows at positions of their own, a mask per row) gives each row's logits as that row alone. Dense and
 MoE tiny models decode the same greedy tokens past their window with it (the plan's attention=triton) as with
 grouped_attention (attention=torch), eager, and compiled (dense)."""
@@ -63,6 +63,13 @@ got = module.decode_attention(q, k, v, rows)
 want = grouped_attention(q[[0, 2]], k[[0, 2]], v[[0, 2]], rows[[0, 2]][:, None, None])
 torch.testing.assert_close(got[[0, 2]], want, rtol=1e-5, atol=1e-5)
 assert torch.equal(got[1], torch.zeros_like(got[1]))
+# with each row's visible length: the same, and what lies past it is not read (NaN there changes nothing)
+lengths = module.visible_lengths(rows)
+assert lengths[1] == 0 and 0 < lengths[0] <= 50 and rows[0, :, lengths[0]:].sum() == 0, lengths
+k_nan, v_nan = k.clone(), v.clone()
+for row, n in enumerate(lengths.tolist()):
+    k_nan[row, :, n:], v_nan[row, :, n:] = float("nan"), float("nan")
+torch.testing.assert_close(module.decode_attention(q, k_nan, v_nan, rows, lengths), got)
 
 @torch.compile(fullgraph=True, dynamic=True)
 def step(q, keys, values, mask, key_len):
@@ -141,15 +148,15 @@ def test_the_kernel_compiles_for_hopper():
     tl = triton.language
     from mistral_chat.engine.kernels import decode_attention
 
-    names = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "part_ptr", "lse_ptr"]
-    types = ["*bf16", "*bf16", "*bf16", "*i1", "*bf16", "*fp32", "*fp32"]
+    names = ["q_ptr", "k_ptr", "v_ptr", "mask_ptr", "len_ptr", "out_ptr", "part_ptr", "lse_ptr"]
+    types = ["*bf16", "*bf16", "*bf16", "*i1", "*i32", "*bf16", "*fp32", "*fp32"]
     ints = ["S", "SPLIT", "D", "T", "G", "HEADS_KV", "sq_b", "sq_h", "sq_t", "sq_d", "sk_b", "sk_h", "sk_s", "sk_d",
             "sv_b", "sv_h", "sv_s", "sv_d", "sm_b", "sm_t", "sm_s"]
     signature = dict(zip(names, types)) | dict.fromkeys(ints, "i32") | {"scale": "fp32"}
     constexprs = {"BLOCK_M": 16, "BLOCK_S": 64, "BLOCK_D": 128, "DOT": tl.bfloat16, "PRECISION": "tf32"}
-    for direct in (False, True):
+    for direct in (False, True):  # a mask shared by the sequences (no lengths), and continuous batching's
         kernel = compile_for_hopper(decode_attention._attention_kernel, signature,
-                                    constexprs | {"DIRECT": direct, "PDL": True})
+                                    constexprs | {"DIRECT": direct, "LENGTHS": direct, "PDL": True})
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
     combine = compile_for_hopper(decode_attention._combine_kernel,
                                  {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32",

@@ -168,11 +168,11 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, q_size)
 
     def forward_rows(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                     key_len: int, rows: slice) -> torch.Tensor:
+                     key_len: int, rows: slice, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` for the batch rows `rows` of the cache, each at its own positions (continuous batching):
         rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products; where the plan has
         them, RoPE with the cache writes and decode's attention in the kernels, with a table, slots and mask per
-        row."""
+        row (and each row's visible length: `lengths`, for the decode attention kernel)."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.cache is not None, "call Transformer.setup_row_cache first"
@@ -188,7 +188,7 @@ class Attention(nn.Module):
             keys, values = self.cache.update_rows(rows, slots, k, v)
         keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
         if t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton":  # decode: a mask per row
-            out = decode_attention.decode_attention(q, keys, values, mask)
+            out = decode_attention.decode_attention(q, keys, values, mask, lengths)
         elif t <= GROUPED_ATTENTION_MAX_QUERIES:
             out = grouped_attention(q, keys, values, mask[:, None, None])
         else:
@@ -260,11 +260,12 @@ class TransformerBlock(nn.Module):
         return feed_forward.rows_fused(weighted, h, self.ffn_norm.eps, next_norm)
 
     def forward_rows(self, x: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
-                     mask: torch.Tensor, key_len: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor, key_len: int, rows: slice,
+                     lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for batch rows at positions of their own (Transformer.forward_rows)."""
         x, normed = self.attention_norm.add_and_norm(x, delta)
         h, normed = self.ffn_norm.add_and_norm(x, self.attention.forward_rows(normed, rope, slots, mask, key_len,
-                                                                               rows))
+                                                                               rows, lengths))
         return h, self.feed_forward(normed)
 
 
@@ -370,12 +371,15 @@ class Transformer(nn.Module):
         slots = self.row_positions.record(positions, rows)
         windows = self.config.attention_windows
         masks = {w: self.row_positions.mask(positions, rows, window=w) for w in dict.fromkeys(windows)}
+        # decode steps in the attention kernel read each row only up to its last visible key
+        kernel = t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton"
+        lengths = {w: decode_attention.visible_lengths(m[..., :key_len]) if kernel else None for w, m in masks.items()}
         rope = self.rope[positions]
         h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
             embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
         delta = torch.zeros_like(h)
         for layer, window in zip(self.layers, windows):
-            h, delta = layer.forward_rows(h, delta, rope, slots, masks[window], key_len, rows)
+            h, delta = layer.forward_rows(h, delta, rope, slots, masks[window], key_len, rows, lengths[window])
         h, delta = h[:, -1:], delta[:, -1:]
         return gather_vocab(self.output(self.norm.add_and_norm(h, delta)[1]).float()[:, -1], self.parallel)
 

@@ -16,8 +16,9 @@ A range holds at least MIN_SPLIT = 64 keys (one tile). Measurements against indu
 `decode_attention(q, k, v, mask)` is a torch custom op (one opaque call for torch.compile and CUDA graphs) that
 computes what `grouped_attention` computes, for strided q ([B, H, T, D]), k and v ([B, Hkv, S, D], slices of the
 cache) and mask ([T, S] bool, or [B, T, S]: a mask per sequence, as continuous batching's rows at positions of
-their own have). It runs where the plan's `attention` is "triton" (CUDA with Triton, or the CPU
-under Triton's interpreter, TRITON_INTERPRET=1, which the tests use).
+their own have, with each row's length so that a row reads only up to its last visible key). It runs where the
+plan's `attention` is "triton" (CUDA with Triton, or the CPU under Triton's interpreter, TRITON_INTERPRET=1,
+which the tests use).
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ WARPS = 4  # warps per program of the attention kernel
 
 if triton is not None:
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G, HEADS_KV,
-                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_b, sm_t, sm_s,
-                          scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DIRECT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-        """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT).
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, S, SPLIT, D, T, G,
+                          HEADS_KV, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, sm_b, sm_t,
+                          sm_s, scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DIRECT: tl.constexpr, LENGTHS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                          PDL: tl.constexpr):
+        """Online softmax of one (sequence, KV head)'s query rows m = g T + t over keys [split SPLIT, + SPLIT);
+        LENGTHS: only keys below the sequence's length (len_ptr[b]), none of those after it being allowed.
 
         DOT: the dtype of tl.dot's operands, the inputs' own except under the interpreter, whose tl.dot multiplies
         bfloat16's raw bits as integers (Triton 3.9): there float32, of the same rounded values."""
@@ -69,6 +72,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         start = split * SPLIT
         end = tl.minimum(start + SPLIT, S)
+        if LENGTHS:
+            end = tl.minimum(end, tl.load(len_ptr + b))
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < end
@@ -124,9 +129,11 @@ def split_size(keys: int, programs: int) -> int:
 
 
 @kernel_op("mistral_chat::decode_attention")
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q ([B, H, T, D]) over k, v ([B, Hkv, S, D]) under mask ([T, S] bool, or [B, T, S] per
-    sequence), as grouped_attention; a new contiguous [B, H, T, D] tensor of q's dtype."""
+    sequence), as grouped_attention; a new contiguous [B, H, T, D] tensor of q's dtype. `lengths` ([B] int32, with
+    a mask per sequence): keys from lengths[b] on are masked for sequence b and not read (`visible_lengths`)."""
     assert triton is not None, "decode_attention needs Triton"
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -143,9 +150,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     block_d = max(16, triton.next_power_of_2(d))
     mask_strides = mask.stride() if mask.dim() == 3 else (0, *mask.stride())
     _attention_kernel[(b * hkv, splits, row_blocks)](
-        q, k, v, mask, out, part, lse, s, split, d, t, g, hkv, *q.stride(), *k.stride(), *v.stride(),
-        *mask_strides, d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
-        DIRECT=splits == 1, DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
+        q, k, v, mask, out if lengths is None else lengths, out, part, lse, s, split, d, t, g, hkv, *q.stride(),
+        *k.stride(), *v.stride(), *mask_strides, d ** -0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_S=BLOCK_S,
+        BLOCK_D=block_d, DIRECT=splits == 1, LENGTHS=lengths is not None,
+        DOT=tl.float32 if INTERPRETED else getattr(tl, str(q.dtype).removeprefix("torch.")),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS, **pdl(q))
     if splits > 1:
         _combine_kernel[(b * h * t,)](part, lse, out, splits, d, BLOCK_SPLITS=triton.next_power_of_2(splits),
@@ -154,5 +162,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 @decode_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+      lengths: torch.Tensor | None = None) -> torch.Tensor:
     return q.new_empty(q.shape)
+
+
+def visible_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence of a [B, T, S] mask, one past the last key any of its queries may see ([B] int32): what
+    `decode_attention` reads of each row. Continuous batching's rows at short positions in a long cache bucket
+    then read their own keys only."""
+    slots = torch.arange(1, mask.shape[-1] + 1, dtype=torch.int32, device=mask.device)
+    return torch.where(mask.any(dim=1), slots, 0).amax(dim=-1).to(torch.int32)
