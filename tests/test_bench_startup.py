@@ -33,15 +33,15 @@ def test_bench_startup_on_the_cpu(tmp_path) -> None:
     out = tmp_path / "startup.json"
     checkpoint = tmp_path / "ckpt"
     command = [sys.executable, "-m", "mistral_chat.bench", "--startup", "--shape", "tiny", "--device", "cpu",
-               "--dtype", "float32", "--steps", "48", "--tp-checkpoint", str(checkpoint), "--no-compile"]
+               "--dtype", "float32", "--steps", "48", "--tp-checkpoint", str(checkpoint), "--no-warmup", "--no-compile"]
     done = subprocess.run([*command, "--json-file", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "1st byte" in done.stdout and "warm" in done.stdout and "no-compile" in done.stdout
     result = json.loads(out.read_text())
-    assert [r["name"] for r in result["runs"]] == ["cold", "warm", "no-compile"]
+    assert [r["name"] for r in result["runs"]] == ["cold", "warm", "no-compile", "unwarmed"]
     for run in result["runs"]:
         assert run["status"] == "ok" and run["tokens"] == 48
         assert 0 < run["first_byte_s"] <= run["full_speed_s"] <= run["done_s"] <= run["exit_s"]
     assert checkpoint.joinpath("params.json").exists()  # kept, and reused by the next run
-    again = subprocess.run([*command[:-1], "--json"], capture_output=True, text=True, timeout=300)  # cold, warm
+    again = subprocess.run([*command[:-2], "--json"], capture_output=True, text=True, timeout=300)  # cold, warm
     assert again.returncode == 0 and json.loads(again.stdout)["checkpoint_reused"]

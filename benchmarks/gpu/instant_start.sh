@@ -32,12 +32,15 @@ import mistral_chat.cli.main, mistral_chat.engine.loader, mistral_chat.engine.de
 # without it, for the step that runs transformers next to the engine (which needs no hub for a local folder).
 hf_env=()
 [ -n "${HF_SITE:-}" ] && hf_env=(env "PYTHONPATH=$PWD:$HF_SITE")
-timeline() {  # the CLI twice (empty Triton cache, then warm) with a stack sampler: where launch -> answer goes
+timeline() {  # the CLI with a stack sampler: where launch -> answer goes. Empty Triton cache, then warm, then empty
+    # again with the kernel warm-up left out (what it saves)
     local home=/tmp/mistral-chat-timeline
-    rm -rf $home
-    for run in cold warm; do
+    rm -rf $home $home-unwarmed
+    for run in cold warm unwarmed; do
         echo "-- $run"
-        MISTRAL_CHAT_HOME=$home TRITON_CACHE_DIR=$home/triton python3 benchmarks/gpu/startup_timeline.py -- \
+        local h=$home flag=
+        [ $run = unwarmed ] && h=$home-unwarmed flag=--no-warmup
+        MISTRAL_CHAT_HOME=$h TRITON_CACHE_DIR=$h/triton python3 benchmarks/gpu/startup_timeline.py $flag -- \
             --model "$1" --prompt "Write a long story about a lighthouse keeper and the sea." --max-tokens 64 -v \
             --temperature 0 2>&1 >/dev/null
     done
@@ -45,10 +48,10 @@ timeline() {  # the CLI twice (empty Triton cache, then warm) with a stack sampl
 bench=(python3 -m mistral_chat.bench.run --shape mistral-7b --prefill "" --batch 1 --steps 64)
 ckpt=/dev/shm/mistral-chat-m7
 step graphs 110 python3 benchmarks/gpu/graphs_check.py --steps 32
-step startup 100 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
-    --json-file "$out/startup.json"
+step startup 130 python3 -m mistral_chat.bench --startup --no-warmup --shape mistral-7b --steps 128 \
+    --tp-checkpoint $ckpt --json-file "$out/startup.json"
 export -f timeline
-step timeline 60 bash -c 'timeline "$0"' $ckpt
+step timeline 90 bash -c 'timeline "$0"' $ckpt
 step load-profile 70 python3 benchmarks/gpu/load_profile.py $ckpt
 step bf16 50 "${bench[@]}" --batch 1,8
 step batch-mode 200 "${hf_env[@]}" python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 --vs-hf \
@@ -60,8 +63,8 @@ step profile-batch 100 python3 benchmarks/gpu/profile_batch.py --shape mistral-7
 step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
 step int8 50 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4
-step startup-int8 80 python3 -m mistral_chat.bench --startup --shape mistral-7b --steps 128 --tp-checkpoint $ckpt \
-    --quantize int8 --json-file "$out/startup_int8.json"
+step startup-int8 120 python3 -m mistral_chat.bench --startup --no-warmup --shape mistral-7b --steps 128 \
+    --tp-checkpoint $ckpt --quantize int8 --json-file "$out/startup_int8.json"
 step graphs-int8 60 python3 benchmarks/gpu/graphs_check.py --steps 32 --quantize int8 --no-compile
 step load-speed 70 python3 benchmarks/gpu/load_speed.py $ckpt --threads 16
 step speculate 120 python3 benchmarks/gpu/speculate.py

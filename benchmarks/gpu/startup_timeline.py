@@ -2,7 +2,11 @@
 thread records every thread's Python stack every few milliseconds, then prints a timeline (what each thread was
 doing, in segments) and the mistral_chat functions by inclusive time. A poor man's py-spy (none on the GPU machine).
 
-    python3 benchmarks/gpu/startup_timeline.py [--every-ms 5] -- --model DIR --prompt "..." --max-tokens 64 -v
+    python3 benchmarks/gpu/startup_timeline.py [--every-ms 5] [--no-warmup] -- --model DIR --prompt "..." -v
+
+The engine's kernel warm-up shows as its own threads (kernel-warmup: the throwaway model's steps; kernel-compile_N:
+Triton's compiles, ptxas in `subprocess`); `--no-warmup` leaves it out (mistral_chat/bench/unwarmed.py), so that
+with an empty TRITON_CACHE_DIR the compiles show inside the answer's first prefill and decode instead.
 
 Set PYTHONPYCACHEPREFIX to a folder kept between runs when the installed packages have no .pyc files (an install
 by pip writes them; a read-only site-packages without them byte-compiles its modules in every process).
@@ -105,9 +109,14 @@ def report(samples: list[tuple[float, str, tuple[str, ...]]], every: float, firs
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--every-ms", type=float, default=5.0)
+    p.add_argument("--no-warmup", action="store_true", help="leave the engine's kernel warm-up out")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if a.no_warmup:
+        from mistral_chat.bench.unwarmed import leave_out_warmup
+
+        leave_out_warmup()
     sampler = Sampler(a.every_ms / 1000)
     first_write: list[float] = []
     real = sys.stdout

@@ -47,6 +47,7 @@ class BenchArgs:
     tp: str | None = None
     tp_checkpoint: str | None = None
     startup: bool = False
+    no_warmup: bool = False
     batch_mode: bool = False
     requests: int = 256
 
@@ -88,6 +89,8 @@ def bench_command(
     startup: bool = _flag("--startup", help="Time launch -> first token and launch -> full speed of `mistral-chat "
                                             "--prompt` in fresh processes, with an empty and a warm compile cache "
                                             "(and --no-compile too if given); --steps tokens an answer."),
+    no_warmup: bool = _flag("--no-warmup", help="With --startup: also a run with an empty compile cache and the "
+                                                "engine's kernel warm-up left out (what the warm-up saves)."),
     batch_mode: bool = _flag("--batch-mode", help="Answer --requests chat requests end to end as `mistral-chat batch` "
                                                   "does at each --batch size (and as `serve` does, from as many "
                                                   "clients as the first size), next to raw decode (and --vs-hf)."),
@@ -99,7 +102,7 @@ def bench_command(
                      steps=steps or (256 if batch_mode else 128), batch=batch or ("32,64" if batch_mode else "1,8"),
                      prefill=prefill, no_compile=no_compile, vs_hf=vs_hf, plan=plan, json=json_output,
                      json_file=json_file, tp=tp, tp_checkpoint=tp_checkpoint, startup=startup,
-                     batch_mode=batch_mode, requests=requests)
+                     no_warmup=no_warmup, batch_mode=batch_mode, requests=requests)
     if batch_mode:
         from mistral_chat.bench.batch_mode import run_batch_mode
 

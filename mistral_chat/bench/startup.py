@@ -7,7 +7,9 @@ stdout is read unbuffered: every chunk's arrival time after launch is kept. The 
 
 - cold: an empty MISTRAL_CHAT_HOME (so an empty inductor cache, TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR there);
 - warm: the same home again (what every later start-up meets);
-- no-compile (with --no-compile): the warm home and the CLI's --no-compile.
+- no-compile (with --no-compile): the warm home and the CLI's --no-compile;
+- unwarmed (with --no-warmup): another empty home, and the engine's kernel warm-up left out (bench/unwarmed.py), so
+  that the cold run's Triton compiles happen as the answer first runs each kernel: what the warm-up saves.
 
 From the arrival times: the first byte; "full speed", the time after which every window of the answer's tokens
 comes at >= 90% of the steady rate (the rate over the last quarter of the answer); and the whole run (process
@@ -101,11 +103,13 @@ def read_stream(stream, arrivals: list[tuple[float, int]], launched: float) -> N
         arrivals.append((time.perf_counter() - launched, total))
 
 
-def launch(name: str, model: Path, home: Path, a: BenchArgs, extra: list[str]) -> StartupRun:
-    """One `mistral-chat --prompt` in a fresh process with `home` as its MISTRAL_CHAT_HOME."""
+def launch(name: str, model: Path, home: Path, a: BenchArgs, extra: list[str], warmup: bool = True) -> StartupRun:
+    """One `mistral-chat --prompt` in a fresh process with `home` as its MISTRAL_CHAT_HOME; without `warmup`, with
+    the engine's kernel warm-up left out."""
     env = dict(os.environ, MISTRAL_CHAT_HOME=str(home), TORCHINDUCTOR_CACHE_DIR=str(home / "compile-cache"),
                TRITON_CACHE_DIR=str(home / "triton-cache"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "mistral_chat.cli.main", "--model", str(model), "--prompt", PROMPT,
+    cli = "mistral_chat.cli.main" if warmup else "mistral_chat.bench.unwarmed"
+    command = [sys.executable, "-m", cli, "--model", str(model), "--prompt", PROMPT,
                "--max-tokens", str(a.steps), "--temperature", "0", "--device", a.device, "--dtype", a.dtype, "-v",
                *(["--quantize", a.quantize] if a.quantize else []), *extra]
     run = StartupRun(name)
@@ -186,10 +190,12 @@ def run_startup(a: BenchArgs) -> int:
         reused = write_checkpoint(a, folder)
         home = scratch / "home"
         runs: list[StartupRun] = []
-        plan = [("cold", []), ("warm", [])] + ([("no-compile", ["--no-compile"])] if a.no_compile else [])
-        for name, extra in plan:
+        plan = [("cold", home, []), ("warm", home, [])]
+        plan += [("no-compile", home, ["--no-compile"])] if a.no_compile else []
+        plan += [("unwarmed", scratch / "home-unwarmed", [])] if a.no_warmup else []
+        for name, run_home, extra in plan:
             print(f"run {name} ...", file=sys.stderr, flush=True)
-            runs.append(launch(name, folder, home, a, extra))
+            runs.append(launch(name, folder, run_home, a, extra, warmup=name != "unwarmed"))
         checkpoint = f"checkpoint {'reused' if reused else 'written'}"
         text = json.dumps({"shape": a.shape, "checkpoint_reused": reused, "prompt": PROMPT,
                            "runs": [{k: v for k, v in asdict(r).items() if k != "arrivals"} for r in runs]}, indent=2)

@@ -136,6 +136,10 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
         from mistral_chat.engine.lora import load_adapter
 
         adapter = load_adapter(Path(lora), config, scale=lora_scale, device=dev)
+    from mistral_chat.engine.warmup import start_warmup  # here: it imports generate, which imports this module
+
+    # the first answer's Triton kernels, compiled on other threads while the weights load (warmup.py)
+    warmup = start_warmup(config, plan, dev, target, quantize, context, parallel.world, estimate.weights)
     try:
         convert = plain_convert(dev, target)
         with torch.device("meta"):
@@ -156,12 +160,17 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.eval().requires_grad_(False)
+        if warmup is not None:
+            warmup.finish()  # the autotuned kernels timed, now that the GPU is quiet; the throwaway model freed
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         gb = config.parameter_count() * torch.finfo(target).bits / 8 / parallel.world / 1e9
         raise DeviceError(f"out of memory on {dev} loading {path.name} (~{gb:.1f} GB of weights): "
                           "try --quantize int8, --tp N with more GPUs, or a smaller model") from exc
+    finally:
+        if warmup is not None:
+            warmup.close()  # a failed load: its threads stopped and joined, its memory freed
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, device=dev, dtype=target,
                        load_seconds=time.perf_counter() - started, quantize=quantize,
                        compile=plan.compile_decode, lora=None if adapter is None else adapter.path, plan=plan)
