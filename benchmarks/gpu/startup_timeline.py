@@ -79,7 +79,8 @@ def report(samples: list[tuple[float, str, tuple[str, ...]]], every: float, firs
     print(f"\n== timeline (first stdout write at {first_write if first_write is not None else -1:.2f} s)", file=out)
     by_thread: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
     for t, name, stack in samples:
-        if stack and not stack[-1].endswith((":wait:", ":_wait_for_tstate_lock:")):
+        # idle: waiting on a lock or condition, or a pool's worker (reader, compiler) waiting for work
+        if stack and not stack[-1].rsplit(":", 1)[0].endswith((":wait", ":_wait_for_tstate_lock", "thread.py:_worker")):
             by_thread[name].append((t, label(stack)))
     for name, rows in by_thread.items():
         print(f"-- thread {name}", file=out)
