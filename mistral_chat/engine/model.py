@@ -224,7 +224,7 @@ class Attention(nn.Module):
             v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             keys, values = self.cache.update_rows(rows, slots, k, v)
         keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
-        if t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton":  # decode: a mask per row
+        if part.lengths[window] is not None:  # decode or a staged chunk, in the kernel: a mask per row
             out = decode_attention.decode_attention(q, keys, values, mask, part.lengths[window])
         elif t <= GROUPED_ATTENTION_MAX_QUERIES:
             out = grouped_attention(q, keys, values, mask[:, None, None])
@@ -406,7 +406,7 @@ class Transformer(nn.Module):
         inputs = [tokens.reshape(-1)]
         picks = [torch.arange(n, device=tokens.device) * t + (t - 1)]  # each row's last token
         if chunk is not None:
-            parts.append(self._row_part(chunk.start, chunk.row, 1, chunk.tokens.shape[1], key_len))
+            parts.append(self._row_part(chunk.start, chunk.row, 1, chunk.tokens.shape[1], key_len, staged=True))
             inputs.append(chunk.tokens.reshape(-1))
             picks.append(chunk.last + n * t)
         flat = inputs[0] if chunk is None else torch.cat(inputs)
@@ -419,9 +419,11 @@ class Transformer(nn.Module):
         h, delta = h[picked], delta[picked]
         return gather_vocab(self.output(self.norm.add_and_norm(h, delta)[1]).float(), self.parallel)
 
-    def _row_part(self, start_pos: torch.Tensor, rows: slice, n: int, t: int, key_len: int) -> RowPart:
+    def _row_part(self, start_pos: torch.Tensor, rows: slice, n: int, t: int, key_len: int,
+                  staged: bool = False) -> RowPart:
         """Rows `rows` (n of them) taking t tokens each at start_pos...: their positions recorded, and what
-        attention needs (RowPart)."""
+        attention needs (RowPart). `staged`: a staged prompt's chunk, whose attention (one row, over keys in
+        the cache) the decode attention kernel takes too, where the plan has it: no copy of the keys per head."""
         assert self.row_positions is not None and self.rope is not None
         if t > self.row_positions.max_chunk:
             raise ValueError(f"chunk of {t} tokens exceeds the cache's {self.row_positions.max_chunk}")
@@ -430,7 +432,7 @@ class Transformer(nn.Module):
         masks = {w: self.row_positions.mask(positions, rows, window=w)
                  for w in dict.fromkeys(self.config.attention_windows)}
         # decode steps in the attention kernel read each row only up to its last visible key
-        kernel = t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton"
+        kernel = (t <= GROUPED_ATTENTION_MAX_QUERIES or staged) and self.plan.attention == "triton"
         lengths = {w: decode_attention.visible_lengths(m[..., :key_len]) if kernel else None
                    for w, m in masks.items()}
         return RowPart(rows, n, t, self.rope[positions], slots, masks, lengths)
