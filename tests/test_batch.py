@@ -191,42 +191,6 @@ def test_greedy_batch_with_the_step_in_graphs_equals_one_at_a_time(kind, mistral
     assert len(generator._graphed._graphs) >= 1
 
 
-@pytest.mark.parametrize("spare", [None, 1], ids=["parking rows", "staging row only"])
-@pytest.mark.parametrize("chunk", [128, 8], ids=["cache of 128", "wrapping cache of 23"])
-def test_prompts_staged_in_chunks_inside_decode_steps_answer_as_one_at_a_time(spare, chunk, mistral, monkeypatch):
-    """In graphs, while rows decode, the next prompts are prefilled 5 tokens a step inside the decode steps
-    (engine/staging.py), park, and take rows as they free (their caches copied): the same greedy answers as one at a
-    time, with prompts of one chunk (padded), of several (the last overlapping the one before), a window of 16
-    (a wrapping cache with prefill chunks of 8), a bad prompt among them, and with or without parking rows."""
-    from mistral_chat.engine import batch as batch_module
-    from mistral_chat.engine import decode
-
-    monkeypatch.setattr(decode, "capture", _plain_capture)
-    monkeypatch.setattr(batch_module, "rows_in_graphs", lambda model, batch_size: True)
-    monkeypatch.setattr(batch_module, "STAGED_CHUNK", 5)
-    if spare is not None:
-        monkeypatch.setattr(batch_module, "spare_rows", lambda *args: spare)
-    lengths, tokens = [6, 9, 3, 14, 0, 22, 5, 11, 4, 17], [7, 12, 9, 3, 4, 15, 6, 2, 11, 8]
-    requests = [BatchRequest(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts(lengths, seed=6), tokens)]
-    requests[4] = BatchRequest([], SamplingParams(max_tokens=4))
-    good = [r for i, r in enumerate(requests) if i != 4]
-    expected = one_at_a_time(mistral, good, context_length=128, prefill_chunk=chunk)
-    generator = BatchGenerator(mistral, 3, context_length=128, prefill_chunk=chunk)
-    assert generator._stager.spare == (spare or 4) and generator._stager.chunk == 5
-    chunks, copies = [], []
-    graphed, copy_row = generator._graphed, mistral.model.copy_row
-    monkeypatch.setattr(generator, "_graphed", lambda *args: chunks.append(args[3]) or graphed(*args))
-    monkeypatch.setattr(mistral.model, "copy_row", lambda *args: copies.append(args) or copy_row(*args))
-    done = {e.index: e for e in generator.generate(requests) if e.done}
-    assert done[4].error and not done[4].generated_ids
-    assert [(list(done[i].generated_ids), done[i].answer, done[i].stats.finish_reason)
-            for i in range(len(requests)) if i != 4] == expected
-    carried = [c for c in chunks if c is not None]
-    assert len(carried) >= 8 and any(len(set(c[0][0].tolist())) > 1 and c[1] > 0 for c in carried), carried
-    assert copies and all(target < 3 or source == 3 for source, target in copies), copies
-    assert mistral.model.row_positions is not None and mistral.model.row_positions.wraps == (chunk == 8)
-
-
 def test_in_graphs_each_step_goes_ahead_while_the_last_tokens_are_accepted(mistral, monkeypatch):
     """In graphs the next step is launched before the host accepts this step's tokens, and used: as many steps
     run as tokens are decoded, none twice; with admissions in between (a launched step then runs again) the answers

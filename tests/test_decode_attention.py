@@ -130,27 +130,6 @@ for p in range(8, 23):  # then all three rows a step (rows without a sequence: t
 for row in ids:
     torch.testing.assert_close(torch.cat(got[row]), alone[row], rtol=1e-4, atol=1e-4)
 assert len(calls) >= 15 * 2, len(calls)  # the decode steps went through the kernel
-
-# a staged prompt's chunk riding along a decode step (model.RowChunk, engine/staging.py) takes the kernel too (8
-# query tokens of one row, and 5 of 8 real in the second chunk): the logits of the plain formulas' model
-from mistral_chat.engine.model import RowChunk
-seqs = [list(range(5, 17)), list(range(40, 52)), list(range(70, 86))]
-
-def staged_steps(m):
-    m.setup_row_cache(64, batch=3, prefill_chunk=8)
-    m.forward_rows(torch.tensor([seqs[0][:8], seqs[1][:8]]), torch.tensor([0, 0]), slice(0, 2), 8)
-    out = []
-    for p, (start, last) in enumerate([(0, 7), (8, 4)], start=8):
-        chunk = RowChunk(torch.tensor([seqs[2][start:start + 8]]), torch.tensor([start]), slice(2, 3),
-                         torch.tensor([last]))
-        out.append(m.forward_rows(torch.tensor([[seqs[0][p]], [seqs[1][p]]]), torch.tensor([p, p]), slice(0, 2),
-                                  16, chunk))
-    return torch.cat(out)
-
-del calls[:]
-got = staged_steps(model)
-assert len(calls) == 2 + 2 * 2 * 2, len(calls)  # the first 8 tokens; then two steps, each layer: rows and chunk
-torch.testing.assert_close(got, staged_steps(random_model(config, attention="torch")), rtol=1e-4, atol=1e-4)
 print("ok")
 """
 

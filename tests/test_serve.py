@@ -229,9 +229,9 @@ def test_a_client_that_disconnects_frees_its_row(model, server, client, monkeypa
 
     run_step = BatchGenerator._run_step
 
-    def slowly(self, *args):  # 200 tokens take >= 4 s: on a loaded machine the answer could end before the client
+    def slowly(self, active):  # 200 tokens take >= 4 s: on a loaded machine the answer could end before the client
         time.sleep(0.02)  # had read its first lines (it did: in_flight was 0)
-        return run_step(self, *args)
+        return run_step(self, active)
 
     monkeypatch.setattr(BatchGenerator, "_run_step", slowly)
     worker = server.server.config.app.state.worker

@@ -58,14 +58,6 @@ step batch-mode 200 "${hf_env[@]}" python3 -m mistral_chat.bench --batch-mode --
     --tp-checkpoint $ckpt --json-file "$out/batch_mode.json"
 step batch-eager 120 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 \
     --plan batch_graphs=0 --tp-checkpoint $ckpt --json-file "$out/batch_mode_eager.json"
-step batch-64 150 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 64 --tp-checkpoint $ckpt \
-    --json-file "$out/batch_64.json"
-# the same without prompts staged inside decode steps (engine/staging.py): every admission prefilled at once
-step batch-64-unstaged 120 python3 -c "import sys; import mistral_chat.engine.batch as batch
-batch.spare_rows = lambda *args: 0
-sys.argv = ['bench', '--batch-mode', '--shape', 'mistral-7b', '--batch', '64', '--tp-checkpoint', '$ckpt']
-from mistral_chat.bench.command import main
-sys.exit(main())"
 step batch-host 100 python3 benchmarks/gpu/batch_host.py $ckpt --batch 64
 step profile-batch 100 python3 benchmarks/gpu/profile_batch.py --shape mistral-7b --batch 64 --prompt 512 --steps 32
 step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32

@@ -6,8 +6,7 @@ the raw batched decode (`Transformer.forward`, all rows at one position). This s
 real shape on the device, fills `--batch` rows with `--prompt`-token prompts as a wave of admissions does, then:
 
   1. times the prefill of the wave (rows together, as BatchGenerator._prefill groups them);
-  2. times the graphed row step alone, with the host's per-step work after it (argmax, copy to the host), and
-     carrying a staged prompt's chunk (engine/staging.py);
+  2. times the graphed row step alone, and with the host's per-step work after it (argmax, copy to the host);
   3. times the raw batched decode step (DecodeStep, the plan's graphs) at the same batch and positions;
   4. profiles both steps, in their graphs, and prints the time each kernel adds to a step, by kind and by name.
 
@@ -32,9 +31,7 @@ from mistral_chat.bench.command import parse_plan  # noqa: E402
 from mistral_chat.bench.shapes import SHAPES, bench_shape  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep, GraphedRows, key_bucket  # noqa: E402
 from mistral_chat.engine.loader import random_model  # noqa: E402
-from mistral_chat.engine.model import RowChunk  # noqa: E402
 from mistral_chat.engine.plan import choose_plan  # noqa: E402
-from mistral_chat.engine.staging import STAGED_CHUNK  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -87,7 +84,7 @@ def main() -> None:
     model = random_model(config, device, dtype, None, plan)
     context = a.prompt + a.steps * 3 + 16
     b, vocab = a.batch, config.vocab_size
-    model.setup_row_cache(context, b + 1, a.chunk)  # row b: a staged prompt's chunks (engine/staging.py)
+    model.setup_row_cache(context, b, a.chunk)
     prompts = torch.randint(0, vocab, (b, a.prompt), device=device)
     group = max(1, a.chunk // a.prompt)
 
@@ -111,8 +108,7 @@ def main() -> None:
     assert model.row_positions is not None
     capacity = model.row_positions.capacity
     tokens = torch.randint(0, vocab, (b, 1), device=device)
-    staged = min(STAGED_CHUNK, a.prompt)
-    graphed = GraphedRows(model, b, staged, b) if device.type == "cuda" else None
+    graphed = GraphedRows(model, b) if device.type == "cuda" else None
 
     def row_step(i: int) -> torch.Tensor:
         position = a.prompt + i
@@ -124,19 +120,8 @@ def main() -> None:
     def row_step_and_host(i: int) -> list[int]:
         return row_step(i).argmax(-1).tolist()
 
-    def row_step_with_chunk(i: int) -> torch.Tensor:  # a staged prompt's chunk riding along (positions 0...)
-        position = a.prompt + i
-        starts = torch.full((b,), position, dtype=torch.long)
-        piece = (prompts[:1, :staged].cpu(), 0, staged - 1)
-        if graphed is not None:
-            return graphed(tokens.cpu(), starts, key_bucket(position, capacity), piece)
-        chunk = RowChunk(prompts[:1, :staged], torch.zeros(1, dtype=torch.long, device=device), slice(b, b + 1),
-                         torch.full((1,), staged - 1, device=device))
-        return model.forward_rows(tokens, starts.to(device), slice(0, b), min(capacity, position + 1), chunk)
-
     rows_s = per_step(row_step, a.steps, device)
     host_s = per_step(row_step_and_host, a.steps, device)
-    chunk_s = per_step(row_step_with_chunk, a.steps, device)
     profiled(row_step, min(a.steps, 8), device, config.n_layers,
              "row step (forward_rows" + (", graphed)" if graphed is not None else ", eager)"))
 
@@ -153,7 +138,6 @@ def main() -> None:
     print(f"batch {b}, positions {a.prompt}..{a.prompt + a.steps}:")
     print(f"  row step            {rows_s * 1000:7.3f} ms  ({b / rows_s:,.0f} tokens/s)")
     print(f"  row step + host     {host_s * 1000:7.3f} ms  ({b / host_s:,.0f} tokens/s; argmax and .tolist())")
-    print(f"  row step + chunk    {chunk_s * 1000:7.3f} ms  (and a staged prompt's {staged} tokens)")
     print(f"  raw batched step    {raw_s * 1000:7.3f} ms  ({b / raw_s:,.0f} tokens/s)")
     print(f"  prefill of the wave {prefill_s * 1000:7.1f} ms  ({b * a.prompt / prefill_s:,.0f} tokens/s)")
 

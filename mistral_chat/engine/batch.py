@@ -37,7 +37,6 @@ from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.moe import EVERY_EXPERT_MAX_TOKENS
 from mistral_chat.engine.options import SamplingParams
 from mistral_chat.engine.sampling import Penalties, StopStrings, make_generator, sample
-from mistral_chat.engine.staging import STAGED_CHUNK, Chunk, Stager, spare_rows
 from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import DeviceError
 from mistral_chat.text.tokenizer import StreamDecoder
@@ -129,27 +128,14 @@ class BatchGenerator:
         self.batch_size = batch_size
         self.context_length = session_context(loaded.config, context_length)
         self._requested_chunk = prefill_chunk
-        graphs = rows_in_graphs(self.model, batch_size)
-        # in graphs, spare rows of the cache for prompts prefilled inside decode steps (engine/staging.py)
-        self._stager = Stager(batch_size, self._spare_rows() if graphs else 0, 0)
         self._claim_cache()
         assert self.model.row_positions is not None
         self.prefill_chunk = min(prefill_chunk, self.model.row_positions.max_chunk)
-        self._stager.chunk = min(STAGED_CHUNK, self.prefill_chunk)
         self._rows: list[_Row | None] = [None] * batch_size
-        self._graphed = GraphedRows(self.model, batch_size, self._stager.chunk if self._stager.spare else 0,
-                                    batch_size) if graphs else None
-        # in graphs: the next step's logits, launched before this step's tokens were accepted (`_step`), the rows
-        # and the staged prompt it ran for, and the chunk it carried
-        self._ahead: tuple[torch.Tensor, list[_Row | None], object, Chunk | None] | None = None
-        self._pending: Iterator[tuple[int, BatchRequest]] = iter(())
-        self._exhausted = True
-
-    def _spare_rows(self) -> int:
-        per_row = estimate_memory(self.loaded.config, self.loaded.dtype, self.context_length,
-                                  prefill_chunk=self._requested_chunk, world=self.model.parallel.world).kv_cache
-        return spare_rows(per_row, self.batch_size, free_memory(self.loaded.device),
-                          self.loaded.device.type == "cuda")
+        self._graphed = GraphedRows(self.model, batch_size) if rows_in_graphs(self.model, batch_size) else None
+        # in graphs: the next step's logits, launched before this step's tokens were accepted (`_step`), and the
+        # rows it ran for
+        self._ahead: tuple[torch.Tensor, list[_Row | None]] | None = None
 
     def _claim_cache(self) -> None:
         """Give the model a cache of `batch_size` rows (again, where a Session took the model's cache since)."""
@@ -169,24 +155,17 @@ class BatchGenerator:
         """Answer `requests` (read lazily, as rows free up): events as they happen, each answer ending with a
         `done` event. Answers finish in any order; `BatchEvent.index` says whose they are."""
         self._claim_cache()
-        self._pending, self._exhausted = enumerate(requests), False
-        stager = self._stager
+        pending = enumerate(requests)
+        exhausted = False
         try:
             while True:
-                while None in self._rows:  # admissions may end at once and free their rows
+                while not exhausted and None in self._rows:  # admissions may end at once and free their rows
                     free = self._free_slots()
-                    if stager.parked:
-                        yield from self._unpark(free)
-                    elif self._exhausted or (stager.spare and len(free) <= self.batch_size // 4):
-                        break  # a few free rows while others decode: staged prompts will take them
-                    else:  # many free rows: a wave of prompts prefilled together
-                        items = list(itertools.islice(self._pending, len(free)))
-                        self._exhausted = len(items) < len(free)
-                        yield from self._admit(list(zip(free, items)))
-                if stager.can_stage():
-                    yield from self._stage_next()
-                if not any(self._rows) and stager.staging is None:
-                    if self._exhausted and not stager.parked:
+                    items = list(itertools.islice(pending, len(free)))
+                    exhausted = len(items) < len(free)
+                    yield from self._admit(list(zip(free, items)))
+                if not any(self._rows):
+                    if exhausted:
                         return
                     continue
                 yield from self._step()
@@ -196,8 +175,8 @@ class BatchGenerator:
             raise DeviceError(f"out of memory on {self.loaded.device} while generating a batch: lower --batch-size "
                               "or --context") from exc
         finally:
-            self.clear()
-            self._pending, self._exhausted = iter(()), True
+            self._rows = [None] * self.batch_size
+            self._ahead = None
 
     # ---- for a caller whose requests arrive while others are in flight (the server) ---------------------------
 
@@ -233,13 +212,12 @@ class BatchGenerator:
         """Forget every sequence in flight (after a failed step)."""
         self._rows = [None] * self.batch_size
         self._ahead = None
-        self._stager.reset()
 
     # ---- the model calls (each one mirrored on the other ranks by a ParallelBatchGenerator) -----------------------
 
     def _setup_rows(self) -> None:
-        """A cache of `batch_size` rows on the model, and the spare rows of staged prompts."""
-        self.model.setup_row_cache(self.context_length, self.batch_size + self._stager.spare, self._requested_chunk)
+        """A cache of `batch_size` rows on the model."""
+        self.model.setup_row_cache(self.context_length, self.batch_size, self._requested_chunk)
 
     def _reset_row(self, slot: int) -> None:
         """Forget the positions row `slot` held (before a new sequence's prefill)."""
@@ -257,11 +235,16 @@ class BatchGenerator:
         """Prefill each (slot, (index, request)) into its free row, rows together where they can be (`_prefill`),
         then choose each one's first token."""
         started = time.perf_counter()
+        device = self.loaded.device
         ready: list[tuple[int, int, BatchRequest, list[int]]] = []
         for slot, (index, request) in entries:
             ids = list(request.prompt_ids)
-            error = self._prompt_error(ids)
-            if not error:
+            if not ids:
+                error = "the prompt is empty: give some text to answer"
+            elif len(ids) >= self.context_length:
+                error = (f"the prompt is {len(ids)} tokens but the context holds {self.context_length}: "
+                         "shorten the prompt, or raise --context if the model allows")
+            else:
                 self._reset_row(slot)
                 ready.append((slot, index, request, ids))
                 continue
@@ -269,64 +252,21 @@ class BatchGenerator:
         if not ready:
             return
         last = self._prefill([(slot, ids) for slot, _, _, ids in ready])
-        yield from self._start_rows([(slot, index, request, ids, started, last[slot])
-                                     for slot, index, request, ids in ready])
-
-    def _prompt_error(self, ids: list[int]) -> str:
-        """Why a prompt cannot be answered ("": it can)."""
-        if not ids:
-            return "the prompt is empty: give some text to answer"
-        if len(ids) >= self.context_length:
-            return (f"the prompt is {len(ids)} tokens but the context holds {self.context_length}: shorten the "
-                    "prompt, or raise --context if the model allows")
-        return ""
-
-    def _start_rows(self, entries: list[tuple[int, int, BatchRequest, list[int], float, torch.Tensor]]
-                    ) -> Iterator[BatchEvent]:
-        """Sequences whose prompts are in their rows' caches (slot, index, request, prompt ids, when they were
-        admitted, the last prompt token's logits [1, vocab]): each one's first token chosen and taken."""
-        device = self.loaded.device
         rows: list[tuple[int, _Row]] = []
-        for slot, index, request, ids, started, logits in entries:
+        for slot, index, request, ids in ready:
             params = request.params
+            vocab = last[slot].shape[-1]
             row = _Row(index=index, request=request, position=len(ids), generator=make_generator(params, device),
                        decoder=StreamDecoder(self.loaded.tokenizer), stops=StopStrings(params.stop),
-                       penalties=Penalties(params, ids, logits.shape[-1], device) if params.penalised else None,
+                       penalties=Penalties(params, ids, vocab, device) if params.penalised else None,
                        stats=GenerationStats(prompt_tokens=len(ids), prefilled_tokens=len(ids),
                                              finish_reason="length"),
                        started=started)
             self._rows[slot] = row
             rows.append((slot, row))
-        chosen = self._choose([row for _, row in rows], torch.cat([entry[-1] for entry in entries]))
+        chosen = self._choose([row for _, row in rows], torch.cat([last[slot] for slot, _ in rows]))
         for (slot, row), token in zip(rows, chosen):
             yield from self._accept(slot, row, token)
-
-    def _stage_next(self) -> Iterator[BatchEvent]:
-        """The next request's prompt staged (engine/staging.py), skipping (with their error events) requests that
-        cannot be answered."""
-        while not self._exhausted and self._stager.can_stage():
-            item = next(self._pending, None)
-            if item is None:
-                self._exhausted = True
-                return
-            index, request = item
-            ids = list(request.prompt_ids)
-            error = self._prompt_error(ids)
-            if error:
-                yield BatchEvent(index, done=True, error=error, stats=GenerationStats(finish_reason="error"))
-                continue
-            self._reset_row(self.batch_size)
-            self._stager.start(index, request, ids, time.perf_counter())
-
-    def _unpark(self, free: list[int]) -> Iterator[BatchEvent]:
-        """Prefilled prompts waiting in spare rows moved into free decode rows (their caches copied), and started."""
-        entries = []
-        for slot in free[:len(self._stager.parked)]:
-            staged = self._stager.unpark()
-            self.model.copy_row(staged.row, slot)
-            assert staged.logits is not None
-            entries.append((slot, staged.index, staged.request, staged.ids, staged.started, staged.logits))
-        yield from self._start_rows(entries)  # type: ignore[arg-type]
 
     def _prefill(self, prompts: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
         """Each (slot, ids)'s prompt into its row, chunk by chunk; the logits ([1, vocab]) of each one's last token
@@ -366,17 +306,9 @@ class BatchGenerator:
 
     def _step(self) -> Iterator[BatchEvent]:
         active = [(slot, row) for slot, row in enumerate(self._rows) if row is not None]
-        stager = self._stager
-        ahead = self._take_ahead()
-        if ahead is None:
-            chunk = stager.next_chunk()
-            logits = self._run_step(active, chunk)
-        else:
-            logits, chunk = ahead
-        if chunk is not None:  # the staged prompt's chunk rode along: its logits come after the rows'
-            stager.consume(chunk, logits[self.batch_size:], self.model.copy_row)
-            if stager.staging is None:
-                yield from self._stage_next()
+        logits = self._take_ahead()
+        if logits is None:
+            logits = self._run_step(active)
         for _, row in active:
             row.position += 1
         chosen = self._choose([row for _, row in active], logits[[slot for slot, _ in active]])
@@ -386,16 +318,14 @@ class BatchGenerator:
             # one of them (EOS, a stop string) just has a step's result dropped
             for (_, row), token in zip(active, chosen):
                 row.pending = token
-            following = stager.next_chunk()
-            self._ahead = (self._run_step(active, following), list(self._rows), stager.staging, following)
+            self._ahead = (self._run_step(active), list(self._rows))
         for (slot, row), token in zip(active, chosen):
             yield from self._accept(slot, row, token)
 
-    def _run_step(self, active: list[tuple[int, _Row]], chunk: Chunk | None = None) -> torch.Tensor:
-        """Logits ([rows run, vocab]) of one decode step of the `active` rows' pending tokens at their positions,
-        and with `chunk` (in graphs), the staged prompt's chunk: its logits last. In CUDA graphs every row runs
-        (the graph's shape); eagerly, the rows up to the last one in use. Rows without a sequence run token 0 at
-        position 0: finite, and reset on admission."""
+    def _run_step(self, active: list[tuple[int, _Row]]) -> torch.Tensor:
+        """Logits ([rows run, vocab]) of one decode step of the `active` rows' pending tokens at their positions.
+        In CUDA graphs every row runs (the graph's shape); eagerly, the rows up to the last one in use. Rows
+        without a sequence run token 0 at position 0: finite, and reset on admission."""
         used = self.batch_size if self._graphed else active[-1][0] + 1
         tokens, starts = [0] * used, [0] * used
         for slot, row in active:
@@ -403,26 +333,20 @@ class BatchGenerator:
         assert self.model.row_positions is not None
         capacity = self.model.row_positions.capacity
         if self._graphed is not None:
-            end = max(starts) if chunk is None else max(*starts, chunk.start + chunk.tokens.shape[1] - 1)
             return self._graphed(torch.tensor(tokens, dtype=torch.long)[:, None],
-                                 torch.tensor(starts, dtype=torch.long), key_bucket(end, capacity),
-                                 None if chunk is None else (chunk.tokens, chunk.start, chunk.last))
+                                 torch.tensor(starts, dtype=torch.long), key_bucket(max(starts), capacity))
         return self._forward_rows([[token] for token in tokens], starts, slice(0, used),
                                   min(capacity, max(starts) + 1))
 
-    def _take_ahead(self) -> tuple[torch.Tensor, Chunk | None] | None:
-        """The step launched ahead and the chunk it carried, if every row now in flight was in it and the staged
-        prompt is the same (rows that ended since change nothing; a row admitted or a prompt staged since was not
-        in it, and the step is run again: the rows it ran for write the same keys and values at the same positions
-        again)."""
+    def _take_ahead(self) -> torch.Tensor | None:
+        """The step launched ahead, if every row now in flight was in it (rows that ended since change nothing;
+        a row admitted since was not in it, and the step is run again: the rows it ran for write the same keys
+        and values at the same positions again)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
-        logits, rows, staging, chunk = ahead
-        if staging is not self._stager.staging:
-            return None
-        return (logits, chunk) if all(row is None or row is rows[slot] for slot, row in enumerate(self._rows)) \
-            else None
+        logits, rows = ahead
+        return logits if all(row is None or row is rows[slot] for slot, row in enumerate(self._rows)) else None
 
     def _ends_now(self, row: _Row) -> bool:
         """Whether the row's next token certainly ends it (max tokens, the context): `_accept` ends it there, and

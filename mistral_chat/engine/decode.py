@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mistral_chat.engine.model import RowChunk, Transformer
+from mistral_chat.engine.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -125,36 +125,22 @@ def capture(run: Callable[[], torch.Tensor], device: torch.device, pool: Any = N
 
 class GraphedRows:
     """Continuous batching's decode step, one token for every row of the batch cache (`Transformer.forward_rows`
-    over rows 0..batch-1, engine/batch.py), captured in CUDA graphs, one per cache bucket (the plan's
-    batch_graphs), and one more per bucket for steps that also carry a prompt's chunk of `chunk` tokens into the
-    cache's row `chunk_row` (`model.RowChunk`). The tokens, start positions and chunk go in through static
-    tensors; rows without a sequence run token 0 at position 0."""
+    over all rows, engine/batch.py), captured in CUDA graphs, one per cache bucket (the plan's batch_graphs). The
+    tokens and start positions go in through static tensors; rows without a sequence run token 0 at position 0."""
 
-    def __init__(self, model: Transformer, batch: int, chunk: int = 0, chunk_row: int = 0) -> None:
+    def __init__(self, model: Transformer, batch: int) -> None:
         self.model = model
-        device = model.device
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.starts = torch.zeros(batch, dtype=torch.long, device=device)
-        self.chunk = RowChunk(torch.zeros(1, chunk, dtype=torch.long, device=device),
-                              torch.zeros(1, dtype=torch.long, device=device), slice(chunk_row, chunk_row + 1),
-                              torch.zeros(1, dtype=torch.long, device=device))
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.starts = torch.zeros(batch, dtype=torch.long, device=model.device)
         self._graphs = CapturedGraphs(lambda: model.row_positions)
 
-    def __call__(self, tokens: torch.Tensor, starts: torch.Tensor, key_len: int,
-                 chunk: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
-        """Float32 logits [batch, vocab] of tokens ([batch, 1]) at starts ([batch]); `key_len`: a cache bucket.
-        `chunk`: (tokens [1, C], start, last) of the chunk row, whose logits (of index `last`) come last."""
+    def __call__(self, tokens: torch.Tensor, starts: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Float32 logits [batch, vocab] of tokens ([batch, 1]) at starts ([batch]); `key_len`: a cache bucket."""
         self.tokens.copy_(tokens)
         self.starts.copy_(starts)
-        if chunk is not None:
-            self.chunk.tokens.copy_(chunk[0])
-            self.chunk.start.fill_(chunk[1])
-            self.chunk.last.fill_(chunk[2])
         rows = slice(0, self.tokens.shape[0])
-        carried = self.chunk if chunk is not None else None
-        return self._graphs.replay((key_len, chunk is not None), self.tokens.device,
-                                   lambda: self.model.forward_rows(self.tokens, self.starts, rows, key_len,
-                                                                   carried)).clone()
+        return self._graphs.replay(key_len, self.tokens.device,
+                                   lambda: self.model.forward_rows(self.tokens, self.starts, rows, key_len)).clone()
 
 
 class DecodeStep:

@@ -27,33 +27,6 @@ from mistral_chat.engine.plan import KernelPlan
 
 
 @dataclass(frozen=True)
-class RowChunk:
-    """A prompt's chunk riding along a decode step of continuous batching (`Transformer.forward_rows`): `tokens`
-    ([1, C]) at positions start... (`start`: [1] on the model's device) of the cache's row `row`; the step returns
-    the logits of the chunk's token at index `last` ([1]) after the decode rows' logits."""
-
-    tokens: torch.Tensor
-    start: torch.Tensor
-    row: slice
-    last: torch.Tensor
-
-
-@dataclass(frozen=True)
-class RowPart:
-    """Rows of the cache that one forward_rows pass runs, all with `t` tokens a row: their RoPE table
-    [n, t, D/2, 2], cache slots [n, t], a mask [n, t, capacity] and (decode attention kernel) visible lengths
-    [n] per attention window."""
-
-    rows: slice
-    n: int
-    t: int
-    rope: torch.Tensor
-    slots: torch.Tensor
-    masks: dict
-    lengths: dict
-
-
-@dataclass(frozen=True)
 class LocalShape:
     """The sizes one rank holds."""
 
@@ -194,26 +167,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :key_len])
         return out.transpose(1, 2).reshape(b, t, q_size)
 
-    def forward_rows(self, x: torch.Tensor, parts: list[RowPart], window: int | None, key_len: int) -> torch.Tensor:
-        """`forward` for rows of the cache, each at its own positions (continuous batching): x [M, dim] holds the
-        tokens of each part's rows in turn, all through one product each. Plain PyTorch products; where the plan
-        has them, RoPE with the cache writes and decode's attention in the kernels, with a table, slots, mask and
-        visible length per row."""
-        qkv = self.wqkv(x)
-        outs, offset = [], 0
-        for part in parts:
-            size = part.n * part.t
-            outs.append(self._attend_rows(qkv[offset:offset + size].view(part.n, part.t, -1), part, window,
-                                          key_len))
-            offset += size
-        return all_reduce(self.wo(outs[0] if len(outs) == 1 else torch.cat(outs)), self.parallel)
-
-    def _attend_rows(self, qkv: torch.Tensor, part: RowPart, window: int | None, key_len: int) -> torch.Tensor:
-        """The heads' outputs ([n t, n_heads * head_dim]) of one part's q/k/v ([n, t, qkv])."""
-        b, t, _ = qkv.shape
+    def forward_rows(self, x: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                     key_len: int, rows: slice, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` for the batch rows `rows` of the cache, each at its own positions (continuous batching):
+        rope [N, T, D/2, 2], slots [N, T], mask [N, T, capacity]. Plain PyTorch products; where the plan has
+        them, RoPE with the cache writes and decode's attention in the kernels, with a table, slots and mask per
+        row (and each row's visible length: `lengths`, for the decode attention kernel)."""
+        b, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.cache is not None, "call Transformer.setup_row_cache first"
-        rope, slots, rows, mask = part.rope, part.slots, part.rows, part.masks[window]
+        qkv = self.wqkv(x)
         if self.rope_kernel:  # RoPE and the cache writes in one kernel, each row with its own positions
             keys, values = self.cache.k[rows], self.cache.v[rows]
             q = fused.rope_and_cache(qkv, rope, slots, keys, values, self.n_heads).transpose(1, 2)
@@ -224,8 +187,8 @@ class Attention(nn.Module):
             v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             keys, values = self.cache.update_rows(rows, slots, k, v)
         keys, values, mask = keys[:, :, :key_len], values[:, :, :key_len], mask[..., :key_len]
-        if part.lengths[window] is not None:  # decode or a staged chunk, in the kernel: a mask per row
-            out = decode_attention.decode_attention(q, keys, values, mask, part.lengths[window])
+        if t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton":  # decode: a mask per row
+            out = decode_attention.decode_attention(q, keys, values, mask, lengths)
         elif t <= GROUPED_ATTENTION_MAX_QUERIES:
             out = grouped_attention(q, keys, values, mask[:, None, None])
         else:
@@ -233,7 +196,7 @@ class Attention(nn.Module):
             keys = keys.repeat_interleave(group, dim=1)
             values = values.repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-        return out.transpose(1, 2).reshape(b * t, q_size)
+        return all_reduce(self.wo(out.transpose(1, 2).reshape(b, t, q_size)), self.parallel)
 
 
 class FeedForward(nn.Module):
@@ -296,11 +259,13 @@ class TransformerBlock(nn.Module):
         h, weighted = linear_all_reduce_residual(heads, attention.wo, h, self.ffn_norm.weight, attention.parallel)
         return feed_forward.rows_fused(weighted, h, self.ffn_norm.eps, next_norm)
 
-    def forward_rows(self, x: torch.Tensor, delta: torch.Tensor, parts: list[RowPart], window: int | None,
-                     key_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for batch rows at positions of their own (Transformer.forward_rows); x: [tokens, dim]."""
+    def forward_rows(self, x: torch.Tensor, delta: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
+                     mask: torch.Tensor, key_len: int, rows: slice,
+                     lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for batch rows at positions of their own (Transformer.forward_rows)."""
         x, normed = self.attention_norm.add_and_norm(x, delta)
-        h, normed = self.ffn_norm.add_and_norm(x, self.attention.forward_rows(normed, parts, window, key_len))
+        h, normed = self.ffn_norm.add_and_norm(x, self.attention.forward_rows(normed, rope, slots, mask, key_len,
+                                                                               rows, lengths))
         return h, self.feed_forward(normed)
 
 
@@ -388,11 +353,9 @@ class Transformer(nn.Module):
                                           wraps=self.slots.wraps)
 
     @torch.no_grad()
-    def forward_rows(self, tokens: torch.Tensor, start_pos: torch.Tensor, rows: slice, key_len: int,
-                     chunk: RowChunk | None = None) -> torch.Tensor:
+    def forward_rows(self, tokens: torch.Tensor, start_pos: torch.Tensor, rows: slice, key_len: int) -> torch.Tensor:
         """Float32 logits ([N, vocab]) of the last of `tokens` ([N, T]) in each of the cache's batch rows `rows`,
-        row n's tokens placed at positions start_pos[n]... (start_pos: [N] on the model's device); with `chunk`,
-        a prompt's chunk in another row through the same products, its logits last ([N + 1, vocab]).
+        row n's tokens placed at positions start_pos[n]... (start_pos: [N] on the model's device).
 
         Each row keeps its own positions and mask (`setup_row_cache`), so sequences of different lengths share
         a step: one new token for every row (decode), or one row's prompt chunk (prefill). `key_len`: how many
@@ -401,52 +364,24 @@ class Transformer(nn.Module):
         its shard (its collectives sum the row-parallel products and gather the vocabulary: parallel/batch.py).
         """
         assert self.row_positions is not None and self.rope is not None, "call setup_row_cache first"
-        n, t = tokens.shape
-        parts = [self._row_part(start_pos, rows, n, t, key_len)]
-        inputs = [tokens.reshape(-1)]
-        picks = [torch.arange(n, device=tokens.device) * t + (t - 1)]  # each row's last token
-        if chunk is not None:
-            parts.append(self._row_part(chunk.start, chunk.row, 1, chunk.tokens.shape[1], key_len, staged=True))
-            inputs.append(chunk.tokens.reshape(-1))
-            picks.append(chunk.last + n * t)
-        flat = inputs[0] if chunk is None else torch.cat(inputs)
-        h = self.tok_embeddings(flat) if not self.parallel.enabled else \
-            embed_vocab_slice(flat, self.tok_embeddings.weight, self.parallel)
-        delta = torch.zeros_like(h)
-        for layer, window in zip(self.layers, self.config.attention_windows):
-            h, delta = layer.forward_rows(h, delta, parts, window, key_len)
-        picked = torch.cat(picks) if chunk is not None else picks[0]
-        h, delta = h[picked], delta[picked]
-        return gather_vocab(self.output(self.norm.add_and_norm(h, delta)[1]).float(), self.parallel)
-
-    def _row_part(self, start_pos: torch.Tensor, rows: slice, n: int, t: int, key_len: int,
-                  staged: bool = False) -> RowPart:
-        """Rows `rows` (n of them) taking t tokens each at start_pos...: their positions recorded, and what
-        attention needs (RowPart). `staged`: a staged prompt's chunk, whose attention (one row, over keys in
-        the cache) the decode attention kernel takes too, where the plan has it: no copy of the keys per head."""
-        assert self.row_positions is not None and self.rope is not None
+        t = tokens.shape[1]
         if t > self.row_positions.max_chunk:
             raise ValueError(f"chunk of {t} tokens exceeds the cache's {self.row_positions.max_chunk}")
-        positions = start_pos[:, None] + torch.arange(t, device=start_pos.device)
+        positions = start_pos[:, None] + torch.arange(t, device=tokens.device)
         slots = self.row_positions.record(positions, rows)
-        masks = {w: self.row_positions.mask(positions, rows, window=w)
-                 for w in dict.fromkeys(self.config.attention_windows)}
+        windows = self.config.attention_windows
+        masks = {w: self.row_positions.mask(positions, rows, window=w) for w in dict.fromkeys(windows)}
         # decode steps in the attention kernel read each row only up to its last visible key
-        kernel = (t <= GROUPED_ATTENTION_MAX_QUERIES or staged) and self.plan.attention == "triton"
-        lengths = {w: decode_attention.visible_lengths(m[..., :key_len]) if kernel else None
-                   for w, m in masks.items()}
-        return RowPart(rows, n, t, self.rope[positions], slots, masks, lengths)
-
-    def copy_row(self, source: int, target: int) -> None:
-        """Row `source` of the batch cache (keys, values, positions) copied into row `target`: a sequence
-        prefilled in one row continues in another (engine/batch.py's staged prompts)."""
-        assert self.row_positions is not None
-        for layer in self.layers:
-            cache = layer.attention.cache
-            assert cache is not None
-            cache.k[target].copy_(cache.k[source])
-            cache.v[target].copy_(cache.v[source])
-        self.row_positions.positions[target].copy_(self.row_positions.positions[source])
+        kernel = t <= GROUPED_ATTENTION_MAX_QUERIES and self.plan.attention == "triton"
+        lengths = {w: decode_attention.visible_lengths(m[..., :key_len]) if kernel else None for w, m in masks.items()}
+        rope = self.rope[positions]
+        h = self.tok_embeddings(tokens) if not self.parallel.enabled else \
+            embed_vocab_slice(tokens, self.tok_embeddings.weight, self.parallel)
+        delta = torch.zeros_like(h)
+        for layer, window in zip(self.layers, windows):
+            h, delta = layer.forward_rows(h, delta, rope, slots, masks[window], key_len, rows, lengths[window])
+        h, delta = h[:, -1:], delta[:, -1:]
+        return gather_vocab(self.output(self.norm.add_and_norm(h, delta)[1]).float()[:, -1], self.parallel)
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, all_logits: bool = False,
                 key_len: int | None = None, block_regions: bool = False) -> torch.Tensor:
