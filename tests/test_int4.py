@@ -18,7 +18,7 @@ from mistral_chat.engine.int4 import Int4Linear, dequantize, group_size, pack, q
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.quant import Int8Linear
-from tiny_models import checks_env, compile_for_hopper, random_model, write_tiny_model
+from tiny_models import checks_env, random_model, write_tiny_model
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -252,14 +252,3 @@ def test_int4_kernel_equals_the_dequantized_product():
 @pytest.mark.slow
 def test_an_int4_model_decodes_the_same_with_the_kernel_eager_and_compiled():
     assert "model ok" in _interpreted("model")
-
-
-def test_the_int4_kernel_compiles_for_hopper():
-    from mistral_chat.engine.kernels import int4_gemv
-
-    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*bf16", "low_ptr": "*bf16", "out_ptr": "*bf16",
-                 "N": "i32", "WORDS": "i32", "stride_wn": "i32", "stride_sn": "i32", "UP": "i32"}
-    for block_n, block_w, parts in ((8, 128, 1), (16, 64, 2)):
-        kernel = compile_for_hopper(int4_gemv._int4_gemv_kernel.fn, signature, {
-            "GROUP": 128, "BLOCK_N": block_n, "BLOCK_W": block_w, "PARTS": parts})
-        assert kernel.asm["cubin"]

@@ -3,17 +3,20 @@
   error     one layer of Mistral-7B: each projection's output error (relative L2) with int4 and int8 weights
             against bf16, for Gaussian inputs and for inputs with outlier channels, side by side, and the
             1-layer model's logits;
-  products  each of Mistral-7B's batch-1 products alone in CUDA graphs: bf16 (cuBLAS), the int8 kernel and the int4
-            kernel, as us and as GB/s of the bytes each reads, next to the copy bandwidth; the int4 kernel checked
-            against the dequantized product (GPU only);
-  mixtral   full Mixtral-8x7B (32 layers) with int4 weights: memory after loading and after a 4k cache (target:
-            <= 28 GB), the loader's estimate, and a greedy decode of 16 tokens (eager: the int4 kernel and the
-            chosen experts dequantized);
+  products  each of Mistral-7B's batch-1 products alone in CUDA graphs, as decode runs them (w13 with SwiGLU's
+            last step in the int8 and int4 kernels): bf16 (cuBLAS), the int8 kernel and the int4 kernel, as us and
+            as GB/s of the bytes each reads, next to the copy bandwidth; the int4 kernel checked against the
+            dequantized product (GPU only). `--before`: also the int4 kernel before packed fp16 arithmetic (kept
+            here as a candidate); `--sweep`: each of the int4 kernel's configurations, timed the same way;
+  mixtral   full Mixtral-8x7B (32 layers) with int4 weights: memory after loading, with a 4k cache, and the peak
+            while it decodes 16 greedy tokens (eager: the int4 kernel and the chosen experts dequantized), as
+            torch allocates it and as the device has it in use (CUDA context included); target <= 28 GB;
   decode    Mistral-7B batch-1 decode, compiled into CUDA graphs as `mistral-chat bench` runs it, bf16 / int8 /
             int4 (each the same as `python3 -m mistral_chat.bench.run --shape mistral-7b --quantize int4 --batch 1
-            --steps 64 --prefill ""`).
+            --steps 64 --prefill ""`), and int4's speed-up over int8 (target: >= 1.5x).
 
     python3 benchmarks/gpu/int4_check.py                       # all four, ~3 min on an H100
+    python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --before --sweep
     python3 benchmarks/gpu/int4_check.py --parts error,mixtral
     python3 benchmarks/gpu/int4_check.py --device cpu --layers 1 --mixtral-shape tiny --modes int8,int4 --steps 4
 """
@@ -36,6 +39,12 @@ from mistral_chat.engine.loader import random_model  # noqa: E402
 from mistral_chat.engine.memory import estimate_memory  # noqa: E402
 from mistral_chat.engine.plan import choose_plan  # noqa: E402
 from mistral_chat.engine.quant import quantize_rows  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: no GPU parts
+    triton = None
 
 GB = 1e9
 
@@ -98,25 +107,35 @@ def graph_time(fn, copies: int, reps: int = 50, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1000 / (replays * reps)
 
 
-def part_products(dev: torch.device) -> None:
-    """Mistral-7B's batch-1 products alone: bf16, int8 kernel, int4 kernel, each timed call reading another copy of
-    its weight out of enough copies to fill 400 MB (as in decode, from memory, not the 50 MB L2)."""
-    from mistral_chat.engine.kernels import int4_gemv, int8_gemv
+# name: (rows, columns, SwiGLU): the products as decode runs them
+PRODUCTS = {"wqkv": (6144, 4096, False), "wo": (4096, 4096, False), "w13": (28672, 4096, True),
+            "w2": (4096, 14336, False), "output": (32768, 4096, False)}
+
+
+def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
+    """Mistral-7B's batch-1 products alone: bf16, int8 kernel, int4 kernel (and the kernel before, with `before`),
+    each timed call reading another copy of its weight out of enough copies to fill 400 MB (as in decode, from
+    memory, not the 50 MB L2); with `sweep`, the int4 kernel in each of its configurations."""
+    from mistral_chat.engine.kernels import fused, int4_gemv, int8_gemv
 
     bandwidth = copy_bandwidth(dev) / GB
-    print(f"\n[products] batch-1 products in CUDA graphs; copy bandwidth {bandwidth:.0f} GB/s")
+    print(f"\n[products] batch-1 products in CUDA graphs; copy bandwidth {bandwidth:.0f} GB/s; int4: packed fp16 "
+          f"kernel{', before: the float32 kernel it replaced' if before else ''}")
     print(f"{'product':8} {'bf16 us':>8} {'GB/s':>6} {'int8 us':>8} {'GB/s':>6} {'int4 us':>8} {'GB/s':>6} "
-          f"{'int4/int8':>9}  int4 kernel vs dequantized")
-    for name, (n, k) in {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
-                         "output": (32768, 4096)}.items():
+          f"{'int4/int8':>9}{' before us   GB/s' if before else ''}  int4 kernel vs dequantized")
+    sweeps = {}
+    for name, (n, k, swiglu) in PRODUCTS.items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         q8, s8 = quantize_rows(w)
         codes, scale, low = int4.quantize_groups(w, int4.group_size(k))
         packed = int4.pack(codes)
         del codes
-        got = int4_gemv.int4_linear(x, packed, scale, low)
+        got = int4_gemv.int4_linear(x, packed, scale, low, swiglu=swiglu)
         want = F.linear(x.float(), int4.dequantize(packed, scale, low, torch.float32))
+        if swiglu:
+            want = fused.silu_and_mul(want.to(x.dtype), kernel=True).float()
+        error = rel(got, want)
         b16, b8 = n * k * 2, n * k + n * 2
         b4 = packed.numel() + (scale.numel() + low.numel()) * 2
 
@@ -125,23 +144,63 @@ def part_products(dev: torch.device) -> None:
 
         w16, w8, w4 = copies(b16, w), copies(b8, q8, s8), copies(b4, packed, scale, low)
         t16 = graph_time(lambda i: F.linear(x, w16[i][0]), len(w16))
-        t8 = graph_time(lambda i: int8_gemv.int8_linear(x, *w8[i]), len(w8))
-        t4 = graph_time(lambda i: int4_gemv.int4_linear(x, *w4[i]), len(w4))
+        t8 = graph_time(lambda i: int8_gemv.int8_linear(x, *w8[i], swiglu=swiglu), len(w8))
+        t4 = graph_time(lambda i: int4_gemv.int4_linear(x, *w4[i], swiglu=swiglu), len(w4))
+        old = ""
+        if before:
+            old_error = rel(_before_int4(x, packed, scale, low, swiglu), want)
+            t0 = graph_time(lambda i: _before_int4(x, *w4[i], swiglu), len(w4))
+            old = f" {t0 * 1e6:9.1f} {b4 / t0 / GB:6.0f}" + (f" (rel {old_error:.1e})" if old_error > 3e-2 else "")
+        if sweep:
+            sweeps[name] = [(config, _config_time(x, w4, swiglu, config)) for config in _int4_configs()]
         del w16, w8, w4
+        verdict = "ok" if error < 3e-2 else "WRONG"  # bf16 roundings: ~3e-3; a wrong kernel: ~1
         print(f"{name:8} {t16 * 1e6:8.1f} {b16 / t16 / GB:6.0f} {t8 * 1e6:8.1f} {b8 / t8 / GB:6.0f} {t4 * 1e6:8.1f} "
-              f"{b4 / t4 / GB:6.0f} {t8 / t4:8.2f}x  rel {rel(got, want):.1e}")
+              f"{b4 / t4 / GB:6.0f} {t8 / t4:8.2f}x{old}  rel {error:.1e} {verdict}")
         del w, q8, s8, packed, scale, low
     print("int4 kernel configs chosen:", {str(k): str(v) for k, v in int4_gemv._int4_gemv_kernel.cache.items()}
           if hasattr(int4_gemv._int4_gemv_kernel, "cache") else "n/a")
+    for name, times in sweeps.items():
+        best = min(t for _, t in times)
+        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, warps), best first")
+        for config, t in sorted(times, key=lambda ct: ct[1]):
+            label = f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['num_warps']})"
+            print(f"  {label:18} {t * 1e6:8.1f} us {t / best:6.2f}x")
+
+
+def _int4_configs() -> list[dict]:
+    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch."""
+    from mistral_chat.engine.kernels import int4_gemv
+
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
+
+
+def _config_time(x: torch.Tensor, copies: list, swiglu: bool, config: dict) -> float:
+    """Seconds a call of the int4 kernel takes in `config`, as graph_time times it."""
+    from mistral_chat.engine.kernels import int4_gemv
+
+    parts = 2 if swiglu else 1
+    out = torch.empty(copies[0][0].shape[0] // parts, dtype=x.dtype, device=x.device)
+    row = x.reshape(-1)
+    return graph_time(lambda i: int4_gemv.launch(row, *copies[i], out, parts, True, **config), len(copies))
 
 
 def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) -> None:
-    """Full Mixtral with int4 weights: memory, the estimate, greedy decode."""
+    """Full Mixtral with int4 weights: memory held after loading, with a 4k cache, and at its peak while decoding
+    (torch's allocations, and the device's memory in use: the CUDA context and the allocator's cache included);
+    the loader's estimate; greedy decode."""
     if shape == "tiny":  # a CPU smoke test: the tiny shape with 4 experts
         config = SHAPES["tiny"].with_(num_experts=4, num_experts_per_tok=2, sliding_window=None)
     else:
         config = bench_shape(shape, layers)
     cuda = dev.type == "cuda"
+
+    def in_use() -> str:
+        """torch's allocated and reserved memory and the device's memory in use, GB."""
+        free, total = torch.cuda.mem_get_info(dev)
+        return (f"allocated {(torch.cuda.memory_allocated(dev) - base) / GB:.2f} GB, reserved "
+                f"{torch.cuda.memory_reserved(dev) / GB:.2f} GB, device in use {(total - free) / GB:.2f} GB")
+
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -156,12 +215,16 @@ def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) 
     print(f"weights held {held / GB:.2f} GB; the loader's estimate: weights {estimate.weights / GB:.2f} GB + KV "
           f"cache {estimate.kv_cache / GB:.2f} GB = {estimate.total / GB:.2f} GB")
     if cuda:
-        print(f"after loading: allocated {(torch.cuda.memory_allocated(dev) - base) / GB:.2f} GB, peak while "
-              f"loading {(torch.cuda.max_memory_allocated(dev) - base) / GB:.2f} GB")
+        building = torch.cuda.max_memory_allocated(dev) - base
+        print(f"after loading: {in_use()}; peaks while building and quantizing: allocated {building / GB:.2f} GB, "
+              f"reserved {torch.cuda.max_memory_reserved(dev) / GB:.2f} GB")
     model.setup_cache(4096)
     if cuda:
-        print(f"with a 4k cache: allocated {(torch.cuda.memory_allocated(dev) - base) / GB:.2f} GB, reserved "
-              f"{torch.cuda.memory_reserved(dev) / GB:.2f} GB (target <= 28 GB)")
+        torch.cuda.synchronize()
+        after_cache = torch.cuda.memory_allocated(dev) - base
+        print(f"with a 4k cache: {in_use()}")
+        torch.cuda.empty_cache()  # blocks cached from building: a card of 28 GB would have reused them
+        torch.cuda.reset_peak_memory_stats(dev)
     gen = torch.Generator(device=dev).manual_seed(2)
     ids = torch.randint(0, config.vocab_size, (1, 16), device=dev, generator=gen)
     out = []
@@ -179,22 +242,97 @@ def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) 
         if cuda:
             torch.cuda.synchronize()
     per_token = (time.perf_counter() - started) / steps
-    print(f"greedy decode (eager) of {steps} tokens: {per_token * 1000:.1f} ms/token; tokens {out}")
+    print(f"greedy decode (eager) of {steps} tokens after a 16-token prompt: {per_token * 1000:.1f} ms/token; "
+          f"tokens {out}")
     if cuda:
-        print(f"peak allocated over the whole part: {(torch.cuda.max_memory_allocated(dev) - base) / GB:.2f} GB")
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        free, total = torch.cuda.mem_get_info(dev)
+        context = total - free - torch.cuda.memory_reserved(dev)  # the CUDA context, libraries' own memory
+        need = torch.cuda.max_memory_reserved(dev) + context
+        print(f"while prefilling and decoding: peak allocated {peak / GB:.2f} GB (the weights and 4k cache: "
+              f"{after_cache / GB:.2f} GB), peak reserved {torch.cuda.max_memory_reserved(dev) / GB:.2f} GB; "
+              f"now {in_use()}")
+        print(f"target <= 28 GB: the device's memory at its peak while decoding (peak reserved + {context / GB:.2f} "
+              f"GB outside torch's allocator) = {need / GB:.2f} GB: {'met' if need <= 28 * GB else 'NOT met'}")
     del model
 
 
 def part_decode(dev: torch.device, shape: str, layers: int | None, modes: list[str], steps: int) -> None:
     """What `mistral-chat bench` times for batch-1 decode, one mode after another in this process."""
     cuda = dev.type == "cuda"
+    ms = {}
     for mode in modes:
         quantize = None if mode == "bf16" else mode
         result = run_bench(shape, str(dev), "bfloat16", layers, prompt=512 if cuda else 16, steps=steps,
                            batches=[1], compile=cuda, quantize=quantize, prefill_lengths=[])
         print(f"\n[decode] {mode}")
         print(format_table(result))
+        ms[mode] = next(r["ms"] for r in result.rows if r["what"].startswith("decode after"))
         torch.cuda.empty_cache() if cuda else None
+    if "int8" in ms and "int4" in ms:
+        print(f"\n[decode] int4 {ms['int4']:.2f} ms/token, int8 {ms['int8']:.2f}: int4 {ms['int8'] / ms['int4']:.2f}x "
+              f"int8's speed (target >= 1.5x)")
+
+
+# The int4 kernel before packed fp16 arithmetic (commit 36e5e9c's kernels/int4_gemv.py, its 12 configurations), a
+# candidate for `--before` only: each code became a float32 with an AND-OR into the mantissa of 2**23, a
+# subtraction and a multiply-add.
+if triton is not None:
+    from mistral_chat.engine.kernels.gemv import _store_rows
+
+    _BEFORE_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=s)
+                       for n, w, warps, s in ((8, 128, 4, 1), (16, 64, 4, 1), (4, 256, 4, 1), (8, 128, 4, 3),
+                                              (4, 128, 4, 4), (2, 256, 4, 3), (16, 128, 8, 2), (8, 256, 8, 2),
+                                              (32, 64, 8, 2), (1, 512, 4, 3), (2, 128, 2, 4), (4, 64, 2, 4))]
+    _MAGIC = tl.constexpr(0x4B000000)  # the float32 bits of 2**23
+    _TWO23 = tl.constexpr(8388608.0)
+
+    @triton.jit
+    def _before_code_times_x(src, x, SHIFT: tl.constexpr):
+        value = ((src & (15 << SHIFT)) | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
+        return value * (x * (1.0 / (1 << SHIFT)))[None, :]
+
+    @triton.autotune(configs=_BEFORE_CONFIGS, key=["N", "WORDS", "GROUP", "PARTS"])
+    @triton.jit
+    def _before_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, N, WORDS, stride_wn, stride_sn, UP,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PARTS: tl.constexpr):
+        r = tl.arange(0, BLOCK_N * PARTS)
+        units = tl.program_id(0) * BLOCK_N + r // PARTS
+        rows = units + (r % PARTS) * UP
+        row_ok = units < N
+        acc = tl.zeros((BLOCK_N * PARTS, BLOCK_W), dtype=tl.float32)
+        for w0 in range(0, WORDS, BLOCK_W):
+            words = w0 + tl.arange(0, BLOCK_W)
+            word_ok = words < WORDS
+            ok = row_ok[:, None] & word_ok[None, :]
+            packed = tl.load(w_ptr + rows[:, None] * stride_wn + words[None, :], mask=ok, other=0)
+            groups = (words * 8) // GROUP
+            scale = tl.load(scale_ptr + rows[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0)
+            low = tl.load(low_ptr + rows[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0)
+            high = packed >> 12
+            part = tl.zeros((BLOCK_N * PARTS, BLOCK_W), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + words * 8 + j, mask=word_ok, other=0.0).to(tl.float32)
+                xsum += x
+                if j < 5:
+                    part += _before_code_times_x(packed, x, 4 * j)
+                else:
+                    part += _before_code_times_x(high, x, 4 * (j - 3))
+            acc += part * scale.to(tl.float32) + low.to(tl.float32) * xsum[None, :]
+        _store_rows(out_ptr, tl.sum(acc, axis=1), N, BLOCK_N, PARTS)
+
+
+def _before_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                 swiglu: bool) -> torch.Tensor:
+    """x ([1, K]) times the int4 weight with the kernel before packed fp16 arithmetic, as int4_linear took it."""
+    k, parts = x.shape[-1], 2 if swiglu else 1
+    n = weight.shape[0] // parts
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    _before_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x.reshape(k), weight.view(torch.int32), scale, low, out, n, k // 8, weight.stride(0) // 4, scale.stride(0),
+        n, GROUP=k // scale.shape[-1], PARTS=parts)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def main() -> None:
@@ -207,6 +345,8 @@ def main() -> None:
     parser.add_argument("--mixtral-layers", type=int, default=None, help="Mixtral's layers (all 32)")
     parser.add_argument("--modes", default="bf16,int8,int4", help="decode: which weights")
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
+    parser.add_argument("--before", action="store_true", help="products: also the int4 kernel before packed fp16")
+    parser.add_argument("--sweep", action="store_true", help="products: each configuration of the int4 kernel")
     args = parser.parse_args()
     dev = torch.device(args.device)
     parts = args.parts.split(",")
@@ -217,7 +357,7 @@ def main() -> None:
         part_error(dev, args.shape)
     if "products" in parts:
         if dev.type == "cuda":
-            part_products(dev)
+            part_products(dev, args.before, args.sweep)
         else:
             print("\n[products] skipped: GPU only")
     if "mixtral" in parts:
