@@ -51,6 +51,19 @@ def test_quantization_error_is_half_a_step_and_about_a_tenth_of_gaussian_weights
     assert all(torch.equal(a.reshape(b.shape), b) for a, b in zip(stacked, (codes, scale, low)))
 
 
+def test_stacked_experts_dequantize_a_few_thousand_rows_at_a_time_to_the_same_weights(monkeypatch):
+    """Dequantizing more rows than _ROWS_AT_ONCE (two Mixtral experts' w13: ~3 GB of float32 copies at once) goes
+    piece by piece, to the same bits as one expression."""
+    from mistral_chat.engine import int4
+
+    w = torch.randn(2, 3, 40, 256, generator=GEN).bfloat16()
+    codes, scale, low = quantize_groups(w, 64)
+    whole = dequantize(pack(codes), scale, low, torch.bfloat16)
+    monkeypatch.setattr(int4, "_ROWS_AT_ONCE", 7)
+    pieces = dequantize(pack(codes), scale, low, torch.bfloat16)
+    assert pieces.shape == w.shape and pieces.dtype == torch.bfloat16 and torch.equal(pieces, whole)
+
+
 def test_bf16_scales_are_the_ones_the_codes_were_chosen_for():
     w = torch.randn(64, 256, generator=GEN).bfloat16()
     codes, scale, low = quantize_groups(w, 128)

@@ -59,10 +59,13 @@ step batch-mode 200 "${hf_env[@]}" python3 -m mistral_chat.bench --batch-mode --
 step batch-eager 120 python3 -m mistral_chat.bench --batch-mode --shape mistral-7b --batch 32,64 \
     --plan batch_graphs=0 --tp-checkpoint $ckpt --json-file "$out/batch_mode_eager.json"
 step batch-host 100 python3 benchmarks/gpu/batch_host.py $ckpt --batch 64
-step profile-batch 100 python3 benchmarks/gpu/profile_batch.py --shape mistral-7b --batch 64 --prompt 512 --steps 32
+step profile-batch 100 python3 benchmarks/gpu/profile_batch.py --shape mistral-7b --batch 64 --prompt 512 --steps 32 \
+    --attention-programs 264,528,1056,2112
 step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 16 --prefill "" --batch 1,8 --steps 32
 step int8 50 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4
+step int4-check 130 python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --before
+step int4-mixtral 110 python3 benchmarks/gpu/int4_check.py --parts mixtral
 step startup-int8 120 python3 -m mistral_chat.bench --startup --no-warmup --shape mistral-7b --steps 128 \
     --tp-checkpoint $ckpt --quantize int8 --json-file "$out/startup_int8.json"
 step graphs-int8 60 python3 benchmarks/gpu/graphs_check.py --steps 32 --quantize int8 --no-compile

@@ -30,6 +30,7 @@ from profile_decode import print_kinds, print_timeline  # noqa: E402
 from mistral_chat.bench.command import parse_plan  # noqa: E402
 from mistral_chat.bench.shapes import SHAPES, bench_shape  # noqa: E402
 from mistral_chat.engine.decode import DecodeStep, GraphedRows, key_bucket  # noqa: E402
+from mistral_chat.engine.kernels import decode_attention  # noqa: E402
 from mistral_chat.engine.loader import random_model  # noqa: E402
 from mistral_chat.engine.plan import choose_plan  # noqa: E402
 
@@ -75,6 +76,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--chunk", type=int, default=2048, help="prefill tokens a call (the engine's default)")
     p.add_argument("--plan", default="", help="override the kernel plan, e.g. attention=torch")
+    p.add_argument("--attention-programs", default="",
+                   help="also time the row step with decode_attention.PROGRAMS at each of these values, e.g. "
+                        "264,1056,2112 (more programs: the cache's keys split into more ranges)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -121,6 +125,13 @@ def main() -> None:
         return row_step(i).argmax(-1).tolist()
 
     rows_s = per_step(row_step, a.steps, device)
+    by_programs = {}
+    for programs in [int(v) for v in a.attention_programs.split(",") if v]:
+        default, decode_attention.PROGRAMS = decode_attention.PROGRAMS, programs
+        graphed = GraphedRows(model, b) if device.type == "cuda" else None  # captured anew with these splits
+        by_programs[programs] = per_step(row_step, a.steps, device)
+        decode_attention.PROGRAMS = default
+        graphed = GraphedRows(model, b) if device.type == "cuda" else None
     host_s = per_step(row_step_and_host, a.steps, device)
     profiled(row_step, min(a.steps, 8), device, config.n_layers,
              "row step (forward_rows" + (", graphed)" if graphed is not None else ", eager)"))
@@ -139,6 +150,8 @@ def main() -> None:
     print(f"  row step            {rows_s * 1000:7.3f} ms  ({b / rows_s:,.0f} tokens/s)")
     print(f"  row step + host     {host_s * 1000:7.3f} ms  ({b / host_s:,.0f} tokens/s; argmax and .tolist())")
     print(f"  raw batched step    {raw_s * 1000:7.3f} ms  ({b / raw_s:,.0f} tokens/s)")
+    for programs, seconds in by_programs.items():
+        print(f"  row step, PROGRAMS={programs:<5} {seconds * 1000:7.3f} ms  (decode attention aiming at that many)")
     print(f"  prefill of the wave {prefill_s * 1000:7.1f} ms  ({b * a.prompt / prefill_s:,.0f} tokens/s)")
 
 
