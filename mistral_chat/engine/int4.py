@@ -80,16 +80,20 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dty
     (full Mixtral int4 peaked at 30.5 GB in use on an H100 with them)."""
     rows = packed.reshape(-1, packed.shape[-1])
     if torch.compiler.is_compiling() or rows.shape[0] <= _ROWS_AT_ONCE:
-        codes = unpack(packed).unflatten(-1, (scale.shape[-1], -1)).float()
-        return (codes * scale.float()[..., None] + low.float()[..., None]).flatten(-2).to(dtype)
+        return _float_weight(packed, scale, low).to(dtype)
     out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
     n = rows.shape[0]
     flat_out, scales, lows = out.view(n, -1), scale.reshape(n, -1), low.reshape(n, -1)
     for start in range(0, n, _ROWS_AT_ONCE):
         part = slice(start, start + _ROWS_AT_ONCE)
-        codes = unpack(rows[part]).unflatten(-1, (scales.shape[-1], -1)).float()
-        flat_out[part] = (codes * scales[part].float()[..., None] + lows[part].float()[..., None]).flatten(-2)
+        flat_out[part] = _float_weight(rows[part], scales[part], lows[part])
     return out
+
+
+def _float_weight(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """`dequantize`'s float32 weight of packed codes ([..., N, K / 2]) with their groups' scales and lows."""
+    codes = unpack(packed).unflatten(-1, (scale.shape[-1], -1)).float()
+    return (codes * scale.float()[..., None] + low.float()[..., None]).flatten(-2)
 
 
 def to_packed_layout(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

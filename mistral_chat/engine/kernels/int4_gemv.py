@@ -48,15 +48,8 @@ HALF2 = not INTERPRETED
 QUAD_CODES = 32  # codes a quad of words holds: every group size (128, 64, 32) is a multiple
 
 # The inline PTX pieces, kept as strings so that tests can run them through a model of the instructions.
-# Eight activations x0..x7 ($5..$12, float32) as four fp16 pairs (x_j in the low half, x_j+4 in the high half: cvt
-# puts its first operand in the high half), and the pairs' sum / 32 (0x2800: 1/32 in fp16).
-X_PAIRS_ASM = """{
-    .reg .b32 p0, p1, p2, p3, s0, s1, k;
-    mov.b32 k, 0x28002800;
-    cvt.rn.f16x2.f32 p0, $9, $5;
-    cvt.rn.f16x2.f32 p1, $10, $6;
-    cvt.rn.f16x2.f32 p2, $11, $7;
-    cvt.rn.f16x2.f32 p3, $12, $8;
+# The end of both activation pieces below: the four fp16 pairs p0..p3 out as $0..$3, and their sum / 32 as $4.
+_PAIRS_AND_SUM = """\
     add.rn.f16x2 s0, p0, p1;
     add.rn.f16x2 s1, p2, p3;
     add.rn.f16x2 s0, s0, s1;
@@ -66,6 +59,16 @@ X_PAIRS_ASM = """{
     mov.b32 $2, p2;
     mov.b32 $3, p3;
 }"""
+# Eight activations x0..x7 ($5..$12, float32) as four fp16 pairs (x_j in the low half, x_j+4 in the high half: cvt
+# puts its first operand in the high half), and the pairs' sum / 32 (0x2800: 1/32 in fp16).
+X_PAIRS_ASM = """{
+    .reg .b32 p0, p1, p2, p3, s0, s1, k;
+    mov.b32 k, 0x28002800;
+    cvt.rn.f16x2.f32 p0, $9, $5;
+    cvt.rn.f16x2.f32 p1, $10, $6;
+    cvt.rn.f16x2.f32 p2, $11, $7;
+    cvt.rn.f16x2.f32 p3, $12, $8;
+""" + _PAIRS_AND_SUM
 # The same from eight bf16 activations as read, two a 32-bit word ($5..$8: x0 x1, x2 x3, x4 x5, x6 x7, the even
 # one in the low half): a bf16 is the high half of its float32.
 X_PAIRS_BF16_ASM = """{
@@ -83,15 +86,7 @@ X_PAIRS_BF16_ASM = """{
     cvt.rn.f16x2.f32 p1, f5, f1;
     cvt.rn.f16x2.f32 p2, f6, f2;
     cvt.rn.f16x2.f32 p3, f7, f3;
-    add.rn.f16x2 s0, p0, p1;
-    add.rn.f16x2 s1, p2, p3;
-    add.rn.f16x2 s0, s0, s1;
-    mul.rn.f16x2 $4, s0, k;
-    mov.b32 $0, p0;
-    mov.b32 $1, p1;
-    mov.b32 $2, p2;
-    mov.b32 $3, p3;
-}"""
+""" + _PAIRS_AND_SUM
 # Codes j and j + 4 of word $1 as (q - 8) / 32 in one fp16 pair (low half: code j), times the pair $2..$5 of
 # activations (x_j, x_j+4), j = 0..3, added to the fp16 pair of sums $6. Codes at bits 0-3 (and 16-19) give
 # 1024 + q: (q - 8) / 32 = fma(1024 + q, 1/32, -32.25); codes at bits 4-7 give 1024 + 16 q: (q - 8) / 32 =
