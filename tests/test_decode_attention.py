@@ -1,11 +1,11 @@
 """The decode attention kernel (engine/decode_attention.py), run on the CPU by Triton's interpreter: it equals
 grouped_attention computed in float32 on the model's strided views (q transposed, k/v and the mask sliced from the
-cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped
-and ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16
-too; with each row's visible length it reads nothing past it; and it traces as one op under torch.compile(fullgraph=True) with a symbolic key length. Continuous batching's
-forward_rows (rows at positions of their own, a mask per row) gives each row's logits as that row alone. Dense and
-MoE tiny models decode the same greedy tokens past their window with it (the plan's attention=triton) as with
-grouped_attention (attention=torch), eager, and compiled (dense)."""
+cache), over short caches, ragged tiles, caches split into many ranges (tiles and ranges made small here), grouped and
+ungrouped heads, a padded head dimension and sliding windows that mask whole tiles and ranges; in bfloat16 too; with
+each row's visible length it reads nothing past it; and it traces as one op under torch.compile(fullgraph=True) with a
+symbolic key length. Continuous batching's forward_rows (rows at positions of their own, a mask per row) gives each
+row's logits as that row alone. Dense and MoE tiny models decode the same greedy tokens past their window with it (the
+plan's attention=triton) as with grouped_attention (attention=torch), eager, and compiled (dense)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """One decode step: compiled into CUDA graphs on GPUs, or the eager step captured in CUDA graphs.
 
-Batch-1 decode is bound by reading the weights once per token; in eager mode the CPU cannot launch the
-~10 kernels per layer fast enough to keep the GPU busy. `torch.compile(mode="reduce-overhead")` fuses the small
-operations and replays the whole step as one CUDA graph. Without the compiler, `GraphedStep` captures the eager step
-itself (the engine's Triton kernels) in a CUDA graph per cache bucket: on one H100, 0.8 s where compiling took
-36.6 s, and 5.40 against 5.35 ms a token (the plan's decode_graphs, one GPU's default). Compiled, one
-transformer block is compiled once for all layers (model.run_block_once), and the number of cache slots attention reads is a symbolic size: the position goes in as
-a tensor, attention reads the cache up to a power-of-two bucket of the position, and a CUDA graph is recorded per
-bucket (fast), so a graph serves every position and empty slots far beyond the conversation are not read.
+Batch-1 decode is bound by reading the weights once per token; in eager mode the CPU cannot launch the ~10 kernels per
+layer fast enough to keep the GPU busy. `torch.compile(mode="reduce-overhead")` fuses the small operations and replays
+the whole step as one CUDA graph. Without the compiler, `GraphedStep` captures the eager step itself (the engine's
+Triton kernels) in a CUDA graph per cache bucket: on one H100, 0.8 s where compiling took 36.6 s, and 5.40 against 5.35
+ms a token (the plan's decode_graphs, one GPU's default). Compiled, one transformer block is compiled once for all
+layers (model.run_block_once), and the number of cache slots attention reads is a symbolic size: the position goes in as
+a tensor, attention reads the cache up to a power-of-two bucket of the position, and a CUDA graph is recorded per bucket
+(fast), so a graph serves every position and empty slots far beyond the conversation are not read.
 """
 
 from __future__ import annotations
