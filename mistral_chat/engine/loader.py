@@ -150,7 +150,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", para
 
                     convert, reader = prepare_awq(model, dev, target), AwqReader(reader)
                 elif quantize is not None:
-                    convert = _prepare_quantized(model, quantize, dev, target)
+                    convert = prepare_quantized(model, quantize, dev, target)
             except ValueError as exc:  # a plan override that cannot work for this model
                 raise MistralChatError(f"{exc}: see docs/engine.md for the plan's fields") from exc
         try:
@@ -187,21 +187,33 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
     convert = plain_convert(device, dtype)
     if quantize:
         with torch.device("meta"):
-            convert = _prepare_quantized(model, quantize, device, dtype)
+            convert = prepare_quantized(model, quantize, device, dtype)
+    load_random(model, shapes, convert, device, dtype)
+    return model
+
+
+def load_random(model: Transformer, shapes: dict[str, torch.Size], convert: Convert, device: torch.device,
+                dtype: torch.dtype, embedding_row: bool = False) -> None:
+    """Random weights of `shapes` (the skeleton's float shapes) made on the device tensor by tensor (std 0.02,
+    norms 1, a generator seeded with 0), converted by `convert` and loaded into the meta skeleton `model`.
+    `embedding_row`: the embedding one row broadcast to the vocabulary (a model whose tokens do not matter)."""
     state: dict[str, torch.Tensor] = {}
     gen = torch.Generator(device=device).manual_seed(0)
     for name, shape in shapes.items():
-        if "norm" in name:
+        if embedding_row and name == "tok_embeddings.weight":
+            t = torch.zeros(1, shape[1], device=device, dtype=dtype).expand(shape)
+        elif "norm" in name:
             t = torch.ones(shape, device=device, dtype=dtype)
         else:
             t = torch.randn(shape, device=device, dtype=dtype, generator=gen) * 0.02
         state.update(convert(name, t))
         del t
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
 
 
-def _prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:
+def prepare_quantized(model: Transformer, mode: str, device: torch.device, dtype: torch.dtype) -> Convert:
+    """The skeleton `model` (meta) laid out for `mode`'s weights, and the load-time conversion into them."""
     from mistral_chat.engine.quant import QUANT_MODES, int4_convert, int8_convert, prepare_int4, prepare_int8
 
     if mode not in QUANT_MODES:

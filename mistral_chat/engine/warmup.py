@@ -42,6 +42,7 @@ from mistral_chat.engine.config import ModelConfig
 from mistral_chat.engine.decode import MIN_BUCKET, key_bucket, prefill
 from mistral_chat.engine.generate import DEFAULT_PREFILL_CHUNK
 from mistral_chat.engine.kernels.fused import INTERPRETED
+from mistral_chat.engine.loader import load_random, prepare_quantized
 from mistral_chat.engine.memory import estimate_memory, free_memory
 from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.options import SamplingParams
@@ -109,7 +110,7 @@ def one_layer(config: ModelConfig) -> ModelConfig:
 
 def throwaway_model(config: ModelConfig, plan: KernelPlan, device: torch.device, dtype: torch.dtype,
                     quantize: str | None, context: int) -> Transformer:
-    """A model of `config`'s shape with one layer, random weights (as loader.random_model makes them) converted as
+    """A model of `config`'s shape with one layer, random weights (loader.load_random, as random_model's) converted as
     the loader converts a checkpoint's, the embedding one row broadcast to the vocabulary, and a session's cache
     for `context` tokens: its kernels' arguments are the real model's, its memory one layer's and the output's."""
     config = one_layer(config)
@@ -117,19 +118,7 @@ def throwaway_model(config: ModelConfig, plan: KernelPlan, device: torch.device,
         model = Transformer(config, plan=plan)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
         convert = _convert(model, config, quantize, device, dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    state: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        if name == "tok_embeddings.weight":
-            t = torch.zeros(1, shape[1], device=device, dtype=dtype).expand(shape)
-        elif "norm" in name:
-            t = torch.ones(shape, device=device, dtype=dtype)
-        else:
-            t = torch.randn(shape, device=device, dtype=dtype, generator=gen).mul_(0.02)
-        state.update(convert(name, t))
-        del t
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval().requires_grad_(False)
+    load_random(model, shapes, convert, device, dtype, embedding_row=True)
     model.setup_cache(context, batch=1, prefill_chunk=DEFAULT_PREFILL_CHUNK)
     return model
 
@@ -138,18 +127,16 @@ def _convert(model: Transformer, config: ModelConfig, quantize: str | None, devi
              dtype: torch.dtype) -> Convert:
     """The loader's skeleton changes and load-time conversion for `quantize` (an AWQ checkpoint's layout as
     awq.prepare_awq makes it: int4 projections, the output projection in the model dtype)."""
-    from mistral_chat.engine.quant import int4_convert, int8_convert, prepare_int4, prepare_int8
+    from mistral_chat.engine.quant import int4_convert, prepare_int4
 
     if quantize is None:
         return plain_convert(device, dtype)
-    if quantize == "int8":
-        prepare_int8(model, dtype)
-        return int8_convert(device, dtype)
+    if config.quantization != "awq":
+        return prepare_quantized(model, quantize, device, dtype)
     output = model.output
     formats = prepare_int4(model, dtype)
-    if config.quantization == "awq":
-        model.output = output
-        formats.pop("output.weight", None)
+    model.output = output
+    formats.pop("output.weight", None)
     return int4_convert(device, dtype, formats)
 
 
