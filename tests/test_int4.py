@@ -247,6 +247,18 @@ if "model" in __import__("sys").argv:
     torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
     assert greedy_past_the_window(model, compiled=True)[0] == with_kernel[0]
     print("model ok")
+if "mixtral" in __import__("sys").argv:  # one token's int4 experts read in place by the kernel
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+                         sliding_window=16, max_seq_len=64, num_experts=4, num_experts_per_tok=2)
+    model = random_model(config, quantize="int4")
+    plain = random_model(config, quantize="int4", int4="torch")
+    calls = count_calls(int4_gemv, "int4_experts")
+    with_kernel = greedy_past_the_window(model)
+    assert len(calls) == 20 * 2 * 2, len(calls)  # w13 and w2 of each layer, each decode step
+    without = greedy_past_the_window(plain)
+    assert with_kernel[0] == without[0], (with_kernel[0], without[0])
+    torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
+    print("mixtral ok")
 """
 
 
@@ -265,3 +277,8 @@ def test_int4_kernel_equals_the_dequantized_product():
 @pytest.mark.slow
 def test_an_int4_model_decodes_the_same_with_the_kernel_eager_and_compiled():
     assert "model ok" in _interpreted("model")
+
+
+@pytest.mark.slow
+def test_int4_mixtral_decodes_the_same_with_the_experts_read_in_place():
+    assert "mixtral ok" in _interpreted("mixtral")

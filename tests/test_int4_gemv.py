@@ -216,7 +216,8 @@ if half2:  # the GPU path, its inline PTX run by the model of its instructions
     from test_int4_gemv import install_ptx_model
     install_ptx_model()
 gen = torch.Generator().manual_seed(0)
-configs = [{}] + [dict(ROWS=r, BLOCK_Q=q, SPAN=s, num_warps=1) for r, q, s in ((4, 2, 1), (2, 4, 4), (8, 1, 2))]
+configs = [{}] + [dict(ROWS=r, BLOCK_Q=q, SPAN=s, TILES=t, num_warps=1)
+                  for r, q, s, t in ((4, 2, 1, 1), (2, 4, 4, 3), (8, 1, 2, 2))]
 worst = 0.0
 for n, k, group in ((50, 256, 128), (16, 64, 64), (34, 96, 32), (6, 1088, 64)):
     w = torch.randn(n, k, generator=gen) * 0.02
@@ -245,6 +246,26 @@ for n, k, group in ((50, 256, 128), (16, 64, 64), (34, 96, 32), (6, 1088, 64)):
     if n % 2 == 0:
         assert torch.equal(int4_gemv.int4_linear(xs, packed, scale, low, swiglu=True),
                            fused.silu_and_mul(got, kernel=True))
+# the chosen experts of one token, read in place: each slot's product equals its expert's own
+n, k, group, count = 34, 96, 32, 4
+w = torch.randn(count, n, k, generator=gen) * 0.02
+codes, scale, low = quantize_groups(w, group)
+packed = pack(codes)
+experts = torch.tensor([2, 0, 2])
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    rows = torch.randn(3, k, generator=gen).to(dtype)
+    s, lo = scale.to(dtype), low.to(dtype)
+    for parts in (1, 2):
+        for xs in (x, rows):
+            got = torch.empty(3, n // parts, dtype=dtype)
+            int4_gemv.launch(xs, packed, s, lo, got, parts, half2, experts=experts)
+            for slot, e in enumerate(experts.tolist()):
+                out = torch.empty(n // parts, dtype=dtype)
+                int4_gemv.launch(xs[min(slot, len(xs) - 1)], packed[e], s[e], lo[e], out, parts, half2)
+                assert torch.equal(got[slot], out), (dtype, parts, len(xs), slot)
+            if not half2:  # the custom op (the interpreter's float32 path)
+                assert torch.equal(int4_gemv.int4_experts(xs, packed, s, lo, experts, swiglu=parts == 2), got)
 print("worst", worst)
 print("ok")
 """
@@ -293,13 +314,15 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
     from mistral_chat.engine.kernels import int4_gemv
 
     signature = {"x_ptr": f"*{x_type}", "w_ptr": "*i32", "scale_ptr": f"*{x_type}", "low_ptr": f"*{x_type}",
-                 "out_ptr": f"*{x_type}", "N": "i32", "QUADS": "i32", "stride_wn": "i32", "stride_sn": "i32",
-                 "UP": "i32"}
-    cases = [(16, 128, 1, 4, 1, 128, True), (16, 64, 2, 2, 2, 128, False), (8, 32, 4, 1, 1, 64, True)]
-    for rows, block_q, span, warps, parts, group, pdl in cases if x_type == "bf16" else cases[:1]:
+                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "N": "i32", "QUADS": "i32", "stride_wn": "i32",
+                 "stride_sn": "i32", "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32",
+                 "SLOTS": "i32"}
+    cases = [(16, 128, 1, 4, 1, 1, 128, True, False), (16, 64, 2, 2, 2, 2, 128, False, False),
+             (8, 32, 4, 1, 4, 1, 64, True, False), (8, 128, 1, 4, 2, 2, 128, False, True)]
+    for rows, block_q, span, warps, tiles, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
         kernel = _compile(int4_gemv._int4_gemv_kernel.fn, signature, {
-            "GROUP": group, "ROWS": rows, "BLOCK_Q": block_q, "SPAN": span, "PARTS": parts, "HALF2": True,
-            "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
+            "GROUP": group, "ROWS": rows, "BLOCK_Q": block_q, "SPAN": span, "TILES": tiles, "PARTS": parts,
+            "EXPERTS": experts, "HALF2": True, "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"]
         for instruction in ("lop3.b32", "fma.rn.f16x2", "cvt.rn.f16x2.f32", "cvt.f32.f16"):

@@ -162,17 +162,27 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
           if hasattr(int4_gemv._int4_gemv_kernel, "cache") else "n/a")
     for name, times in sweeps.items():
         best = min(t for _, t in times)
-        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, warps), best first")
+        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, TILES, warps), best first")
         for config, t in sorted(times, key=lambda ct: ct[1]):
-            label = f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['num_warps']})"
+            label = (f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['TILES']}, "
+                     f"{config['num_warps']})")
             print(f"  {label:18} {t * 1e6:8.1f} us {t / best:6.2f}x")
 
 
 def _int4_configs() -> list[dict]:
-    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch."""
+    """The configurations `--sweep` times, as keyword arguments of int4_gemv.launch: the autotuned ones and a grid
+    around them (rows a tile, lanes and warps, quads a lane per step, tiles a program)."""
     from mistral_chat.engine.kernels import int4_gemv
 
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
+    grid = [(16, q, w, s, t) for q, w in ((64, 2), (128, 4)) for s in (1, 2) for t in (1, 2)]
+    grid += [(8, q, w, s, t) for q, w in ((64, 2), (128, 4), (256, 8)) for s in (1, 2) for t in (1, 2, 4)]
+    grid += [(4, q, w, 1, t) for q, w in ((128, 4), (256, 8)) for t in (4, 8)]
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
+    for rows, lanes, warps, span, tiles in grid:
+        config = dict(ROWS=rows, BLOCK_Q=lanes, SPAN=span, TILES=tiles, num_warps=warps, num_stages=1)
+        if config not in configs:
+            configs.append(config)
+    return configs
 
 
 def _config_time(x: torch.Tensor, copies: list, swiglu: bool, config: dict) -> float:

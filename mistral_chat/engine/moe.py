@@ -4,8 +4,9 @@
 keeps the k largest logits per token and weighs the chosen experts by a softmax over those k logits.
 
 How the chosen experts run (`forward`): one token under tensor parallelism, through experts_gemv's kernels (which
-read the expert ids on the GPU; `rows_fused` when the norms run inside the products); a few (token, expert) pairs,
-through the gathered experts' weights; a compiled batch, every expert on every token; else (prefill) each expert
+read the expert ids on the GPU; `rows_fused` when the norms run inside the products); one token of int4 experts,
+through the int4 kernel reading each chosen expert in place; a few (token, expert) pairs, through the gathered
+experts' weights; a compiled batch, every expert on every token; else (prefill) each expert
 on the tokens routed to it.
 """
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine import int4
-from mistral_chat.engine.kernels import experts_gemv, fused, gemv
+from mistral_chat.engine.kernels import experts_gemv, fused, gemv, int4_gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.parallel.collectives import all_reduce, experts_all_reduce_residual
 from mistral_chat.engine.parallel.sharding import Parallel
@@ -68,6 +69,7 @@ class MoEFeedForward(nn.Module):
         self.w13_low: torch.Tensor | None = None  # int4: the groups' lows
         self.w2_low: torch.Tensor | None = None
         self.row_kernel = plan.moe == "triton"  # one row's experts through experts_gemv's kernels
+        self.int4_kernel = plan.int4 == "triton"  # one row's int4 experts through int4_gemv's kernel
         self.fused = plan.fused  # SwiGLU's activation in one kernel on eager paths
 
     def quantize_int8(self, dtype: torch.dtype) -> None:
@@ -127,6 +129,8 @@ class MoEFeedForward(nn.Module):
         if experts_gemv.use_experts_kernel(x, self.w13, self.row_kernel):
             act = experts_gemv.experts_swiglu(x, self.w13, experts)
             out = experts_gemv.experts_down(act, self.w2, experts, weights)
+        elif self._int4_kernel_takes(x):
+            out = self._int4_experts(x, experts, weights)
         elif experts.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(x, experts, weights)
         elif static_shapes(x) and x.shape[0] <= EVERY_EXPERT_MAX_TOKENS:
@@ -144,6 +148,19 @@ class MoEFeedForward(nn.Module):
         experts, weights = self._choose(gemv.linear_row(weighted, self.gate.weight, norm_of=h, eps=eps))
         act = experts_gemv.experts_swiglu(weighted, self.w13, experts, norm_of=h, eps=eps)
         return experts_all_reduce_residual(act, self.w2, experts, weights, h, next_norm, self.parallel)
+
+    def _int4_kernel_takes(self, x: torch.Tensor) -> bool:
+        """The plan says so, one row, and int4 experts the kernel takes."""
+        return (self.int4_kernel and self.w13_low is not None and x.numel() == x.shape[-1]
+                and int4_gemv.fits(self.w13) and int4_gemv.fits(self.w2))
+
+    def _int4_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`_gathered`'s products and roundings for one row, each chosen int4 expert read in place by the kernel
+        (no dequantized copy: full Mixtral int4 decodes in the memory of its weights)."""
+        ids = experts.reshape(-1)
+        act = int4_gemv.int4_experts(x, self.w13, self.w13_scale, self.w13_low, ids, swiglu=True)  # [k, hidden]
+        y = int4_gemv.int4_experts(act, self.w2, self.w2_scale, self.w2_low, ids)  # [k, dim]
+        return torch.einsum("nkd,nk->nd", y.unsqueeze(0), weights)
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""

@@ -70,7 +70,7 @@ if triton is not None:
             if SUM:
                 total += sums.to(dtype).to(tl.float32) * tl.load(weights_ptr + slot).to(tl.float32)
             else:
-                _store_rows(out_ptr + slot * N, sums, N, BLOCK_N, PARTS)
+                _store_rows(out_ptr + slot * N, sums, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
         if SUM:
             _sums_done(total, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
                        SEND_BLOCK)

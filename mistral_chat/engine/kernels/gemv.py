@@ -79,7 +79,8 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * stride_wn
         w = tl.load(w_rows + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
         wait_previous(PDL)
-        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM, NORM_BLOCK)  # after the first weights' load, which it overlaps
+        # after the first weights' load, which it overlaps
+        scale = _norm_scale(norm_ptr, K, eps, BLOCK_K, NORM, NORM_BLOCK)
         sums = _row_sums(w, w_rows, row_ok, x_ptr, K, BLOCK_N * PARTS, BLOCK_K) * scale
         _sums_done(sums, out_ptr, N, buffers_ptr, counters_ptr, capacity, BLOCK_N, PARTS, SEND, RANK, WORLD,
                    SEND_BLOCK)
@@ -110,7 +111,7 @@ if triton is not None:
             gen = tl.load(counters_ptr + units // SEND_BLOCK, mask=units < N, other=0)
             push(sums.to(tl.bfloat16), units, units < N, gen, buffers_ptr, capacity, RANK, WORLD)
         else:
-            _store_rows(out_ptr, sums, N, BLOCK_N, PARTS)
+            _store_rows(out_ptr, sums, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
 
     @triton.jit
     def _norm_scale(norm_ptr, K, eps, BLOCK_K: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
@@ -130,10 +131,11 @@ if triton is not None:
             return 1.0
 
     @triton.jit
-    def _store_rows(out_ptr, sums, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
-        """Store a program's row sums (PARTS=2: gate and up interleaved, stored as SiLU(gate) * up; each rounded
-        to out's dtype first, as the product and then SiLU round in the plain formula). Shared with int8_gemv."""
-        units = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _store_rows(out_ptr, sums, first, N, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+        """Store the row sums of outputs first .. first + BLOCK_N - 1 (PARTS=2: gate and up interleaved, stored as
+        SiLU(gate) * up; each rounded to out's dtype first, as the product and then SiLU round in the plain
+        formula). Shared with int8_gemv, int4_gemv and experts_gemv."""
+        units = first + tl.arange(0, BLOCK_N)
         dtype = out_ptr.dtype.element_ty
         if PARTS == 2:
             gate, up = tl.split(tl.reshape(sums.to(dtype).to(tl.float32), (BLOCK_N, 2)))
@@ -245,10 +247,10 @@ class NoInitOnMeta:
 
 class Linear(NoInitOnMeta, nn.Linear):
     """nn.Linear (no bias) whose single-row products run on the kernel where `row_kernel` (the plan's gemv, set by
-    the model) says so; `fused`: the plan's fused, for SwiGLU's activation outside the kernel. `float_out` (the output projection): the kernel keeps
-    its float32 sums, as inductor's product does when its float32 cast is fused in (logits not rounded to bf16,
-    so no exact ties between tokens, and a tensor-parallel run's logits as close to one GPU's as the sums allow);
-    F.linear still rounds to x's dtype."""
+    the model) says so; `fused`: the plan's fused, for SwiGLU's activation outside the kernel. `float_out` (the
+    output projection): the kernel keeps its float32 sums, as inductor's product does when its float32 cast is
+    fused in (logits not rounded to bf16, so no exact ties between tokens, and a tensor-parallel run's logits as
+    close to one GPU's as the sums allow); F.linear still rounds to x's dtype."""
 
     row_kernel = False
     fused = False

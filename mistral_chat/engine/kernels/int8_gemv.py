@@ -98,7 +98,7 @@ if triton is not None:
                     weight = (biased | _MAGIC).to(tl.float32, bitcast=True) - _OFFSET
                     acc += weight * x[None, :]
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, N, BLOCK_N, PARTS)
+        _store_rows(out_ptr, tl.sum(acc, axis=1) * scale, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
 
 
 def fits(weight: torch.Tensor) -> bool:
