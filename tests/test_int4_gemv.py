@@ -216,8 +216,7 @@ if half2:  # the GPU path, its inline PTX run by the model of its instructions
     from test_int4_gemv import install_ptx_model
     install_ptx_model()
 gen = torch.Generator().manual_seed(0)
-configs = [{}] + [dict(ROWS=r, BLOCK_Q=q, SPAN=s, TILES=t, num_warps=1)
-                  for r, q, s, t in ((4, 2, 1, 1), (2, 4, 4, 3), (8, 1, 2, 2))]
+configs = [{}] + [dict(ROWS=r, BLOCK_Q=q, SPAN=s, num_warps=1) for r, q, s in ((4, 2, 1), (2, 4, 4), (8, 1, 2))]
 worst = 0.0
 for n, k, group in ((50, 256, 128), (16, 64, 64), (34, 96, 32), (6, 1088, 64)):
     w = torch.randn(n, k, generator=gen) * 0.02
@@ -317,12 +316,12 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
                  "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "N": "i32", "QUADS": "i32", "stride_wn": "i32",
                  "stride_sn": "i32", "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32",
                  "SLOTS": "i32"}
-    cases = [(16, 128, 1, 4, 1, 1, 128, True, False), (16, 64, 2, 2, 2, 2, 128, False, False),
-             (8, 32, 4, 1, 4, 1, 64, True, False), (8, 128, 1, 4, 2, 2, 128, False, True)]
-    for rows, block_q, span, warps, tiles, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
+    cases = [(16, 128, 1, 4, 1, 128, True, False), (16, 64, 2, 2, 2, 128, False, False),
+             (8, 32, 4, 1, 1, 64, True, False), (8, 128, 1, 4, 2, 128, False, True)]
+    for rows, block_q, span, warps, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
         kernel = _compile(int4_gemv._int4_gemv_kernel.fn, signature, {
-            "GROUP": group, "ROWS": rows, "BLOCK_Q": block_q, "SPAN": span, "TILES": tiles, "PARTS": parts,
-            "EXPERTS": experts, "HALF2": True, "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
+            "GROUP": group, "ROWS": rows, "BLOCK_Q": block_q, "SPAN": span, "PARTS": parts, "EXPERTS": experts,
+            "HALF2": True, "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"]
         for instruction in ("lop3.b32", "fma.rn.f16x2", "cvt.rn.f16x2.f32", "cvt.f32.f16"):

@@ -27,8 +27,10 @@ float32. The tests check that path against the dequantized product, run the GPU 
 inline PTX piece executed by a model of its instructions, and compile the GPU path for sm_90.
 
 `int4_linear(x, weight, scale, low)` is a torch custom op (one opaque call for torch.compile and CUDA graphs);
-`int4.Int4Linear` uses it for a single activation row where the plan's `int4` is "triton". Measurements:
-docs/engine.md.
+`int4.Int4Linear` uses it for a single activation row where the plan's `int4` is "triton". `int4_experts` is the
+same kernel over a Mixtral layer's stacked experts ([E, N, K / 2]), one program column per chosen expert, the
+expert ids read on the GPU: moe.MoEFeedForward's one-token path for int4 experts (no dequantized copies).
+Measurements: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -131,18 +133,16 @@ if triton is not None:
     _QUAD = tl.constexpr(QUAD_CODES)
 
     # ROWS tile rows (BLOCK_N outputs x PARTS), BLOCK_Q lanes (32 a warp: every warp takes all the rows), SPAN
-    # quads a lane takes from one group per step (the group's scale and low read once for them), TILES row tiles a
-    # program, warps. A thread loads ROWS x SPAN 128-bit quads a step and converts each quad's activations once for
-    # its ROWS rows; a step covers BLOCK_Q x SPAN quads (128 in a row of Mistral-7B's 4096 columns, 448 of its
-    # 14336). The kernel loads each step's first quads a step ahead itself: pipelining stages do not apply.
-    _CONFIGS = [triton.Config({"ROWS": r, "BLOCK_Q": q, "SPAN": s, "TILES": t}, num_warps=w, num_stages=1)
-                for r, q, s, w, t in ((16, 128, 1, 4, 1), (8, 128, 1, 4, 1), (4, 128, 1, 4, 1), (16, 64, 2, 2, 1),
-                                      (8, 64, 2, 2, 1), (16, 32, 4, 1, 1), (8, 32, 4, 1, 1), (16, 64, 1, 2, 1),
-                                      (8, 32, 2, 1, 1), (8, 128, 2, 4, 1), (16, 32, 2, 1, 1), (8, 64, 4, 2, 1),
-                                      (8, 128, 1, 4, 2), (8, 128, 1, 4, 4), (16, 128, 1, 4, 2), (8, 64, 1, 2, 4),
-                                      (16, 64, 1, 2, 2), (8, 64, 2, 2, 4), (4, 128, 1, 4, 8), (8, 32, 2, 1, 8))]
-    if INTERPRETED:  # the interpreter is slow: one small configuration, two tiles a program
-        _CONFIGS = [triton.Config({"ROWS": 16, "BLOCK_Q": 2, "SPAN": 2, "TILES": 2}, num_warps=4)]
+    # quads a lane takes from one group per step (the group's scale and low read once for them), warps. A thread
+    # loads ROWS x SPAN 128-bit quads a step and converts each quad's activations once for its ROWS rows; a step
+    # covers BLOCK_Q x SPAN quads (128 in a row of Mistral-7B's 4096 columns, 448 of its 14336). Loops of one or a
+    # few steps: pipelining stages do not apply.
+    _CONFIGS = [triton.Config({"ROWS": r, "BLOCK_Q": q, "SPAN": s}, num_warps=w, num_stages=1)
+                for r, q, s, w in ((16, 128, 1, 4), (8, 128, 1, 4), (4, 128, 1, 4), (16, 64, 2, 2), (8, 64, 2, 2),
+                                   (16, 32, 4, 1), (8, 32, 4, 1), (16, 64, 1, 2), (8, 32, 2, 1), (8, 128, 2, 4),
+                                   (16, 32, 2, 1), (8, 64, 4, 2))]
+    if INTERPRETED:  # the interpreter is slow: one small configuration
+        _CONFIGS = [triton.Config({"ROWS": 16, "BLOCK_Q": 2, "SPAN": 2}, num_warps=4)]
 
     @triton.jit
     def _split4(t, A: tl.constexpr, B: tl.constexpr):
@@ -259,38 +259,25 @@ if triton is not None:
             acc = tl.fma(part, scale, acc)
         return tl.fma(tl.fma(scale, 8.0, low), xsum[None, :], acc)
 
-    @triton.jit
-    def _tile_rows(tile, N, UP, ROWS: tl.constexpr, PARTS: tl.constexpr):
-        """The weight rows of row tile `tile` ([ROWS]; PARTS=2: tile rows 2i, 2i + 1 are output i's gate and up
-        rows, the up rows from row UP); rows past N read row N - 1 instead (their sums are stored nowhere)."""
-        r = tl.arange(0, ROWS)
-        return tl.minimum(tile * (ROWS // PARTS) + r // PARTS, N - 1) + (r % PARTS) * UP
-
     @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "PARTS", "HALF2", "X_BF16", "SLOTS"],
                      **AUTOTUNE_CACHE)
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, N, QUADS, stride_wn, stride_sn,
                           UP, stride_we, stride_se, stride_x, SLOTS, GROUP: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, SPAN: tl.constexpr, TILES: tl.constexpr, PARTS: tl.constexpr,
-                          EXPERTS: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_Q: tl.constexpr, SPAN: tl.constexpr, PARTS: tl.constexpr, EXPERTS: tl.constexpr,
+                          HALF2: tl.constexpr, X_BF16: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k (q[n, k] * scale[n, k // GROUP] + low[n, k // GROUP]) * x[k], reading the codes as int32
         quads (code j of word w is column 8 w + j; QUADS quads a row, stride_wn words apart); PARTS=2: SiLU(gate)
         * up of gate rows and up rows (from row UP), as gemv._gemv_kernel. EXPERTS: program (i, s) multiplies by
         expert experts[s] (its weights stride_we words, its scales and lows stride_se apart) the row x + s *
         stride_x, into out + s * N (the chosen experts of one token, read in place).
 
-        A program takes TILES tiles of ROWS rows (BLOCK_N outputs x PARTS), each in steps of BLOCK_Q x S quads:
-        lane i of a step takes quads i * S .. i * S + S - 1 (S = SPAN where a group holds that many quads, else the
-        group's), all in one group, for each of the tile's rows. The first quad of the next step (of this tile or
-        the next) is loaded before this step's arithmetic, so the loads of one overlap the sums of the other.
-        Quads past QUADS read the last quad instead (their activations read as 0), so no weight load is masked.
-        PDL (fused.pdl): the first weights are loaded while the previous kernel may still run (not with EXPERTS,
-        whose expert ids come from the kernel before)."""
+        Lane i of a step takes quads i * S .. i * S + S - 1 (S = SPAN where a group holds that many quads, else
+        the group's), all in one group, for each of the program's ROWS rows. Rows past N and quads past QUADS read
+        the last row or quad instead (their activations read as 0, their sums stored nowhere), so no weight load
+        is masked. PDL (fused.pdl): the first weights are loaded while the previous kernel may still run (not with
+        EXPERTS, whose expert ids come from the kernel before)."""
         start_next(PDL)
-        BLOCK_N: tl.constexpr = ROWS // PARTS
-        G: tl.constexpr = GROUP // _QUAD  # quads a group
-        S: tl.constexpr = SPAN - (SPAN - G) * (G < SPAN)  # SPAN, at most G (both powers of 2)
-        STEP: tl.constexpr = BLOCK_Q * S  # quads a step
         if EXPERTS:
             wait_previous(PDL)
             slot = tl.program_id(1)
@@ -300,31 +287,28 @@ if triton is not None:
             low_ptr += expert * stride_se
             x_ptr += slot * stride_x
             out_ptr += slot * N
-        lanes = tl.arange(0, BLOCK_Q)
-        steps = tl.cdiv(QUADS, STEP)
-        tile = tl.program_id(0) * TILES
-        rows = _tile_rows(tile, N, UP, ROWS, PARTS)
+        BLOCK_N: tl.constexpr = ROWS // PARTS
+        G: tl.constexpr = GROUP // _QUAD  # quads a group
+        S: tl.constexpr = SPAN - (SPAN - G) * (G < SPAN)  # SPAN, at most G (both powers of 2)
+        r = tl.arange(0, ROWS)
+        units = tl.program_id(0) * BLOCK_N + r // PARTS
+        rows = tl.minimum(units, N - 1) + (r % PARTS) * UP  # PARTS=2: tile rows 2i, 2i + 1: output i's gate, up
         row_words = tl.multiple_of(rows * stride_wn, 4)  # rows of whole quads (int4_gemv.fits)
-        first = lanes * S
+        lanes = tl.arange(0, BLOCK_Q)
+        first = lanes * S  # the first step's weights, scales and lows: before the wait
         packed = _load_quads(w_ptr, row_words, tl.minimum(first, QUADS - 1), ROWS, BLOCK_Q)
         scale, low = _scales(scale_ptr, low_ptr, rows, first, QUADS, stride_sn, GROUP)
         if not EXPERTS:
             wait_previous(PDL)
-        acc = tl.zeros((ROWS, BLOCK_Q), dtype=tl.float32)
-        for t in range(0, TILES * steps):
-            step = t % steps
-            ahead = tl.minimum(t + 1, TILES * steps - 1)  # the next step (the last one again at the end)
-            next_rows = _tile_rows(tile + ahead // steps, N, UP, ROWS, PARTS)
-            next_words = tl.multiple_of(next_rows * stride_wn, 4)
-            next_first = (ahead % steps) * STEP + lanes * S
-            next_packed = _load_quads(w_ptr, next_words, tl.minimum(next_first, QUADS - 1), ROWS, BLOCK_Q)
-            next_scale, next_low = _scales(scale_ptr, low_ptr, next_rows, next_first, QUADS, stride_sn, GROUP)
-            acc = _step(x_ptr, w_ptr, packed, scale, low, row_words, step * STEP + first, acc, QUADS, ROWS, BLOCK_Q,
-                        S, HALF2, X_BF16)
-            if step == steps - 1:  # the tile's sums are complete
-                _store_rows(out_ptr, tl.sum(acc, axis=1) * 32.0, (tile + t // steps) * BLOCK_N, N, BLOCK_N, PARTS)
-                acc = tl.zeros((ROWS, BLOCK_Q), dtype=tl.float32)
-            packed, scale, low, row_words = next_packed, next_scale, next_low, next_words
+        acc = _step(x_ptr, w_ptr, packed, scale, low, row_words, first, tl.zeros((ROWS, BLOCK_Q), dtype=tl.float32),
+                    QUADS, ROWS, BLOCK_Q, S, HALF2, X_BF16)
+        for q0 in range(BLOCK_Q * S, QUADS, BLOCK_Q * S):
+            first = q0 + lanes * S
+            packed = _load_quads(w_ptr, row_words, tl.minimum(first, QUADS - 1), ROWS, BLOCK_Q)
+            scale, low = _scales(scale_ptr, low_ptr, rows, first, QUADS, stride_sn, GROUP)
+            acc = _step(x_ptr, w_ptr, packed, scale, low, row_words, first, acc, QUADS, ROWS, BLOCK_Q, S, HALF2,
+                        X_BF16)
+        _store_rows(out_ptr, tl.sum(acc, axis=1) * 32.0, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -366,8 +350,8 @@ def int4_experts(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
            parts: int, half2: bool, experts: torch.Tensor | None = None, **config) -> None:
     """Run the kernel for x ([K], or [slots, K] with `experts`) into out ([N], or [slots, N] with `experts`),
-    packed fp16 arithmetic (inline PTX) where `half2`; `config` (ROWS, BLOCK_Q, SPAN, TILES, num_warps,
-    num_stages): that configuration instead of the autotuned one (benchmarks)."""
+    packed fp16 arithmetic (inline PTX) where `half2`; `config` (ROWS, BLOCK_Q, SPAN, num_warps, num_stages):
+    that configuration instead of the autotuned one (benchmarks)."""
     n, k = out.shape[-1], x.shape[-1]
     if weight.data_ptr() % 16:  # a view that starts mid-quad (loaded weights never do)
         weight = weight.clone()
@@ -377,7 +361,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torc
     stride_x = k if x.dim() == 2 and x.shape[0] > 1 else 0
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(triton.cdiv(n, meta["ROWS"] // parts), meta["TILES"]), slots)
+        return (triton.cdiv(n, meta["ROWS"] // parts), slots)
 
     stacked = experts is not None
     args = (x, weight.view(torch.int32), scale, low, out, x if experts is None else experts, n, k // QUAD_CODES,
