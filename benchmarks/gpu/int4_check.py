@@ -321,7 +321,7 @@ if triton is not None:
                 else:
                     part += _before_code_times_x(high, x, 4 * (j - 3))
             acc += part * scale.to(tl.float32) + low.to(tl.float32) * xsum[None, :]
-        _store_rows(out_ptr, tl.sum(acc, axis=1), N, BLOCK_N, PARTS)
+        _store_rows(out_ptr, tl.sum(acc, axis=1), tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
 
 
 def _before_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
