@@ -162,17 +162,21 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
           if hasattr(int4_gemv._int4_gemv_kernel, "cache") else "n/a")
     for name, times in sweeps.items():
         best = min(t for _, t in times)
-        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, warps), best first")
+        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, warps[, maxnreg]), best first")
         for config, t in sorted(times, key=lambda ct: ct[1]):
-            label = f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['num_warps']})"
+            label = (f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['num_warps']}"
+                     f"{', ' + str(config['maxnreg']) if 'maxnreg' in config else ''})")
             print(f"  {label:18} {t * 1e6:8.1f} us {t / best:6.2f}x")
 
 
 def _int4_configs() -> list[dict]:
-    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch."""
+    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch, and those of 8 and 16
+    rows again with their registers capped (`maxnreg`: more programs resident on an SM)."""
     from mistral_chat.engine.kernels import int4_gemv
 
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
+    caps = {8: (64, 96), 16: (96, 128)}
+    return configs + [dict(c, maxnreg=cap) for c in configs for cap in caps.get(c["ROWS"], ())]
 
 
 def _config_time(x: torch.Tensor, copies: list, swiglu: bool, config: dict) -> float:
