@@ -65,7 +65,7 @@ step mixtral 80 python3 -m mistral_chat.bench.run --shape mixtral-8x7b --layers 
 step int8 50 "${bench[@]}" --quantize int8
 step int4 60 "${bench[@]}" --quantize int4
 step int4-check 130 python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --before
-step int4-mixtral 110 python3 benchmarks/gpu/int4_check.py --parts mixtral
+step int4-mixtral 150 python3 benchmarks/gpu/int4_check.py --parts mixtral
 step int4-mixtral-decode 120 "${bench[@]}" --shape mixtral-8x7b --quantize int4
 step int4-sweep 300 python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --sweep
 step startup-int8 120 python3 -m mistral_chat.bench --startup --no-warmup --shape mistral-7b --steps 128 \

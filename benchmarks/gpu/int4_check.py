@@ -259,7 +259,37 @@ def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) 
               f"now {in_use()}")
         print(f"target <= 28 GB: the device's memory at its peak while decoding (peak reserved + {context / GB:.2f} "
               f"GB outside torch's allocator) = {need / GB:.2f} GB: {'met' if need <= 28 * GB else 'NOT met'}")
+    _experts_agreement(model, ids, out)
     del model
+
+
+def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
+    """One token's int4 experts read in place by the kernel (the default on a GPU) against the gathered path
+    (the chosen experts dequantized), teacher-forced on the same tokens: each decode step's logits."""
+    from mistral_chat.engine.moe import MoEFeedForward
+
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not any(m.int4_kernel for m in moes):
+        return
+    fed = torch.tensor([tokens[:-1]], device=prompt.device)
+    runs = {}
+    for kernel in (True, False):
+        for m in moes:
+            m.int4_kernel = kernel
+        model.setup_cache(64)
+        with torch.no_grad():
+            model(prompt, 0)
+            runs[kernel] = torch.cat([model(fed[:, i:i + 1], prompt.shape[1] + i)[:, -1] for i in
+                                      range(fed.shape[1])]).float()
+    for m in moes:
+        m.int4_kernel = True
+    a, b = runs[True], runs[False]
+    top2 = b.topk(2, dim=-1).values
+    agree = (a.argmax(-1) == b.argmax(-1)).tolist()
+    gaps = [f"{g:.3f}" for g, same in zip((top2[:, 0] - top2[:, 1]).tolist(), agree) if not same]
+    print(f"experts kernel against the gathered path, teacher-forced over {len(agree)} decode steps: logits within "
+          f"{rel(a, b):.1e} (relative L2); the same top token at {sum(agree)} of {len(agree)} steps"
+          f"{'; top-2 gaps of the gathered logits where not: ' + ', '.join(gaps) if gaps else ''}")
 
 
 def part_decode(dev: torch.device, shape: str, layers: int | None, modes: list[str], steps: int) -> None:
