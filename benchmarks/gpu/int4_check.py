@@ -11,6 +11,8 @@
   mixtral   full Mixtral-8x7B (32 layers) with int4 weights: memory after loading, with a 4k cache, and the peak
             while it decodes 16 greedy tokens (eager: the int4 kernel and the chosen experts dequantized), as
             torch allocates it and as the device has it in use (CUDA context included); target <= 28 GB;
+  configs   every configuration the int4 kernel may be tuned to, dense and over stacked experts (Mixtral's w13 with
+            SwiGLU and w2), each output against the dequantized product: the autotuner's pick is only one of them;
   decode    Mistral-7B batch-1 decode, compiled into CUDA graphs as `mistral-chat bench` runs it, bf16 / int8 /
             int4 (each the same as `python3 -m mistral_chat.bench.run --shape mistral-7b --quantize int4 --batch 1
             --steps 64 --prefill ""`), and int4's speed-up over int8 (target: >= 1.5x).
@@ -18,6 +20,7 @@
     python3 benchmarks/gpu/int4_check.py                       # all four, ~3 min on an H100
     python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --before --sweep
     python3 benchmarks/gpu/int4_check.py --parts error,mixtral
+    python3 benchmarks/gpu/int4_check.py --parts configs
     python3 benchmarks/gpu/int4_check.py --device cpu --layers 1 --mixtral-shape tiny --modes int8,int4 --steps 4
 """
 
@@ -187,6 +190,35 @@ def _config_time(x: torch.Tensor, copies: list, swiglu: bool, config: dict) -> f
     out = torch.empty(copies[0][0].shape[0] // parts, dtype=x.dtype, device=x.device)
     row = x.reshape(-1)
     return graph_time(lambda i: int4_gemv.launch(row, *copies[i], out, parts, True, **config), len(copies))
+
+
+def part_configs(dev: torch.device) -> None:
+    """Each of the int4 kernel's configurations, dense and over stacked experts, against the dequantized product."""
+    from mistral_chat.engine.kernels import fused, int4_gemv
+
+    gen = torch.Generator(device=dev).manual_seed(5)
+    experts = torch.tensor([3, 1], device=dev)
+    print("\n[configs] relative error of each configuration against the dequantized product (ok below 3e-2)")
+    for name, n, k, swiglu in (("w13", 28672, 4096, True), ("w2", 4096, 14336, False)):
+        w = torch.randn(4, n, k, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+        codes, scale, low = int4.quantize_groups(w, int4.group_size(k))
+        packed = int4.pack(codes)
+        del codes, w
+        parts = 2 if swiglu else 1
+        x = torch.randn(2, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        want = []
+        for slot, e in enumerate(experts.tolist()):
+            full = F.linear(x[slot:slot + 1].float(), int4.dequantize(packed[e], scale[e], low[e], torch.float32))
+            want.append(fused.silu_and_mul(full.to(x.dtype), kernel=True).float() if swiglu else full)
+        for config in [dict(c.kwargs, num_warps=c.num_warps) for c in int4_gemv._CONFIGS]:
+            dense = torch.empty(n // parts, dtype=x.dtype, device=dev)
+            int4_gemv.launch(x[0], packed[3], scale[3], low[3], dense, parts, True, **config)
+            stacked = torch.empty(2, n // parts, dtype=x.dtype, device=dev)
+            int4_gemv.launch(x, packed, scale, low, stacked, parts, True, experts=experts, **config)
+            errors = [rel(dense, want[0][0])] + [rel(stacked[s], want[s][0]) for s in range(2)]
+            verdict = "ok" if max(errors) < 3e-2 else "WRONG"
+            print(f"{name} {config}: dense {errors[0]:.1e}, experts {errors[1]:.1e} {errors[2]:.1e} {verdict}",
+                  flush=True)
 
 
 def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) -> None:
@@ -395,6 +427,11 @@ def main() -> None:
             part_products(dev, args.before, args.sweep)
         else:
             print("\n[products] skipped: GPU only")
+    if "configs" in parts:
+        if dev.type == "cuda":
+            part_configs(dev)
+        else:
+            print("\n[configs] skipped: GPU only")
     if "mixtral" in parts:
         part_mixtral(dev, args.mixtral_shape, args.mixtral_layers, 16 if dev.type == "cuda" else 4)
     if "decode" in parts:
