@@ -32,7 +32,7 @@ def test_bench_json_and_table_on_the_cpu(tmp_path):
     int4 = "packed" if packed_matmul_available() else "torch"
     int8 = "packed" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "torch"
     plain = (f"kernel plan: fused=False attention=torch gemv=torch int8={int8} int4={int4} moe=torch "
-             "norms_in_products=False all_reduce=none compile_decode=False decode_graphs=False "
+             "int4_experts=torch norms_in_products=False all_reduce=none compile_decode=False decode_graphs=False "
              "batch_graphs=False")
     assert result["plan"] == plain
     lines = proc.stdout.splitlines()

@@ -161,7 +161,8 @@ def test_int4_packed_runs_only_on_the_cpu_with_torchs_packed_matmul(monkeypatch)
 
 def test_describe_names_every_field():
     assert PLAIN.describe() == ("kernel plan: fused=False attention=torch gemv=torch int8=torch int4=torch "
-                                "moe=torch norms_in_products=False all_reduce=none compile_decode=False "
+                                "moe=torch int4_experts=torch norms_in_products=False all_reduce=none "
+                                "compile_decode=False "
                                 "decode_graphs=False batch_graphs=False")
     assert "gemv=triton" in KernelPlan(gemv="triton").describe()
     assert PLAIN.with_overrides({"batch_graphs": "1"}, CUDA).batch_graphs

@@ -21,6 +21,7 @@
     python3 benchmarks/gpu/int4_check.py --parts products,decode --modes int8,int4 --before --sweep
     python3 benchmarks/gpu/int4_check.py --parts error,mixtral
     python3 benchmarks/gpu/int4_check.py --parts configs
+    python3 benchmarks/gpu/int4_check.py --parts mixtral --int4-experts triton
     python3 benchmarks/gpu/int4_check.py --device cpu --layers 1 --mixtral-shape tiny --modes int8,int4 --steps 4
 """
 
@@ -221,7 +222,7 @@ def part_configs(dev: torch.device) -> None:
                   flush=True)
 
 
-def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) -> None:
+def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int, int4_experts: str | None) -> None:
     """Full Mixtral with int4 weights: memory held after loading, with a 4k cache, and at its peak while decoding
     (torch's allocations, and the device's memory in use: the CUDA context and the allocator's cache included);
     the loader's estimate; greedy decode."""
@@ -242,7 +243,10 @@ def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) 
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     started = time.perf_counter()
-    model = random_model(config, dev, torch.bfloat16, "int4")
+    plan = choose_plan(dev, torch.bfloat16, 1, "int4")
+    if int4_experts:  # one token's experts through the int4 kernel ("triton") or dequantized ("torch")
+        plan = plan.with_overrides({"int4_experts": int4_experts}, dev)
+    model = random_model(config, dev, torch.bfloat16, "int4", plan)
     load_s = time.perf_counter() - started
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     estimate = estimate_memory(config, torch.bfloat16, 4096, quantize="int4")
@@ -296,13 +300,16 @@ def part_mixtral(dev: torch.device, shape: str, layers: int | None, steps: int) 
 
 
 def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
-    """One token's int4 experts read in place by the kernel (the default on a GPU) against the gathered path
-    (the chosen experts dequantized), teacher-forced on the same tokens: each decode step's logits."""
+    """One token's int4 experts read in place by the kernel (plan int4_experts=triton) against the gathered path
+    (each chosen expert dequantized), teacher-forced on the same tokens, and each against the prefill path (every
+    expert on its tokens) over the same positions: which decode path parts from the other two."""
+    from mistral_chat.engine.kernels.fused import triton_runs
     from mistral_chat.engine.moe import MoEFeedForward
 
     moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    if not any(m.int4_kernel for m in moes):
+    if not (triton_runs(prompt) and moes and moes[0].w13_low is not None):
         return
+    kept = moes[0].int4_kernel
     fed = torch.tensor([tokens[:-1]], device=prompt.device)
     runs = {}
     for kernel in (True, False):
@@ -314,14 +321,21 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
             runs[kernel] = torch.cat([model(fed[:, i:i + 1], prompt.shape[1] + i)[:, -1] for i in
                                       range(fed.shape[1])]).float()
     for m in moes:
-        m.int4_kernel = True
-    a, b = runs[True], runs[False]
-    top2 = b.topk(2, dim=-1).values
-    agree = (a.argmax(-1) == b.argmax(-1)).tolist()
-    gaps = [f"{g:.3f}" for g, same in zip((top2[:, 0] - top2[:, 1]).tolist(), agree) if not same]
-    print(f"experts kernel against the gathered path, teacher-forced over {len(agree)} decode steps: logits within "
-          f"{rel(a, b):.1e} (relative L2); the same top token at {sum(agree)} of {len(agree)} steps"
-          f"{'; top-2 gaps of the gathered logits where not: ' + ', '.join(gaps) if gaps else ''}")
+        m.int4_kernel = kept
+    model.setup_cache(64)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, fed], dim=1), 0, all_logits=True)[0, prompt.shape[1]:].float()
+
+    def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
+        same = (a.argmax(-1) == b.argmax(-1)).tolist()
+        top2 = b.topk(2, dim=-1).values
+        gaps = [f"{g:.3f}" for g, s in zip((top2[:, 0] - top2[:, 1]).tolist(), same) if not s]
+        return (f"logits within {rel(a, b):.1e} (relative L2), the same top token at {sum(same)} of {len(same)} "
+                f"steps{' (top-2 gaps where not: ' + ', '.join(gaps) + ')' if gaps else ''}")
+
+    print(f"teacher-forced over {fed.shape[1]} decode steps: the experts kernel against the gathered path: "
+          f"{agreement(runs[True], runs[False])}; the kernel against the prefill path: "
+          f"{agreement(runs[True], full)}; the gathered path against the prefill path: {agreement(runs[False], full)}")
 
 
 def part_decode(dev: torch.device, shape: str, layers: int | None, modes: list[str], steps: int) -> None:
@@ -410,6 +424,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="layers of the dense shape in decode (all)")
     parser.add_argument("--mixtral-shape", default="mixtral-8x7b", help="mixtral-8x7b, or tiny (CPU smoke test)")
     parser.add_argument("--mixtral-layers", type=int, default=None, help="Mixtral's layers (all 32)")
+    parser.add_argument("--int4-experts", choices=("triton", "torch"), help="mixtral: the plan's int4_experts "
+                        "(default: the loader's choice)")
     parser.add_argument("--modes", default="bf16,int8,int4", help="decode: which weights")
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--before", action="store_true", help="products: also the int4 kernel before packed fp16")
@@ -433,7 +449,7 @@ def main() -> None:
         else:
             print("\n[configs] skipped: GPU only")
     if "mixtral" in parts:
-        part_mixtral(dev, args.mixtral_shape, args.mixtral_layers, 16 if dev.type == "cuda" else 4)
+        part_mixtral(dev, args.mixtral_shape, args.mixtral_layers, 16 if dev.type == "cuda" else 4, args.int4_experts)
     if "decode" in parts:
         part_decode(dev, args.shape, args.layers, args.modes.split(","), args.steps)
     print(f"\ndone in {time.perf_counter() - started:.0f} s")

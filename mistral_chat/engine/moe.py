@@ -4,10 +4,10 @@
 keeps the k largest logits per token and weighs the chosen experts by a softmax over those k logits.
 
 How the chosen experts run (`forward`): one token under tensor parallelism, through experts_gemv's kernels (which
-read the expert ids on the GPU; `rows_fused` when the norms run inside the products); one token of int4 experts,
-through the int4 kernel reading each chosen expert in place; a few (token, expert) pairs, through the gathered
-experts' weights; a compiled batch, every expert on every token; else (prefill) each expert
-on the tokens routed to it.
+read the expert ids on the GPU; `rows_fused` when the norms run inside the products); one token of int4 experts
+where the plan's `int4_experts` says so, through the int4 kernel reading each chosen expert in place; a few
+(token, expert) pairs, through the gathered experts' weights (int4 ones dequantized one expert at a time); a
+compiled batch, every expert on every token; else (prefill) each expert on the tokens routed to it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class MoEFeedForward(nn.Module):
         self.w13_low: torch.Tensor | None = None  # int4: the groups' lows
         self.w2_low: torch.Tensor | None = None
         self.row_kernel = plan.moe == "triton"  # one row's experts through experts_gemv's kernels
-        self.int4_kernel = plan.int4 == "triton"  # one row's int4 experts through int4_gemv's kernel
+        self.int4_kernel = plan.int4_experts == "triton"  # one row's int4 experts through int4_gemv's kernel
         self.fused = plan.fused  # SwiGLU's activation in one kernel on eager paths
 
     def quantize_int8(self, dtype: torch.dtype) -> None:
@@ -164,12 +164,28 @@ class MoEFeedForward(nn.Module):
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Read only the chosen experts' weights: best for a handful of tokens."""
+        if self.w13_low is not None:
+            return self._gathered_int4(x, experts, weights)
         w13 = self._weight("w13", experts, x.dtype)  # [N, k, 2H, D]
         w2 = self._weight("w2", experts, x.dtype)  # [N, k, D, H]
         h = self._row_scaled(torch.einsum("nd,nkhd->nkh", x, w13), "w13", experts)
         y = torch.einsum("nkh,nkdh->nkd", materialize(fused.silu_and_mul(h, self.fused)), w2)
         y = self._row_scaled(y, "w2", experts)
         return torch.einsum("nkd,nk->nd", y, weights)
+
+    def _gathered_int4(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`_gathered` for int4 experts, each chosen expert dequantized on its own (a Mixtral pair's bf16 copies
+        at once took ~0.7 GB above the weights); the expert ids stay on the device (1-element index tensors: no
+        host sync, so CUDA graphs capture it)."""
+        rows = []
+        for t in range(x.shape[0]):
+            y = torch.zeros_like(x[t:t + 1])
+            for s in range(experts.shape[1]):
+                e = experts[t, s:s + 1]
+                h = F.linear(x[t:t + 1], self._weight("w13", e, x.dtype)[0])
+                y = y + F.linear(fused.silu_and_mul(h, self.fused), self._weight("w2", e, x.dtype)[0]) * weights[t, s]
+            rows.append(y)
+        return torch.cat(rows)
 
     def _every_expert(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each expert on every token, weighted by its routing weight (zero where not chosen): the same weights read

@@ -37,6 +37,7 @@ _CHOICES = {
     "int8": ("triton", "packed", "torch"),
     "int4": ("triton", "packed", "torch"),
     "moe": ("triton", "torch"),
+    "int4_experts": ("triton", "torch"),
     "all_reduce": ("none", "lamport", "symmetric", "c10d"),
 }
 
@@ -55,6 +56,11 @@ class KernelPlan:
     # torch's packed int4 matmul, for every row count) or "torch" (dequantize, then multiply)
     int4: str = "torch"
     moe: str = "torch"  # one token's chosen experts: "triton" (expert GEMV kernels) or "torch" (gathered weights)
+    # one token's int4 experts: "triton" (the int4 kernel reading each chosen expert in place) or "torch" (each
+    # chosen expert dequantized on its own). choose_plan keeps "torch": on an H100 the kernel's decode logits of a
+    # random 32-layer Mixtral parted from the dequantized path's (docs/performance-log.md, 2026-12-06, fourth
+    # session), which the CPU checks do not explain; `int4_check.py --parts configs,mixtral` is the GPU check
+    int4_experts: str = "torch"
     norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
     all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
     compile_decode: bool = False  # decode compiled by torch.compile and replayed as CUDA graphs
@@ -93,7 +99,8 @@ class KernelPlan:
         if values.get("gemv") == "torch" and "norms_in_products" not in values:
             values["norms_in_products"] = False  # it needs the GEMV kernel: follow the asked product
         plan = dataclasses.replace(self, **values)
-        kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.int4, plan.moe)
+        kernels = plan.fused or "triton" in (plan.attention, plan.gemv, plan.int8, plan.int4, plan.moe,
+                                             plan.int4_experts)
         if plan.int8 == "packed" and (device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
             raise ValueError(f"plan int8=packed runs on the CPU only, with torch's int8 weight matmul, not on {device} "
                              f"with torch {torch.__version__}")
