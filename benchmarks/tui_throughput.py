@@ -10,7 +10,8 @@ done (what the user reads), taken from the tmux screen. Each run is a fresh proc
 the runs alternate (one-shot, TUI, one-shot, ...) so that a neighbour's load on a shared machine hits both alike.
 Both run with OMP_NUM_THREADS=1: on a small shared machine, torch's OpenMP threads spin against a neighbour's
 load and a tiny model's decode drops from ~900 to ~50 tokens/s at random, which hides what is measured here.
-Prints each run, then the medians and their ratio (the issue's target: the TUI >= 90% of one-shot).
+Prints each run, then the medians and their ratio (the issue's target: the TUI >= 90% of one-shot), and the median
+of each pair's ratio, which a neighbour's load drifting over minutes moves less.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         spread = lambda xs: f"{min(xs):.0f}-{max(xs):.0f}"  # noqa: E731
         print(f"median one-shot {shot:.1f} tok/s ({spread(shot_rates)}), TUI {shown:.1f} tok/s "
               f"({spread(tui_rates)}): TUI/one-shot = {shown / shot:.0%}")
+        pairs = sorted(t / o for t, o in zip(tui_rates, shot_rates))
+        print(f"each TUI run over the one-shot run before it: median {statistics.median(pairs):.0%} "
+              f"({' '.join(f'{x:.0%}' for x in pairs)})")
         return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

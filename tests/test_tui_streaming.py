@@ -15,9 +15,11 @@ from tui_helpers import FastSession, SlowSession, isolated_home, make_app, wait_
 
 from mistral_chat.service.worker import TokenDelta
 from mistral_chat.tui.engine_messages import EngineMessage
-from mistral_chat.tui.streaming import (FLUSH_SECONDS, SLOWEST_FLUSH_SECONDS, UI_SHARE, FlushPace, Streaming,
-                                       TokenBuffer, Tokens)
+from mistral_chat.tui.safe_text import displayable
+from mistral_chat.tui.streaming import (CPU_UI_SHARE, FLUSH_SECONDS, SLOWEST_FLUSH_SECONDS, STATUS_SECONDS, UI_SHARE,
+                                       FlushPace, Streaming, TokenBuffer, Tokens)
 from mistral_chat.tui.widgets.message_view import MessageView
+from mistral_chat.tui.widgets.status_bar import StatusBar
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,7 @@ async def test_a_fast_engine_is_shown_in_batches_not_one_message_per_token(tiny_
         view = app.chat.chat_log.last_view("assistant")
         expected = "".join(f"word{i} " for i in range(tokens))
         assert view is not None and view.text == expected  # every token shown
+        assert view.markdown is not None and view.markdown.source == expected
         assert app.store.load(app.chat.conversation.id).messages[-1].content == expected
         assert not [m for m in messages if isinstance(m, TokenDelta)]  # no message per token
         assert len(messages) == 2, messages  # GenerationStarted, GenerationDone
@@ -102,6 +105,68 @@ async def test_the_status_bar_counts_tokens_and_speed_live(tiny_model: Path, tmp
                        timeout=20, what="the count to grow")
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.chat.streaming is None, what="the stop")
+
+
+async def test_a_streamed_answer_shown_in_few_updates_is_complete_and_exact(tiny_model: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Markdown split anywhere across tokens (fences, lists, emphasis, a table, control characters), taken in
+    batches at a slow pace: the answer's Markdown ends with exactly the text (less control characters), the
+    stored answer with exactly what the model said."""
+    pieces = ["Intro *emph", "asis* and `co", "de`.\n\n- it", "em one\n- item", " two\n\n```py", "thon\nprint(",
+              "'hi')\n``", "`\n\n| a | b |\n|", "---|---|\n| 1 ", "| 2 |\n\nEnd \x1b[31m", "red\x07 done."] * 20
+    answer = "".join(pieces)
+    app = make_app(tmp_path / "chats.db", tiny_model,
+                   session_factory=lambda loaded, ctx: FastSession(loaded, ctx, texts=pieces, pause_every=11,
+                                                                   pause=0.02))
+    appends = count_calls(monkeypatch, MessageView, "append")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        await send(pilot, "Write")
+        await wait_for(pilot, lambda: app.chat.streaming is None and not app.chat.status.info.generating,
+                       timeout=60, what="the answer")
+        view = app.chat.chat_log.last_view("assistant")
+        assert view is not None and view.text == answer
+        assert view.markdown is not None and view.markdown.source == displayable(answer)
+        assert "\x1b" not in view.markdown.source and "\x07" not in view.markdown.source
+        assert app.store.load(app.chat.conversation.id).messages[-1].content == answer
+        assert 1 <= len(appends) < len(pieces) / 4  # batched
+        assert app.chat.status.info.generated_tokens == len(pieces)
+
+
+async def test_the_status_bar_counts_between_text_updates_and_the_cursor_holds_still(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text updates as seldom as the pace allows (every SLOWEST_FLUSH_SECONDS here); the live count goes on
+    every STATUS_SECONDS in between. A model on the CPU gets the CPU's UI share."""
+    app = make_app(tmp_path / "chats.db", tiny_model,
+                   session_factory=lambda loaded, ctx: FastSession(loaded, ctx, words=600, pause_every=10,
+                                                                   pause=0.04))  # ~2.4 s
+    appends = count_calls(monkeypatch, MessageView, "append")
+    counts: list[int] = []
+    update_info = StatusBar.update_info
+
+    def recording(self, **changes):
+        if "generated_tokens" in changes and self.info.generating:
+            counts.append(changes["generated_tokens"])
+        return update_info(self, **changes)
+
+    monkeypatch.setattr(StatusBar, "update_info", recording)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.model_state == "ready", what="the model")
+        assert app.flush_pace.share == CPU_UI_SHARE  # the tiny model runs on the CPU
+        app.flush_pace.share = 1e-6  # every text update costs too much: one every SLOWEST_FLUSH_SECONDS
+        await send(pilot, "Count")
+        await wait_for(pilot, lambda: app.chat.streaming is not None and app.chat.streaming.tokens > 0,
+                       what="the first tokens")
+        assert app.chat.prompt.cursor_blink is False
+        await wait_for(pilot, lambda: app.chat.streaming is None and not app.chat.status.info.generating,
+                       timeout=60, what="the answer")
+        assert app.chat.prompt.cursor_blink is True
+        live = [n for n in counts if n]
+        print(f"\n{len(appends)} text updates, {len(live)} live counts: {live}")
+        assert app.flush_pace.interval == SLOWEST_FLUSH_SECONDS
+        assert len(live) >= len(appends) + 2 and live == sorted(live)
+        assert app.chat.chat_log.last_view("assistant").text == "".join(f"word{i} " for i in range(600))
+    assert STATUS_SECONDS < SLOWEST_FLUSH_SECONDS
 
 
 def test_token_buffer_gathers_per_request_and_keeps_order() -> None:
@@ -142,3 +207,16 @@ def test_flush_pace_slows_down_when_updates_cost_the_ui_thread_much_and_speeds_u
     slow = pace.interval
     now += 60  # a pause between answers measures nothing
     assert pace.due(now, cpu + 30) and pace.interval == slow
+
+
+def test_the_cpu_pace_aims_at_a_smaller_ui_share() -> None:
+    """Updates that cost 3% of the time between them: cheap enough for the default share, too dear on the CPU."""
+    for share, settles_at in ((UI_SHARE, FLUSH_SECONDS), (CPU_UI_SHARE, SLOWEST_FLUSH_SECONDS)):
+        pace = FlushPace(share)
+        now, cpu = 100.0, 0.0
+        assert pace.due(now, cpu)
+        for _ in range(40):
+            step = pace.interval
+            now, cpu = now + step, cpu + step * 0.03
+            assert pace.due(now, cpu)
+        assert pace.interval == pytest.approx(settles_at)

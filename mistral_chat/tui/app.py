@@ -33,7 +33,7 @@ from mistral_chat.paths import database_path
 from mistral_chat.service.worker import (EngineWorker, LoadRequest, Loader, SessionFactory, TokenDelta, default_loader,
                                         default_session)
 from mistral_chat.tui.engine_messages import EngineMessage
-from mistral_chat.tui.streaming import FlushPace, TokenBuffer
+from mistral_chat.tui.streaming import CPU_UI_SHARE, UI_SHARE, FlushPace, TokenBuffer
 from mistral_chat.tui.model_choices import remember_model, start_model
 from mistral_chat.tui.screens.chat import ChatScreen
 from mistral_chat.tui.screens.help import HelpScreen
@@ -206,6 +206,7 @@ class MistralChatApp(App[None]):
         event = message.event
         if isinstance(event, ModelReady):
             self.model_state = "ready"
+            self.flush_pace.share = CPU_UI_SHARE if event.device.startswith("cpu") else UI_SHARE
             if event.compiled:
                 self.notify("Compiling the model for these GPUs (--tp): the first answer takes a few minutes the first "
                             "time, less once cached (--no-compile skips it).", title="Compiling", timeout=15)

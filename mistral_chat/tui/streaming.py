@@ -6,13 +6,15 @@ emit callback adds them to a `TokenBuffer` (a lock and a dict), and the chat scr
 gathered, appends it to the answer's view in one go and updates the live count in the status bar. Every other
 engine event takes the buffer first, so a GenerationDone never overtakes the tokens before it.
 
-An update costs more than the append: Textual lays out and repaints the chat log (tens of milliseconds of Python
-for a long answer on a slow CPU), and the UI and the engine share the GIL, so a UI thread busy half the time made
-the engine run at ~40-60% of its one-shot speed, and each 1% of a CPU the UI thread takes costs the engine more
-than 1% of its speed (the GIL's hand-overs). `FlushPace` keeps the UI thread's share of a CPU while an answer
-streams near UI_SHARE: updates come up to ~30 a second while they are cheap, and as seldom as every
-SLOWEST_FLUSH_SECONDS when each one costs more (~10 ms per update for a long answer on the 2-core test machine:
-~4-5 updates a second).
+An update costs more than the append: Textual lays out and repaints the chat log (~25 ms of Python for a
+screenful of answer on the 2-core test machine, whatever its length or shape: the whole log region is laid out
+and repainted as it scrolls), and the UI and the engine share the GIL and the cores, so every millisecond the UI
+thread takes is one the engine loses, or more (a UI thread busy half the time made the engine run at ~40-60% of
+its one-shot speed). `FlushPace` keeps the UI thread's share of a CPU while an answer streams near UI_SHARE
+(CPU_UI_SHARE with the model on the CPU, where the engine needs the GIL at every step): text updates come up to
+~30 a second while they are cheap, and as seldom as every SLOWEST_FLUSH_SECONDS when each one costs more. Between
+two text updates the status bar's live count and speed are shown on their own every STATUS_SECONDS: a one-line
+repaint, ~20x cheaper than a text update, so the count stays live however seldom the text is shown.
 """
 
 from __future__ import annotations
@@ -28,19 +30,22 @@ if TYPE_CHECKING:
     from mistral_chat.tui.widgets.message_view import MessageView
 
 FLUSH_SECONDS = 1 / 30  # at most ~30 screen updates a second while an answer streams
-SLOWEST_FLUSH_SECONDS = 0.5  # at least 2 a second, however much one costs
-FIRST_FLUSH_SECONDS = 0.1  # where the pace starts (the first tokens are shown at once all the same)
+SLOWEST_FLUSH_SECONDS = 1.0  # at least one text update a second, however much one costs
+FIRST_FLUSH_SECONDS = 0.25  # where the pace starts (the first tokens are shown at once all the same)
+STATUS_SECONDS = 0.25  # the status bar's live figures between text updates
 UI_SHARE = 0.04  # the UI thread's CPU time per second of streaming that the pace aims at (0.1: 74-80%
 # of one-shot tokens/s in benchmarks/tui_throughput.py)
+CPU_UI_SHARE = 0.02  # the same with the model on the CPU, where the engine's every step needs the cores and the GIL
 
 
 class FlushPace:
     """When the next screen update is due: the interval grows while the UI thread's CPU time (time.thread_time, the
-    updates' layout and paint included) over the last interval exceeds UI_SHARE of it, and shrinks back when it
+    updates' layout and paint included) over the last interval exceeds `share` of it, and shrinks back when it
     does not. Ask `due()` from the UI thread on every timer tick. One pace serves the app's answers one after the
     other: a new answer (after a pause) starts at the interval the last one ended with."""
 
-    def __init__(self) -> None:
+    def __init__(self, share: float = UI_SHARE) -> None:
+        self.share = share
         self.interval = FIRST_FLUSH_SECONDS
         self._cpu = 0.0
         self._wall: float | None = None
@@ -53,7 +58,7 @@ class FlushPace:
         cpu = time.thread_time() if cpu is None else cpu
         if self._wall is not None and self._wall < wall < self._wall + 2 * SLOWEST_FLUSH_SECONDS:
             share = (cpu - self._cpu) / (wall - self._wall)
-            factor = min(max(share / UI_SHARE, 0.8), 8.0)  # up fast, down slowly
+            factor = min(max(share / self.share, 0.8), 8.0)  # up fast, down slowly
             self.interval = min(max(self.interval * factor, FLUSH_SECONDS), SLOWEST_FLUSH_SECONDS)
         self._cpu, self._wall = cpu, wall
         self._next = wall + self.interval - FLUSH_SECONDS / 2  # the timer ticks every FLUSH_SECONDS
@@ -107,6 +112,7 @@ class Streaming:
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     tokens: int = 0  # TokenDeltas received (one per generated token)
+    counted_at: float = 0.0  # when the status bar last showed the live figures
 
     def receive(self, tokens: Tokens, now: float | None = None) -> None:
         if tokens.count and self.first_token_at is None:

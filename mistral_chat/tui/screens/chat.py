@@ -365,6 +365,7 @@ class ChatScreen(AnswersPart, ToolCallsPart, ChatListPart, Screen[None]):
         self.streaming = Streaming(request_id, conversation.id, view, tools=bool(tools))
         self.status.update_info(generating=True, time_to_first_token=None, tokens_per_second=None,
                                 generated_tokens=0)
+        self.prompt.cursor_blink = False  # each blink repaints the prompt: the cursor holds still while it streams
         self._flush_timer.resume()
 
     def action_stop(self) -> None:

@@ -1,6 +1,7 @@
-"""The chat screen's part for answers as they stream: tokens taken from the app's TokenBuffer on a timer, shown,
-counted in the status bar, saved at least once a second, and the end of each answer (GenerationDone) or any
-other engine event (load progress, model ready, errors).
+"""The chat screen's part for answers as they stream: tokens taken from the app's TokenBuffer on a timer, shown
+at the pace's rate (tui/streaming.py), counted in the status bar a few times a second, saved at least once a
+second, and the end of each answer (GenerationDone) or any other engine event (load progress, model ready,
+errors).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from mistral_chat.chat.store import StoreError
 from mistral_chat.service.worker import (EngineEvent, EngineFailed, GenerationDone, GenerationStarted, LoadProgress,
                                         ModelReady, TokenDelta)
-from mistral_chat.tui.streaming import Streaming, Tokens
+from mistral_chat.tui.streaming import STATUS_SECONDS, Streaming, Tokens
 
 if TYPE_CHECKING:
     from mistral_chat.tui.screens.chat import ChatScreen
@@ -39,22 +40,32 @@ class AnswersPart(_Base):
             streaming.receive(tokens)
 
     async def flush_stream(self) -> None:
-        """The timer's tick while an answer streams: take the tokens; when the pace says so, show what arrived,
-        count it, save now and then."""
+        """The timer's tick while an answer streams: take the tokens; when the pace says so, show what arrived and
+        count it in the status bar (one frame); in between, count it in the status bar alone every STATUS_SECONDS;
+        save now and then."""
         self.take_tokens()
         streaming = self.streaming
-        if streaming is None or not self.chat_app.flush_pace.due():
+        if streaming is None:
             return
-        if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
-            fragment, streaming.pending = streaming.pending, ""
-            await streaming.view.append(fragment)
-            self.chat_log.stream_grew()
-        first, rate = streaming.live_figures()
+        now = time.monotonic()
+        if self.chat_app.flush_pace.due(now):
+            if streaming.pending and streaming.view is not None and streaming.view.is_mounted:
+                fragment, streaming.pending = streaming.pending, ""
+                await streaming.view.append(fragment)
+                self.chat_log.stream_grew()
+            self.count_live(streaming, now)
+        elif now - streaming.counted_at >= STATUS_SECONDS:
+            self.count_live(streaming, now)
+        if now - streaming.saved_at >= SAVE_SECONDS:
+            self.save_answer(streaming)
+
+    def count_live(self, streaming: Streaming, now: float) -> None:
+        """The answer's tokens so far and their speed in the status bar (a one-line repaint, no layout)."""
+        streaming.counted_at = now
         if streaming.tokens != self.status.info.generated_tokens:
+            first, rate = streaming.live_figures(now)
             self.status.update_info(generated_tokens=streaming.tokens, time_to_first_token=first,
                                     tokens_per_second=rate)
-        if time.monotonic() - streaming.saved_at >= SAVE_SECONDS:
-            self.save_answer(streaming)
 
     def save_answer(self, streaming: Streaming, keep_empty: bool = False) -> None:
         """Write the answer so far (creating its row on the first write); a refused write is said, not raised."""
@@ -121,6 +132,7 @@ class AnswersPart(_Base):
     async def _finish(self, streaming: Streaming, event: GenerationDone) -> None:
         self._flush_timer.pause()
         self.streaming = None
+        self.prompt.cursor_blink = True
         self.chat_log.stream_ended()
         streaming.text = event.text
         reason = event.stats.finish_reason
