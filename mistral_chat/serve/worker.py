@@ -157,8 +157,8 @@ class EngineWorker:
         except (MistralChatError, ValueError) as exc:
             job.post("error", exc if isinstance(exc, MistralChatError) else MistralChatError(str(exc)))
             return
+        self._pending.append(job)  # counted in flight before the client hears it was accepted
         job.post("accepted")
-        self._pending.append(job)
 
     def _batch_step(self) -> None:
         """Admit pending jobs into free rows, then decode one token for every row in flight."""
