@@ -9,12 +9,10 @@ plan's attention=triton) as with grouped_attention (attention=torch), eager, and
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
-from tiny_models import checks_env, compile_for_hopper
+from tiny_models import compile_for_hopper, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -136,9 +134,7 @@ print("ok")
 
 @pytest.mark.slow
 def test_decode_attention_matches_grouped_attention():
-    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
-                          env=checks_env(TRITON_INTERPRET="1"), timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert run_interpreted(CHECK, timeout=600).strip().endswith("ok")
 
 
 def test_the_kernel_compiles_for_hopper():

@@ -6,13 +6,11 @@ test_parallel_compiled.py's "fused-mixtral".)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tiny_models import checks_env, compile_for_hopper
+from tiny_models import compile_for_hopper, run_interpreted
 
 CHECK = r"""
 import torch
@@ -69,9 +67,7 @@ print("ok")
 @pytest.mark.slow
 def test_experts_kernels_match_the_formula_and_mixtral_decodes_the_same():
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
-                          env=checks_env(TRITON_INTERPRET="1"), timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert run_interpreted(CHECK, timeout=600).strip().endswith("ok")
 
 
 def test_the_plan_gives_the_experts_kernels_on_gpus():

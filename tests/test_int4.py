@@ -5,8 +5,6 @@ numbers. Float32 on the CPU."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from mistral_chat.engine.int4 import Int4Linear, dequantize, group_size, pack, q
 from mistral_chat.engine.loader import load_model
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.quant import Int8Linear
-from tiny_models import checks_env, random_model, write_tiny_model
+from tiny_models import random_model, run_interpreted, write_tiny_model
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -265,10 +263,7 @@ if "mixtral" in __import__("sys").argv:  # one token's int4 experts read in plac
 
 def _interpreted(*args: str) -> str:
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, *args], capture_output=True, text=True,
-                          env=checks_env(TRITON_INTERPRET="1"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_interpreted(KERNEL_CHECK, *args)
 
 
 def test_int4_kernel_equals_the_dequantized_product():

@@ -19,13 +19,11 @@ to even); `cvt.rn.f16x2.f32 d, a, b` putting a in the high half and b in the low
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tiny_models import checks_env
+from tiny_models import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -270,19 +268,12 @@ print("ok")
 """
 
 
-def _interpreted(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, *args], capture_output=True, text=True,
-                          env=checks_env(TRITON_INTERPRET="1"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_the_float32_path_equals_the_dequantized_product():
-    assert "ok" in _interpreted()
+    assert "ok" in run_interpreted(KERNEL_CHECK)
 
 
 def test_the_gpu_path_equals_the_dequantized_product_to_fp16_rounding():
-    assert "ok" in _interpreted("half2")
+    assert "ok" in run_interpreted(KERNEL_CHECK, "half2")
 
 
 def _compile(kernel, signature: dict[str, str], constexprs: dict, num_warps: int):

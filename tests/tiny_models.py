@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +264,15 @@ def checks_env(**extra: str) -> dict[str, str]:
 
     here = str(Path(__file__).resolve().parent)
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])), **extra)
+
+
+def run_interpreted(script: str, *args: str, timeout: int = 900) -> str:
+    """`python -c script args` run under Triton's interpreter (TRITON_INTERPRET=1, these helpers importable): its
+    stdout, once it has exited 0 (else the assertion shows its stderr's end)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=checks_env(TRITON_INTERPRET="1"), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict, num_warps: int = 4):

@@ -173,13 +173,13 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
             print(f"  {label:18} {t * 1e6:8.1f} us {t / best:6.2f}x")
 
 
-def _int4_configs() -> list[dict]:
-    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch, and those of 8 and 16
-    rows again with their registers capped (`maxnreg`: more programs resident on an SM)."""
+def _int4_configs(capped: bool = True) -> list[dict]:
+    """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch, and (`capped`) those
+    of 8 and 16 rows again with their registers capped (`maxnreg`: more programs resident on an SM)."""
     from mistral_chat.engine.kernels import int4_gemv
 
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
-    caps = {8: (64, 96), 16: (96, 128)}
+    caps = {8: (64, 96), 16: (96, 128)} if capped else {}
     return configs + [dict(c, maxnreg=cap) for c in configs for cap in caps.get(c["ROWS"], ())]
 
 
@@ -211,7 +211,7 @@ def part_configs(dev: torch.device) -> None:
         for slot, e in enumerate(experts.tolist()):
             full = F.linear(x[slot:slot + 1].float(), int4.dequantize(packed[e], scale[e], low[e], torch.float32))
             want.append(fused.silu_and_mul(full.to(x.dtype), kernel=True).float() if swiglu else full)
-        for config in [dict(c.kwargs, num_warps=c.num_warps) for c in int4_gemv._CONFIGS]:
+        for config in _int4_configs(capped=False):
             dense = torch.empty(n // parts, dtype=x.dtype, device=dev)
             int4_gemv.launch(x[0], packed[3], scale[3], low[3], dense, parts, True, **config)
             stacked = torch.empty(2, n // parts, dtype=x.dtype, device=dev)

@@ -177,15 +177,9 @@ class MoEFeedForward(nn.Module):
         """`_gathered` for int4 experts, each chosen expert dequantized on its own (a Mixtral pair's bf16 copies
         at once took ~0.7 GB above the weights); the expert ids stay on the device (1-element index tensors: no
         host sync, so CUDA graphs capture it)."""
-        rows = []
-        for t in range(x.shape[0]):
-            y = torch.zeros_like(x[t:t + 1])
-            for s in range(experts.shape[1]):
-                e = experts[t, s:s + 1]
-                h = F.linear(x[t:t + 1], self._weight("w13", e, x.dtype)[0])
-                y = y + F.linear(fused.silu_and_mul(h, self.fused), self._weight("w2", e, x.dtype)[0]) * weights[t, s]
-            rows.append(y)
-        return torch.cat(rows)
+        pairs = range(experts.shape[1])
+        return torch.cat([sum(self._expert(x[t:t + 1], experts[t, s:s + 1]) * weights[t, s] for s in pairs)
+                          for t in range(x.shape[0])])
 
     def _every_expert(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each expert on every token, weighted by its routing weight (zero where not chosen): the same weights read
@@ -197,10 +191,10 @@ class MoEFeedForward(nn.Module):
             out = out + self._expert(x, e) * coef
         return out
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's SwiGLU feed-forward of the rows x."""
-        h = self._row_scaled(F.linear(x, self._weight("w13", e, x.dtype)), "w13", e)
-        y = F.linear(fused.silu_and_mul(h, self.fused), self._weight("w2", e, x.dtype))
+    def _expert(self, x: torch.Tensor, e: int | torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU feed-forward of the rows x (e: an index, or a 1-element index tensor on the device)."""
+        h = self._row_scaled(F.linear(x, self._weight("w13", e, x.dtype).flatten(0, -2)), "w13", e)
+        y = F.linear(fused.silu_and_mul(h, self.fused), self._weight("w2", e, x.dtype).flatten(0, -2))
         return self._row_scaled(y, "w2", e)
 
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
