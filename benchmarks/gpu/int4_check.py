@@ -311,15 +311,22 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
         return
     kept = moes[0].int4_kernel
     fed = torch.tensor([tokens[:-1]], device=prompt.device)
-    runs = {}
+    runs, inputs = {}, {}
     for kernel in (True, False):
         for m in moes:
             m.int4_kernel = kernel
         model.setup_cache(64)
         with torch.no_grad():
             model(prompt, 0)
+            seen = [[] for _ in moes]  # each MoE layer's input at each decode step
+            hooks = [m.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach().clone()))
+                     for i, m in enumerate(moes)]
             runs[kernel] = torch.cat([model(fed[:, i:i + 1], prompt.shape[1] + i)[:, -1] for i in
                                       range(fed.shape[1])]).float()
+            for hook in hooks:
+                hook.remove()
+        inputs[kernel] = seen
+    _routing_and_layers(moes, inputs, runs)
     for m in moes:
         m.int4_kernel = kept
     model.setup_cache(64)
@@ -336,6 +343,39 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
     print(f"teacher-forced over {fed.shape[1]} decode steps: the experts kernel against the gathered path: "
           f"{agreement(runs[True], runs[False])}; the kernel against the prefill path: "
           f"{agreement(runs[True], full)}; the gathered path against the prefill path: {agreement(runs[False], full)}")
+
+
+def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
+    """Why two decode paths' logits part: where the two runs' routers chose other experts (a near-tie of the gate's
+    logits flips on a rounding, and the layer's output changes wholesale), how close the logits stay before the
+    first such step, and each MoE layer on the same input through both paths (the same experts by construction)."""
+    steps = len(inputs[True][0])
+    flips = [[not torch.equal(m.route(a)[0].sort(-1).values, m.route(b)[0].sort(-1).values)
+              for a, b in zip(inputs[True][i], inputs[False][i])] for i, m in enumerate(moes)]
+    flipped = [any(layer[s] for layer in flips) for s in range(steps)]
+    first = flipped.index(True) if any(flipped) else steps
+    def gap(logits: torch.Tensor, k: int) -> float:  # between the k-th and (k+1)-th largest gate logits
+        top = logits.float().reshape(-1).topk(k + 1).values
+        return float(top[k - 1] - top[k])
+
+    closest = min(gap(m.gate(x), m.top_k) for m, xs in zip(moes, inputs[False]) for x in xs)
+    print(f"routing: the two runs chose other experts at {sum(map(sum, flips))} of {len(moes) * steps} (layer, step) "
+          f"pairs, the first at step {first}; the smallest gap between the last chosen and the first left-out gate "
+          f"logit: {closest:.4f}")
+    if first:
+        print(f"logits before that step: within {rel(runs[True][:first], runs[False][:first]):.1e} (relative L2), "
+              f"the same top token at {int((runs[True][:first].argmax(-1) == runs[False][:first].argmax(-1)).sum())}"
+              f" of {first} steps")
+    worst = 0.0
+    with torch.no_grad():
+        for m, xs in zip(moes, inputs[False]):
+            for x in xs:
+                m.int4_kernel = True
+                a = m(x).float()
+                m.int4_kernel = False
+                worst = max(worst, rel(a, m(x).float()))
+    print(f"each MoE layer on the same input (its experts the same): the kernel against the gathered path within "
+          f"{worst:.1e} (relative L2, worst of {len(moes) * steps})")
 
 
 def part_decode(dev: torch.device, shape: str, layers: int | None, modes: list[str], steps: int) -> None:
