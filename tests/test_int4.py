@@ -248,9 +248,9 @@ if "model" in __import__("sys").argv:
 if "mixtral" in __import__("sys").argv:  # one token's int4 experts read in place by the kernel
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64, num_experts=4, num_experts_per_tok=2)
-    model = random_model(config, quantize="int4", int4_experts="triton")
-    plain = random_model(config, quantize="int4", int4="torch")
-    assert random_model(config, quantize="int4").plan.int4_experts == "torch"  # not the loader's choice yet
+    model = random_model(config, quantize="int4")
+    assert model.plan.int4_experts == "triton"  # the loader's choice wherever the kernels run
+    plain = random_model(config, quantize="int4", int4="torch", int4_experts="torch")
     calls = count_calls(int4_gemv, "int4_experts")
     with_kernel = greedy_past_the_window(model)
     assert len(calls) == 20 * 2 * 2, len(calls)  # w13 and w2 of each layer, each decode step

@@ -40,7 +40,7 @@ def test_on_the_cpu_the_kernels_run_only_in_tritons_interpreter(triton_here, mon
             int8 = "packed" if dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int8pack_mm") else "torch"
             assert got == KernelPlan(all_reduce="c10d" if world > 1 else "none", int8=int8, int4=int4), (world, got)
     monkeypatch.setattr(plan_module, "INTERPRETED", True)  # TRITON_INTERPRET=1, as the kernel tests run
-    kernels = dict(fused=True, attention="triton", int8="triton", int4="triton")
+    kernels = dict(fused=True, attention="triton", int8="triton", int4="triton", int4_experts="triton")
     assert choose_plan(CPU, torch.float32) == KernelPlan(**kernels)
     assert choose_plan(CPU, torch.float32, 2) == KernelPlan(
         **kernels, gemv="triton", moe="triton", norms_in_products=True,
@@ -58,7 +58,7 @@ def test_one_gpu_runs_every_kernel_and_graphs_the_eager_decode_step(triton_here)
     captured in CUDA graphs (one sequence's and continuous batching's), never compiled (compile matters only under
     --tp)."""
     rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", int4="triton", moe="triton",
-                decode_graphs=True, batch_graphs=True)
+                int4_experts="triton", decode_graphs=True, batch_graphs=True)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         for compile in (True, False):
             got = choose_plan(CUDA, dtype, 1, compile=compile)
@@ -68,7 +68,8 @@ def test_one_gpu_runs_every_kernel_and_graphs_the_eager_decode_step(triton_here)
 
 
 def test_tensor_parallel_gpus_take_the_row_kernels_and_the_fast_all_reduce(triton_here, monkeypatch):
-    rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", int4="triton", moe="triton")
+    rows = dict(fused=True, attention="triton", gemv="triton", int8="triton", int4="triton", moe="triton",
+                int4_experts="triton")
     assert choose_plan(CUDA, torch.bfloat16, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="lamport")
     assert choose_plan(CUDA, torch.float32, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="symmetric")
     assert choose_plan(CUDA, torch.float16, 2) == KernelPlan(**rows, norms_in_products=True, all_reduce="c10d")
@@ -230,7 +231,7 @@ def test_load_model_chooses_the_plan_and_takes_overrides(tiny, monkeypatch):
         pytest.skip("no Triton here")
     loaded = load_model(tiny, device="cpu", dtype="float32", quantize="int8",
                         plan_overrides={"int8": "torch", "attention": "torch"})
-    assert loaded.plan == KernelPlan(fused=True, int4="triton") and loaded.model.plan is loaded.plan
+    assert loaded.plan == KernelPlan(fused=True, int4="triton", int4_experts="triton") and loaded.model.plan is loaded.plan
     int8 = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
     assert int8 and all(m.fused and not m.kernel for m in int8)
     assert loaded.model.norm.kernel and loaded.model.layers[0].attention.plan is loaded.plan

@@ -56,10 +56,8 @@ class KernelPlan:
     # torch's packed int4 matmul, for every row count) or "torch" (dequantize, then multiply)
     int4: str = "torch"
     moe: str = "torch"  # one token's chosen experts: "triton" (expert GEMV kernels) or "torch" (gathered weights)
-    # one token's int4 experts: "triton" (the int4 kernel reading each chosen expert in place) or "torch" (each
-    # chosen expert dequantized on its own). choose_plan keeps "torch": on an H100 the kernel's decode logits of a
-    # random 32-layer Mixtral parted from the dequantized path's (docs/performance-log.md, 2026-12-06, fourth
-    # session), which the CPU checks do not explain; `int4_check.py --parts configs,mixtral` is the GPU check
+    # one token's int4 experts: "triton" (the int4 kernel reading each chosen expert in place: full Mixtral-8x7B
+    # int4 at 5.3 ms a token in 27.7 GB on an H100) or "torch" (each chosen expert dequantized on its own)
     int4_experts: str = "torch"
     norms_in_products: bool = False  # one row under --tp: each RMSNorm inside the product that reads it
     all_reduce: str = "none"  # "none" (one process), "lamport", "symmetric" (torch's one-shot) or "c10d"
@@ -145,6 +143,7 @@ def choose_plan(device: torch.device, dtype: torch.dtype, world: int = 1, quanti
         int8=_int8_choice(device, dtype, kernels),
         int4=_int4_choice(device, dtype, kernels),
         moe=rows,
+        int4_experts="triton" if kernels else "torch",
         norms_in_products=rows == "triton" and quantize is None,
         all_reduce=all_reduce,
         compile_decode=compile and cuda and tp,
