@@ -216,7 +216,7 @@ if half2:  # the GPU path, its inline PTX run by the model of its instructions
 gen = torch.Generator().manual_seed(0)
 configs = [{}] + [dict(U=u, WARPS=w, num_warps=w) for u, w in ((1, 1), (4, 2), (2, 4))]
 worst = 0.0
-for n, k, group in ((64, 256, 128), (64, 64, 64), (128, 96, 32), (64, 1088, 64)):
+for n, k, group in ((64, 256, 128), (64, 128, 64), (128, 384, 32), (64, 1152, 64)):
     w = torch.randn(n, k, generator=gen) * 0.02
     codes, scale, low = quantize_groups(w, group)
     packed = pack(codes)
@@ -244,7 +244,7 @@ for n, k, group in ((64, 256, 128), (64, 64, 64), (128, 96, 32), (64, 1088, 64))
     assert torch.equal(int4_gemv.int4_linear(xs, *tile(packed, scale, low), swiglu=True),
                        fused.silu_and_mul(got, kernel=True))
 # the chosen experts of one token, read in place: each slot's product equals its expert's own
-n, k, group, count = 64, 96, 32, 4
+n, k, group, count = 64, 128, 32, 4
 w = torch.randn(count, n, k, generator=gen) * 0.02
 codes, scale, low = quantize_groups(w, group)
 packed, scale, low = tile(pack(codes), scale, low)
@@ -318,8 +318,8 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
             assert instruction in ptx, instruction
         # per word: one shift, four lop3, eight packed fp16 operations (the word's own 4 decodes and 4 products)
         assert ptx.count("fma.rn.f16x2") == 2 * ptx.count("lop3.b32")
-        # per quad a thread takes: one 128-bit load of each part's weights, and the quad's activations (four
-        # 128-bit loads of bf16, eight of float32) once for both parts
-        assert ptx.count("ld.global.v4") == u * (parts + (4 if x_type == "bf16" else 8)), ptx.count("ld.global.v4")
+        # per quad block a warp takes: a 128-bit load of each of a thread's 4 rows of each part, and its quad's
+        # activations (four 128-bit loads of bf16, eight of float32) once for all of them
+        assert ptx.count("ld.global.v4") == u * (4 * parts + (4 if x_type == "bf16" else 8)), ptx.count("ld.global.v4")
         if pdl:  # the first step's weights are asked of L2 before the wait for the previous kernel
             assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")

@@ -99,21 +99,23 @@ def _float_weight(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) 
 
 def tile(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The int4 kernel's layout of packed codes ([..., N, K / 2]) and their scales and lows ([..., N, groups]),
-    the same shapes: in each block of TILE_ROWS rows, quad q (16 bytes, 32 codes) of every row side by side
-    ([N / 32, K / 32, 32, 16 bytes]), and each group's scales of the block's rows side by side ([N / 32, groups,
-    32]). A warp then reads 512 contiguous bytes: one quad of each of its lanes' rows."""
-    rows = int4_gemv.TILE_ROWS
+    the same shapes. Rows come in blocks of 32 (row r * 8 + i of a block: r = 0..3, i = 0..7) and quads (16 bytes,
+    32 codes) in blocks of 4 (quad b * 4 + j); a block's quad block b holds, for each r, the 32 quads (j, i) side
+    by side: [N / 32, K / 128, 4, 4, 8, 16 bytes]. So a warp reads 512 contiguous bytes at a time, lane j * 8 + i
+    taking row r * 8 + i and quad b * 4 + j (int4_gemv). Scales and lows: [N / 32, groups, 32], a group's 32 rows
+    side by side."""
     *lead, n, half = packed.shape
-    w = packed.reshape(*lead, n // rows, rows, half // 16, 16).transpose(-3, -2).reshape(packed.shape)
-    return (w, *(t.reshape(*lead, n // rows, rows, -1).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
+    w = packed.reshape(*lead, n // 32, 4, 8, half // 64, 4, 16).permute(*range(len(lead)), -6, -3, -5, -2, -4, -1)
+    return (w.reshape(packed.shape),
+            *(t.reshape(*lead, n // 32, 32, -1).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
 
 
 def untile(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`tile`'s inverse: the codes, scales and lows row by row."""
-    rows = int4_gemv.TILE_ROWS
     *lead, n, half = packed.shape
-    w = packed.reshape(*lead, n // rows, half // 16, rows, 16).transpose(-3, -2).reshape(packed.shape)
-    return (w, *(t.reshape(*lead, n // rows, -1, rows).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
+    w = packed.reshape(*lead, n // 32, half // 64, 4, 4, 8, 16).permute(*range(len(lead)), -6, -4, -2, -5, -3, -1)
+    return (w.reshape(packed.shape),
+            *(t.reshape(*lead, n // 32, -1, 32).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
 
 
 def to_packed_layout(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,11 +135,10 @@ if triton is not None:
         tl.constexpr(a) for a in (X_PAIRS_ASM, X_PAIRS_BF16_ASM, WORD_DOT_ASM, WIDEN_ASM, HADD2_ASM, PREFETCH_ASM))
     _QUAD = tl.constexpr(QUAD_CODES)
 
-    # Configurations: U quads a thread takes a step (one 16-byte weight load each, all issued before their
-    # arithmetic) and WARPS warps (num_warps), each warp a different run of quads of the same 32 rows.
+    # Configurations: U quad blocks (4 quads of each of a thread's 4 rows) a warp takes a step, and WARPS warps
+    # (num_warps), each warp other quad blocks of the same 32 rows.
     _CONFIGS = [triton.Config({"U": u, "WARPS": w}, num_warps=w, num_stages=1)
-                for u, w in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (4, 16), (8, 4),
-                             (8, 8))]
+                for u, w in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (8, 4))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
         _CONFIGS = [triton.Config({"U": 2, "WARPS": 2}, num_warps=2)]
 
@@ -165,10 +164,11 @@ if triton is not None:
 
     @triton.jit
     def _prefetch(w_ptr, block, QUADS, U: tl.constexpr, WARPS: tl.constexpr, HALF2: tl.constexpr):
-        """Ask L2 for the block's weights of the first step (on GPUs), while the previous kernel may still run."""
+        """Ask L2 for the block's weights of the first step (on GPUs), while the previous kernel may still run:
+        its first WARPS * U quad blocks, 2 KB each, contiguous."""
         if HALF2:
-            quads = tl.minimum(tl.arange(0, WARPS * U), QUADS - 1)[:, None]
-            at = w_ptr + (block.to(tl.int64) * QUADS + quads) * 128 + tl.arange(0, 32)[None, :] * 4
+            lines = tl.minimum(tl.arange(0, WARPS * U * 16) * 32, QUADS * 128 - 32)  # 128-byte lines, in words
+            at = w_ptr + block.to(tl.int64) * QUADS * 128 + lines
             tl.inline_asm_elementwise(_PREFETCH, "=r,l", [at], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
@@ -177,113 +177,130 @@ if triton is not None:
         return (t << 16).to(tl.float32, bitcast=True), (t & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _bf16_words(x_ptr, quads, quad_ok, k: tl.constexpr, tile):
-        """The 8 bf16 activations of word k of each quad (quads: [WARPS, 1, 1]; 0 where not quad_ok) as read, four
-        int32 of bf16 pairs, each [WARPS, 32]: the same in every lane (one broadcast 16-byte load)."""
-        x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        at = quads * (_QUAD // 2) + 4 * k + tile * 0 + tl.arange(0, 4)[None, None, :]
-        return _split4(tl.load(x32 + at, mask=quad_ok & (tile >= 0), other=0))
+    def _x_offsets(qb, k: tl.constexpr, PER_WORD: tl.constexpr):
+        """[WARPS, 128] offsets of 4 activation words a lane (a warp's 128-bit loads): lane i's quad qb * 4 + i // 8,
+        its word k (PER_WORD elements a word: 8 bf16 as 4 int32, or 8 float32 as two loads of 4)."""
+        col = tl.arange(0, 128)[None, :]
+        return (qb[:, None] * 4 + col // 32) * (4 * PER_WORD) + k * PER_WORD + col % 4
 
     @triton.jit
-    def _activations(x_ptr, quads, quad_ok, k: tl.constexpr, tile, X_BF16: tl.constexpr):
+    def _bf16_words(x_ptr, qb, ok, k: tl.constexpr):
+        """The 8 bf16 activations of word k of each lane's quad (`_x_offsets`; 0 where not ok, [WARPS, 1]) as
+        read: four int32 of bf16 pairs, each [WARPS, 32] (one 16-byte load; 8 lanes of a quad read the same)."""
+        at = _x_offsets(qb, k, 4)
+        t = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + at, mask=ok & (at >= 0), other=0)
+        return _split4(tl.reshape(t, (t.shape[0], 32, 4)))
+
+    @triton.jit
+    def _activations(x_ptr, qb, ok, k: tl.constexpr, X_BF16: tl.constexpr):
         """`_bf16_words`' activations (or float32 ones: two loads) as eight float32, each [WARPS, 32]."""
         if X_BF16:
-            t0, t1, t2, t3 = _bf16_words(x_ptr, quads, quad_ok, k, tile)
+            t0, t1, t2, t3 = _bf16_words(x_ptr, qb, ok, k)
             x0, x1 = _bf16_pair(t0)
             x2, x3 = _bf16_pair(t1)
             x4, x5 = _bf16_pair(t2)
             x6, x7 = _bf16_pair(t3)
         else:
-            at = quads * _QUAD + 8 * k + tile * 0 + tl.arange(0, 4)[None, None, :]
-            ok = quad_ok & (tile >= 0)
-            x0, x1, x2, x3 = _split4(tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32))
-            x4, x5, x6, x7 = _split4(tl.load(x_ptr + at + 4, mask=ok, other=0.0).to(tl.float32))
+            at = _x_offsets(qb, k, 8)
+            lo = tl.load(x_ptr + at, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+            hi = tl.load(x_ptr + at + 4, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+            x0, x1, x2, x3 = _split4(tl.reshape(lo, (lo.shape[0], 32, 4)))
+            x4, x5, x6, x7 = _split4(tl.reshape(hi, (hi.shape[0], 32, 4)))
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _x_pairs(x, X_BF16: tl.constexpr):
-        """`_activations`' word as four fp16 pairs (x_j, x_j+4) and their sum / 32 (fp16 pairs as int32)."""
-        if X_BF16:
-            pairs = tl.inline_asm_elementwise(_X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [x[0], x[1], x[2], x[3]],
-                                              dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+    def _x_word(x_ptr, qb, ok, k: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr):
+        """Word k's activations as the products take them: four fp16 pairs (x_j, x_j+4) and their sum / 32 (fp16
+        pairs as int32; HALF2), else eight float32 and their sum / 32."""
+        if HALF2:
+            if X_BF16:
+                t = _bf16_words(x_ptr, qb, ok, k)
+                pairs = tl.inline_asm_elementwise(_X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [t[0], t[1], t[2], t[3]],
+                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+            else:
+                x = _activations(x_ptr, qb, ok, k, X_BF16)
+                pairs = tl.inline_asm_elementwise(_X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f",
+                                                  [x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
+                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
         else:
-            pairs = tl.inline_asm_elementwise(_X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f",
-                                              [x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
-                                              dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+            x = _activations(x_ptr, qb, ok, k, X_BF16)
+            pairs = (x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                     (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) * (1.0 / 32.0))
         return pairs
 
     @triton.jit
-    def _word_dot(word, pairs, part):
-        """part (fp16 pairs as int32) plus the word's 8 codes (q - 8) / 32 times their activations (`_x_pairs`)."""
-        p0, p1, p2, p3, _ = pairs
-        return tl.inline_asm_elementwise(_WORD_DOT, "=r,r,r,r,r,r,r", [word, p0, p1, p2, p3, part], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _word_float(word, x, part):
-        """part (float32) plus the word's 8 codes (q - 8) / 32 times their activations x (eight float32)."""
-        for j in tl.static_range(8):
-            part += (((word >> (4 * j)) & 15).to(tl.float32) - 8.0) * (1.0 / 32.0) * x[j]
+    def _word_dot(word, x, part, HALF2: tl.constexpr):
+        """part plus the word's 8 codes (q - 8) / 32 times their activations (`_x_word`): in fp16 pairs (HALF2,
+        part: fp16 pairs as int32), else in float32."""
+        if HALF2:
+            part = tl.inline_asm_elementwise(_WORD_DOT, "=r,r,r,r,r,r,r", [word, x[0], x[1], x[2], x[3], part],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for j in tl.static_range(8):
+                part += (((word >> (4 * j)) & 15).to(tl.float32) - 8.0) * (1.0 / 32.0) * x[j]
         return part
 
     @triton.jit
-    def _x_sum(x):
-        """The sum / 32 of `_activations`' eight float32."""
-        return (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) * (1.0 / 32.0)
+    def _quad_dot(w_ptr, at, x0, x1, x2, x3, HALF2: tl.constexpr):
+        """One row's quad (the [WARPS, 128] words at w_ptr + at: 4 of each lane) times its activations (`_x_word` of
+        words 0-3): fp16 pairs as int32 (HALF2), else float32, [WARPS, 32]."""
+        words = tl.load(w_ptr + at)
+        w0, w1, w2, w3 = _split4(tl.reshape(words, (words.shape[0], 32, 4)))
+        if HALF2:
+            part = tl.zeros(w0.shape, dtype=tl.int32)
+        else:
+            part = tl.zeros(w0.shape, dtype=tl.float32)
+        part = _word_dot(w0, x0, part, HALF2)
+        part = _word_dot(w1, x1, part, HALF2)
+        part = _word_dot(w2, x2, part, HALF2)
+        return _word_dot(w3, x3, part, HALF2)
 
     @triton.jit
-    def _apply(acc, part, xsum, scale_ptr, low_ptr, groups_at, HALF2: tl.constexpr):
-        """acc plus one group's sums: scale * part + (low + 8 scale) * xsum, the scale and low at groups_at."""
-        scale = tl.load(scale_ptr + groups_at).to(tl.float32)
-        low = tl.load(low_ptr + groups_at).to(tl.float32)
+    def _apply(acc, part, xsum, scale_ptr, low_ptr, at, HALF2: tl.constexpr):
+        """acc plus one group's sums: scale * part + (low + 8 scale) * xsum, the scale and low at `at`."""
+        scale = tl.load(scale_ptr + at).to(tl.float32)
+        low = tl.load(low_ptr + at).to(tl.float32)
         if HALF2:
             part_lo, part_hi = _widen(part)
-            xsum_lo, xsum_hi = _widen(xsum)
             acc = tl.fma(part_lo + part_hi, scale, acc)
-            xsum = xsum_lo + xsum_hi
         else:
             acc = tl.fma(part, scale, acc)
         return tl.fma(tl.fma(scale, 8.0, low), xsum, acc)
 
     @triton.jit
-    def _tile_sums(x_ptr, w_ptr, scale_ptr, low_ptr, block, q0, QUADS, GROUPS, acc, GROUP: tl.constexpr,
-                   U: tl.constexpr, WARPS: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr):
-        """acc ([WARPS, 32] float32: warp w, row block * 32 + lane) plus the sums over quads q0 + w * U ..
-        q0 + w * U + U - 1 (past QUADS: the last quad's weights, with activations 0)."""
-        G: tl.constexpr = GROUP // _QUAD  # quads a group
-        S: tl.constexpr = U if U < G else G  # quads a group's sums run over before its scale applies
-        warps = tl.arange(0, WARPS)
-        tile = tl.arange(0, 32)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [1, 32, 4] words of a quad
-        blocks = block.to(tl.int64) * QUADS
-        for c in tl.static_range(U // S):  # one group's quads at a time
-            if HALF2:
-                part = tl.zeros((WARPS, 32), dtype=tl.int32)
-                xsum = tl.zeros((WARPS, 32), dtype=tl.int32)
-            else:
-                part = tl.zeros((WARPS, 32), dtype=tl.float32)
-                xsum = tl.zeros((WARPS, 32), dtype=tl.float32)
-            for s in tl.static_range(S):
-                quads = (q0 + warps * U + c * S + s)[:, None, None]
-                quad_ok = quads < QUADS
-                quads = tl.minimum(quads, QUADS - 1)
-                packed = tl.load(w_ptr + (blocks + quads) * 128 + tile)  # 32 rows' quads: 512 contiguous bytes
-                words = _split4(packed)
-                for k in tl.static_range(4):
-                    if HALF2 and X_BF16:
-                        x = _bf16_words(x_ptr, quads, quad_ok, k, tile)
-                    else:
-                        x = _activations(x_ptr, quads, quad_ok, k, tile, X_BF16)
-                    if HALF2:
-                        pairs = _x_pairs(x, X_BF16)
-                        part = _word_dot(words[k], pairs, part)
-                        xsum = _hadd2(xsum, pairs[4])
-                    else:
-                        part = _word_float(words[k], x, part)
-                        xsum += _x_sum(x)
-            first = tl.minimum(q0 + warps * U + c * S, QUADS - 1)[:, None]
-            groups_at = (block.to(tl.int64) * GROUPS + (first * _QUAD) // GROUP) * 32 + tl.arange(0, 32)[None, :]
-            acc = _apply(acc, part, xsum, scale_ptr, low_ptr, groups_at, HALF2)
-        return acc
+    def _row_step(w_ptr, scale_ptr, low_ptr, at_w, at_s, x0, x1, x2, x3, xsum, acc, HALF2: tl.constexpr):
+        """acc ([WARPS, 32]) plus one tile row's quads (the words at w_ptr + at_w) times their activations (`_x_word`
+        of words 0-3; xsum: their sum / 32, float32), scaled by the group's scale and low at at_s."""
+        return _apply(acc, _quad_dot(w_ptr, at_w, x0, x1, x2, x3, HALF2), xsum, scale_ptr, low_ptr, at_s, HALF2)
+
+    @triton.jit
+    def _block_step(w_ptr, scale_ptr, low_ptr, blk, qb, QB, GROUPS, x0, x1, x2, x3, xsum, a0, a1, a2, a3,
+                    GROUP: tl.constexpr, HALF2: tl.constexpr):
+        """Block blk's 4 tile rows' accumulators plus quad block qb ([WARPS]) of each: a warp's lane i takes row
+        r * 8 + i % 8 (accumulator a_r) and quad qb * 4 + i // 8 of each row."""
+        lanes = tl.arange(0, 32)[None, :]
+        at_w = ((blk * QB + qb) * 512)[:, None] + tl.arange(0, 128)[None, :]  # [WARPS, 128]: 4 words a lane
+        if GROUP >= 4 * _QUAD:  # one group for the whole quad block
+            groups = qb[:, None] * (4 * _QUAD) // GROUP + lanes * 0
+        else:
+            groups = (qb[:, None] * 4 + lanes // 8) * _QUAD // GROUP
+        at_s = (blk * GROUPS + groups) * 32 + lanes % 8
+        a0 = _row_step(w_ptr, scale_ptr, low_ptr, at_w, at_s, x0, x1, x2, x3, xsum, a0, HALF2)
+        a1 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 128, at_s + 8, x0, x1, x2, x3, xsum, a1, HALF2)
+        a2 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 256, at_s + 16, x0, x1, x2, x3, xsum, a2, HALF2)
+        a3 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 384, at_s + 24, x0, x1, x2, x3, xsum, a3, HALF2)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _store_tile_row(out_ptr, gate, up, first, N, PARTS: tl.constexpr):
+        """Store one tile row's 8 outputs (gate, up: [WARPS, 32] accumulators, lane i: output i % 8)."""
+        g = tl.sum(tl.reshape(tl.sum(gate, axis=0), (4, 8)), axis=0) * 32.0
+        if PARTS == 2:
+            u = tl.sum(tl.reshape(tl.sum(up, axis=0), (4, 8)), axis=0) * 32.0
+            sums = tl.reshape(tl.join(g, u), (16,))
+        else:
+            sums = g
+        _store_rows(out_ptr, sums, first, N, 8, PARTS)
 
     @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "PARTS", "HALF2", "X_BF16", "SLOTS"],
                      **AUTOTUNE_CACHE)
@@ -293,14 +310,14 @@ if triton is not None:
                           PARTS: tl.constexpr, EXPERTS: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr,
                           PDL: tl.constexpr):
         """out[n] = sum_k (q[n, k] * scale[n, k // GROUP] + low[n, k // GROUP]) * x[k] for the 32 rows of block
-        program_id(0), the weight in int4.tile's layout (quad q of row n at 16-byte chunk (n // 32) * QUADS * 32 +
-        q * 32 + n % 32; scales and lows at (n // 32) * GROUPS * 32 + g * 32 + n % 32): lane i of every warp takes
-        row i, so a warp loads 512 contiguous bytes of weights a quad and the quad's activations once for all of its
-        lanes. PARTS=2: SiLU(gate) * up of gate block b and up block b + UP / 32. EXPERTS: program (i, s)
-        multiplies by expert experts[s] (its weights stride_we words, its scales and lows stride_se apart) the row x
-        + s * stride_x, into out + s * N (the chosen experts of one token, read in place). PDL (fused.pdl): the
-        weights of the first step may load while the previous kernel still runs (not with EXPERTS, whose ids come
-        from the kernel before)."""
+        program_id(0), the weight in int4.tile's layout: lane i of a warp takes rows r * 8 + i % 8 (r = 0..3) and
+        quad qb * 4 + i // 8 of each, so a warp loads 512 contiguous bytes a row r and quad block qb, and the
+        activations of 4 quads (lanes of a quad read the same 16 bytes) once for its 4 rows. Warp w takes quad
+        blocks w * U .. w * U + U - 1 of each step. PARTS=2: SiLU(gate) * up of gate block b and up block b + UP /
+        32. EXPERTS: program (i, s) multiplies by expert experts[s] (its weights stride_we words, its scales and lows
+        stride_se apart) the row x + s * stride_x, into out + s * N (the chosen experts of one token, read in
+        place). PDL (fused.pdl): the first step's weights are asked of L2 while the previous kernel may still run
+        (not with EXPERTS, whose ids come from the kernel before)."""
         start_next(PDL)
         if EXPERTS:
             wait_previous(PDL)
@@ -311,33 +328,53 @@ if triton is not None:
             low_ptr += expert * stride_se
             x_ptr += slot * stride_x
             out_ptr += slot * N
-        block = tl.program_id(0)
-        acc = tl.zeros((WARPS, 32), dtype=tl.float32)
-        up = tl.zeros((WARPS, 32), dtype=tl.float32)
+        block = tl.program_id(0).to(tl.int64)
+        up_block = block + UP // 32
+        QB = QUADS // 4
         if not EXPERTS:
             if PDL:
                 _prefetch(w_ptr, block, QUADS, U, WARPS, HALF2)
                 if PARTS == 2:
-                    _prefetch(w_ptr, block + UP // 32, QUADS, U, WARPS, HALF2)
+                    _prefetch(w_ptr, up_block, QUADS, U, WARPS, HALF2)
             wait_previous(PDL)
-        for q0 in range(0, QUADS, WARPS * U):
-            acc = _tile_sums(x_ptr, w_ptr, scale_ptr, low_ptr, block, q0, QUADS, GROUPS, acc, GROUP, U, WARPS,
-                             HALF2, X_BF16)
-            if PARTS == 2:
-                up = _tile_sums(x_ptr, w_ptr, scale_ptr, low_ptr, block + UP // 32, q0, QUADS, GROUPS, up, GROUP, U,
-                                WARPS, HALF2, X_BF16)
-        gate = tl.sum(acc, axis=0) * 32.0
-        if PARTS == 2:
-            sums = tl.reshape(tl.join(gate, tl.sum(up, axis=0) * 32.0), (64,))
-        else:
-            sums = gate
-        _store_rows(out_ptr, sums, block * 32, N, 32, PARTS)
+        a0 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a1 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a2 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a3 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u0 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u1 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u2 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u3 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        for q0 in range(0, QB, WARPS * U):
+            for u in tl.static_range(U):
+                qb = q0 + tl.arange(0, WARPS) * U + u
+                ok = (qb < QB)[:, None]
+                qb = tl.minimum(qb, QB - 1)  # past the end: the last quad block's weights, activations 0
+                x0 = _x_word(x_ptr, qb, ok, 0, HALF2, X_BF16)
+                x1 = _x_word(x_ptr, qb, ok, 1, HALF2, X_BF16)
+                x2 = _x_word(x_ptr, qb, ok, 2, HALF2, X_BF16)
+                x3 = _x_word(x_ptr, qb, ok, 3, HALF2, X_BF16)
+                if HALF2:
+                    xsum_lo, xsum_hi = _widen(_hadd2(_hadd2(x0[4], x1[4]), _hadd2(x2[4], x3[4])))
+                    xsum = xsum_lo + xsum_hi
+                else:
+                    xsum = x0[8] + x1[8] + x2[8] + x3[8]
+                a0, a1, a2, a3 = _block_step(w_ptr, scale_ptr, low_ptr, block, qb, QB, GROUPS, x0, x1, x2, x3, xsum,
+                                             a0, a1, a2, a3, GROUP, HALF2)
+                if PARTS == 2:
+                    u0, u1, u2, u3 = _block_step(w_ptr, scale_ptr, low_ptr, up_block, qb, QB, GROUPS, x0, x1, x2,
+                                                 x3, xsum, u0, u1, u2, u3, GROUP, HALF2)
+        first = tl.program_id(0) * 32
+        _store_tile_row(out_ptr, a0, u0, first, N, PARTS)
+        _store_tile_row(out_ptr, a1, u1, first + 8, N, PARTS)
+        _store_tile_row(out_ptr, a2, u2, first + 16, N, PARTS)
+        _store_tile_row(out_ptr, a3, u3, first + 24, N, PARTS)
 
 
 def tiles(n: int, k: int) -> bool:
-    """Whether an [n, k] int4 weight takes the kernel's tiled layout (int4.tile): blocks of TILE_ROWS rows, and
-    whole blocks in each half of a gate/up weight (k: a multiple of 32, as every int4 group size is)."""
-    return n % (2 * TILE_ROWS) == 0 and k % QUAD_CODES == 0
+    """Whether an [n, k] int4 weight takes the kernel's tiled layout (int4.tile): blocks of TILE_ROWS rows (whole
+    blocks in each half of a gate/up weight too) and of 4 quads (128 columns)."""
+    return n % (2 * TILE_ROWS) == 0 and k % (4 * QUAD_CODES) == 0
 
 
 def fits(weight: torch.Tensor) -> bool:
