@@ -5,7 +5,6 @@ numbers. Float32 on the CPU."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

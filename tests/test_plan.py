@@ -163,8 +163,7 @@ def test_int4_packed_runs_only_on_the_cpu_with_torchs_packed_matmul(monkeypatch)
 def test_describe_names_every_field():
     assert PLAIN.describe() == ("kernel plan: fused=False attention=torch gemv=torch int8=torch int4=torch "
                                 "moe=torch int4_experts=torch norms_in_products=False all_reduce=none "
-                                "compile_decode=False "
-                                "decode_graphs=False batch_graphs=False")
+                                "compile_decode=False decode_graphs=False batch_graphs=False")
     assert "gemv=triton" in KernelPlan(gemv="triton").describe()
     assert PLAIN.with_overrides({"batch_graphs": "1"}, CUDA).batch_graphs
     with pytest.raises(ValueError, match="plan batch_graphs needs a CUDA GPU"):
@@ -231,7 +230,8 @@ def test_load_model_chooses_the_plan_and_takes_overrides(tiny, monkeypatch):
         pytest.skip("no Triton here")
     loaded = load_model(tiny, device="cpu", dtype="float32", quantize="int8",
                         plan_overrides={"int8": "torch", "attention": "torch"})
-    assert loaded.plan == KernelPlan(fused=True, int4="triton", int4_experts="triton") and loaded.model.plan is loaded.plan
+    assert loaded.plan == KernelPlan(fused=True, int4="triton", int4_experts="triton")
+    assert loaded.model.plan is loaded.plan
     int8 = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
     assert int8 and all(m.fused and not m.kernel for m in int8)
     assert loaded.model.norm.kernel and loaded.model.layers[0].attention.plan is loaded.plan

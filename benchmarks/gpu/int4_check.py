@@ -333,16 +333,25 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
     with torch.no_grad():
         full = model(torch.cat([prompt, fed], dim=1), 0, all_logits=True)[0, prompt.shape[1]:].float()
 
-    def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
-        same = (a.argmax(-1) == b.argmax(-1)).tolist()
-        top2 = b.topk(2, dim=-1).values
-        gaps = [f"{g:.3f}" for g, s in zip((top2[:, 0] - top2[:, 1]).tolist(), same) if not s]
-        return (f"logits within {rel(a, b):.1e} (relative L2), the same top token at {sum(same)} of {len(same)} "
-                f"steps{' (top-2 gaps where not: ' + ', '.join(gaps) + ')' if gaps else ''}")
-
     print(f"teacher-forced over {fed.shape[1]} decode steps: the experts kernel against the gathered path: "
-          f"{agreement(runs[True], runs[False])}; the kernel against the prefill path: "
-          f"{agreement(runs[True], full)}; the gathered path against the prefill path: {agreement(runs[False], full)}")
+          f"{_agreement(runs[True], runs[False])}; the kernel against the prefill path: "
+          f"{_agreement(runs[True], full)}; the gathered path against the prefill path: "
+          f"{_agreement(runs[False], full)}")
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How close logits a are to b ([steps, vocab]): relative L2, and where their top tokens differ, b's top-2 gap."""
+    same = (a.argmax(-1) == b.argmax(-1)).tolist()
+    top2 = b.topk(2, dim=-1).values
+    gaps = [f"{g:.3f}" for g, s in zip((top2[:, 0] - top2[:, 1]).tolist(), same) if not s]
+    return (f"logits within {rel(a, b):.1e} (relative L2), the same top token at {sum(same)} of {len(same)} "
+            f"steps{' (top-2 gaps where not: ' + ', '.join(gaps) + ')' if gaps else ''}")
+
+
+def _gate_gap(logits: torch.Tensor, k: int) -> float:
+    """The gap between the k-th and (k+1)-th largest gate logits: how near the router is to choosing another."""
+    top = logits.float().reshape(-1).topk(k + 1).values
+    return float(top[k - 1] - top[k])
 
 
 def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
@@ -354,18 +363,12 @@ def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
               for a, b in zip(inputs[True][i], inputs[False][i])] for i, m in enumerate(moes)]
     flipped = [any(layer[s] for layer in flips) for s in range(steps)]
     first = flipped.index(True) if any(flipped) else steps
-    def gap(logits: torch.Tensor, k: int) -> float:  # between the k-th and (k+1)-th largest gate logits
-        top = logits.float().reshape(-1).topk(k + 1).values
-        return float(top[k - 1] - top[k])
-
-    closest = min(gap(m.gate(x), m.top_k) for m, xs in zip(moes, inputs[False]) for x in xs)
+    closest = min(_gate_gap(m.gate(x), m.top_k) for m, xs in zip(moes, inputs[False]) for x in xs)
     print(f"routing: the two runs chose other experts at {sum(map(sum, flips))} of {len(moes) * steps} (layer, step) "
           f"pairs, the first at step {first}; the smallest gap between the last chosen and the first left-out gate "
           f"logit: {closest:.4f}")
     if first:
-        print(f"logits before that step: within {rel(runs[True][:first], runs[False][:first]):.1e} (relative L2), "
-              f"the same top token at {int((runs[True][:first].argmax(-1) == runs[False][:first].argmax(-1)).sum())}"
-              f" of {first} steps")
+        print(f"before that step: {_agreement(runs[True][:first], runs[False][:first])}")
     worst = 0.0
     with torch.no_grad():
         for m, xs in zip(moes, inputs[False]):
