@@ -173,6 +173,21 @@ def test_speculation_is_automatic_where_verify_steps_run_in_graphs(models, monke
         assert off.stats.drafted_tokens == 0
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_speculation_is_not_automatic_on_quantized_weights(models, monkeypatch, quantize):
+    """With int8 or int4 weights a verify step converts whole weight matrices (their kernels take one row), so the
+    default is off there; an explicit --speculate N still drafts."""
+    from tiny_models import random_model
+
+    monkeypatch.setattr(speculate_module, "verify_graphs", lambda model: True)
+    config = models["mistral"].config
+    for weights, drafts in ((None, AUTO_DRAFTS), (quantize, 0)):
+        model = random_model(config, quantize=weights)
+        model.setup_cache(CONTEXT)
+        assert speculate_module.quantized(model) == (weights is not None)
+        assert speculate_module.automatic_drafts(model, SamplingParams()) == drafts
+
+
 def test_answer_ends_inside_a_verify_step(models, monkeypatch):
     """EOS, a stop string, max tokens and the context limit end the answer where plain decoding ends it, though
     a verify step gave tokens past that point."""

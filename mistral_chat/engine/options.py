@@ -56,7 +56,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of tokens already in the answer
     stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these strings
     # draft tokens checked per step by prompt lookup (engine/speculate.py); 0: off; None: automatic (speculate.py's
-    # AUTO_DRAFTS where measured to pay: one GPU, a dense model, no penalties; else off)
+    # AUTO_DRAFTS where measured to pay: one GPU, a dense model of float weights, no penalties; else off)
     speculate: int | None = None
 
     @property

@@ -33,13 +33,15 @@ from typing import Protocol
 import torch
 
 from mistral_chat.engine.decode import GraphedStep, key_bucket
+from mistral_chat.engine.int4 import Int4Linear
 from mistral_chat.engine.model import Transformer
 from mistral_chat.engine.options import MAX_SPECULATE
+from mistral_chat.engine.quant import Int8Linear
 from mistral_chat.engine.sampling import SamplingParams, probabilities, sample
 from mistral_chat.engine.stats import GenerationStats
 
 __all__ = ["MAX_SPECULATE", "AcceptanceGate", "Drafter", "PromptLookup", "Speculator", "VerifyStep",
-           "accept_drafts", "draw_verified", "speculation_off", "verify_graphs"]
+           "accept_drafts", "automatic_drafts", "draw_verified", "quantized", "speculation_off", "verify_graphs"]
 
 
 class TokenReaderLike(Protocol):
@@ -154,11 +156,18 @@ AUTO_DRAFTS = 4
 
 def automatic_drafts(model: Transformer, params: SamplingParams) -> int:
     """The drafts a step when the user did not choose: AUTO_DRAFTS where verify steps run in CUDA graphs (one GPU,
-    a dense model) and nothing else turns speculation off; 0 elsewhere (on the CPU a verify step over N + 1
-    positions is not measured to cost about one decode step)."""
+    a dense model) on float weights and nothing else turns speculation off; 0 elsewhere. On the CPU a verify step
+    over N + 1 positions is not measured to cost about one decode step. Nor is it with int8 or int4 weights: their
+    kernels take one row, so a verify step converts each weight matrix to the activations' dtype before its product
+    (about 5x a decode step's bytes for int8, 8x for int4)."""
     if model.slots is None or not verify_graphs(model) or speculation_off(model, params) is not None:
         return 0
-    return AUTO_DRAFTS
+    return 0 if quantized(model) else AUTO_DRAFTS
+
+
+def quantized(model: Transformer) -> bool:
+    """Whether the model's dense layers hold int8 or int4 weights (--quantize, or an AWQ checkpoint)."""
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
 def speculation_off(model: Transformer, params: SamplingParams) -> str | None:
