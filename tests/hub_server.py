@@ -271,7 +271,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     return self._error(entry, 401, "GatedRepo", f"Access to model {repo_id} is restricted.")
                 if auth != f"Bearer {repo.gated_token}":
                     return self._error(entry, 403, "GatedRepo",
-                                       f"Access to model {repo_id} is restricted and you are not in the authorized list.")
+                                       f"Access to model {repo_id} is restricted and you are not in the "
+                                       "authorized list.")
             file = repo.files.get(filename)
             if file is None:
                 return self._error(entry, 404, "EntryNotFound", f"{filename} does not exist",

@@ -20,8 +20,9 @@ from mistral_chat.engine.stats import GenerationStats
 from mistral_chat.errors import MistralChatError
 from tiny_models import write_tiny_model
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER = {"type": "function",
+           "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}
 HI = [{"role": "user", "content": "Hi there"}]
 
 
@@ -76,7 +77,8 @@ def test_sampling_keywords_are_the_sampling_params_fields(model):
 
 
 def test_chat_batch_answers_in_order_as_one_at_a_time(model):
-    conversations = [HI, [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "A long story please"}],
+    conversations = [HI,
+                     [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "A long story please"}],
                      [{"role": "user", "content": "x"}]]
     alone = [model.chat(c, max_tokens=10) for c in conversations]
     together = model.chat_batch(conversations, max_tokens=10, batch_size=2)
@@ -99,7 +101,8 @@ def test_chat_requests_give_errors_for_bad_requests_and_answer_the_others(model)
 
 def test_openai_messages_with_tool_calls_and_results(model):
     messages = [{"role": "system", "content": "You help."},
-                {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+                {"role": "user",
+                 "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "abc123def", "type": "function",
                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},

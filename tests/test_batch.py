@@ -49,7 +49,8 @@ def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 1000) for _ in range(n - 1)] for n in lengths]
 
 
-def one_at_a_time(loaded: LoadedModel, requests: list[BatchRequest], **session_args) -> list[tuple[list[int], str, str]]:
+def one_at_a_time(loaded: LoadedModel, requests: list[BatchRequest],
+                  **session_args) -> list[tuple[list[int], str, str]]:
     session = Session(loaded, **session_args)
     out = []
     for request in requests:

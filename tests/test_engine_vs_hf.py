@@ -27,7 +27,8 @@ def engine_model(path, capacity: int = 256, prefill_chunk: int = 2048) -> Transf
     with torch.device("meta"):
         model = Transformer(config)
     reader = CheckpointReader(path, config.checkpoint_format)
-    model.load_state_dict(checkpoint_state(reader, config, Parallel(), plain_convert(torch.device("cpu"), torch.float32)), assign=True)
+    convert = plain_convert(torch.device("cpu"), torch.float32)
+    model.load_state_dict(checkpoint_state(reader, config, Parallel(), convert), assign=True)
     model.eval()
     model.setup_cache(capacity, prefill_chunk=prefill_chunk)
     return model

@@ -80,8 +80,9 @@ for name in ("add_rms_norm", "swiglu", "rope_and_cache"):
     setattr(fused, name, counted)
 
 for moe in (False, True):
+    experts = dict(num_experts=4, num_experts_per_tok=2) if moe else {}
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
-                         sliding_window=16, max_seq_len=64, **(dict(num_experts=4, num_experts_per_tok=2) if moe else {}))
+                         sliding_window=16, max_seq_len=64, **experts)
     torch.manual_seed(0)
     model = random_model(config)  # the plan the loader chooses here: the kernels on (Triton's interpreter)
     assert model.plan.fused, model.plan

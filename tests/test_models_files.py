@@ -69,7 +69,8 @@ def test_no_tokenizer_or_no_weights() -> None:
 
 
 def test_catalogue() -> None:
-    assert lookup_alias("Mistral-7B-Instruct").repo_id == "mistralai/Mistral-7B-Instruct-v0.3"  # type: ignore[union-attr]
+    entry = lookup_alias("Mistral-7B-Instruct")
+    assert entry is not None and entry.repo_id == "mistralai/Mistral-7B-Instruct-v0.3"
     assert CATALOGUE["nemo-instruct"].repo_id == "mistralai/Mistral-Nemo-Instruct-2407"
     assert "mixtral-8x7b-instruct" in close_names("mixtral-8x7b")
     assert looks_like_repo_id("mistralai/Codestral-22B-v0.1") and not looks_like_repo_id("codestral")

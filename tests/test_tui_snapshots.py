@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tui_helpers import close_welcome, isolated_home, make_app, open_settings, wait_for, welcome_shown  # noqa: F401 - autouse fixture
+from tui_helpers import isolated_home  # noqa: F401 - autouse fixture
+from tui_helpers import close_welcome, make_app, open_settings, wait_for, welcome_shown
 
 from mistral_chat.chat.store import ChatStore
 
@@ -39,8 +40,8 @@ async def settle(pilot) -> None:
     await close_welcome(pilot)  # no model in these tests
     pilot.app.chat.prompt.cursor_blink = False
     pilot.app.chat.status.update_info(model="mistral-7b-instruct", device="cuda:0", dtype="bfloat16",
-                                      context_used=412, context_estimated=False, context_length=32768, time_to_first_token=0.085,
-                                      tokens_per_second=187.3)
+                                      context_used=412, context_estimated=False, context_length=32768,
+                                      time_to_first_token=0.085, tokens_per_second=187.3)
     await pilot.pause()
 
 

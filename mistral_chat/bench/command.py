@@ -83,9 +83,9 @@ def bench_command(
                                                         "single-GPU and tensor-parallel runs (uses --shape --layers "
                                                         "--window --dtype --quantize --prompt --steps --device)."),
     tp_checkpoint: Optional[str] = typer.Option(None, "--tp-checkpoint",
-                                                help="With --tp, --startup or --batch-mode: keep the random checkpoint in "
-                                                     "this folder (reused by a later run of the same shape) instead of "
-                                                     "a temporary one."),
+                                                help="With --tp, --startup or --batch-mode: keep the random checkpoint "
+                                                     "in this folder (reused by a later run of the same shape) instead "
+                                                     "of a temporary one."),
     startup: bool = _flag("--startup", help="Time launch -> first token and launch -> full speed of `mistral-chat "
                                             "--prompt` in fresh processes, with an empty and a warm compile cache "
                                             "(and --no-compile too if given); --steps tokens an answer."),

@@ -380,8 +380,8 @@ def format_parallel_table(result: ParallelBenchResult) -> str:
                                                   f"written in {result.write_s:.0f} s")
              + f"; tokens compared with world {result.reference_world}",
              f"{'world':>5} {'load s':>7} {'warm s':>6} {'TTFT ms':>8} {'ms/tok':>8} {'tokens/s':>9} "
-             f"{'GB/GPU/tok':>10} {'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} {'forced %':>8} "
-             f"{'logit diff':>10}"]
+             f"{'GB/GPU/tok':>10} {'floor ms':>8} {'% floor':>7} {'tokens':>6} {'same lead':>9} {'same %':>6} "
+             f"{'forced %':>8} {'logit diff':>10}"]
     notes = []
     for r in result.runs:
         if r.status != "ok":

@@ -57,8 +57,8 @@ def run(
     stop: Optional[list[str]] = opt.STOP,
     speculate: Optional[int] = opt.SPECULATE,
     json_output: bool = flag("--json", help="One-shot: print one JSON object (text, tokens, timings, finish reason)."),
-    tools: Optional[Path] = typer.Option(None, "--tools",
-                                         help="JSON file of functions the model may call; one-shot prints calls as JSON."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of functions the model may call; "
+                                                                 "one-shot prints calls as JSON."),
     fim_prefix: Optional[str] = typer.Option(None, "--fim-prefix", help="Fill in the middle: code before the cursor."),
     fim_suffix: Optional[str] = typer.Option(None, "--fim-suffix", help="Fill in the middle: code after the cursor."),
     fim_prefix_file: Optional[Path] = typer.Option(None, "--fim-prefix-file", help="Read the code before the cursor."),

@@ -75,7 +75,8 @@ def pull(
     model: str = typer.Argument(..., help="Catalogue alias (mistral-7b-instruct), repo id owner/name, or a folder."),
     revision: str = typer.Option("main", "--revision", help="Branch, tag or commit of the repository."),
     format: FormatOption = typer.Option(FormatOption.auto, "--format", help="auto prefers native files."),
-    token: str | None = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)."),
+    token: str | None = typer.Option(None, "--token",
+                                     help="Hugging Face token (default: HF_TOKEN or `hf auth login`)."),
 ) -> None:
     """Download a model's weights (one format, resumable) or register a local model folder."""
     console = _console()
@@ -99,7 +100,8 @@ def say_pulled(console: Console, result: PullResult) -> None:
         _say(console, f"registered {result.name} ({result.format}, {human_bytes(result.total_bytes)}) "
                       f"at {result.path}")
     else:
-        fetched = f", {human_bytes(result.downloaded_bytes)} downloaded" if result.downloaded_bytes else ", already on disk"
+        downloaded = result.downloaded_bytes
+        fetched = f", {human_bytes(downloaded)} downloaded" if downloaded else ", already on disk"
         _say(console, f"{result.name} is ready ({result.format}, {human_bytes(result.total_bytes)}{fetched}) "
                       f"at {result.path}")
 

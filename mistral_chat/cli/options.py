@@ -35,7 +35,8 @@ LORA = typer.Option(None, "--lora", help="Merge a LoRA adapter (lora.safetensors
 LORA_SCALE = typer.Option(1.0, "--lora-scale", help="Multiplies the adapter's own scaling.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
-CONTEXT = typer.Option(None, "--context", min=16, help="Context length in tokens (default: the model's, at most 32768).")
+CONTEXT = typer.Option(None, "--context", min=16,
+                       help="Context length in tokens (default: the model's, at most 32768).")
 QUANTIZE = typer.Option(None, "--quantize", "-q", help="int8 or int4: weight-only quantization at load time (int8: "
                                                         "half the weight memory; int4: about a quarter).")
 

@@ -27,12 +27,14 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry("mistral-7b-instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", "Mistral 7B Instruct v0.1"),
         CatalogueEntry("mistral-7b", "mistralai/Mistral-7B-v0.3", "Mistral 7B v0.3 base model"),
         CatalogueEntry("mixtral-8x7b-instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral 8x7B Instruct v0.1"),
-        CatalogueEntry("mixtral-8x22b-instruct", "mistralai/Mixtral-8x22B-Instruct-v0.1", "Mixtral 8x22B Instruct v0.1"),
+        CatalogueEntry("mixtral-8x22b-instruct", "mistralai/Mixtral-8x22B-Instruct-v0.1",
+                       "Mixtral 8x22B Instruct v0.1"),
         CatalogueEntry("nemo-instruct", "mistralai/Mistral-Nemo-Instruct-2407", "Mistral Nemo 12B Instruct (tekken)"),
         CatalogueEntry("codestral", "mistralai/Codestral-22B-v0.1", "Codestral 22B v0.1"),
         CatalogueEntry("mathstral", "mistralai/Mathstral-7B-v0.1", "Mathstral 7B v0.1"),
         CatalogueEntry("mistral-small-instruct", "mistralai/Mistral-Small-Instruct-2409", "Mistral Small 22B Instruct"),
-        CatalogueEntry("mistral-large-instruct", "mistralai/Mistral-Large-Instruct-2407", "Mistral Large 123B Instruct"),
+        CatalogueEntry("mistral-large-instruct", "mistralai/Mistral-Large-Instruct-2407",
+                       "Mistral Large 123B Instruct"),
     )
 }
 

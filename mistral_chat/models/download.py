@@ -58,7 +58,8 @@ def check_revision(revision: str) -> str:
     """A branch, tag or commit name that is safe as a path under refs/: no `..`, no absolute or empty parts."""
     if not _REVISION.match(revision) or ".." in revision.split("/") or len(revision) > 255:
         raise DownloadError(
-            f"invalid --revision {revision[:60]!r}: pass a branch, tag or commit id (letters, digits, '.', '_', '-', '/')"
+            f"invalid --revision {revision[:60]!r}: pass a branch, tag or commit id "
+            "(letters, digits, '.', '_', '-', '/')"
         )
     return revision
 
@@ -224,7 +225,8 @@ def hub_error(exc: BaseException, repo_id: str, settings: HubSettings, revision:
             f"if it is private or gated, {login.replace('then ', '')}"
         )
     if isinstance(exc, RevisionNotFoundError):
-        return DownloadError(f"{repo_id} has no revision {revision!r}: pass an existing branch, tag or commit to --revision")
+        return DownloadError(f"{repo_id} has no revision {revision!r}: "
+                             "pass an existing branch, tag or commit to --revision")
     if isinstance(exc, RemoteEntryNotFoundError):
         return DownloadError(f"a file of {repo_id} vanished from the hub while pulling: run the pull again")
     if isinstance(exc, OfflineModeIsEnabled):

@@ -117,5 +117,6 @@ def select_local_files(model_dir: Path, fmt: FormatChoice = "auto") -> FileSelec
         raise ModelFilesError(f"cannot read the model folder {model_dir} (permission denied): give your user read "
                               "access to it (chmod u+rx, or chmod -R u+rX for its files)") from exc
     except OSError as exc:
-        raise ModelFilesError(f"cannot read the model folder {model_dir} ({exc.strerror or exc}): check the path") from exc
+        raise ModelFilesError(f"cannot read the model folder {model_dir} ({exc.strerror or exc}): "
+                              "check the path") from exc
     return select_files(names, fmt, source=str(model_dir))

@@ -67,7 +67,8 @@ class RichPullProgress(PullProgress):
     def __init__(self, console: Console, label: str) -> None:
         self._label = label
         self._progress = Progress(
-            TextColumn("[bold]{task.description}", table_column=Column(max_width=32, no_wrap=True, overflow="ellipsis")),
+            TextColumn("[bold]{task.description}",
+                       table_column=Column(max_width=32, no_wrap=True, overflow="ellipsis")),
             BarColumn(bar_width=20),
             DownloadColumn(),
             TransferSpeedColumn(),

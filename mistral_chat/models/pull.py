@@ -102,8 +102,8 @@ def check_disk_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise DownloadError(
-            f"not enough disk space: the download needs {human_bytes(needed)} but {probe} has {human_bytes(free)} free; "
-            "free some space or set HF_HOME to a folder on a bigger disk"
+            f"not enough disk space: the download needs {human_bytes(needed)} but {probe} has "
+            f"{human_bytes(free)} free; free some space or set HF_HOME to a folder on a bigger disk"
         )
 
 

@@ -2,9 +2,9 @@
 
 It knows nothing of the UI, and answers through the public API: the model it loads is held as an `api.Model`
 (`Model.prompt` builds and trims each prompt, `Model.stream_ids` streams the answer and reads its tool calls), as
-the one-shot CLI, `batch` and `serve` do. A front end gives it an `emit` callback (called from the worker thread; the TUI turns
-each event into a Textual message with `post_message`, which is thread-safe) and runs `EngineWorker.run` in a
-thread of its own (a Textual thread worker, or `start_thread()`).
+the one-shot CLI, `batch` and `serve` do. A front end gives it an `emit` callback (called from the worker thread;
+the TUI turns each event into a Textual message with `post_message`, which is thread-safe) and runs
+`EngineWorker.run` in a thread of its own (a Textual thread worker, or `start_thread()`).
 
 Commands: `load` a model, `generate` an answer for a conversation, `cancel` the answer being produced (its
 partial text stays with the caller), `shutdown`. One session serves every conversation: it reuses its KV cache

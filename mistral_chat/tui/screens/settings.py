@@ -111,7 +111,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         values = {"temperature": str(g.temperature), "top_p": str(g.top_p), "top_k": str(g.top_k),
                   "max_tokens": str(g.max_tokens), "seed": "" if g.seed is None else str(g.seed),
                   "min_p": str(g.min_p), "repetition_penalty": str(g.repetition_penalty),
-                  "presence_penalty": str(g.presence_penalty), "speculate": "" if g.speculate is None else str(g.speculate),
+                  "presence_penalty": str(g.presence_penalty),
+                  "speculate": "" if g.speculate is None else str(g.speculate),
                   "stop": format_stop_strings(tuple(g.stop)),
                   "tools": self.current.tools_path}
         with Vertical(classes="dialog wide", id="settings"):
