@@ -186,6 +186,7 @@ def test_speculation_is_not_automatic_on_quantized_weights(models, monkeypatch, 
         model.setup_cache(CONTEXT)
         assert speculate_module.quantized(model) == (weights is not None)
         assert speculate_module.automatic_drafts(model, SamplingParams()) == drafts
+        assert speculate_module.speculation_off(model, SamplingParams(speculate=4)) is None  # an explicit N drafts
 
 
 def test_answer_ends_inside_a_verify_step(models, monkeypatch):
