@@ -32,6 +32,20 @@ def test_packing_round_trips_exactly():
     assert torch.equal(packed[0, 0, 0], codes[0, 0, 0] | (codes[0, 0, 1] << 4))  # even column in the low nibble
 
 
+def test_the_kernels_tiled_layout_puts_a_warps_quads_side_by_side_and_untiles_exactly():
+    gen = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (2, 64, 128), dtype=torch.uint8, generator=gen)  # 2 experts, 64 rows, K = 256
+    scale, low = torch.randn(2, 64, 2, generator=gen), torch.randn(2, 64, 2, generator=gen)
+    tiled = int4.tile(packed, scale, low)
+    quads = tiled[0].reshape(2, -1, 16)  # 16-byte quads in memory order
+    for n, q in ((0, 0), (5, 2), (33, 7), (63, 4), (20, 5)):
+        # row r * 8 + i of block n // 32, quad b * 4 + j: chunk ((n // 32) * 2 + b) * 128 + r * 32 + j * 8 + i
+        r, i, b, j = (n % 32) // 8, n % 8, q // 4, q % 4
+        assert torch.equal(quads[1, ((n // 32) * 2 + b) * 128 + r * 32 + j * 8 + i], packed[1, n, 16 * q:16 * q + 16])
+        assert tiled[1].reshape(2, -1)[1, ((n // 32) * 2 + q // 4) * 32 + n % 32] == scale[1, n, q // 4]
+    assert all(torch.equal(a, b) for a, b in zip(int4.untile(*tiled), (packed, scale, low)))
+
+
 def test_quantization_error_is_half_a_step_and_about_a_tenth_of_gaussian_weights():
     w = torch.randn(256, 1024, generator=GEN)
     codes, scale, low = quantize_groups(w, 128)
@@ -211,41 +225,42 @@ KERNEL_CHECK = r"""
 import torch
 import torch.nn.functional as F
 from mistral_chat.engine.config import ModelConfig
-from mistral_chat.engine.int4 import Int4Linear, dequantize, pack, quantize_groups
+from mistral_chat.engine.int4 import Int4Linear, dequantize, pack, quantize_groups, tile
 from mistral_chat.engine.kernels import fused, int4_gemv
 from tiny_models import count_calls, greedy_past_the_window, random_model
 
 gen = torch.Generator().manual_seed(0)
-for n, k, group in ((50, 256, 128), (16, 64, 64), (33, 96, 32)):  # rows and words not multiples of the blocks
+for n, k, group in ((64, 256, 128), (64, 128, 64), (128, 256, 32)):
     w = torch.randn(n, k, generator=gen)
     codes, scale, low = quantize_groups(w, group)
     packed = pack(codes)
     x = torch.randn(1, 1, k, generator=gen)
-    got = int4_gemv.int4_linear(x, packed, scale, low)
+    got = int4_gemv.int4_linear(x, *tile(packed, scale, low))
     want = F.linear(x, dequantize(packed, scale, low, torch.float32))
     assert got.shape == (1, 1, n), got.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if n % 2 == 0:  # SwiGLU in the kernel's last step
-        swiglu = int4_gemv.int4_linear(x, packed, scale, low, swiglu=True)
-        assert torch.equal(swiglu, fused.silu_and_mul(got, kernel=True))
+    swiglu = int4_gemv.int4_linear(x, *tile(packed, scale, low), swiglu=True)  # SwiGLU in the kernel's last step
+    assert torch.equal(swiglu, fused.silu_and_mul(got, kernel=True))
 print("kernel ok")
 if "model" in __import__("sys").argv:
-    config = ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+    config = ModelConfig(dim=128, n_layers=1, head_dim=32, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64)
     model = random_model(config, quantize="int4")  # the loader's plan here: the kernel (Triton's interpreter)
     plain = random_model(config, quantize="int4", int4="torch")
     assert model.plan.int4 == "triton", model.plan
-    assert all(m.kernel for m in model.modules() if isinstance(m, Int4Linear))
+    layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    # the output's 200 rows are not whole blocks of the kernel's layout: row by row, dequantized
+    assert layouts.pop("output") == "groups" and set(layouts.values()) == {"tiled"}, layouts
     calls = count_calls(int4_gemv, "int4_linear")
     with_kernel = greedy_past_the_window(model)
-    assert len(calls) == 20 * 5 + 1, len(calls)  # wqkv, wo, w13, w2 of the layer and the output, each step
+    assert len(calls) == 20 * 4, len(calls)  # wqkv, wo, w13, w2 of the layer, each step
     without = greedy_past_the_window(plain)
     assert with_kernel[0] == without[0], (with_kernel[0], without[0])
     torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-4, atol=1e-4)
     assert greedy_past_the_window(model, compiled=True)[0] == with_kernel[0]
     print("model ok")
 if "mixtral" in __import__("sys").argv:  # one token's int4 experts read in place by the kernel
-    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=200,
+    config = ModelConfig(dim=128, n_layers=2, head_dim=32, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=200,
                          sliding_window=16, max_seq_len=64, num_experts=4, num_experts_per_tok=2)
     model = random_model(config, quantize="int4")
     assert model.plan.int4_experts == "triton"  # the loader's choice wherever the kernels run

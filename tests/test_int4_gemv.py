@@ -4,10 +4,10 @@
   the bf16 activations' pairs equal the float32 ones;
 - the kernel under Triton's interpreter, both ways: the float32 path (what the interpreter runs in the product)
   equals the dequantized product to float32 rounding, and the GPU path (packed fp16, inline PTX run by the model)
-  to fp16 rounding, on ragged shapes, every group size, bf16 and float32 activations, SwiGLU's last step and each
-  configuration the autotuner tries;
+  to fp16 rounding, in the tiled layout (int4.tile), every group size, bf16 and float32 activations, SwiGLU's
+  last step and several configurations;
 - the GPU path compiled for an H100 (sm_90) with Triton's own ptxas: the packed instructions are in its PTX, and
-  with PDL the first weights are loaded before the wait.
+  with PDL the first step's weights are asked of L2 before the wait.
 
 The model of the PTX instructions (`run_ptx`): each acts on whole numpy arrays of 32-bit registers (uint32; .f16
 registers hold their 16 bits), as the PTX ISA defines it: `mov`, `shl`, `shr.u32`, `and`; `lop3.b32` by its truth
@@ -206,7 +206,7 @@ KERNEL_CHECK = r"""
 import sys
 import torch
 import torch.nn.functional as F
-from mistral_chat.engine.int4 import dequantize, pack, quantize_groups
+from mistral_chat.engine.int4 import dequantize, pack, quantize_groups, tile
 from mistral_chat.engine.kernels import fused, int4_gemv
 
 half2 = "half2" in sys.argv
@@ -214,19 +214,20 @@ if half2:  # the GPU path, its inline PTX run by the model of its instructions
     from test_int4_gemv import install_ptx_model
     install_ptx_model()
 gen = torch.Generator().manual_seed(0)
-configs = [{}] + [dict(ROWS=r, BLOCK_Q=q, SPAN=s, num_warps=1) for r, q, s in ((4, 2, 1), (2, 4, 4), (8, 1, 2))]
+configs = [{}] + [dict(U=u, WARPS=w, num_warps=w) for u, w in ((1, 1), (4, 2), (2, 4))]
 worst = 0.0
-for n, k, group in ((50, 256, 128), (16, 64, 64), (34, 96, 32), (6, 1088, 64)):
+for n, k, group in ((64, 256, 128), (64, 128, 64), (128, 384, 32), (64, 1152, 64)):
     w = torch.randn(n, k, generator=gen) * 0.02
     codes, scale, low = quantize_groups(w, group)
     packed = pack(codes)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(k, generator=gen).to(dtype)
         want = F.linear(x.float(), dequantize(packed, scale, low, torch.float32))
+        tiled = tile(packed, scale.to(dtype), low.to(dtype))
         for config in configs if dtype == torch.float32 and k < 1000 else configs[:1]:
             for parts in (1, 2) if config == {} else (1,):
                 out = torch.empty(n // parts, dtype=dtype)
-                int4_gemv.launch(x, packed, scale.to(dtype), low.to(dtype), out, parts, half2, **config)
+                int4_gemv.launch(x, *tiled, out, parts, half2, **config)
                 if dtype == torch.float32 and parts == 1:
                     rel = ((out - want).norm() / want.norm()).item()
                     assert rel < (3e-3 if half2 else 1e-6), (n, k, config, rel)  # fp16 sums / float32 rounding
@@ -237,17 +238,16 @@ for n, k, group in ((50, 256, 128), (16, 64, 64), (34, 96, 32), (6, 1088, 64)):
                     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     # the custom op (the autotuner's configuration, the interpreter's float32 path)
     xs = torch.randn(1, 1, k, generator=gen)
-    got = int4_gemv.int4_linear(xs, packed, scale, low)
+    got = int4_gemv.int4_linear(xs, *tile(packed, scale, low))
     assert got.shape == (1, 1, n), got.shape
     torch.testing.assert_close(got, F.linear(xs, dequantize(packed, scale, low, torch.float32)), rtol=1e-5, atol=1e-5)
-    if n % 2 == 0:
-        assert torch.equal(int4_gemv.int4_linear(xs, packed, scale, low, swiglu=True),
-                           fused.silu_and_mul(got, kernel=True))
+    assert torch.equal(int4_gemv.int4_linear(xs, *tile(packed, scale, low), swiglu=True),
+                       fused.silu_and_mul(got, kernel=True))
 # the chosen experts of one token, read in place: each slot's product equals its expert's own
-n, k, group, count = 34, 96, 32, 4
+n, k, group, count = 64, 128, 32, 4
 w = torch.randn(count, n, k, generator=gen) * 0.02
 codes, scale, low = quantize_groups(w, group)
-packed = pack(codes)
+packed, scale, low = tile(pack(codes), scale, low)
 experts = torch.tensor([2, 0, 2])
 for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(1, k, generator=gen).to(dtype)
@@ -304,21 +304,22 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
     from mistral_chat.engine.kernels import int4_gemv
 
     signature = {"x_ptr": f"*{x_type}", "w_ptr": "*i32", "scale_ptr": f"*{x_type}", "low_ptr": f"*{x_type}",
-                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "N": "i32", "QUADS": "i32", "stride_wn": "i32",
-                 "stride_sn": "i32", "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32",
-                 "SLOTS": "i32"}
-    cases = [(16, 128, 1, 4, 1, 128, True, False), (16, 64, 2, 2, 2, 128, False, False),
-             (8, 32, 4, 1, 1, 64, True, False), (8, 128, 1, 4, 2, 128, False, True)]
-    for rows, block_q, span, warps, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
+                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "N": "i32", "QUADS": "i32", "GROUPS": "i32",
+                 "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32", "SLOTS": "i32"}
+    cases = [(2, 4, 1, 128, True, False), (1, 8, 2, 128, True, False), (4, 4, 1, 64, False, False),
+             (2, 8, 2, 128, False, True)]
+    for u, warps, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
         kernel = _compile(int4_gemv._int4_gemv_kernel.fn, signature, {
-            "GROUP": group, "ROWS": rows, "BLOCK_Q": block_q, "SPAN": span, "PARTS": parts, "EXPERTS": experts,
-            "HALF2": True, "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
+            "GROUP": group, "U": u, "WARPS": warps, "PARTS": parts, "EXPERTS": experts, "HALF2": True,
+            "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"]
         for instruction in ("lop3.b32", "fma.rn.f16x2", "cvt.rn.f16x2.f32", "cvt.f32.f16"):
             assert instruction in ptx, instruction
         # per word: one shift, four lop3, eight packed fp16 operations (the word's own 4 decodes and 4 products)
         assert ptx.count("fma.rn.f16x2") == 2 * ptx.count("lop3.b32")
-        if pdl:  # the first weights are loaded before the wait for the previous kernel
-            assert ptx.index("ld.global.v4") < ptx.index("griddepcontrol.wait") if "ld.global.v4" in ptx else \
-                ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
+        # per quad block a warp takes: a 128-bit load of each of a thread's 4 rows of each part, and its quad's
+        # activations (four 128-bit loads of bf16, eight of float32) once for all of them
+        assert ptx.count("ld.global.v4") == u * (4 * parts + (4 if x_type == "bf16" else 8)), ptx.count("ld.global.v4")
+        if pdl:  # the first step's weights are asked of L2 before the wait for the previous kernel
+            assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")

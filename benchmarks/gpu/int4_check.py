@@ -135,7 +135,8 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
         codes, scale, low = int4.quantize_groups(w, int4.group_size(k))
         packed = int4.pack(codes)
         del codes
-        got = int4_gemv.int4_linear(x, packed, scale, low, swiglu=swiglu)
+        tiled = int4.tile(packed, scale, low)  # the kernel's layout
+        got = int4_gemv.int4_linear(x, *tiled, swiglu=swiglu)
         want = F.linear(x.float(), int4.dequantize(packed, scale, low, torch.float32))
         if swiglu:
             want = fused.silu_and_mul(want.to(x.dtype), kernel=True).float()
@@ -146,14 +147,16 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
         def copies(nbytes: int, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
             return [tuple(t.clone() for t in tensors) for _ in range(max(1, -(-400_000_000 // nbytes)))]
 
-        w16, w8, w4 = copies(b16, w), copies(b8, q8, s8), copies(b4, packed, scale, low)
+        w16, w8, w4 = copies(b16, w), copies(b8, q8, s8), copies(b4, *tiled)
         t16 = graph_time(lambda i: F.linear(x, w16[i][0]), len(w16))
         t8 = graph_time(lambda i: int8_gemv.int8_linear(x, *w8[i], swiglu=swiglu), len(w8))
         t4 = graph_time(lambda i: int4_gemv.int4_linear(x, *w4[i], swiglu=swiglu), len(w4))
         old = ""
-        if before:
+        if before:  # rows in their own order
             old_error = rel(_before_int4(x, packed, scale, low, swiglu), want)
-            t0 = graph_time(lambda i: _before_int4(x, *w4[i], swiglu), len(w4))
+            plain = copies(b4, packed, scale, low)
+            t0 = graph_time(lambda i: _before_int4(x, *plain[i], swiglu), len(plain))
+            del plain
             old = f" {t0 * 1e6:9.1f} {b4 / t0 / GB:6.0f}" + (f" (rel {old_error:.1e})" if old_error > 3e-2 else "")
         if sweep:
             sweeps[name] = [(config, _config_time(x, w4, swiglu, config)) for config in _int4_configs()]
@@ -161,26 +164,25 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
         verdict = "ok" if error < 3e-2 else "WRONG"  # bf16 roundings: ~3e-3; a wrong kernel: ~1
         print(f"{name:8} {t16 * 1e6:8.1f} {b16 / t16 / GB:6.0f} {t8 * 1e6:8.1f} {b8 / t8 / GB:6.0f} {t4 * 1e6:8.1f} "
               f"{b4 / t4 / GB:6.0f} {t8 / t4:8.2f}x{old}  rel {error:.1e} {verdict}")
-        del w, q8, s8, packed, scale, low
+        del w, q8, s8, packed, scale, low, tiled
     print("int4 kernel configs chosen:", {str(k): str(v) for k, v in int4_gemv._int4_gemv_kernel.cache.items()}
           if hasattr(int4_gemv._int4_gemv_kernel, "cache") else "n/a")
     for name, times in sweeps.items():
         best = min(t for _, t in times)
-        print(f"\n[sweep] {name}: us per configuration (ROWS, BLOCK_Q, SPAN, warps[, maxnreg]), best first")
+        print(f"\n[sweep] {name}: us per configuration (U, warps[, maxnreg]), best first")
         for config, t in sorted(times, key=lambda ct: ct[1]):
-            label = (f"({config['ROWS']}, {config['BLOCK_Q']}, {config['SPAN']}, {config['num_warps']}"
-                     f"{', ' + str(config['maxnreg']) if 'maxnreg' in config else ''})")
+            label = f"({config['U']}, {config['WARPS']}{', ' + str(config['maxnreg']) if 'maxnreg' in config else ''})"
             print(f"  {label:18} {t * 1e6:8.1f} us {t / best:6.2f}x")
 
 
 def _int4_configs(capped: bool = True) -> list[dict]:
     """The int4 kernel's autotuned configurations, as keyword arguments of int4_gemv.launch, and (`capped`) those
-    of 8 and 16 rows again with their registers capped (`maxnreg`: more programs resident on an SM)."""
+    of 4 and 8 quads a step again with their registers capped (`maxnreg`: more programs resident on an SM)."""
     from mistral_chat.engine.kernels import int4_gemv
 
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in int4_gemv._CONFIGS]
-    caps = {8: (64, 96), 16: (96, 128)} if capped else {}
-    return configs + [dict(c, maxnreg=cap) for c in configs for cap in caps.get(c["ROWS"], ())]
+    caps = {4: (64,), 8: (64, 96)} if capped else {}
+    return configs + [dict(c, maxnreg=cap) for c in configs for cap in caps.get(c["U"], ())]
 
 
 def _config_time(x: torch.Tensor, copies: list, swiglu: bool, config: dict) -> float:
@@ -205,6 +207,9 @@ def part_configs(dev: torch.device) -> None:
         codes, scale, low = int4.quantize_groups(w, int4.group_size(k))
         packed = int4.pack(codes)
         del codes, w
+        tiled = [t.clone() for t in (packed, scale, low)]  # the kernel's layout, one expert at a time
+        for e in range(4):
+            tiled[0][e], tiled[1][e], tiled[2][e] = int4.tile(packed[e], scale[e], low[e])
         parts = 2 if swiglu else 1
         x = torch.randn(2, k, device=dev, dtype=torch.bfloat16, generator=gen)
         want = []
@@ -213,9 +218,9 @@ def part_configs(dev: torch.device) -> None:
             want.append(fused.silu_and_mul(full.to(x.dtype), kernel=True).float() if swiglu else full)
         for config in _int4_configs(capped=False):
             dense = torch.empty(n // parts, dtype=x.dtype, device=dev)
-            int4_gemv.launch(x[0], packed[3], scale[3], low[3], dense, parts, True, **config)
+            int4_gemv.launch(x[0], *(t[3] for t in tiled), dense, parts, True, **config)
             stacked = torch.empty(2, n // parts, dtype=x.dtype, device=dev)
-            int4_gemv.launch(x, packed, scale, low, stacked, parts, True, experts=experts, **config)
+            int4_gemv.launch(x, *tiled, stacked, parts, True, experts=experts, **config)
             errors = [rel(dense, want[0][0])] + [rel(stacked[s], want[s][0]) for s in range(2)]
             verdict = "ok" if max(errors) < 3e-2 else "WRONG"
             print(f"{name} {config}: dense {errors[0]:.1e}, experts {errors[1]:.1e} {errors[2]:.1e} {verdict}",
@@ -307,14 +312,13 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
     from mistral_chat.engine.moe import MoEFeedForward
 
     moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    if not (triton_runs(prompt) and moes and moes[0].w13_low is not None):
+    if not (triton_runs(prompt) and moes and moes[0].int4_tiled):
         return
-    kept = moes[0].int4_kernel
     fed = torch.tensor([tokens[:-1]], device=prompt.device)
     runs, inputs = {}, {}
     for kernel in (True, False):
-        for m in moes:
-            m.int4_kernel = kernel
+        for m in moes:  # the kernel, or the gathered path (each chosen expert untiled and dequantized)
+            _use_kernel(m, kernel)
         model.setup_cache(64)
         with torch.no_grad():
             model(prompt, 0)
@@ -328,7 +332,7 @@ def _experts_agreement(model, prompt: torch.Tensor, tokens: list[int]) -> None:
         inputs[kernel] = seen
     _routing_and_layers(moes, inputs, runs)
     for m in moes:
-        m.int4_kernel = kept
+        _use_kernel(m, True)
     model.setup_cache(64)
     with torch.no_grad():
         full = model(torch.cat([prompt, fed], dim=1), 0, all_logits=True)[0, prompt.shape[1]:].float()
@@ -354,6 +358,14 @@ def _gate_gap(logits: torch.Tensor, k: int) -> float:
     return float(top[k - 1] - top[k])
 
 
+def _use_kernel(moe, kernel: bool) -> None:
+    """One token's int4 experts through the kernel (as loaded), or through the gathered path."""
+    if kernel:
+        moe.__dict__.pop("_int4_kernel_takes", None)
+    else:
+        moe._int4_kernel_takes = lambda x: False
+
+
 def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
     """Why two decode paths' logits part: where the two runs' routers chose other experts (a near-tie of the gate's
     logits flips on a rounding, and the layer's output changes wholesale), how close the logits stay before the
@@ -373,10 +385,11 @@ def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
     with torch.no_grad():
         for m, xs in zip(moes, inputs[False]):
             for x in xs:
-                m.int4_kernel = True
+                _use_kernel(m, True)
                 a = m(x).float()
-                m.int4_kernel = False
+                _use_kernel(m, False)
                 worst = max(worst, rel(a, m(x).float()))
+                _use_kernel(m, True)
     print(f"each MoE layer on the same input (its experts the same): the kernel against the gathered path within "
           f"{worst:.1e} (relative L2, worst of {len(moes) * steps})")
 

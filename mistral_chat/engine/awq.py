@@ -122,7 +122,7 @@ def prepare_awq(model: nn.Module, device: torch.device, dtype: torch.dtype) -> C
     """Make a (meta-device) model's projections int4 as `--quantize int4` does (quant.prepare_int4, the model's
     plan), except the output projection (fp16 in AWQ files), and return the conversion that fills them from
     `AwqReader`'s rows."""
-    from mistral_chat.engine.quant import prepare_int4, quantize_rows
+    from mistral_chat.engine.quant import int4_tensors, prepare_int4, quantize_rows
 
     output = model.output
     formats = prepare_int4(model, dtype)
@@ -140,9 +140,6 @@ def prepare_awq(model: nn.Module, device: torch.device, dtype: torch.dtype) -> C
         if kind == "int8":  # no int4 group fits (not for AWQ's own shapes): through the float weight
             q, row_scale = quantize_rows(int4.dequantize(int4.pack(codes), scale, low, dtype))
             return {name: q, prefix + "scale": row_scale}
-        if kind == "packed":
-            weight, scales_and_zeros = int4.to_packed_layout(codes, scale, low)
-            return {name: weight, prefix + "scales_and_zeros": scales_and_zeros}
-        return {name: int4.pack(codes), prefix + "scale": scale, prefix + "low": low}
+        return int4_tensors(name, prefix, kind, codes, scale, low)
 
     return convert

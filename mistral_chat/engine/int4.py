@@ -7,8 +7,9 @@ low nibble: [N, K] weights take [N, K / 2] bytes. A projection whose input size 
 (quant.py chooses per tensor), so any shape loads.
 
 How a product runs (`Int4Linear`, the plan's `int4`):
-- "triton": one activation row (batch-1 decode) through kernels/int4_gemv.py, which dequantizes in registers;
-  more rows dequantize the whole weight to the activations' dtype, then multiply;
+- "triton": the weight in the kernel's layout (`tile`) where its shape takes it (`int4_gemv.tiles`); one activation
+  row (batch-1 decode) through kernels/int4_gemv.py, which dequantizes in registers; more rows untile and
+  dequantize the whole weight to the activations' dtype, then multiply (other shapes: as "torch");
 - "packed" (CPU): torch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`), its own weight layout made at load
   time, for weights of 16k rows; other shapes take "torch";
 - "torch": dequantize, then multiply (inductor fuses both into one kernel in compiled decode).
@@ -96,6 +97,27 @@ def _float_weight(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) 
     return (codes * scale.float()[..., None] + low.float()[..., None]).flatten(-2)
 
 
+def tile(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The int4 kernel's layout of packed codes ([..., N, K / 2]) and their scales and lows ([..., N, groups]),
+    the same shapes. Rows come in blocks of 32 (row r * 8 + i of a block: r = 0..3, i = 0..7) and quads (16 bytes,
+    32 codes) in blocks of 4 (quad b * 4 + j); a block's quad block b holds, for each r, the 32 quads (j, i) side
+    by side: [N / 32, K / 128, 4, 4, 8, 16 bytes]. So a warp reads 512 contiguous bytes at a time, lane j * 8 + i
+    taking row r * 8 + i and quad b * 4 + j (int4_gemv). Scales and lows: [N / 32, groups, 32], a group's 32 rows
+    side by side."""
+    *lead, n, half = packed.shape
+    w = packed.reshape(*lead, n // 32, 4, 8, half // 64, 4, 16).permute(*range(len(lead)), -6, -3, -5, -2, -4, -1)
+    return (w.reshape(packed.shape),
+            *(t.reshape(*lead, n // 32, 32, -1).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
+
+
+def untile(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tile`'s inverse: the codes, scales and lows row by row."""
+    *lead, n, half = packed.shape
+    w = packed.reshape(*lead, n // 32, half // 64, 4, 4, 8, 16).permute(*range(len(lead)), -6, -4, -2, -5, -3, -1)
+    return (w.reshape(packed.shape),
+            *(t.reshape(*lead, n // 32, -1, 32).transpose(-2, -1).reshape(t.shape) for t in (scale, low)))
+
+
 def to_packed_layout(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's packed CPU layout of [N, K] codes: the weight, and its [K / group, N, 2] scales and zeros (torch
     dequantizes (q - 8) * scale + zero, so zero = low + 8 * scale)."""
@@ -120,21 +142,21 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, gro
 
 class Int4Linear(nn.Module):
     """A bias-free linear layer with a group-wise int4 weight. `layout`: "groups" (the packed codes with scales
-    and lows: the Triton kernel for one row where `kernel`, else dequantize) or "packed" (torch's CPU layout)."""
+    and lows row by row: dequantize, then multiply), "tiled" (the same in the kernel's layout, `tile`: the Triton
+    kernel for one row, else untile and dequantize) or "packed" (torch's CPU layout)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
-                 layout: str = "groups", kernel: bool = False, fused: bool = False) -> None:
+                 layout: str = "groups", fused: bool = False) -> None:
         super().__init__()
         group = group_size(in_features)
         assert group is not None, f"no int4 group divides {in_features}"
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.layout, self.kernel, self.fused = layout, kernel, fused
+        self.layout, self.fused = layout, fused
         groups = in_features // group
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         if layout == "packed":
-            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype))
         else:
-            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype))
             self.register_buffer("low", torch.empty(out_features, groups, dtype=dtype))
 
@@ -143,16 +165,21 @@ class Int4Linear(nn.Module):
             return packed_linear(x, self.weight, self.scales_and_zeros, self.group)
         if self._kernel_takes(x):
             return int4_gemv.int4_linear(x, self.weight, self.scale, self.low)
-        return F.linear(x, dequantize(self.weight, self.scale, self.low, x.dtype))
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight ([out, in], `dtype`) of a "groups" or "tiled" layout."""
+        parts = (self.weight, self.scale, self.low)
+        return dequantize(*(untile(*parts) if self.layout == "tiled" else parts), dtype)
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
-        """The plan says so, one activation row, and a weight the kernel takes."""
-        return self.kernel and x.numel() == x.shape[-1] and int4_gemv.fits(self.weight)
+        """The kernel's layout and one activation row."""
+        return self.layout == "tiled" and x.numel() == x.shape[-1]
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up for this gate/up projection of x: in the kernel's last step for a single row, else the
         product, then the activation (as quant.Int8Linear.swiglu)."""
-        if self.layout != "packed" and self._kernel_takes(x):
+        if self._kernel_takes(x):
             return int4_gemv.int4_linear(x, self.weight, self.scale, self.low, swiglu=True)
         return materialize(fused.silu_and_mul(self(x), self.fused))
 

@@ -5,7 +5,7 @@ keeps the k largest logits per token and weighs the chosen experts by a softmax 
 
 How the chosen experts run (`forward`): one token under tensor parallelism, through experts_gemv's kernels (which
 read the expert ids on the GPU; `rows_fused` when the norms run inside the products); one token of int4 experts
-where the plan's `int4_experts` says so, through the int4 kernel reading each chosen expert in place; a few
+in the int4 kernel's layout (the plan's `int4_experts`), through that kernel reading each chosen expert in place; a few
 (token, expert) pairs, through the gathered experts' weights (int4 ones dequantized one expert at a time); a
 compiled batch, every expert on every token; else (prefill) each expert on the tokens routed to it.
 """
@@ -69,7 +69,7 @@ class MoEFeedForward(nn.Module):
         self.w13_low: torch.Tensor | None = None  # int4: the groups' lows
         self.w2_low: torch.Tensor | None = None
         self.row_kernel = plan.moe == "triton"  # one row's experts through experts_gemv's kernels
-        self.int4_kernel = plan.int4_experts == "triton"  # one row's int4 experts through int4_gemv's kernel
+        self.int4_tiled = False  # int4 experts in the int4 kernel's layout (int4.tile), one row's through it
         self.fused = plan.fused  # SwiGLU's activation in one kernel on eager paths
 
     def quantize_int8(self, dtype: torch.dtype) -> None:
@@ -81,13 +81,15 @@ class MoEFeedForward(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=torch.int8))
             self.register_buffer(f"{name}_scale", torch.empty(shape[:2], dtype=dtype))
 
-    def quantize_int4(self, dtype: torch.dtype) -> bool:
+    def quantize_int4(self, dtype: torch.dtype, tiled: bool = False) -> bool:
         """Hold group-wise int4 expert weights (filled by the loader) where an int4 group divides both the model
-        and the hidden size, else int8 ones; whether they are int4."""
+        and the hidden size, else int8 ones; whether they are int4. `tiled`: in the int4 kernel's layout where both
+        shapes take it."""
         (experts, rows, dim), hidden = self.w13.shape, self.w2.shape[-1]
         if int4.group_size(dim) is None or int4.group_size(hidden) is None:
             self.quantize_int8(dtype)
             return False
+        self.int4_tiled = tiled and int4_gemv.tiles(rows, dim) and int4_gemv.tiles(dim, hidden)
         for name, (n, k) in (("w13", (rows, dim)), ("w2", (dim, hidden))):
             groups = k // int4.group_size(k)
             del self._parameters[name]
@@ -103,9 +105,10 @@ class MoEFeedForward(nn.Module):
         converted (their per-row scales apply to the products' outputs: `_row_scaled`)."""
         w = getattr(self, name)[index]
         low = getattr(self, f"{name}_low")
-        if low is not None:
-            return int4.dequantize(w, getattr(self, f"{name}_scale")[index], low[index], dtype)
-        return w.to(dtype)
+        if low is None:
+            return w.to(dtype)
+        parts = (w, getattr(self, f"{name}_scale")[index], low[index])
+        return int4.dequantize(*(int4.untile(*parts) if self.int4_tiled else parts), dtype)
 
     def _row_scaled(self, y: torch.Tensor, name: str, index: torch.Tensor | int) -> torch.Tensor:
         """y times the int8 experts' per-row scales of `name` (unchanged for float or int4 experts)."""
@@ -150,9 +153,8 @@ class MoEFeedForward(nn.Module):
         return experts_all_reduce_residual(act, self.w2, experts, weights, h, next_norm, self.parallel)
 
     def _int4_kernel_takes(self, x: torch.Tensor) -> bool:
-        """The plan says so, one row, and int4 experts the kernel takes."""
-        return (self.int4_kernel and self.w13_low is not None and x.numel() == x.shape[-1]
-                and int4_gemv.fits(self.w13) and int4_gemv.fits(self.w2))
+        """One row, and int4 experts in the kernel's layout."""
+        return self.int4_tiled and x.numel() == x.shape[-1]
 
     def _int4_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`_gathered`'s products and roundings for one row, each chosen int4 expert read in place by the kernel

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine import int4
-from mistral_chat.engine.kernels import fused, int8_gemv
+from mistral_chat.engine.kernels import fused, int4_gemv, int8_gemv
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert
@@ -140,15 +140,19 @@ def prepare_int4(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
                 new: nn.Module = Int8Linear(k, n, dtype, kernel=plan.int8 == "triton", fused=plan.fused,
                                             packed=plan.int8 == "packed")
             else:
-                packed = plan.int4 == "packed" and int4.packed_fits(n, k)
-                formats[name + ".weight"] = "packed" if packed else "int4"
-                new = int4.Int4Linear(k, n, dtype, layout="packed" if packed else "groups",
-                                      kernel=plan.int4 == "triton", fused=plan.fused)
+                if plan.int4 == "packed" and int4.packed_fits(n, k):
+                    layout = "packed"
+                elif plan.int4 == "triton" and int4_gemv.tiles(n, k):
+                    layout = "tiled"
+                else:
+                    layout = "groups"
+                formats[name + ".weight"] = layout
+                new = int4.Int4Linear(k, n, dtype, layout=layout, fused=plan.fused)
             setattr(module, child_name, new)
         if isinstance(module, MoEFeedForward):
-            experts_int4 = module.quantize_int4(dtype)
+            experts_int4 = module.quantize_int4(dtype, tiled=plan.int4_experts == "triton")
             for weight in ("w13", "w2"):
-                formats[f"{prefix}.{weight}"] = "int4" if experts_int4 else "int8"
+                formats[f"{prefix}.{weight}"] = ("tiled" if module.int4_tiled else "groups") if experts_int4 else "int8"
     return formats
 
 
@@ -166,9 +170,20 @@ def int4_convert(device: torch.device, dtype: torch.dtype, formats: dict[str, st
             q, scale = quantize_rows(t)
             return {name: q, prefix + "scale": scale}
         codes, scale, low = int4.quantize_groups(t, int4.group_size(t.shape[-1]))
-        if kind == "packed":
-            weight, scales_and_zeros = int4.to_packed_layout(codes, scale, low)
-            return {name: weight, prefix + "scales_and_zeros": scales_and_zeros}
-        return {name: int4.pack(codes), prefix + "scale": scale, prefix + "low": low}
+        return int4_tensors(name, prefix, kind, codes, scale, low)
 
     return convert
+
+
+def int4_tensors(name: str, prefix: str, layout: str, codes: torch.Tensor, scale: torch.Tensor,
+                 low: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The buffers of an int4 weight `name` (codes, scales, lows) in `layout`: "groups", "tiled" (int4.tile, a
+    stack of experts one at a time: no second copy of the whole stack) or "packed" (torch's CPU layout)."""
+    if layout == "packed":
+        weight, scales_and_zeros = int4.to_packed_layout(codes, scale, low)
+        return {name: weight, prefix + "scales_and_zeros": scales_and_zeros}
+    packed = int4.pack(codes)
+    if layout == "tiled":
+        for i in range(packed.shape[0]) if packed.dim() == 3 else (...,):
+            packed[i], scale[i], low[i] = int4.tile(packed[i], scale[i], low[i])
+    return {name: packed, prefix + "scale": scale, prefix + "low": low}

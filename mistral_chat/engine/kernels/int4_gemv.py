@@ -48,6 +48,7 @@ except ImportError:  # CPU-only torch builds ship without Triton: the dequantize
 # packed fp16 arithmetic (inline PTX) on GPUs; under the interpreter, float32
 HALF2 = not INTERPRETED
 QUAD_CODES = 32  # codes a quad of words holds: every group size (128, 64, 32) is a multiple
+TILE_ROWS = 32  # rows of a block in the tiled layout (int4.tile): one a lane
 
 # The inline PTX pieces, kept as strings so that tests can run them through a model of the instructions.
 # The end of both activation pieces below: the four fp16 pairs p0..p3 out as $0..$3, and their sum / 32 as $4.
@@ -122,35 +123,31 @@ WIDEN_ASM = """{
     cvt.f32.f16 $1, hi;
 }"""
 HADD2_ASM = "add.rn.f16x2 $0, $1, $2;"
+# Ask L2 for the line at address $1 (the output $0: 0, as inline asm must have one).
+PREFETCH_ASM = "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;"
 
 
 if triton is not None:
     from mistral_chat.engine.kernels.fused import start_next, wait_previous
     from mistral_chat.engine.kernels.gemv import _store_rows  # the last step, shared with the bf16 kernel
 
-    _X_PAIRS, _X_PAIRS_BF16, _WORD_DOT, _WIDEN, _HADD2 = (
-        tl.constexpr(a) for a in (X_PAIRS_ASM, X_PAIRS_BF16_ASM, WORD_DOT_ASM, WIDEN_ASM, HADD2_ASM))
+    _X_PAIRS, _X_PAIRS_BF16, _WORD_DOT, _WIDEN, _HADD2, _PREFETCH = (
+        tl.constexpr(a) for a in (X_PAIRS_ASM, X_PAIRS_BF16_ASM, WORD_DOT_ASM, WIDEN_ASM, HADD2_ASM, PREFETCH_ASM))
     _QUAD = tl.constexpr(QUAD_CODES)
 
-    # ROWS tile rows (BLOCK_N outputs x PARTS), BLOCK_Q lanes (32 a warp: every warp takes all the rows), SPAN
-    # quads a lane takes from one group per step (the group's scale and low read once for them), warps. A thread
-    # loads ROWS x SPAN 128-bit quads a step and converts each quad's activations once for its ROWS rows; a step
-    # covers BLOCK_Q x SPAN quads (128 in a row of Mistral-7B's 4096 columns, 448 of its 14336). Loops of one or a
-    # few steps: pipelining stages do not apply.
-    _CONFIGS = [triton.Config({"ROWS": r, "BLOCK_Q": q, "SPAN": s}, num_warps=w, num_stages=1)
-                for r, q, s, w in ((16, 128, 1, 4), (8, 128, 1, 4), (4, 128, 1, 4), (16, 64, 2, 2), (8, 64, 2, 2),
-                                   (16, 32, 4, 1), (8, 32, 4, 1), (16, 64, 1, 2), (8, 32, 2, 1), (8, 128, 2, 4),
-                                   (16, 32, 2, 1), (8, 64, 4, 2))]
+    # Configurations: U quad blocks (4 quads of each of a thread's 4 rows) a warp takes a step, and WARPS warps
+    # (num_warps), each warp other quad blocks of the same 32 rows.
+    _CONFIGS = [triton.Config({"U": u, "WARPS": w}, num_warps=w, num_stages=1)
+                for u, w in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (8, 4))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
-        _CONFIGS = [triton.Config({"ROWS": 16, "BLOCK_Q": 2, "SPAN": 2}, num_warps=4)]
+        _CONFIGS = [triton.Config({"U": 2, "WARPS": 2}, num_warps=2)]
 
     @triton.jit
-    def _split4(t, A: tl.constexpr, B: tl.constexpr):
-        """t[..., 0], t[..., 1], t[..., 2], t[..., 3] of t ([A, B, 4]; [B, 4] where A is 0), each thread's own."""
-        if A == 0:
-            u, v = tl.split(tl.reshape(t, (B, 2, 2)))
-        else:
-            u, v = tl.split(tl.reshape(t, (A, B, 2, 2)))
+    def _split4(t):
+        """t[..., 0], t[..., 1], t[..., 2], t[..., 3] of t ([A, B, 4]), each thread's own."""
+        A: tl.constexpr = t.shape[0]
+        B: tl.constexpr = t.shape[1]
+        u, v = tl.split(tl.reshape(t, (A, B, 2, 2)))
         t0, t2 = tl.split(u)
         t1, t3 = tl.split(v)
         return t0, t1, t2, t3
@@ -166,117 +163,161 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _activations(x_ptr, quads, quad_ok, k: tl.constexpr, B: tl.constexpr, X_BF16: tl.constexpr):
-        """The 8 activations of word k of each quad ([B]; 0 where not quad_ok): four int32 of bf16 pairs (X_BF16,
-        one 16-byte load) or eight float32 (two loads of 4)."""
-        if X_BF16:
-            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            at = (quads * (_QUAD // 2) + 4 * k)[:, None] + tl.arange(0, 4)[None, :]
-            x = _split4(tl.load(x32 + at, mask=quad_ok[:, None], other=0), 0, B)
-        else:  # 16 bytes of float32 a load: one thread's
-            at = (quads * _QUAD + 8 * k)[:, None] + tl.arange(0, 4)[None, :]
-            x0, x1, x2, x3 = _split4(tl.load(x_ptr + at, mask=quad_ok[:, None], other=0.0).to(tl.float32), 0, B)
-            x4, x5, x6, x7 = _split4(tl.load(x_ptr + at + 4, mask=quad_ok[:, None], other=0.0).to(tl.float32), 0,
-                                     B)
-            x = (x0, x1, x2, x3, x4, x5, x6, x7)
-        return x
-
-    @triton.jit
-    def _word_half2(word, x, part, xsum, X_BF16: tl.constexpr):
-        """Add each word's 8 codes ([R, B] int32) times their activations x (`_activations`), (q - 8) / 32 * x in
-        fp16 pairs, to part ([R, B] fp16 pairs as int32), and the activations / 32 to xsum ([B], the same way)."""
-        if X_BF16:
-            t0, t1, t2, t3 = x
-            p0, p1, p2, p3, ps = tl.inline_asm_elementwise(
-                _X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [t0, t1, t2, t3], dtype=(tl.int32,) * 5, is_pure=True,
-                pack=1)
-        else:
-            x0, x1, x2, x3, x4, x5, x6, x7 = x
-            p0, p1, p2, p3, ps = tl.inline_asm_elementwise(
-                _X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f", [x0, x1, x2, x3, x4, x5, x6, x7],
-                dtype=(tl.int32,) * 5, is_pure=True, pack=1)
-        part = tl.inline_asm_elementwise(
-            _WORD_DOT, "=r,r,r,r,r,r,r", [word, p0[None, :], p1[None, :], p2[None, :], p3[None, :], part],
-            dtype=tl.int32, is_pure=True, pack=1)
-        return part, _hadd2(xsum, ps)
-
-    @triton.jit
-    def _scales(scale_ptr, low_ptr, rows, first, QUADS, stride_sn, GROUP: tl.constexpr):
-        """The scale and low ([R, B] float32) of each row's group holding quad first[i]."""
-        groups = (tl.minimum(first, QUADS - 1) * _QUAD) // GROUP
-        at = rows[:, None] * stride_sn + groups[None, :]
-        return tl.load(scale_ptr + at).to(tl.float32), tl.load(low_ptr + at).to(tl.float32)
-
-    @triton.jit
-    def _load_quads(w_ptr, row_words, quads, ROWS: tl.constexpr, B: tl.constexpr):
-        """Each row's quad quads[i] ([B]): [ROWS, B, 4] int32, one 128-bit load a row and lane."""
-        words = quads[:, None] * 4 + tl.arange(0, 4)[None, :]
-        return tl.load(w_ptr + row_words[:, None, None] + words[None, :, :])
-
-    @triton.jit
-    def _step(x_ptr, w_ptr, packed, scale, low, row_words, first, acc, QUADS, ROWS: tl.constexpr, B: tl.constexpr,
-              S: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr):
-        """acc ([ROWS, B] float32) plus the sums of quads first[i] .. first[i] + S - 1 of lane i, one group's, given
-        `packed` (`_load_quads` of the first of them) and their group's scale and low (`_scales`). Each quad's
-        loads are issued before its arithmetic."""
+    def _prefetch(w_ptr, block, QUADS, U: tl.constexpr, WARPS: tl.constexpr, HALF2: tl.constexpr):
+        """Ask L2 for the block's weights of the first step (on GPUs), while the previous kernel may still run:
+        its first WARPS * U quad blocks, 2 KB each, contiguous."""
         if HALF2:
-            part = tl.zeros((ROWS, B), dtype=tl.int32)
-            xsum = tl.zeros((B,), dtype=tl.int32)
+            lines = tl.minimum(tl.arange(0, WARPS * U * 16) * 32, QUADS * 128 - 32)  # 128-byte lines, in words
+            at = w_ptr + block.to(tl.int64) * QUADS * 128 + lines
+            tl.inline_asm_elementwise(_PREFETCH, "=r,l", [at], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _bf16_pair(t):
+        """The two bf16 of each int32 of t (the even one in the low half), as float32."""
+        return (t << 16).to(tl.float32, bitcast=True), (t & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _x_offsets(qb, k: tl.constexpr, PER_WORD: tl.constexpr):
+        """[WARPS, 128] offsets of 4 activation words a lane (a warp's 128-bit loads): lane i's quad qb * 4 + i // 8,
+        its word k (PER_WORD elements a word: 8 bf16 as 4 int32, or 8 float32 as two loads of 4)."""
+        col = tl.arange(0, 128)[None, :]
+        return (qb[:, None] * 4 + col // 32) * (4 * PER_WORD) + k * PER_WORD + col % 4
+
+    @triton.jit
+    def _bf16_words(x_ptr, qb, ok, k: tl.constexpr):
+        """The 8 bf16 activations of word k of each lane's quad (`_x_offsets`; 0 where not ok, [WARPS, 1]) as
+        read: four int32 of bf16 pairs, each [WARPS, 32] (one 16-byte load; 8 lanes of a quad read the same)."""
+        at = _x_offsets(qb, k, 4)
+        t = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + at, mask=ok & (at >= 0), other=0)
+        return _split4(tl.reshape(t, (t.shape[0], 32, 4)))
+
+    @triton.jit
+    def _activations(x_ptr, qb, ok, k: tl.constexpr, X_BF16: tl.constexpr):
+        """`_bf16_words`' activations (or float32 ones: two loads) as eight float32, each [WARPS, 32]."""
+        if X_BF16:
+            t0, t1, t2, t3 = _bf16_words(x_ptr, qb, ok, k)
+            x0, x1 = _bf16_pair(t0)
+            x2, x3 = _bf16_pair(t1)
+            x4, x5 = _bf16_pair(t2)
+            x6, x7 = _bf16_pair(t3)
         else:
-            part = tl.zeros((ROWS, B), dtype=tl.float32)
-            xsum = tl.zeros((B,), dtype=tl.float32)
-        for s in tl.static_range(S):
-            quads = first + s
-            quad_ok = quads < QUADS
-            quads = tl.minimum(quads, QUADS - 1)
-            if s > 0:
-                packed = _load_quads(w_ptr, row_words, quads, ROWS, B)
-            if HALF2:
-                x0 = _activations(x_ptr, quads, quad_ok, 0, B, X_BF16)
-                x1 = _activations(x_ptr, quads, quad_ok, 1, B, X_BF16)
-                x2 = _activations(x_ptr, quads, quad_ok, 2, B, X_BF16)
-                x3 = _activations(x_ptr, quads, quad_ok, 3, B, X_BF16)
-                w0, w1, w2, w3 = _split4(packed, ROWS, B)
-                part, xsum = _word_half2(w0, x0, part, xsum, X_BF16)
-                part, xsum = _word_half2(w1, x1, part, xsum, X_BF16)
-                part, xsum = _word_half2(w2, x2, part, xsum, X_BF16)
-                part, xsum = _word_half2(w3, x3, part, xsum, X_BF16)
-            else:  # the same sums in float32, all 32 codes of a quad at once (code j of word w: column 8 w + j)
-                x = tl.load(x_ptr + quads[:, None] * _QUAD + tl.arange(0, _QUAD)[None, :], mask=quad_ok[:, None],
-                            other=0.0).to(tl.float32)
-                shifts = 4 * tl.arange(0, 8)
-                codes = ((packed[:, :, :, None] >> shifts[None, None, None, :]) & 15).to(tl.float32)
-                codes = tl.reshape(codes, (ROWS, B, _QUAD))
-                part += tl.sum((codes - 8.0) * (1.0 / 32.0) * x[None, :, :], axis=2)
-                xsum += tl.sum(x, axis=1) * (1.0 / 32.0)
+            at = _x_offsets(qb, k, 8)
+            lo = tl.load(x_ptr + at, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+            hi = tl.load(x_ptr + at + 4, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+            x0, x1, x2, x3 = _split4(tl.reshape(lo, (lo.shape[0], 32, 4)))
+            x4, x5, x6, x7 = _split4(tl.reshape(hi, (hi.shape[0], 32, 4)))
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _x_word(x_ptr, qb, ok, k: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr):
+        """Word k's activations as the products take them: four fp16 pairs (x_j, x_j+4) and their sum / 32 (fp16
+        pairs as int32; HALF2), else eight float32 and their sum / 32."""
+        if HALF2:
+            if X_BF16:
+                t = _bf16_words(x_ptr, qb, ok, k)
+                pairs = tl.inline_asm_elementwise(_X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [t[0], t[1], t[2], t[3]],
+                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+            else:
+                x = _activations(x_ptr, qb, ok, k, X_BF16)
+                pairs = tl.inline_asm_elementwise(_X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f",
+                                                  [x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
+                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+        else:
+            x = _activations(x_ptr, qb, ok, k, X_BF16)
+            pairs = (x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                     (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) * (1.0 / 32.0))
+        return pairs
+
+    @triton.jit
+    def _word_dot(word, x, part, HALF2: tl.constexpr):
+        """part plus the word's 8 codes (q - 8) / 32 times their activations (`_x_word`): in fp16 pairs (HALF2,
+        part: fp16 pairs as int32), else in float32."""
+        if HALF2:
+            part = tl.inline_asm_elementwise(_WORD_DOT, "=r,r,r,r,r,r,r", [word, x[0], x[1], x[2], x[3], part],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for j in tl.static_range(8):
+                part += (((word >> (4 * j)) & 15).to(tl.float32) - 8.0) * (1.0 / 32.0) * x[j]
+        return part
+
+    @triton.jit
+    def _quad_dot(w_ptr, at, x0, x1, x2, x3, HALF2: tl.constexpr):
+        """One row's quad (the [WARPS, 128] words at w_ptr + at: 4 of each lane) times its activations (`_x_word` of
+        words 0-3): fp16 pairs as int32 (HALF2), else float32, [WARPS, 32]."""
+        words = tl.load(w_ptr + at)
+        w0, w1, w2, w3 = _split4(tl.reshape(words, (words.shape[0], 32, 4)))
+        if HALF2:
+            part = tl.zeros(w0.shape, dtype=tl.int32)
+        else:
+            part = tl.zeros(w0.shape, dtype=tl.float32)
+        part = _word_dot(w0, x0, part, HALF2)
+        part = _word_dot(w1, x1, part, HALF2)
+        part = _word_dot(w2, x2, part, HALF2)
+        return _word_dot(w3, x3, part, HALF2)
+
+    @triton.jit
+    def _apply(acc, part, xsum, scale_ptr, low_ptr, at, HALF2: tl.constexpr):
+        """acc plus one group's sums: scale * part + (low + 8 scale) * xsum, the scale and low at `at`."""
+        scale = tl.load(scale_ptr + at).to(tl.float32)
+        low = tl.load(low_ptr + at).to(tl.float32)
         if HALF2:
             part_lo, part_hi = _widen(part)
-            xsum_lo, xsum_hi = _widen(xsum)
-            acc = tl.fma(part_lo, scale, acc)
-            acc = tl.fma(part_hi, scale, acc)
-            xsum = xsum_lo + xsum_hi
+            acc = tl.fma(part_lo + part_hi, scale, acc)
         else:
             acc = tl.fma(part, scale, acc)
-        return tl.fma(tl.fma(scale, 8.0, low), xsum[None, :], acc)
+        return tl.fma(tl.fma(scale, 8.0, low), xsum, acc)
+
+    @triton.jit
+    def _row_step(w_ptr, scale_ptr, low_ptr, at_w, at_s, x0, x1, x2, x3, xsum, acc, HALF2: tl.constexpr):
+        """acc ([WARPS, 32]) plus one tile row's quads (the words at w_ptr + at_w) times their activations (`_x_word`
+        of words 0-3; xsum: their sum / 32, float32), scaled by the group's scale and low at at_s."""
+        return _apply(acc, _quad_dot(w_ptr, at_w, x0, x1, x2, x3, HALF2), xsum, scale_ptr, low_ptr, at_s, HALF2)
+
+    @triton.jit
+    def _block_step(w_ptr, scale_ptr, low_ptr, blk, qb, QB, GROUPS, x0, x1, x2, x3, xsum, a0, a1, a2, a3,
+                    GROUP: tl.constexpr, HALF2: tl.constexpr):
+        """Block blk's 4 tile rows' accumulators plus quad block qb ([WARPS]) of each: a warp's lane i takes row
+        r * 8 + i % 8 (accumulator a_r) and quad qb * 4 + i // 8 of each row."""
+        lanes = tl.arange(0, 32)[None, :]
+        at_w = ((blk * QB + qb) * 512)[:, None] + tl.arange(0, 128)[None, :]  # [WARPS, 128]: 4 words a lane
+        if GROUP >= 4 * _QUAD:  # one group for the whole quad block
+            groups = qb[:, None] * (4 * _QUAD) // GROUP + lanes * 0
+        else:
+            groups = (qb[:, None] * 4 + lanes // 8) * _QUAD // GROUP
+        at_s = (blk * GROUPS + groups) * 32 + lanes % 8
+        a0 = _row_step(w_ptr, scale_ptr, low_ptr, at_w, at_s, x0, x1, x2, x3, xsum, a0, HALF2)
+        a1 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 128, at_s + 8, x0, x1, x2, x3, xsum, a1, HALF2)
+        a2 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 256, at_s + 16, x0, x1, x2, x3, xsum, a2, HALF2)
+        a3 = _row_step(w_ptr, scale_ptr, low_ptr, at_w + 384, at_s + 24, x0, x1, x2, x3, xsum, a3, HALF2)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _store_tile_row(out_ptr, gate, up, first, N, PARTS: tl.constexpr):
+        """Store one tile row's 8 outputs (gate, up: [WARPS, 32] accumulators, lane i: output i % 8)."""
+        g = tl.sum(tl.reshape(tl.sum(gate, axis=0), (4, 8)), axis=0) * 32.0
+        if PARTS == 2:
+            u = tl.sum(tl.reshape(tl.sum(up, axis=0), (4, 8)), axis=0) * 32.0
+            sums = tl.reshape(tl.join(g, u), (16,))
+        else:
+            sums = g
+        _store_rows(out_ptr, sums, first, N, 8, PARTS)
 
     @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "PARTS", "HALF2", "X_BF16", "SLOTS"],
                      **AUTOTUNE_CACHE)
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, N, QUADS, stride_wn, stride_sn,
-                          UP, stride_we, stride_se, stride_x, SLOTS, GROUP: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, SPAN: tl.constexpr, PARTS: tl.constexpr, EXPERTS: tl.constexpr,
-                          HALF2: tl.constexpr, X_BF16: tl.constexpr, PDL: tl.constexpr):
-        """out[n] = sum_k (q[n, k] * scale[n, k // GROUP] + low[n, k // GROUP]) * x[k], reading the codes as int32
-        quads (code j of word w is column 8 w + j; QUADS quads a row, stride_wn words apart); PARTS=2: SiLU(gate)
-        * up of gate rows and up rows (from row UP), as gemv._gemv_kernel. EXPERTS: program (i, s) multiplies by
-        expert experts[s] (its weights stride_we words, its scales and lows stride_se apart) the row x + s *
-        stride_x, into out + s * N (the chosen experts of one token, read in place).
-
-        Lane i of a step takes quads i * S .. i * S + S - 1 (S = SPAN where a group holds that many quads, else
-        the group's), all in one group, for each of the program's ROWS rows. Rows past N and quads past QUADS read
-        the last row or quad instead (their activations read as 0, their sums stored nowhere), so no weight load
-        is masked. PDL (fused.pdl): the first weights are loaded while the previous kernel may still run (not with
-        EXPERTS, whose expert ids come from the kernel before)."""
+    def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, N, QUADS, GROUPS, UP, stride_we,
+                          stride_se, stride_x, SLOTS, GROUP: tl.constexpr, U: tl.constexpr, WARPS: tl.constexpr,
+                          PARTS: tl.constexpr, EXPERTS: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr,
+                          PDL: tl.constexpr):
+        """out[n] = sum_k (q[n, k] * scale[n, k // GROUP] + low[n, k // GROUP]) * x[k] for the 32 rows of block
+        program_id(0), the weight in int4.tile's layout: lane i of a warp takes rows r * 8 + i % 8 (r = 0..3) and
+        quad qb * 4 + i // 8 of each, so a warp loads 512 contiguous bytes a row r and quad block qb, and the
+        activations of 4 quads (lanes of a quad read the same 16 bytes) once for its 4 rows. Warp w takes quad
+        blocks w * U .. w * U + U - 1 of each step. PARTS=2: SiLU(gate) * up of gate block b and up block b + UP /
+        32. EXPERTS: program (i, s) multiplies by expert experts[s] (its weights stride_we words, its scales and lows
+        stride_se apart) the row x + s * stride_x, into out + s * N (the chosen experts of one token, read in
+        place). PDL (fused.pdl): the first step's weights are asked of L2 while the previous kernel may still run
+        (not with EXPERTS, whose ids come from the kernel before)."""
         start_next(PDL)
         if EXPERTS:
             wait_previous(PDL)
@@ -287,34 +328,59 @@ if triton is not None:
             low_ptr += expert * stride_se
             x_ptr += slot * stride_x
             out_ptr += slot * N
-        BLOCK_N: tl.constexpr = ROWS // PARTS
-        G: tl.constexpr = GROUP // _QUAD  # quads a group
-        S: tl.constexpr = SPAN - (SPAN - G) * (G < SPAN)  # SPAN, at most G (both powers of 2)
-        r = tl.arange(0, ROWS)
-        units = tl.program_id(0) * BLOCK_N + r // PARTS
-        rows = tl.minimum(units, N - 1) + (r % PARTS) * UP  # PARTS=2: tile rows 2i, 2i + 1: output i's gate, up
-        row_words = tl.multiple_of(rows * stride_wn, 4)  # rows of whole quads (int4_gemv.fits)
-        lanes = tl.arange(0, BLOCK_Q)
-        first = lanes * S  # the first step's weights, scales and lows: before the wait
-        packed = _load_quads(w_ptr, row_words, tl.minimum(first, QUADS - 1), ROWS, BLOCK_Q)
-        scale, low = _scales(scale_ptr, low_ptr, rows, first, QUADS, stride_sn, GROUP)
+        block = tl.program_id(0).to(tl.int64)
+        up_block = block + UP // 32
+        QB = QUADS // 4
         if not EXPERTS:
+            if PDL:
+                _prefetch(w_ptr, block, QUADS, U, WARPS, HALF2)
+                if PARTS == 2:
+                    _prefetch(w_ptr, up_block, QUADS, U, WARPS, HALF2)
             wait_previous(PDL)
-        acc = _step(x_ptr, w_ptr, packed, scale, low, row_words, first, tl.zeros((ROWS, BLOCK_Q), dtype=tl.float32),
-                    QUADS, ROWS, BLOCK_Q, S, HALF2, X_BF16)
-        for q0 in range(BLOCK_Q * S, QUADS, BLOCK_Q * S):
-            first = q0 + lanes * S
-            packed = _load_quads(w_ptr, row_words, tl.minimum(first, QUADS - 1), ROWS, BLOCK_Q)
-            scale, low = _scales(scale_ptr, low_ptr, rows, first, QUADS, stride_sn, GROUP)
-            acc = _step(x_ptr, w_ptr, packed, scale, low, row_words, first, acc, QUADS, ROWS, BLOCK_Q, S, HALF2,
-                        X_BF16)
-        _store_rows(out_ptr, tl.sum(acc, axis=1) * 32.0, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PARTS)
+        a0 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a1 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a2 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        a3 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u0 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u1 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u2 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        u3 = tl.zeros((WARPS, 32), dtype=tl.float32)
+        for q0 in range(0, QB, WARPS * U):
+            for u in tl.static_range(U):
+                qb = q0 + tl.arange(0, WARPS) * U + u
+                ok = (qb < QB)[:, None]
+                qb = tl.minimum(qb, QB - 1)  # past the end: the last quad block's weights, activations 0
+                x0 = _x_word(x_ptr, qb, ok, 0, HALF2, X_BF16)
+                x1 = _x_word(x_ptr, qb, ok, 1, HALF2, X_BF16)
+                x2 = _x_word(x_ptr, qb, ok, 2, HALF2, X_BF16)
+                x3 = _x_word(x_ptr, qb, ok, 3, HALF2, X_BF16)
+                if HALF2:
+                    xsum_lo, xsum_hi = _widen(_hadd2(_hadd2(x0[4], x1[4]), _hadd2(x2[4], x3[4])))
+                    xsum = xsum_lo + xsum_hi
+                else:
+                    xsum = x0[8] + x1[8] + x2[8] + x3[8]
+                a0, a1, a2, a3 = _block_step(w_ptr, scale_ptr, low_ptr, block, qb, QB, GROUPS, x0, x1, x2, x3, xsum,
+                                             a0, a1, a2, a3, GROUP, HALF2)
+                if PARTS == 2:
+                    u0, u1, u2, u3 = _block_step(w_ptr, scale_ptr, low_ptr, up_block, qb, QB, GROUPS, x0, x1, x2,
+                                                 x3, xsum, u0, u1, u2, u3, GROUP, HALF2)
+        first = tl.program_id(0) * 32
+        _store_tile_row(out_ptr, a0, u0, first, N, PARTS)
+        _store_tile_row(out_ptr, a1, u1, first + 8, N, PARTS)
+        _store_tile_row(out_ptr, a2, u2, first + 16, N, PARTS)
+        _store_tile_row(out_ptr, a3, u3, first + 24, N, PARTS)
+
+
+def tiles(n: int, k: int) -> bool:
+    """Whether an [n, k] int4 weight takes the kernel's tiled layout (int4.tile): blocks of TILE_ROWS rows (whole
+    blocks in each half of a gate/up weight too) and of 4 quads (128 columns)."""
+    return n % (2 * TILE_ROWS) == 0 and k % (4 * QUAD_CODES) == 0
 
 
 def fits(weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this packed weight ([..., N, K / 2] uint8): rows of whole, 16-byte aligned quads (K
-    a multiple of 32, which every int4 group size is)."""
-    return weight.stride(-1) == 1 and weight.shape[-1] % 16 == 0 and weight.stride(-2) % 16 == 0
+    """Whether the kernel takes this packed weight ([..., N, K / 2] uint8, in int4.tile's layout): contiguous,
+    of a shape that tiles."""
+    return weight.is_contiguous() and tiles(weight.shape[-2], weight.shape[-1] * 2)
 
 
 @kernel_op("mistral_chat::int4_linear")
@@ -350,27 +416,22 @@ def int4_experts(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
            parts: int, half2: bool, experts: torch.Tensor | None = None, **config) -> None:
     """Run the kernel for x ([K], or [slots, K] with `experts`) into out ([N], or [slots, N] with `experts`),
-    packed fp16 arithmetic (inline PTX) where `half2`; `config` (ROWS, BLOCK_Q, SPAN, num_warps, num_stages):
-    that configuration instead of the autotuned one (benchmarks)."""
+    packed fp16 arithmetic (inline PTX) where `half2`; `config` (U, WARPS, num_warps, num_stages): that
+    configuration instead of the autotuned one (benchmarks)."""
     n, k = out.shape[-1], x.shape[-1]
-    if weight.data_ptr() % 16:  # a view that starts mid-quad (loaded weights never do)
-        weight = weight.clone()
     if x.data_ptr() % 16:  # bf16 activations are read as 32-bit words
         x = x.clone()
     slots = 1 if experts is None else experts.numel()
     stride_x = k if x.dim() == 2 and x.shape[0] > 1 else 0
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["ROWS"] // parts), slots)
-
     stacked = experts is not None
     args = (x, weight.view(torch.int32), scale, low, out, x if experts is None else experts, n, k // QUAD_CODES,
-            weight.stride(-2) // 4, scale.stride(-2), n, weight.stride(0) // 4 if stacked else 0,
-            scale.stride(0) if stacked else 0, stride_x, slots)
+            scale.shape[-1], n, weight.stride(0) // 4 if stacked else 0, scale.stride(0) if stacked else 0, stride_x,
+            slots)
     options = dict(GROUP=k // scale.shape[-1], PARTS=parts, EXPERTS=stacked, HALF2=half2,
                    X_BF16=x.dtype == torch.bfloat16, **pdl(x))
+    grid = (n // TILE_ROWS, slots)
     if config:
-        _int4_gemv_kernel.fn[grid(config)](*args, **options, **config)
+        _int4_gemv_kernel.fn[grid](*args, **options, **config)
     else:
         _int4_gemv_kernel[grid](*args, **options)
 
