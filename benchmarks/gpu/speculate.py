@@ -17,6 +17,7 @@ drafts, N = 1, 4, 8, 15) equal plain decoding's; the script exits 1 at the end i
 
     python3 benchmarks/gpu/speculate.py                       # mistral-7b, bf16, one GPU (about 90 s on an H100)
     python3 benchmarks/gpu/speculate.py --no-compile          # graphed decode only (no 40-50 s compile)
+    python3 benchmarks/gpu/speculate.py --no-compile --quantize int4   # int4 weights
     python3 benchmarks/gpu/speculate.py --device cpu --shape tiny --tokens 48 --reps 3   # a CPU smoke test
 """
 
@@ -158,6 +159,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=50, help="calls per timing in (a)")
     p.add_argument("--no-compile", action="store_true", help="no compiled decode step (graphed steps only)")
     p.add_argument("--skip-check", action="store_true", help="skip the tiny float32 equality check")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="int8 or int4 weights (verify steps of a few rows "
+                   "through quant_rows' kernels)")
     a = p.parse_args()
     device = torch.device(a.device)
     checked = a.skip_check or check_tiny(device)
@@ -165,9 +168,9 @@ def main() -> None:
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     compiled = not a.no_compile
     config = SHAPES[a.shape] if not a.layers else SHAPES[a.shape].with_(n_layers=a.layers)
-    plan = dataclasses.replace(choose_plan(device, dtype, 1, None), decode_graphs=cuda)
+    plan = dataclasses.replace(choose_plan(device, dtype, 1, a.quantize), decode_graphs=cuda)
     started = time.perf_counter()
-    model = random_model(config, device, dtype, None, plan)
+    model = random_model(config, device, dtype, a.quantize, plan)
     context = a.prompt + a.tokens + 64
     model.setup_cache(context)
     prompt = torch.randint(0, config.vocab_size, (1, a.prompt), device=device,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_chat.engine.kernels import fused, int4_gemv
+from mistral_chat.engine.kernels import fused, int4_gemv, quant_rows
 from mistral_chat.engine.materialize import materialize
 
 GROUP_SIZES = (128, 64, 32)  # the first that divides a projection's input size
@@ -142,8 +142,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, gro
 
 class Int4Linear(nn.Module):
     """A bias-free linear layer with a group-wise int4 weight. `layout`: "groups" (the packed codes with scales
-    and lows row by row: dequantize, then multiply), "tiled" (the same in the kernel's layout, `tile`: the Triton
-    kernel for one row, else untile and dequantize) or "packed" (torch's CPU layout)."""
+    and lows row by row: dequantize, then multiply), "tiled" (the same in the kernels' layout, `tile`: int4_gemv
+    for one row, quant_rows up to its MAX_ROWS, else untile and dequantize) or "packed" (torch's CPU layout)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  layout: str = "groups", fused: bool = False) -> None:
@@ -165,6 +165,8 @@ class Int4Linear(nn.Module):
             return packed_linear(x, self.weight, self.scales_and_zeros, self.group)
         if self._kernel_takes(x):
             return int4_gemv.int4_linear(x, self.weight, self.scale, self.low)
+        if self.layout == "tiled" and quant_rows.takes(x):
+            return quant_rows.int4_rows_linear(x, self.weight, self.scale, self.low)
         return F.linear(x, self.dequantized(x.dtype))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

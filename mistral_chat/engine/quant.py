@@ -2,9 +2,9 @@
 int4.py) through the same load-time conversion.
 
 int8: each output row of a projection gets one scale (symmetric, per channel): w ≈ int8 * scale. The product runs in
-the activations' dtype on the dequantized weight, except that one activation row (batch-1 decode) on CUDA goes to
-a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums, where the plan's `int8` is
-"triton".
+the activations' dtype on the dequantized weight, except where the plan's `int8` is "triton": one activation row
+(batch-1 decode) goes to a Triton kernel (int8_gemv.py) that reads the int8 weight once and scales the sums, and
+2 to 64 rows (a verify step, a batch's decode step) to another (quant_rows.py).
 int4: groups of 128 (64, 32) columns with a scale and a low value each (int4.py); a projection whose input size
 no group divides stays int8 (`prepare_int4`). Norms, the gate and the embedding stay in the model dtype.
 Weights are quantized one tensor at a time as they are read, so a model whose bf16 weights do not fit the device
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_chat.engine import int4
-from mistral_chat.engine.kernels import fused, int4_gemv, int8_gemv
+from mistral_chat.engine.kernels import fused, int4_gemv, int8_gemv, quant_rows
 from mistral_chat.engine.materialize import materialize
 from mistral_chat.engine.moe import MoEFeedForward
 from mistral_chat.engine.weights import Convert
@@ -65,6 +65,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_takes(x):
             return int8_gemv.int8_linear(x, self.weight, self.scale)
+        if self.kernel and quant_rows.takes(x) and quant_rows.int8_fits(self.weight):
+            return quant_rows.int8_rows_linear(x, self.weight, self.scale)
         if self.packed and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             return packed_int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
