@@ -49,7 +49,8 @@ binders, seen, interpret = {}, set(), InterpretedFunction.run
 def recording(self, *args, grid, warmup, **kwargs):
     binder = binders.get(self.fn)
     if binder is None:
-        jit = JITFunction(self.fn)
+        # the kernel's own jit options (do_not_specialize: integers that take no divisibility or 1 specialization)
+        jit = JITFunction(self.fn, **{k: v for k, v in self.kwargs.items() if k.startswith("do_not_specialize")})
         binder = binders[self.fn] = create_function_from_signature(jit.signature, jit.params, backend)
     _, specialization, options = binder(*args, **kwargs)
     seen.add((self.fn.__name__, repr(specialization), repr(sorted(options.items()))))

@@ -36,9 +36,12 @@ if triton is not None:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4) for s in (2, 3, 4)]
     if INTERPRETED:  # the interpreter times nothing: one configuration
         _CONFIGS = _CONFIGS[:1]
+    # compiled once for any row count (Triton would specialize on each size's divisibility by 16 and equality to
+    # 1): the two prompts the warm-up prefills (engine/warmup.py) then compile every variant an answer runs
+    _ANY_ROWS = ["M", "M_BLOCKS", "SPLIT"]
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BLOCKS", "SPLIT"], **AUTOTUNE_CACHE)
-    @triton.jit
+    @triton.autotune(configs=_CONFIGS, key=["N", "K"], **AUTOTUNE_CACHE)
+    @triton.jit(do_not_specialize=_ANY_ROWS)
     def _int8_rows_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, M_BLOCKS, SPLIT, BLOCK_M: tl.constexpr,
                           IEEE: tl.constexpr):
         """out[m, block * 32 + r] = scale[r] * sum_k x[m, k] * q[r, k] for the 32 rows r of this program's block
@@ -65,8 +68,8 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * N + outs[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rows < M)[:, None])
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "GROUP", "M_BLOCKS", "SPLIT"], **AUTOTUNE_CACHE)
-    @triton.jit
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "GROUP"], **AUTOTUNE_CACHE)
+    @triton.jit(do_not_specialize=_ANY_ROWS)
     def _int4_rows_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, M, N, K, M_BLOCKS, SPLIT,
                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
         """out[m, block * 32 + r] = sum_k x[m, k] * (q[r, k] * scale[r, k // GROUP] + low[r, k // GROUP]) for the
