@@ -214,7 +214,8 @@ if half2:  # the GPU path, its inline PTX run by the model of its instructions
     from test_int4_gemv import install_ptx_model
     install_ptx_model()
 gen = torch.Generator().manual_seed(0)
-configs = [{}] + [dict(U=u, WARPS=w, num_warps=w) for u, w in ((1, 1), (4, 2), (2, 4))]
+configs = [{}] + [dict(U=u, WARPS=w, num_warps=w, SPLIT=split) for u, w, split in ((1, 1, 1), (4, 2, 1), (2, 4, 1),
+                                                                                     (1, 1, 2), (1, 2, 4), (1, 1, 8))]
 worst = 0.0
 for n, k, group in ((64, 256, 128), (64, 128, 64), (128, 384, 32), (64, 1152, 64)):
     w = torch.randn(n, k, generator=gen) * 0.02
@@ -225,7 +226,7 @@ for n, k, group in ((64, 256, 128), (64, 128, 64), (128, 384, 32), (64, 1152, 64
         want = F.linear(x.float(), dequantize(packed, scale, low, torch.float32))
         tiled = tile(packed, scale.to(dtype), low.to(dtype))
         for config in configs if dtype == torch.float32 and k < 1000 else configs[:1]:
-            for parts in (1, 2) if config == {} else (1,):
+            for parts in (1, 2) if config.get("SPLIT", 2) > 1 else (1,):
                 out = torch.empty(n // parts, dtype=dtype)
                 int4_gemv.launch(x, *tiled, out, parts, half2, **config)
                 if dtype == torch.float32 and parts == 1:
@@ -263,6 +264,11 @@ for dtype in (torch.float32, torch.bfloat16):
                 assert torch.equal(got[slot], out), (dtype, parts, len(xs), slot)
             if not half2:  # the custom op (the interpreter's float32 path)
                 assert torch.equal(int4_gemv.int4_experts(xs, packed, s, lo, experts, swiglu=parts == 2), got)
+            split = torch.empty_like(got)  # each block's columns in 2 shares, added up by the last program
+            int4_gemv.launch(xs, packed, s, lo, split, parts, half2, experts=experts, U=1, WARPS=1, num_warps=1,
+                             SPLIT=2)
+            torch.testing.assert_close(split, got, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+assert not int4_gemv._counts(torch.device("cpu")).any()  # each split launch set its counts back to 0
 print("worst", worst)
 print("ok")
 """
@@ -304,14 +310,14 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
     from mistral_chat.engine.kernels import int4_gemv
 
     signature = {"x_ptr": f"*{x_type}", "w_ptr": "*i32", "scale_ptr": f"*{x_type}", "low_ptr": f"*{x_type}",
-                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "N": "i32", "QUADS": "i32", "GROUPS": "i32",
+                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "QUADS": "i32", "GROUPS": "i32",
                  "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32", "SLOTS": "i32"}
-    cases = [(2, 4, 1, 128, True, False), (1, 8, 2, 128, True, False), (4, 4, 1, 64, False, False),
-             (2, 8, 2, 128, False, True)]
-    for u, warps, parts, group, pdl, experts in cases if x_type == "bf16" else cases[:1]:
+    cases = [(2, 4, 1, 128, True, False, 1), (1, 8, 2, 128, True, False, 1), (4, 4, 1, 64, False, False, 1),
+             (2, 8, 2, 128, False, True, 1), (1, 4, 1, 128, True, False, 4), (1, 4, 2, 128, True, False, 2)]
+    for u, warps, parts, group, pdl, experts, split in cases if x_type == "bf16" else cases[:1]:
         kernel = _compile(int4_gemv._int4_gemv_kernel.fn, signature, {
-            "GROUP": group, "U": u, "WARPS": warps, "PARTS": parts, "EXPERTS": experts, "HALF2": True,
-            "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
+            "GROUP": group, "U": u, "WARPS": warps, "SPLIT": split, "PARTS": parts, "EXPERTS": experts,
+            "HALF2": True, "X_BF16": x_type == "bf16", "PDL": pdl}, warps)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"]
         for instruction in ("lop3.b32", "fma.rn.f16x2", "cvt.rn.f16x2.f32", "cvt.f32.f16"):
@@ -323,3 +329,6 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
         assert ptx.count("ld.global.v4") == u * (4 * parts + (4 if x_type == "bf16" else 8)), ptx.count("ld.global.v4")
         if pdl:  # the first step's weights are asked of L2 before the wait for the previous kernel
             assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+        if split > 1:  # one count a program, after a barrier; the last reads the partials from L2
+            assert ptx.count("atom.global.gpu.acq_rel.add") == 1 and "bar.sync" in ptx, ptx
+            assert ptx.count("ld.global.cg") >= 1

@@ -163,11 +163,11 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _prefetch(w_ptr, block, QUADS, U: tl.constexpr, WARPS: tl.constexpr, HALF2: tl.constexpr):
+    def _prefetch(w_ptr, block, first, QUADS, U: tl.constexpr, WARPS: tl.constexpr, HALF2: tl.constexpr):
         """Ask L2 for the block's weights of the first step (on GPUs), while the previous kernel may still run:
-        its first WARPS * U quad blocks, 2 KB each, contiguous."""
+        WARPS * U quad blocks from quad block `first`, 2 KB each, contiguous."""
         if HALF2:
-            lines = tl.minimum(tl.arange(0, WARPS * U * 16) * 32, QUADS * 128 - 32)  # 128-byte lines, in words
+            lines = tl.minimum(first * 512 + tl.arange(0, WARPS * U * 16) * 32, QUADS * 128 - 32)  # 128-byte lines
             at = w_ptr + block.to(tl.int64) * QUADS * 128 + lines
             tl.inline_asm_elementwise(_PREFETCH, "=r,l", [at], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -292,23 +292,70 @@ if triton is not None:
         return a0, a1, a2, a3
 
     @triton.jit
-    def _store_tile_row(out_ptr, gate, up, first, N, PARTS: tl.constexpr):
-        """Store one tile row's 8 outputs (gate, up: [WARPS, 32] accumulators, lane i: output i % 8)."""
-        g = tl.sum(tl.reshape(tl.sum(gate, axis=0), (4, 8)), axis=0) * 32.0
+    def _row_sums(acc):
+        """One tile row's 8 sums (acc: [WARPS, 32] accumulators, lane i: output i % 8)."""
+        return tl.sum(tl.reshape(tl.sum(acc, axis=0), (4, 8)), axis=0) * 32.0
+
+    @triton.jit
+    def _store_sums(out_ptr, g, u, first, N, PARTS: tl.constexpr):
+        """Store one tile row's 8 outputs from its sums (gate g, up u)."""
         if PARTS == 2:
-            u = tl.sum(tl.reshape(tl.sum(up, axis=0), (4, 8)), axis=0) * 32.0
             sums = tl.reshape(tl.join(g, u), (16,))
         else:
             sums = g
         _store_rows(out_ptr, sums, first, N, 8, PARTS)
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "PARTS", "HALF2", "X_BF16", "SLOTS"],
+    @triton.jit
+    def _store_tile_row(out_ptr, gate, up, first, N, PARTS: tl.constexpr):
+        """Store one tile row's 8 outputs (gate, up: [WARPS, 32] accumulators, lane i: output i % 8)."""
+        if PARTS == 2:
+            _store_sums(out_ptr, _row_sums(gate), _row_sums(up), first, N, PARTS)
+        else:
+            _store_sums(out_ptr, _row_sums(gate), None, first, N, PARTS)
+
+    @triton.jit
+    def _put_partial(partial_ptr, gate, up, r: tl.constexpr, PARTS: tl.constexpr):
+        """Tile row r's float32 sums of this program's columns into its 64-float partial at partial_ptr."""
+        eight = tl.arange(0, 8)
+        tl.store(partial_ptr + r * 16 + eight, _row_sums(gate))
+        if PARTS == 2:
+            tl.store(partial_ptr + r * 16 + 8 + eight, _row_sums(up))
+
+    @triton.jit
+    def _partial_sum(partial_ptr, at: tl.constexpr, SPLIT: tl.constexpr):
+        """The sum over the SPLIT partials at partial_ptr (64 floats apart) of 8 floats from offset `at` (read from
+        L2: other programs wrote them)."""
+        rows = tl.arange(0, SPLIT)[:, None] * 64 + at + tl.arange(0, 8)[None, :]
+        return tl.sum(tl.load(partial_ptr + rows, cache_modifier=".cg"), axis=0)
+
+    @triton.jit
+    def _finish_split(out_ptr, partial_ptr, count_ptr, a0, a1, a2, a3, u0, u1, u2, u3, first, N,
+                      SPLIT: tl.constexpr, PARTS: tl.constexpr):
+        """The end of one of a block's SPLIT programs (each took a share of the columns): its partial sums to
+        partial_ptr (the block's SPLIT partials of 64 floats), then one count at count_ptr; the program that counts
+        last adds the partials up, stores the outputs and sets the count back to 0 for the next launch."""
+        part = partial_ptr + tl.program_id(2) * 64
+        _put_partial(part, a0, u0, 0, PARTS)
+        _put_partial(part, a1, u1, 1, PARTS)
+        _put_partial(part, a2, u2, 2, PARTS)
+        _put_partial(part, a3, u3, 3, PARTS)
+        tl.debug_barrier()  # every thread's partial is written before the count releases them
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            for r in tl.static_range(4):
+                g = _partial_sum(partial_ptr, r * 16, SPLIT)
+                if PARTS == 2:
+                    _store_sums(out_ptr, g, _partial_sum(partial_ptr, r * 16 + 8, SPLIT), first + r * 8, N, PARTS)
+                else:
+                    _store_sums(out_ptr, g, None, first + r * 8, N, PARTS)
+            tl.store(count_ptr, 0)
+
+    @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "SPLIT", "PARTS", "HALF2", "X_BF16", "SLOTS"],
                      **AUTOTUNE_CACHE)
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, N, QUADS, GROUPS, UP, stride_we,
-                          stride_se, stride_x, SLOTS, GROUP: tl.constexpr, U: tl.constexpr, WARPS: tl.constexpr,
-                          PARTS: tl.constexpr, EXPERTS: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr,
-                          PDL: tl.constexpr):
+    def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, partial_ptr, count_ptr, N, QUADS,
+                          GROUPS, UP, stride_we, stride_se, stride_x, SLOTS, GROUP: tl.constexpr, U: tl.constexpr,
+                          WARPS: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr, EXPERTS: tl.constexpr,
+                          HALF2: tl.constexpr, X_BF16: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k (q[n, k] * scale[n, k // GROUP] + low[n, k // GROUP]) * x[k] for the 32 rows of block
         program_id(0), the weight in int4.tile's layout: lane i of a warp takes rows r * 8 + i % 8 (r = 0..3) and
         quad qb * 4 + i // 8 of each, so a warp loads 512 contiguous bytes a row r and quad block qb, and the
@@ -317,7 +364,9 @@ if triton is not None:
         32. EXPERTS: program (i, s) multiplies by expert experts[s] (its weights stride_we words, its scales and lows
         stride_se apart) the row x + s * stride_x, into out + s * N (the chosen experts of one token, read in
         place). PDL (fused.pdl): the first step's weights are asked of L2 while the previous kernel may still run
-        (not with EXPERTS, whose ids come from the kernel before)."""
+        (not with EXPERTS, whose ids come from the kernel before). SPLIT > 1: program (i, s, j) takes the j-th of
+        SPLIT shares of the quad blocks, and `_finish_split` adds the shares up (more programs where a matrix has
+        few blocks of rows)."""
         start_next(PDL)
         if EXPERTS:
             wait_previous(PDL)
@@ -331,11 +380,14 @@ if triton is not None:
         block = tl.program_id(0).to(tl.int64)
         up_block = block + UP // 32
         QB = QUADS // 4
+        share = tl.cdiv(tl.cdiv(QB, SPLIT), WARPS * U) * (WARPS * U)  # quad blocks a program takes: whole steps
+        begin = tl.program_id(2) * share
+        end = tl.minimum(begin + share, QB)
         if not EXPERTS:
             if PDL:
-                _prefetch(w_ptr, block, QUADS, U, WARPS, HALF2)
+                _prefetch(w_ptr, block, begin, QUADS, U, WARPS, HALF2)
                 if PARTS == 2:
-                    _prefetch(w_ptr, up_block, QUADS, U, WARPS, HALF2)
+                    _prefetch(w_ptr, up_block, begin, QUADS, U, WARPS, HALF2)
             wait_previous(PDL)
         a0 = tl.zeros((WARPS, 32), dtype=tl.float32)
         a1 = tl.zeros((WARPS, 32), dtype=tl.float32)
@@ -345,10 +397,10 @@ if triton is not None:
         u1 = tl.zeros((WARPS, 32), dtype=tl.float32)
         u2 = tl.zeros((WARPS, 32), dtype=tl.float32)
         u3 = tl.zeros((WARPS, 32), dtype=tl.float32)
-        for q0 in range(0, QB, WARPS * U):
+        for q0 in range(begin, end, WARPS * U):
             for u in tl.static_range(U):
                 qb = q0 + tl.arange(0, WARPS) * U + u
-                ok = (qb < QB)[:, None]
+                ok = (qb < end)[:, None]
                 qb = tl.minimum(qb, QB - 1)  # past the end: the last quad block's weights, activations 0
                 x0 = _x_word(x_ptr, qb, ok, 0, HALF2, X_BF16)
                 x1 = _x_word(x_ptr, qb, ok, 1, HALF2, X_BF16)
@@ -365,10 +417,15 @@ if triton is not None:
                     u0, u1, u2, u3 = _block_step(w_ptr, scale_ptr, low_ptr, up_block, qb, QB, GROUPS, x0, x1, x2,
                                                  x3, xsum, u0, u1, u2, u3, GROUP, HALF2)
         first = tl.program_id(0) * 32
-        _store_tile_row(out_ptr, a0, u0, first, N, PARTS)
-        _store_tile_row(out_ptr, a1, u1, first + 8, N, PARTS)
-        _store_tile_row(out_ptr, a2, u2, first + 16, N, PARTS)
-        _store_tile_row(out_ptr, a3, u3, first + 24, N, PARTS)
+        if SPLIT == 1:
+            _store_tile_row(out_ptr, a0, u0, first, N, PARTS)
+            _store_tile_row(out_ptr, a1, u1, first + 8, N, PARTS)
+            _store_tile_row(out_ptr, a2, u2, first + 16, N, PARTS)
+            _store_tile_row(out_ptr, a3, u3, first + 24, N, PARTS)
+        else:  # this block's count and partials: one of each per slot and block
+            counter = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            _finish_split(out_ptr, partial_ptr + counter.to(tl.int64) * (SPLIT * 64), count_ptr + counter, a0, a1,
+                          a2, a3, u0, u1, u2, u3, first, N, SPLIT, PARTS)
 
 
 def tiles(n: int, k: int) -> bool:
@@ -427,13 +484,42 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torc
     args = (x, weight.view(torch.int32), scale, low, out, x if experts is None else experts, n, k // QUAD_CODES,
             scale.shape[-1], n, weight.stride(0) // 4 if stacked else 0, scale.stride(0) if stacked else 0, stride_x,
             slots)
-    options = dict(GROUP=k // scale.shape[-1], PARTS=parts, EXPERTS=stacked, HALF2=half2,
+    blocks = n // TILE_ROWS
+    split = config.pop("SPLIT", None) or split_for(blocks * slots, k // (4 * QUAD_CODES), x.device)
+    partials = out if split == 1 else torch.empty(blocks * slots * split * 64, dtype=torch.float32, device=x.device)
+    args = (*args[:6], partials, _counts(x.device), *args[6:])
+    options = dict(GROUP=k // scale.shape[-1], SPLIT=split, PARTS=parts, EXPERTS=stacked, HALF2=half2,
                    X_BF16=x.dtype == torch.bfloat16, **pdl(x))
-    grid = (n // TILE_ROWS, slots)
+    grid = (blocks, slots, split)
     if config:
         _int4_gemv_kernel.fn[grid](*args, **options, **config)
     else:
         _int4_gemv_kernel[grid](*args, **options)
+
+
+COUNTS = 1 << 16  # counts a device holds for split products: one per block of rows and slot
+_counts_of: dict[torch.device, torch.Tensor] = {}
+
+
+def _counts(device: torch.device) -> torch.Tensor:
+    """The device's counts of finished shares (int32 zeros; each launch sets those it uses back to 0). Kernels on
+    one device run one after another (a stream, or CUDA graphs of one), so one set serves them all."""
+    if device not in _counts_of:
+        _counts_of[device] = torch.zeros(COUNTS, dtype=torch.int32, device=device)
+    return _counts_of[device]
+
+
+def split_for(programs: int, quad_blocks: int, device: torch.device) -> int:
+    """Into how many shares to split each block's columns: enough programs for 3 a multiprocessor where a matrix
+    has few blocks of rows (Mistral-7B's wqkv, wo and w2: 128-192 blocks on an H100's 132 multiprocessors), each
+    share at least 4 quad blocks (512 columns), at most 8 shares. 1 off GPUs."""
+    if device.type != "cuda" or programs > COUNTS:
+        return 1
+    target = 3 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while programs * split < target and quad_blocks >= 8 * split and split < 8:
+        split *= 2
+    return split
 
 
 @int4_linear.register_fake
