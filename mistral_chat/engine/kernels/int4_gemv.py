@@ -192,68 +192,69 @@ if triton is not None:
         return _split4(tl.reshape(t, (t.shape[0], 32, 4)))
 
     @triton.jit
-    def _activations(x_ptr, qb, ok, k: tl.constexpr, X_BF16: tl.constexpr):
-        """`_bf16_words`' activations (or float32 ones: two loads) as eight float32, each [WARPS, 32]."""
-        if X_BF16:
-            t0, t1, t2, t3 = _bf16_words(x_ptr, qb, ok, k)
-            x0, x1 = _bf16_pair(t0)
-            x2, x3 = _bf16_pair(t1)
-            x4, x5 = _bf16_pair(t2)
-            x6, x7 = _bf16_pair(t3)
-        else:
-            at = _x_offsets(qb, k, 8)
-            lo = tl.load(x_ptr + at, mask=ok & (at >= 0), other=0.0).to(tl.float32)
-            hi = tl.load(x_ptr + at + 4, mask=ok & (at >= 0), other=0.0).to(tl.float32)
-            x0, x1, x2, x3 = _split4(tl.reshape(lo, (lo.shape[0], 32, 4)))
-            x4, x5, x6, x7 = _split4(tl.reshape(hi, (hi.shape[0], 32, 4)))
+    def _f32_words(x_ptr, qb, ok, k: tl.constexpr):
+        """The 8 float32 activations of word k of each lane's quad (`_x_offsets`; two loads), each [WARPS, 32]."""
+        at = _x_offsets(qb, k, 8)
+        lo = tl.load(x_ptr + at, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+        hi = tl.load(x_ptr + at + 4, mask=ok & (at >= 0), other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = _split4(tl.reshape(lo, (lo.shape[0], 32, 4)))
+        x4, x5, x6, x7 = _split4(tl.reshape(hi, (hi.shape[0], 32, 4)))
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _x_word(x_ptr, qb, ok, k: tl.constexpr, HALF2: tl.constexpr, X_BF16: tl.constexpr):
-        """Word k's activations as the products take them: four fp16 pairs (x_j, x_j+4) and their sum / 32 (fp16
-        pairs as int32; HALF2), else eight float32 and their sum / 32."""
-        if HALF2:
-            if X_BF16:
-                t = _bf16_words(x_ptr, qb, ok, k)
-                pairs = tl.inline_asm_elementwise(_X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [t[0], t[1], t[2], t[3]],
-                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
-            else:
-                x = _activations(x_ptr, qb, ok, k, X_BF16)
-                pairs = tl.inline_asm_elementwise(_X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f",
-                                                  [x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
-                                                  dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+    def _x_word(x_ptr, qb, ok, k: tl.constexpr, X_BF16: tl.constexpr):
+        """Word k's activations as the packed products take them (HALF2): four fp16 pairs (x_j, x_j+4) and their
+        sum / 32 (fp16 pairs as int32)."""
+        if X_BF16:
+            t = _bf16_words(x_ptr, qb, ok, k)
+            pairs = tl.inline_asm_elementwise(_X_PAIRS_BF16, "=r,=r,=r,=r,=r,r,r,r,r", [t[0], t[1], t[2], t[3]],
+                                              dtype=(tl.int32,) * 5, is_pure=True, pack=1)
         else:
-            x = _activations(x_ptr, qb, ok, k, X_BF16)
-            pairs = (x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
-                     (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]) * (1.0 / 32.0))
+            x = _f32_words(x_ptr, qb, ok, k)
+            pairs = tl.inline_asm_elementwise(_X_PAIRS, "=r,=r,=r,=r,=r,f,f,f,f,f,f,f,f",
+                                              [x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
+                                              dtype=(tl.int32,) * 5, is_pure=True, pack=1)
         return pairs
 
     @triton.jit
-    def _word_dot(word, x, part, HALF2: tl.constexpr):
-        """part plus the word's 8 codes (q - 8) / 32 times their activations (`_x_word`): in fp16 pairs (HALF2,
-        part: fp16 pairs as int32), else in float32."""
-        if HALF2:
-            part = tl.inline_asm_elementwise(_WORD_DOT, "=r,r,r,r,r,r,r", [word, x[0], x[1], x[2], x[3], part],
-                                             dtype=tl.int32, is_pure=True, pack=1)
+    def _x_quad(x_ptr, qb, ok, X_BF16: tl.constexpr):
+        """The float32 path (the interpreter): each lane's 32 activations (its quad, `_x_offsets`) as
+        [WARPS, 32, 4, 8] (word, code), and their sum / 32 ([WARPS, 32]); a few large operations, not many small
+        ones, as the interpreter runs each operation at a fixed cost."""
+        lanes = tl.arange(0, 32)[None, :, None]
+        if X_BF16:  # bf16 pairs as int32, made float32 by bit operations
+            at = (qb[:, None, None] * 4 + lanes // 8) * 16 + tl.arange(0, 16)[None, None, :]
+            t = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + at, mask=ok[:, :, None], other=0)
+            lo, hi = _bf16_pair(t)
+            x = tl.reshape(tl.join(lo, hi), (t.shape[0], 32, 32))
         else:
-            for j in tl.static_range(8):
-                part += (((word >> (4 * j)) & 15).to(tl.float32) - 8.0) * (1.0 / 32.0) * x[j]
-        return part
+            at = (qb[:, None, None] * 4 + lanes // 8) * 32 + tl.arange(0, 32)[None, None, :]
+            x = tl.load(x_ptr + at, mask=ok[:, :, None], other=0.0).to(tl.float32)
+        return tl.reshape(x, (x.shape[0], 32, 4, 8)), tl.sum(x, axis=2) * (1.0 / 32.0)
+
+    @triton.jit
+    def _word_dot(word, x, part):
+        """part plus the word's 8 codes (q - 8) / 32 times their activations (`_x_word`), in fp16 pairs (part too,
+        as int32)."""
+        return tl.inline_asm_elementwise(_WORD_DOT, "=r,r,r,r,r,r,r", [word, x[0], x[1], x[2], x[3], part],
+                                         dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
     def _quad_dot(w_ptr, at, x0, x1, x2, x3, HALF2: tl.constexpr):
-        """One row's quad (the [WARPS, 128] words at w_ptr + at: 4 of each lane) times its activations (`_x_word` of
-        words 0-3): fp16 pairs as int32 (HALF2), else float32, [WARPS, 32]."""
+        """One row's quad (the [WARPS, 128] words at w_ptr + at: 4 of each lane) times its activations (HALF2:
+        `_x_word` of words 0-3), fp16 pairs as int32; else (x0: `_x_quad`'s [WARPS, 32, 4, 8]) float32, [WARPS, 32]."""
         words = tl.load(w_ptr + at)
-        w0, w1, w2, w3 = _split4(tl.reshape(words, (words.shape[0], 32, 4)))
         if HALF2:
-            part = tl.zeros(w0.shape, dtype=tl.int32)
+            w0, w1, w2, w3 = _split4(tl.reshape(words, (words.shape[0], 32, 4)))
+            part = _word_dot(w0, x0, tl.zeros(w0.shape, dtype=tl.int32))
+            part = _word_dot(w1, x1, part)
+            part = _word_dot(w2, x2, part)
+            part = _word_dot(w3, x3, part)
         else:
-            part = tl.zeros(w0.shape, dtype=tl.float32)
-        part = _word_dot(w0, x0, part, HALF2)
-        part = _word_dot(w1, x1, part, HALF2)
-        part = _word_dot(w2, x2, part, HALF2)
-        return _word_dot(w3, x3, part, HALF2)
+            shifts = (tl.arange(0, 8) * 4)[None, None, None, :]
+            codes = (tl.reshape(words, (words.shape[0], 32, 4))[:, :, :, None] >> shifts) & 15
+            part = tl.sum(tl.sum((codes.to(tl.float32) - 8.0) * x0, axis=3), axis=2) * (1.0 / 32.0)
+        return part
 
     @triton.jit
     def _apply(acc, part, xsum, scale_ptr, low_ptr, at, HALF2: tl.constexpr):
@@ -402,15 +403,18 @@ if triton is not None:
                 qb = q0 + tl.arange(0, WARPS) * U + u
                 ok = (qb < end)[:, None]
                 qb = tl.minimum(qb, QB - 1)  # past the end: the last quad block's weights, activations 0
-                x0 = _x_word(x_ptr, qb, ok, 0, HALF2, X_BF16)
-                x1 = _x_word(x_ptr, qb, ok, 1, HALF2, X_BF16)
-                x2 = _x_word(x_ptr, qb, ok, 2, HALF2, X_BF16)
-                x3 = _x_word(x_ptr, qb, ok, 3, HALF2, X_BF16)
                 if HALF2:
+                    x0 = _x_word(x_ptr, qb, ok, 0, X_BF16)
+                    x1 = _x_word(x_ptr, qb, ok, 1, X_BF16)
+                    x2 = _x_word(x_ptr, qb, ok, 2, X_BF16)
+                    x3 = _x_word(x_ptr, qb, ok, 3, X_BF16)
                     xsum_lo, xsum_hi = _widen(_hadd2(_hadd2(x0[4], x1[4]), _hadd2(x2[4], x3[4])))
                     xsum = xsum_lo + xsum_hi
-                else:
-                    xsum = x0[8] + x1[8] + x2[8] + x3[8]
+                else:  # the float32 path: x0 holds the quads' activations, x1 to x3 are not used
+                    x0, xsum = _x_quad(x_ptr, qb, ok, X_BF16)
+                    x1 = x0
+                    x2 = x0
+                    x3 = x0
                 a0, a1, a2, a3 = _block_step(w_ptr, scale_ptr, low_ptr, block, qb, QB, GROUPS, x0, x1, x2, x3, xsum,
                                              a0, a1, a2, a3, GROUP, HALF2)
                 if PARTS == 2:
