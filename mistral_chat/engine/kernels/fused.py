@@ -77,6 +77,16 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The CUDA device's multiprocessor count (SMs: 132 on an H100), for kernels that size their grids to it."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def pdl(x: torch.Tensor) -> dict:
     """Launch options for a kernel on x's device that takes a `PDL` constexpr: programmatic dependent launch on
     GPUs of compute capability 9.0 and later (H100, H200). Such a kernel may be started

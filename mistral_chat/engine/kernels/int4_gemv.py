@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, multiprocessors, pdl
 
 try:
     import triton
@@ -519,7 +519,7 @@ def split_for(programs: int, quad_blocks: int, device: torch.device) -> int:
     share at least 4 quad blocks (512 columns), at most 8 shares. 1 off GPUs."""
     if device.type != "cuda" or programs > COUNTS:
         return 1
-    target = 3 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 3 * multiprocessors(device)
     split = 1
     while programs * split < target and quad_blocks >= 8 * split and split < 8:
         split *= 2

@@ -17,11 +17,9 @@ One activation row stays with int4_gemv and int8_gemv, whose arithmetic suits a 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, multiprocessors
 
 try:
     import triton
@@ -40,6 +38,24 @@ if triton is not None:
     # 1): the two prompts the warm-up prefills (engine/warmup.py) then compile every variant an answer runs
     _ANY_ROWS = ["M", "M_BLOCKS", "SPLIT"]
 
+    @triton.jit
+    def _dot_step(x_ptr, w, acc, rows, M, K, kb, IEEE: tl.constexpr):
+        """acc ([BLOCK_M, 32]) plus activation rows `rows` of columns kb * 128 .. + 127 times w ([32, 128], in the
+        activations' dtype) transposed, on the tensor cores (float32 activations: float32 products, not TF32's)."""
+        cols = kb * 128 + tl.arange(0, 128)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows < M)[:, None], other=0.0)
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
+    def _store_part(out_ptr, acc, rows, outs, part, M, N):
+        """Store the sums acc ([BLOCK_M, 32]) of activation rows `rows` and outputs `outs`: into out ([M, N]), or
+        with SPLIT > 1 as float32 into out[part] ([SPLIT, M, N])."""
+        out_ptr += part.to(tl.int64) * M * N
+        tl.store(out_ptr + rows[:, None] * N + outs[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None])
+
     @triton.autotune(configs=_CONFIGS, key=["N", "K"], **AUTOTUNE_CACHE)
     @triton.jit(do_not_specialize=_ANY_ROWS)
     def _int8_rows_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, M_BLOCKS, SPLIT, BLOCK_M: tl.constexpr,
@@ -56,17 +72,9 @@ if triton is not None:
         per_part = tl.cdiv(kb_count, SPLIT)
         acc = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
         for kb in range(part * per_part, tl.minimum(part * per_part + per_part, kb_count)):
-            cols = kb * 128 + c
-            w = tl.load(w_ptr + outs[:, None] * K + cols[None, :]).to(x_ptr.dtype.element_ty)  # exact in bf16
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows < M)[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        acc = acc * tl.load(scale_ptr + outs).to(tl.float32)[None, :]
-        out_ptr += part.to(tl.int64) * M * N
-        tl.store(out_ptr + rows[:, None] * N + outs[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None])
+            w = tl.load(w_ptr + outs[:, None] * K + (kb * 128 + c)[None, :]).to(x_ptr.dtype.element_ty)  # exact
+            acc = _dot_step(x_ptr, w, acc, rows, M, K, kb, IEEE)
+        _store_part(out_ptr, acc * tl.load(scale_ptr + outs).to(tl.float32)[None, :], rows, outs, part, M, N)
 
     @triton.autotune(configs=_CONFIGS, key=["N", "K", "GROUP"], **AUTOTUNE_CACHE)
     @triton.jit(do_not_specialize=_ANY_ROWS)
@@ -97,17 +105,8 @@ if triton is not None:
             scale = tl.load(scale_ptr + at).to(tl.float32)
             low = tl.load(low_ptr + at).to(tl.float32)
             w = codes.reshape(32, PER, GROUP) * scale[:, :, None] + low[:, :, None]
-            w = w.reshape(32, 128).to(x_ptr.dtype.element_ty)
-            cols = kb * 128 + tl.arange(0, 128)
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows < M)[:, None], other=0.0)
-            if IEEE:  # float32 activations: float32 products (not TF32's)
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        outs = block * 32 + r
-        out_ptr += part.to(tl.int64) * M * N
-        tl.store(out_ptr + rows[:, None] * N + outs[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None])
+            acc = _dot_step(x_ptr, w.reshape(32, 128).to(x_ptr.dtype.element_ty), acc, rows, M, K, kb, IEEE)
+        _store_part(out_ptr, acc, rows, block * 32 + r, part, M, N)
 
 
 def takes(x: torch.Tensor) -> bool:
@@ -160,17 +159,12 @@ def _launch_parts(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, tuple, tupl
 def split_k(programs: int, steps: int, device: torch.device) -> int:
     """Parts of the columns to run apart (1, 2, 4 or 8): enough programs for two per SM where a matrix has few
     row blocks (Mistral-7B's wo: 128 on an H100's 132 SMs), each part at least 4 steps of 128 columns."""
-    sms = _sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = multiprocessors(device) if device.type == "cuda" else 4
     split = 1
     while split < 8 and programs * split < 2 * sms and steps // (2 * split) >= 4:
         split *= 2
     return split
 
-
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @int4_rows_linear.register_fake
