@@ -1,11 +1,11 @@
 """The int4 GEMV kernel (engine/kernels/int4_gemv.py) on the CPU:
 
-- its inline PTX pieces, run by a model of their instructions (`run_ptx`, below): every code decodes exactly,
-  the bf16 activations' pairs equal the float32 ones;
+- its inline PTX pieces (kernels/int4_ptx.py), run by a model of their instructions (`run_ptx`, below): every
+  code decodes exactly, the bf16 activations' pairs equal the float32 ones;
 - the kernel under Triton's interpreter, both ways: the float32 path (what the interpreter runs in the product)
   equals the dequantized product to float32 rounding, and the GPU path (packed fp16, inline PTX run by the model)
   to fp16 rounding, in the tiled layout (int4.tile), every group size, bf16 and float32 activations, SwiGLU's
-  last step and several configurations;
+  last step and several configurations, the columns split over 1-8 programs a block (empty shares too);
 - the GPU path compiled for an H100 (sm_90) with Triton's own ptxas: the packed instructions are in its PTX, and
   with PDL the first step's weights are asked of L2 before the wait.
 
@@ -157,14 +157,14 @@ def _words(codes: np.ndarray) -> np.ndarray:
 
 
 def test_every_code_decodes_exactly_at_every_position():
-    from mistral_chat.engine.kernels import int4_gemv
+    from mistral_chat.engine.kernels import int4_ptx
 
     codes = np.array([[(q + j) % 16 for j in range(8)] for q in range(16)])  # each code at each position
     words = _words(codes)
     for j in range(8):  # x one-hot at column j: the sum is code j's value
         x = [np.full(16, float(i == j), dtype=np.float32) for i in range(8)]
-        pairs = run_ptx(int4_gemv.X_PAIRS_ASM, X_PAIRS, x)
-        out = run_ptx(int4_gemv.WORD_DOT_ASM, "=r" + ",r" * 6, [words, *pairs[:4], np.zeros(16, np.uint32)])[0]
+        pairs = run_ptx(int4_ptx.X_PAIRS_ASM, X_PAIRS, x)
+        out = run_ptx(int4_ptx.WORD_DOT_ASM, "=r" + ",r" * 6, [words, *pairs[:4], np.zeros(16, np.uint32)])[0]
         lo, hi = _halves(out)
         np.testing.assert_array_equal(lo if j < 4 else hi, (codes[:, j] - 8) / 32)
         np.testing.assert_array_equal(hi if j < 4 else lo, 0)
@@ -172,13 +172,13 @@ def test_every_code_decodes_exactly_at_every_position():
 
 
 def test_a_word_sums_its_products_and_the_pieces_agree():
-    from mistral_chat.engine.kernels import int4_gemv
+    from mistral_chat.engine.kernels import int4_ptx
 
     codes = RNG.integers(0, 16, (500, 8))
     x = RNG.standard_normal((500, 8)).astype(np.float32)
-    pairs = run_ptx(int4_gemv.X_PAIRS_ASM, X_PAIRS, list(x.T))
+    pairs = run_ptx(int4_ptx.X_PAIRS_ASM, X_PAIRS, list(x.T))
     acc = (np.float16(0.5).view(np.uint16).astype(np.uint32) * 0x10001) * np.ones(500, np.uint32)
-    lo, hi = _halves(run_ptx(int4_gemv.WORD_DOT_ASM, "=r" + ",r" * 6, [_words(codes), *pairs[:4], acc])[0])
+    lo, hi = _halves(run_ptx(int4_ptx.WORD_DOT_ASM, "=r" + ",r" * 6, [_words(codes), *pairs[:4], acc])[0])
     x16 = x.astype(np.float16).astype(np.float64)
     want = (codes - 8) / 32 * x16
     np.testing.assert_allclose(lo, 0.5 + want[:, :4].sum(1), rtol=3e-3, atol=3e-3)
@@ -190,14 +190,14 @@ def test_a_word_sums_its_products_and_the_pieces_agree():
     bf16 = (x.view(np.uint32) + 0x8000) >> 16  # rounded to bf16 bits (no NaN here)
     as_f32 = (bf16 << 16).view(np.float32)
     read = [bf16[:, 2 * i] | (bf16[:, 2 * i + 1] << 16) for i in range(4)]
-    for a, b in zip(run_ptx(int4_gemv.X_PAIRS_BF16_ASM, X_PAIRS_BF16, read),
-                    run_ptx(int4_gemv.X_PAIRS_ASM, X_PAIRS, list(as_f32.T))):
+    for a, b in zip(run_ptx(int4_ptx.X_PAIRS_BF16_ASM, X_PAIRS_BF16, read),
+                    run_ptx(int4_ptx.X_PAIRS_ASM, X_PAIRS, list(as_f32.T))):
         np.testing.assert_array_equal(a, b)
     # widening and the pair add
-    wlo, whi = run_ptx(int4_gemv.WIDEN_ASM, "=f,=f,r", [pairs[0]])
+    wlo, whi = run_ptx(int4_ptx.WIDEN_ASM, "=f,=f,r", [pairs[0]])
     np.testing.assert_array_equal(wlo.view(np.float32), _halves(pairs[0])[0].astype(np.float32))
     np.testing.assert_array_equal(whi.view(np.float32), _halves(pairs[0])[1].astype(np.float32))
-    added = run_ptx(int4_gemv.HADD2_ASM, "=r,r,r", [pairs[0], pairs[1]])[0]
+    added = run_ptx(int4_ptx.HADD2_ASM, "=r,r,r", [pairs[0], pairs[1]])[0]
     np.testing.assert_array_equal(_halves(added)[0], (_halves(pairs[0])[0] + _halves(pairs[1])[0]).astype(
         np.float16).astype(np.float64))
 
@@ -310,7 +310,8 @@ def test_the_gpu_path_compiles_for_hopper_with_packed_instructions(x_type):
     from mistral_chat.engine.kernels import int4_gemv
 
     signature = {"x_ptr": f"*{x_type}", "w_ptr": "*i32", "scale_ptr": f"*{x_type}", "low_ptr": f"*{x_type}",
-                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "QUADS": "i32", "GROUPS": "i32",
+                 "out_ptr": f"*{x_type}", "experts_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*i32",
+                 "N": "i32", "QUADS": "i32", "GROUPS": "i32",
                  "UP": "i32", "stride_we": "i32", "stride_se": "i32", "stride_x": "i32", "SLOTS": "i32"}
     cases = [(2, 4, 1, 128, True, False, 1), (1, 8, 2, 128, True, False, 1), (4, 4, 1, 64, False, False, 1),
              (2, 8, 2, 128, False, True, 1), (1, 4, 1, 128, True, False, 4), (1, 4, 2, 128, True, False, 2)]
