@@ -167,6 +167,8 @@ def part_products(dev: torch.device, before: bool, sweep: bool) -> None:
         del w, q8, s8, packed, scale, low, tiled
     print("int4 kernel configs chosen:", {str(k): str(v) for k, v in int4_gemv._int4_gemv_kernel.cache.items()}
           if hasattr(int4_gemv._int4_gemv_kernel, "cache") else "n/a")
+    print("int4 splits chosen:", {name: int4_gemv.split_for(n // (2 if swiglu else 1) // 32, k // 128, dev)
+                                  for name, (n, k, swiglu) in PRODUCTS.items()})
     for name, times in sweeps.items():
         best = min(t for _, t in times)
         print(f"\n[sweep] {name}: us per configuration (U, warps, split[, maxnreg]), best first")
@@ -181,8 +183,8 @@ def _int4_configs(capped: bool = True) -> list[dict]:
     of 4 and 8 quads a step again with their registers capped (`maxnreg`: more programs resident on an SM)."""
     from mistral_chat.engine.kernels import int4_gemv
 
-    shapes = [(1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (8, 4)]  # (U, WARPS)
-    configs = [dict(U=u, WARPS=w, SPLIT=split, num_warps=w, num_stages=1) for split in (1, 2, 4, 8) for u, w in shapes]
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, SPLIT=split)
+               for split in (1, 2, 4, 8) for c in int4_gemv._CONFIGS]
     caps = {4: (64,), 8: (64, 96)} if capped else {}
     return configs + [dict(c, maxnreg=cap) for c in configs for cap in caps.get(c["U"], ()) if c["SPLIT"] == 1]
 
@@ -398,12 +400,17 @@ def _routing_and_layers(moes: list, inputs: dict, runs: dict) -> None:
 
 def part_decode(dev: torch.device, shape: str, layers: int | None, modes: list[str], steps: int) -> None:
     """What `mistral-chat bench` times for batch-1 decode, one mode after another in this process."""
+    from mistral_chat.engine.kernels import int4_gemv
+
     cuda = dev.type == "cuda"
     ms = {}
+    split_for = int4_gemv.split_for
     for mode in modes:
-        quantize = None if mode == "bf16" else mode
+        quantize = None if mode == "bf16" else mode.removesuffix("-nosplit")
+        int4_gemv.split_for = (lambda *_: 1) if mode.endswith("-nosplit") else split_for  # a comparison only
         result = run_bench(shape, str(dev), "bfloat16", layers, prompt=512 if cuda else 16, steps=steps,
                            batches=[1], compile=cuda, quantize=quantize, prefill_lengths=[])
+        int4_gemv.split_for = split_for
         print(f"\n[decode] {mode}")
         print(format_table(result))
         ms[mode] = next(r["ms"] for r in result.rows if r["what"].startswith("decode after"))
@@ -484,7 +491,8 @@ def main() -> None:
     parser.add_argument("--mixtral-layers", type=int, default=None, help="Mixtral's layers (all 32)")
     parser.add_argument("--int4-experts", choices=("triton", "torch"), help="mixtral: the plan's int4_experts "
                         "(default: the loader's choice)")
-    parser.add_argument("--modes", default="bf16,int8,int4", help="decode: which weights")
+    parser.add_argument("--modes", default="bf16,int8,int4", help="decode: which weights (int4-nosplit: int4 with "
+                        "each block's columns in one program)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--before", action="store_true", help="products: also the int4 kernel before packed fp16")
     parser.add_argument("--sweep", action="store_true", help="products: each configuration of the int4 kernel")

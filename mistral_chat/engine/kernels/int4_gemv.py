@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, pdl
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, multiprocessors, pdl
 from mistral_chat.engine.kernels.int4_ptx import (HADD2_ASM, PREFETCH_ASM, WIDEN_ASM, WORD_DOT_ASM, X_PAIRS_ASM,
                                                   X_PAIRS_BF16_ASM)
 
@@ -61,15 +61,12 @@ if triton is not None:
         tl.constexpr(a) for a in (X_PAIRS_ASM, X_PAIRS_BF16_ASM, WORD_DOT_ASM, WIDEN_ASM, HADD2_ASM, PREFETCH_ASM))
     _QUAD = tl.constexpr(QUAD_CODES)
 
-    # Configurations: U quad blocks (4 quads of each of a thread's 4 rows) a warp takes a step, WARPS warps
-    # (num_warps), each warp other quad blocks of the same 32 rows, and SPLIT programs a block of rows, each a share
-    # of the columns. The fastest of 36 in a sweep of Mistral-7B's products on an H100 (performance log, seventh
-    # session): wqkv (2, 16, 1), wo (2, 8, 2), w13 (1, 4, 2), w2 (2, 8, 4), the output (2, 8, 1) or (1, 4, 1).
-    _CONFIGS = [triton.Config({"U": u, "WARPS": w, "SPLIT": split}, num_warps=w, num_stages=1)
-                for u, w, split in ((2, 16, 1), (1, 16, 1), (4, 4, 1), (2, 8, 1), (1, 4, 1), (2, 8, 2), (1, 4, 2),
-                                    (2, 8, 4), (2, 4, 4))]
+    # Configurations: U quad blocks (4 quads of each of a thread's 4 rows) a warp takes a step, and WARPS warps
+    # (num_warps), each warp other quad blocks of the same 32 rows.
+    _CONFIGS = [triton.Config({"U": u, "WARPS": w}, num_warps=w, num_stages=1)
+                for u, w in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (8, 4))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
-        _CONFIGS = [triton.Config({"U": 2, "WARPS": 2, "SPLIT": 1}, num_warps=2)]
+        _CONFIGS = [triton.Config({"U": 2, "WARPS": 2}, num_warps=2)]
 
     @triton.jit
     def _split4(t):
@@ -279,7 +276,7 @@ if triton is not None:
                     _store_sums(out_ptr, g, None, first + r * 8, N, PARTS)
             tl.store(count_ptr, 0)
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "PARTS", "HALF2", "X_BF16", "SLOTS"],
+    @triton.autotune(configs=_CONFIGS, key=["N", "QUADS", "GROUP", "SPLIT", "PARTS", "HALF2", "X_BF16", "SLOTS"],
                      **AUTOTUNE_CACHE)
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, low_ptr, out_ptr, experts_ptr, partial_ptr, count_ptr, N, QUADS,
@@ -406,8 +403,8 @@ def int4_experts(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
            parts: int, half2: bool, experts: torch.Tensor | None = None, **config) -> None:
     """Run the kernel for x ([K], or [slots, K] with `experts`) into out ([N], or [slots, N] with `experts`),
-    packed fp16 arithmetic (inline PTX) where `half2`; `config` (U, WARPS, SPLIT, num_warps, num_stages): that
-    configuration instead of the autotuned one (benchmarks, tests)."""
+    packed fp16 arithmetic (inline PTX) where `half2`; `config` (U, WARPS, num_warps, num_stages): that
+    configuration instead of the autotuned one (benchmarks)."""
     n, k = out.shape[-1], x.shape[-1]
     if x.data_ptr() % 16:  # bf16 activations are read as 32-bit words
         x = x.clone()
@@ -418,35 +415,44 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torc
             scale.shape[-1], n, weight.stride(0) // 4 if stacked else 0, scale.stride(0) if stacked else 0, stride_x,
             slots)
     blocks = n // TILE_ROWS
-    most = config.get("SPLIT") or max(c.kwargs["SPLIT"] for c in _CONFIGS)  # the partials of the largest split
-    partials = torch.empty(blocks * slots * most * 64, dtype=torch.float32, device=x.device)
-    args = (*args[:6], partials, _counts(x.device, blocks * slots), *args[6:])
-    options = dict(GROUP=k // scale.shape[-1], PARTS=parts, EXPERTS=stacked, HALF2=half2,
+    split = config.pop("SPLIT", None) or split_for(blocks * slots, k // (4 * QUAD_CODES), x.device)
+    partials = out if split == 1 else torch.empty(blocks * slots * split * 64, dtype=torch.float32, device=x.device)
+    args = (*args[:6], partials, _counts(x.device), *args[6:])
+    options = dict(GROUP=k // scale.shape[-1], SPLIT=split, PARTS=parts, EXPERTS=stacked, HALF2=half2,
                    X_BF16=x.dtype == torch.bfloat16, **pdl(x))
-
-    def grid(meta: dict) -> tuple[int, int, int]:
-        return (blocks, slots, meta["SPLIT"])
-
+    grid = (blocks, slots, split)
     if config:
-        _int4_gemv_kernel.fn[grid(config)](*args, **options, **config)
+        _int4_gemv_kernel.fn[grid](*args, **options, **config)
     else:
         _int4_gemv_kernel[grid](*args, **options)
 
 
+COUNTS = 1 << 16  # counts a device holds for split products: one per block of rows and slot
 _counts_of: dict[torch.device, torch.Tensor] = {}
-_outgrown: list[torch.Tensor] = []  # counts a launch captured in a CUDA graph may still use
 
 
-def _counts(device: torch.device, needed: int) -> torch.Tensor:
-    """The device's counts of finished shares, one per block of rows and slot (int32 zeros; each split launch sets
-    those it uses back to 0). Kernels on one device run one after another (a stream, or CUDA graphs of one), so one
-    set serves them all."""
-    have = _counts_of.get(device)
-    if have is None or have.numel() < needed:
-        if have is not None:
-            _outgrown.append(have)
-        _counts_of[device] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+def _counts(device: torch.device) -> torch.Tensor:
+    """The device's counts of finished shares (int32 zeros; each launch sets those it uses back to 0). Kernels on
+    one device run one after another (a stream, or CUDA graphs of one), so one set serves them all."""
+    if device not in _counts_of:
+        _counts_of[device] = torch.zeros(COUNTS, dtype=torch.int32, device=device)
     return _counts_of[device]
+
+
+def split_for(programs: int, quad_blocks: int, device: torch.device) -> int:
+    """Into how many shares to split each block's columns: enough programs for 3 a multiprocessor where a matrix
+    has few blocks of rows (Mistral-7B's wqkv, wo and w2: 128-192 blocks on an H100's 132 multiprocessors), each
+    share at least 4 quad blocks (512 columns), at most 8 shares. 1 off GPUs. Mistral-7B on an H100: wqkv, wo and w2
+    4, w13 and the output 1 (decode 2.55 ms a token, 2.60 unsplit). A sweep of every split found wqkv best unsplit
+    and wo and w13 best at 2 (performance log, seventh session): branch int4-split-autotune autotunes the split,
+    not measured in decode yet."""
+    if device.type != "cuda" or programs > COUNTS:
+        return 1
+    target = 3 * multiprocessors(device)
+    split = 1
+    while programs * split < target and quad_blocks >= 8 * split and split < 8:
+        split *= 2
+    return split
 
 
 @int4_linear.register_fake
