@@ -66,7 +66,7 @@ if triton is not None:
     _CONFIGS = [triton.Config({"U": u, "WARPS": w}, num_warps=w, num_stages=1)
                 for u, w in ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (8, 4))]
     if INTERPRETED:  # the interpreter is slow: one small configuration
-        _CONFIGS = [triton.Config({"U": 2, "WARPS": 2}, num_warps=2)]
+        _CONFIGS = [triton.Config({"U": 1, "WARPS": 1}, num_warps=1)]
 
     @triton.jit
     def _split4(t):
