@@ -22,16 +22,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_check import GB, PRODUCTS, graph_time, rel  # noqa: E402
+from int4_check import GB, PRODUCTS, copies, graph_time, rel  # noqa: E402
 
 from mistral_chat.engine import int4  # noqa: E402
 from mistral_chat.engine.kernels import int4_gemv, int8_gemv, quant_rows  # noqa: E402
 from mistral_chat.engine.quant import quantize_rows  # noqa: E402
-
-
-def copies_of(tensors: tuple, nbytes: int) -> list[tuple]:
-    """Enough copies of the tensors to fill 400 MB: each timed call reads its weight from memory."""
-    return [tuple(t.clone() for t in tensors) for _ in range(max(1, -(-400_000_000 // nbytes)))]
 
 
 def main() -> None:
@@ -50,8 +45,8 @@ def main() -> None:
         tiled = int4.tile(packed, scale, low)
         q8, s8 = quantize_rows(w)
         b4, b8 = (sum(t.numel() * t.element_size() for t in ts) for ts in (tiled, (q8, s8)))
-        c4, p4, c8 = copies_of(tiled, b4), copies_of((packed, scale, low), b4), copies_of((q8, s8), b8)
-        w16 = copies_of((w,), w.numel() * 2)
+        c4, p4, c8 = copies(b4, *tiled), copies(b4, packed, scale, low), copies(b8, q8, s8)
+        w16 = copies(w.numel() * 2, w)
         one = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         one4 = graph_time(lambda i: int4_gemv.int4_linear(one, *c4[i]), len(c4))
         one8 = graph_time(lambda i: int8_gemv.int8_linear(one, *c8[i]), len(c8))

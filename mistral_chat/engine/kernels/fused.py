@@ -87,6 +87,16 @@ def multiprocessors(device: torch.device) -> int:
     return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def column_split(programs: int, column_blocks: int, per_multiprocessor: int, multiprocessors: int) -> int:
+    """Into how many parts (1, 2, 4 or 8) a product kernel splits each block of rows' columns: doubled while the
+    grid has fewer than `per_multiprocessor` programs a multiprocessor and each part keeps at least 8 blocks of
+    128 columns (quant_rows.split_k, int4_gemv.split_for)."""
+    split = 1
+    while split < 8 and programs * split < per_multiprocessor * multiprocessors and column_blocks >= 8 * split:
+        split *= 2
+    return split
+
+
 def pdl(x: torch.Tensor) -> dict:
     """Launch options for a kernel on x's device that takes a `PDL` constexpr: programmatic dependent launch on
     GPUs of compute capability 9.0 and later (H100, H200). Such a kernel may be started

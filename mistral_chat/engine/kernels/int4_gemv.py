@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, multiprocessors, pdl
+from mistral_chat.engine.kernels.fused import (AUTOTUNE_CACHE, INTERPRETED, column_split, kernel_op, multiprocessors,
+                                              pdl)
 from mistral_chat.engine.kernels.int4_ptx import (HADD2_ASM, PREFETCH_ASM, WIDEN_ASM, WORD_DOT_ASM, X_PAIRS_ASM,
                                                   X_PAIRS_BF16_ASM)
 
@@ -364,12 +365,6 @@ def tiles(n: int, k: int) -> bool:
     return n % (2 * TILE_ROWS) == 0 and k % (4 * QUAD_CODES) == 0
 
 
-def fits(weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this packed weight ([..., N, K / 2] uint8, in int4.tile's layout): contiguous,
-    of a shape that tiles."""
-    return weight.is_contiguous() and tiles(weight.shape[-2], weight.shape[-1] * 2)
-
-
 @kernel_op("mistral_chat::int4_linear")
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                 swiglu: bool = False) -> torch.Tensor:
@@ -448,11 +443,7 @@ def split_for(programs: int, quad_blocks: int, device: torch.device) -> int:
     not measured in decode yet."""
     if device.type != "cuda" or programs > COUNTS:
         return 1
-    target = 3 * multiprocessors(device)
-    split = 1
-    while programs * split < target and quad_blocks >= 8 * split and split < 8:
-        split *= 2
-    return split
+    return column_split(programs, quad_blocks, 3, multiprocessors(device))
 
 
 @int4_linear.register_fake

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, kernel_op, multiprocessors
+from mistral_chat.engine.kernels.fused import AUTOTUNE_CACHE, INTERPRETED, column_split, kernel_op, multiprocessors
 
 try:
     import triton
@@ -159,11 +159,7 @@ def _launch_parts(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, tuple, tupl
 def split_k(programs: int, steps: int, device: torch.device) -> int:
     """Parts of the columns to run apart (1, 2, 4 or 8): enough programs for two per SM where a matrix has few
     row blocks (Mistral-7B's wo: 128 on an H100's 132 SMs), each part at least 4 steps of 128 columns."""
-    sms = multiprocessors(device) if device.type == "cuda" else 4
-    split = 1
-    while split < 8 and programs * split < 2 * sms and steps // (2 * split) >= 4:
-        split *= 2
-    return split
+    return column_split(programs, steps, 2, multiprocessors(device) if device.type == "cuda" else 4)
 
 
 
